@@ -1,0 +1,627 @@
+//! The virtio-iommu device model: features, config space, and the request
+//! and event queues over `virtio-queue` and `vm-memory`.
+//!
+//! Transport-agnostic: the VMM's MMIO or PCI transport forwards feature
+//! negotiation, config-space accesses, queue set-up and notifications here.
+//! A request goes one way: descriptors gathered once, decoded once by
+//! [`crate::wire`], applied once by [`crate::viommu`], status written once.
+//! Guest mistakes become statuses (and counters); only VMM-side faults
+//! (queue memory the VMM never mapped) become [`DeviceError`]s.
+
+use std::sync::Arc;
+
+use log::debug;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+use crate::config::IommuConfig;
+use crate::viommu::{Applied, Viommu};
+use crate::wire::{
+    self, ConfigSpace, DecodeError, Request, ResvMemProperty, Status, CONFIG_BYPASS_OFFSET,
+    EVENT_QUEUE, FAULT_SIZE, MAX_READABLE_SIZE, REQUEST_QUEUE, RESV_MEM_PROPERTY_SIZE, TAIL_SIZE,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_IOMMU_F_BYPASS,
+    VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_DOMAIN_RANGE, VIRTIO_IOMMU_F_INPUT_RANGE,
+    VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_F_PROBE,
+};
+
+/// Ring feature: indirect descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// Ring feature: used/avail event index suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Largest request queue the device accepts.
+pub const REQUEST_QUEUE_SIZE: u16 = 256;
+/// Largest event queue the device accepts.
+pub const EVENT_QUEUE_SIZE: u16 = 64;
+
+/// Most device-writable descriptors one request may carry. The chain is
+/// already bounded by the queue size; this bounds our scratch space even
+/// for indirect tables.
+const MAX_WRITABLE_SEGMENTS: usize = 1024;
+
+/// Raises the interrupt of a queue (the transport's job: irqfd, MSI-X, or
+/// an interrupt-status register).
+pub trait VirtioInterrupt: Send + Sync {
+    /// Signals that the used ring of `queue` has new entries.
+    fn trigger(&self, queue: u16) -> std::io::Result<()>;
+}
+
+/// A fault of the VMM side, not of the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A queue operation failed on memory the VMM gave us.
+    #[error("queue {queue}: {source}")]
+    Queue {
+        /// The queue index.
+        queue: u16,
+        /// The virtio-queue error.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The interrupt could not be raised.
+    #[error("queue {queue}: cannot raise interrupt: {source}")]
+    Interrupt {
+        /// The queue index.
+        queue: u16,
+        /// The error from the transport.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A queue handed to `activate` is not valid in guest memory.
+    #[error("queue {0} is not valid (size, alignment or rings outside guest memory)")]
+    InvalidQueue(u16),
+    /// The device is not activated.
+    #[error("device is not activated")]
+    NotActivated,
+    /// The fault eventfd could not be created.
+    #[error("cannot create the fault eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Counters of what the device has done, for the VMM and the demo.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Requests decoded, by type (index = type byte, 1..=5).
+    pub requests: [u64; 6],
+    /// Statuses written, by status code.
+    pub statuses: [u64; 9],
+    /// Chains returned unwritten because the type was unknown.
+    pub unknown_type: u64,
+    /// Chains returned unwritten because no tail fitted.
+    pub no_tail: u64,
+    /// Mappings removed by UNMAP.
+    pub unmapped: u64,
+    /// Fault records written to the event queue.
+    pub faults_delivered: u64,
+    /// Event buffers returned unused because they were too small.
+    pub event_buffers_too_small: u64,
+    /// Queue notifications processed.
+    pub notifications: u64,
+}
+
+/// The virtio-iommu device.
+pub struct VirtioIommu {
+    viommu: Arc<Viommu>,
+    config: ConfigSpace,
+    initial_bypass: u8,
+    avail_features: u64,
+    acked_features: u64,
+    requestq: Option<Queue>,
+    eventq: Option<Queue>,
+    interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    stats: DeviceStats,
+    writable: Vec<(GuestAddress, u32)>,
+    probe_buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for VirtioIommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioIommu")
+            .field("config", &self.config)
+            .field("avail_features", &self.avail_features)
+            .field("acked_features", &self.acked_features)
+            .field("activated", &self.requestq.is_some())
+            .finish()
+    }
+}
+
+fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+impl VirtioIommu {
+    /// A device for `endpoints` (the endpoint IDs the VM config puts behind
+    /// it) over guest RAM made of the inclusive ranges `ram`.
+    pub fn new(cfg: &IommuConfig, endpoints: &[u32], ram: &[(u64, u64)]) -> Result<Self, DeviceError> {
+        let viommu = Arc::new(Viommu::new(cfg, endpoints, ram).map_err(DeviceError::EventFd)?);
+        let mut avail = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_IOMMU_F_INPUT_RANGE)
+            | bit(VIRTIO_IOMMU_F_DOMAIN_RANGE)
+            | bit(VIRTIO_IOMMU_F_MAP_UNMAP)
+            | bit(VIRTIO_IOMMU_F_PROBE)
+            | bit(VIRTIO_IOMMU_F_MMIO);
+        // spec 5.13.3.2: "New devices SHOULD NOT offer VIRTIO_IOMMU_F_BYPASS.
+        // Devices SHOULD NOT offer both VIRTIO_IOMMU_F_BYPASS and
+        // VIRTIO_IOMMU_F_BYPASS_CONFIG." Legacy BYPASS only on request.
+        if cfg.legacy_bypass {
+            avail |= bit(VIRTIO_IOMMU_F_BYPASS);
+        } else {
+            avail |= bit(VIRTIO_IOMMU_F_BYPASS_CONFIG);
+        }
+        if cfg.access_platform {
+            avail |= bit(VIRTIO_F_ACCESS_PLATFORM);
+        }
+        let bypass = u8::from(cfg.bypass && !cfg.legacy_bypass);
+        let config = ConfigSpace {
+            // spec 5.13.4.2: "The device MUST set at least one bit in
+            // page_size_mask" — the config validation guarantees it.
+            page_size_mask: cfg.page_size_mask,
+            input_start: cfg.input_range.start,
+            input_end: cfg.input_range.end,
+            domain_start: cfg.domain_range.start,
+            domain_end: cfg.domain_range.end,
+            probe_size: cfg.probe_size,
+            bypass,
+        };
+        let dev = VirtioIommu {
+            viommu,
+            config,
+            initial_bypass: bypass,
+            avail_features: avail,
+            acked_features: 0,
+            requestq: None,
+            eventq: None,
+            interrupt: None,
+            stats: DeviceStats::default(),
+            writable: Vec::new(),
+            probe_buf: Vec::new(),
+        };
+        dev.update_bypass();
+        Ok(dev)
+    }
+
+    /// The virtio device type (23).
+    pub fn device_type(&self) -> u32 {
+        wire::VIRTIO_ID_IOMMU
+    }
+
+    /// Maximum sizes of the request queue and the event queue.
+    pub fn queue_max_sizes(&self) -> [u16; 2] {
+        [REQUEST_QUEUE_SIZE, EVENT_QUEUE_SIZE]
+    }
+
+    /// The shared vIOMMU (for translators and inspection).
+    pub fn viommu(&self) -> &Arc<Viommu> {
+        &self.viommu
+    }
+
+    /// Features the device offers.
+    pub fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    /// Features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Records the driver's accepted features; bits the device did not
+    /// offer are dropped.
+    pub fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+        self.viommu.set_acked_features(self.acked_features);
+        self.update_bypass();
+    }
+
+    fn negotiated(&self, b: u32) -> bool {
+        self.acked_features & bit(b) != 0
+    }
+
+    /// Applies the spec's bypass rules for endpoints attached to no domain
+    /// (spec 5.13.6, "An endpoint is in bypass mode if").
+    fn update_bypass(&self) {
+        let on = if self.avail_features & bit(VIRTIO_IOMMU_F_BYPASS_CONFIG) != 0 {
+            // "This applies even if the driver does not accept the
+            // VIRTIO_IOMMU_F_BYPASS_CONFIG feature".
+            self.config.bypass == 1
+        } else {
+            self.negotiated(VIRTIO_IOMMU_F_BYPASS)
+        };
+        self.viommu.set_unattached_bypass(on);
+    }
+
+    /// The config space as the driver sees it.
+    pub fn config(&self) -> ConfigSpace {
+        self.config
+    }
+
+    /// Reads `data.len()` bytes of config space at `offset`; bytes past the
+    /// end read as zero.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let bytes = self.config.encode();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| bytes.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    /// Writes config space. Only `bypass` is writable, only once
+    /// BYPASS_CONFIG is negotiated, and only with 0 or 1; anything else is
+    /// ignored (and counted in the log).
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // spec 5.13.4.1: "When the VIRTIO_IOMMU_F_BYPASS_CONFIG feature is
+        // negotiated, the driver MAY write to bypass. The driver MUST NOT
+        // write to any other device configuration field."
+        if offset != CONFIG_BYPASS_OFFSET as u64
+            || data.len() != 1
+            || !self.negotiated(VIRTIO_IOMMU_F_BYPASS_CONFIG)
+        {
+            debug!("virtio-iommu: ignored config write at {offset} of {} bytes", data.len());
+            return;
+        }
+        // spec 5.13.4.2: "The device MUST NOT present a value different than
+        // 0 or 1 in bypass."
+        if data[0] > 1 {
+            debug!("virtio-iommu: ignored bypass value {}", data[0]);
+            return;
+        }
+        self.config.bypass = data[0];
+        self.update_bypass();
+    }
+
+    /// Takes the queues the driver set up and starts serving them.
+    pub fn activate<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        mut requestq: Queue,
+        mut eventq: Queue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), DeviceError> {
+        if !requestq.is_valid(mem) {
+            return Err(DeviceError::InvalidQueue(REQUEST_QUEUE));
+        }
+        if !eventq.is_valid(mem) {
+            return Err(DeviceError::InvalidQueue(EVENT_QUEUE));
+        }
+        let event_idx = self.negotiated(VIRTIO_RING_F_EVENT_IDX);
+        requestq.set_event_idx(event_idx);
+        eventq.set_event_idx(event_idx);
+        self.requestq = Some(requestq);
+        self.eventq = Some(eventq);
+        self.interrupt = Some(interrupt);
+        Ok(())
+    }
+
+    /// Whether `activate` has run since the last reset.
+    pub fn is_activated(&self) -> bool {
+        self.requestq.is_some()
+    }
+
+    /// Device reset: queues dropped, endpoints detached, domains and
+    /// pending faults gone. `bypass` keeps its value: spec 5.13.4.2 "Field
+    /// bypass SHOULD NOT change on device reset".
+    pub fn reset(&mut self) {
+        self.requestq = None;
+        self.eventq = None;
+        self.interrupt = None;
+        self.acked_features = 0;
+        self.viommu.reset();
+        self.update_bypass();
+    }
+
+    /// System reset: a device reset that also restores `bypass` to its
+    /// initial value (spec 5.13.4.2: "SHOULD be restored to its initial
+    /// value on system reset").
+    pub fn system_reset(&mut self) {
+        self.config.bypass = self.initial_bypass;
+        self.reset();
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &DeviceStats {
+        &self.stats
+    }
+
+    fn signal(&self, queue: u16) -> Result<(), DeviceError> {
+        if let Some(i) = &self.interrupt {
+            i.trigger(queue)
+                .map_err(|source| DeviceError::Interrupt { queue, source })?;
+        }
+        Ok(())
+    }
+
+    /// Serves every available request (call on a request-queue
+    /// notification). Returns the number of chains completed.
+    pub fn process_requestq<M: GuestMemory>(&mut self, mem: &M) -> Result<usize, DeviceError> {
+        let mut q = self.requestq.take().ok_or(DeviceError::NotActivated)?;
+        let res = self.drain_requestq(mem, &mut q);
+        self.requestq = Some(q);
+        let (done, notify) = res?;
+        if notify {
+            self.signal(REQUEST_QUEUE)?;
+        }
+        Ok(done)
+    }
+
+    fn drain_requestq<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        q: &mut Queue,
+    ) -> Result<(usize, bool), DeviceError> {
+        let qerr = |source| DeviceError::Queue {
+            queue: REQUEST_QUEUE,
+            source,
+        };
+        self.stats.notifications += 1;
+        let mut done = 0;
+        loop {
+            q.disable_notification(mem).map_err(qerr)?;
+            while let Some(chain) = q.iter(mem).map_err(qerr)?.next() {
+                let head = chain.head_index();
+                let len = self.handle_chain(mem, chain);
+                q.add_used(mem, head, len).map_err(qerr)?;
+                done += 1;
+            }
+            if !q.enable_notification(mem).map_err(qerr)? {
+                break;
+            }
+        }
+        let notify = done > 0 && q.needs_notification(mem).map_err(qerr)?;
+        Ok((done, notify))
+    }
+
+    /// Gathers, decodes, applies and answers one request chain; returns the
+    /// used length.
+    fn handle_chain<M, T>(&mut self, mem: &M, chain: virtio_queue::DescriptorChain<T>) -> u32
+    where
+        M: GuestMemory,
+        T: std::ops::Deref,
+        T::Target: GuestMemory,
+    {
+        let mut rbuf = [0u8; MAX_READABLE_SIZE];
+        let mut rlen = 0usize;
+        let mut malformed = false;
+        let mut wtotal: u64 = 0;
+        self.writable.clear();
+        // Device-readable descriptors come first, then device-writable ones
+        // (virtio 1.3, 2.7.4.2); the tail is the last four writable bytes.
+        for desc in chain {
+            if desc.is_write_only() {
+                if self.writable.len() >= MAX_WRITABLE_SEGMENTS {
+                    malformed = true;
+                    continue;
+                }
+                self.writable.push((desc.addr(), desc.len()));
+                wtotal += u64::from(desc.len());
+            } else if !self.writable.is_empty() {
+                malformed = true;
+            } else {
+                let want = (desc.len() as usize).min(MAX_READABLE_SIZE - rlen);
+                if want > 0 {
+                    if mem
+                        .read_slice(&mut rbuf[rlen..rlen + want], desc.addr())
+                        .is_err()
+                    {
+                        malformed = true;
+                    }
+                    rlen += want;
+                }
+            }
+        }
+        // spec 5.13.6: "When the device fails to parse a request, for instance
+        // if a request is too small for its type and the device cannot find
+        // the tail, then it is unable to set status. In that case, it returns
+        // the buffers without writing to them."
+        if wtotal < TAIL_SIZE as u64 || wtotal > u64::from(u32::MAX) {
+            self.stats.no_tail += 1;
+            return 0;
+        }
+        let tail_at = wtotal - TAIL_SIZE as u64;
+        let req = if malformed {
+            Err(Status::IoErr)
+        } else {
+            match Request::decode(&rbuf[..rlen]) {
+                Ok(r) => Ok(r),
+                // spec 5.13.6.2: "If a request type is not recognized, the
+                // device SHOULD NOT write the buffer and SHOULD set the used
+                // length to zero."
+                Err(DecodeError::UnknownType(t)) => {
+                    debug!("virtio-iommu: unknown request type {t}");
+                    self.stats.unknown_type += 1;
+                    return 0;
+                }
+                Err(e) => {
+                    debug!("virtio-iommu: malformed request: {e:?}");
+                    Err(Status::IoErr)
+                }
+            }
+        };
+        let status = match req {
+            Err(s) => s,
+            Ok(req) => {
+                self.stats.requests[usize::from(req.req_type())] += 1;
+                match req {
+                    Request::Probe(_) => self.probe(mem, &req, tail_at),
+                    _ => match self.viommu.apply(&req) {
+                        Ok(applied) => {
+                            if let Applied::Unmapped(n) = applied {
+                                self.stats.unmapped += n as u64;
+                            }
+                            Status::Ok
+                        }
+                        Err(e) => {
+                            debug!("virtio-iommu: {e}");
+                            e.status()
+                        }
+                    },
+                }
+            }
+        };
+        if self.write_at(mem, tail_at, &status.to_tail()).is_err() {
+            return 0;
+        }
+        self.stats.statuses[status as usize] += 1;
+        // `wtotal` fits u32: checked above.
+        wtotal as u32
+    }
+
+    /// Answers a PROBE: properties into the writable part before the tail.
+    fn probe<M: GuestMemory>(&mut self, mem: &M, req: &Request, props_len: u64) -> Status {
+        let Request::Probe(p) = req else {
+            return Status::DevErr;
+        };
+        let probe_size = u64::from(self.config.probe_size);
+        let mut buf = std::mem::take(&mut self.probe_buf);
+        buf.clear();
+        let status = {
+            let st = self.viommu.state();
+            match st.probe(p) {
+                Err(e) => {
+                    debug!("virtio-iommu: {e}");
+                    e.status()
+                }
+                // spec 5.13.6.7.2: "If the properties list is smaller than
+                // probe_size, the device SHOULD NOT write any property. It
+                // SHOULD reject the request and set status to INVAL."
+                Ok(_) if props_len < probe_size => Status::Inval,
+                Ok(regions) => {
+                    // The config guarantees that every region fits in
+                    // probe_size; stop anyway rather than overrun it.
+                    for r in regions {
+                        if buf.len() + RESV_MEM_PROPERTY_SIZE > probe_size as usize {
+                            break;
+                        }
+                        let subtype = match r.kind {
+                            crate::config::ReservedKind::Reserved => {
+                                wire::VIRTIO_IOMMU_RESV_MEM_T_RESERVED
+                            }
+                            crate::config::ReservedKind::Msi => wire::VIRTIO_IOMMU_RESV_MEM_T_MSI,
+                        };
+                        buf.extend_from_slice(
+                            &ResvMemProperty {
+                                subtype,
+                                start: r.start,
+                                end: r.end,
+                            }
+                            .encode(),
+                        );
+                    }
+                    // spec 5.13.6.7.2: "If the device doesn't fill all
+                    // probe_size bytes with properties, it SHOULD fill the
+                    // remaining bytes of properties with zeroes."
+                    buf.resize(probe_size as usize, 0);
+                    Status::Ok
+                }
+            }
+        };
+        let status = if status == Status::Ok && self.write_at(mem, 0, &buf).is_err() {
+            Status::IoErr
+        } else {
+            status
+        };
+        self.probe_buf = buf;
+        status
+    }
+
+    /// Writes `data` at byte `offset` of the chain's writable part.
+    fn write_at<M: GuestMemory>(&self, mem: &M, offset: u64, data: &[u8]) -> Result<(), ()> {
+        let mut skip = offset;
+        let mut rest = data;
+        for &(addr, len) in &self.writable {
+            if rest.is_empty() {
+                break;
+            }
+            let len = u64::from(len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = (len - skip).min(rest.len() as u64) as usize;
+            let at = addr.checked_add(skip).ok_or(())?;
+            mem.write_slice(&rest[..n], at).map_err(|_| ())?;
+            rest = &rest[n..];
+            skip = 0;
+        }
+        if rest.is_empty() {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    /// Delivers waiting fault records into the driver's event buffers (call
+    /// on an event-queue notification and when [`Self::fault_eventfd`] is
+    /// readable). Returns the number of records delivered.
+    pub fn process_eventq<M: GuestMemory>(&mut self, mem: &M) -> Result<usize, DeviceError> {
+        let mut q = self.eventq.take().ok_or(DeviceError::NotActivated)?;
+        let res = self.drain_eventq(mem, &mut q);
+        self.eventq = Some(q);
+        let (done, notify) = res?;
+        if notify {
+            self.signal(EVENT_QUEUE)?;
+        }
+        Ok(done)
+    }
+
+    fn drain_eventq<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        q: &mut Queue,
+    ) -> Result<(usize, bool), DeviceError> {
+        let qerr = |source| DeviceError::Queue {
+            queue: EVENT_QUEUE,
+            source,
+        };
+        // Clear the eventfd's count; the queue itself is the truth.
+        let _ = self.viommu.faults().eventfd().read();
+        let mut done = 0;
+        let mut used = 0;
+        while !self.viommu.faults().is_empty() {
+            let Some(chain) = q.iter(mem).map_err(qerr)?.next() else {
+                break;
+            };
+            let head = chain.head_index();
+            self.writable.clear();
+            let mut wtotal = 0u64;
+            for desc in chain {
+                if desc.is_write_only() && self.writable.len() < MAX_WRITABLE_SEGMENTS {
+                    self.writable.push((desc.addr(), desc.len()));
+                    wtotal += u64::from(desc.len());
+                }
+            }
+            used += 1;
+            // spec 5.13.6.8.2: "If a buffer is too small to contain the fault
+            // report, the device SHOULD NOT use multiple buffers to describe
+            // it." The record stays queued for the next buffer.
+            if wtotal < FAULT_SIZE as u64 {
+                self.stats.event_buffers_too_small += 1;
+                q.add_used(mem, head, 0).map_err(qerr)?;
+                continue;
+            }
+            let Some(rec) = self.viommu.faults().pop() else {
+                q.add_used(mem, head, 0).map_err(qerr)?;
+                break;
+            };
+            if self.write_at(mem, 0, &rec.encode()).is_err() {
+                self.viommu.faults().unpop(rec);
+                q.add_used(mem, head, 0).map_err(qerr)?;
+                continue;
+            }
+            q.add_used(mem, head, FAULT_SIZE as u32).map_err(qerr)?;
+            self.stats.faults_delivered += 1;
+            done += 1;
+        }
+        let notify = used > 0 && q.needs_notification(mem).map_err(qerr)?;
+        Ok((done, notify))
+    }
+
+    /// Readable when fault records wait for the event queue.
+    pub fn fault_eventfd(&self) -> &vmm_sys_util::eventfd::EventFd {
+        self.viommu.faults().eventfd()
+    }
+}

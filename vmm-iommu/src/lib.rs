@@ -1,0 +1,24 @@
+//! vmm-iommu: a virtio-iommu device (virtio spec v1.3, device 23) for Rust
+//! VMMs, with a state model that holds every normative rule of the spec and
+//! translation for emulated devices behind it.
+//!
+//! Layout: [`wire`] knows bytes, [`config`] knows the VM config, [`mapping`]
+//! and [`state`] know the spec's rules, [`viommu`] shares the state with
+//! translators, [`translate`] knows caches, [`device`] knows queues.
+//! [`testing`] is a driver-side helper for tests, benchmarks and the demo.
+
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod config;
+pub mod device;
+pub mod fault;
+pub mod mapping;
+pub mod state;
+pub mod testing;
+pub mod translate;
+pub mod viommu;
+pub mod wire;
+
+pub use device::{DeviceError, DeviceStats, VirtioInterrupt, VirtioIommu};
+pub use viommu::Viommu;

@@ -1,0 +1,810 @@
+//! The vIOMMU state model: endpoints, domains and their mappings, and every
+//! normative rule of the virtio-iommu spec about them.
+//!
+//! Requests arrive here decoded (see [`crate::wire`]) and leave as either a
+//! success or a [`RequestError`] that names what the guest did and carries
+//! the status the guest gets. This module never touches queues, guest
+//! memory or backends: it is the single place where the spec's rules live,
+//! so that they can be tested without a transport.
+//!
+//! Costs: every request is O(log n + k) for a domain of n mappings of which
+//! k are affected; no request scans a whole domain.
+
+use std::collections::HashMap;
+
+use crate::config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
+use crate::mapping::{Mapping, MappingTable};
+use crate::wire::{
+    AttachReq, DetachReq, MapReq, ProbeReq, Status, UnmapReq, VIRTIO_IOMMU_ATTACH_F_BYPASS,
+    VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO,
+    VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
+};
+
+/// Read access, as in `VIRTIO_IOMMU_MAP_F_READ`.
+pub const ACCESS_READ: u32 = VIRTIO_IOMMU_MAP_F_READ;
+/// Write access, as in `VIRTIO_IOMMU_MAP_F_WRITE`.
+pub const ACCESS_WRITE: u32 = VIRTIO_IOMMU_MAP_F_WRITE;
+
+/// A request the state model refused: what the guest did, and through
+/// [`RequestError::status`] the status it gets back.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The request needs a feature the driver did not negotiate.
+    #[error("{request} needs feature bit {feature}, which the driver did not accept")]
+    FeatureNotNegotiated {
+        /// The request name.
+        request: &'static str,
+        /// The feature bit.
+        feature: u32,
+    },
+    /// The endpoint is not one this vIOMMU manages.
+    #[error("endpoint {0} does not exist")]
+    UnknownEndpoint(u32),
+    /// The domain does not exist.
+    #[error("domain {0} does not exist")]
+    UnknownDomain(u32),
+    /// The domain ID lies outside `domain_range`.
+    #[error("domain {domain} is outside domain_range [{start}, {end}]")]
+    DomainOutOfRange {
+        /// The domain ID.
+        domain: u32,
+        /// First valid ID.
+        start: u32,
+        /// Last valid ID.
+        end: u32,
+    },
+    /// A reserved field the device must check is not zero.
+    #[error("{request} reserved field is not zero")]
+    ReservedNotZero {
+        /// The request name.
+        request: &'static str,
+    },
+    /// A flag bit the device does not recognize (or that needs a feature
+    /// the driver did not negotiate).
+    #[error("{request} flags {flags:#x} contain unknown bits {unknown:#x}")]
+    UnknownFlags {
+        /// The request name.
+        request: &'static str,
+        /// The flags given.
+        flags: u32,
+        /// The bits not recognized.
+        unknown: u32,
+    },
+    /// ATTACH's bypass flag disagrees with the existing domain.
+    #[error("ATTACH bypass flag {flag} is inconsistent with domain {domain}")]
+    BypassMismatch {
+        /// The domain ID.
+        domain: u32,
+        /// The flag given.
+        flag: bool,
+    },
+    /// DETACH names a domain the endpoint is not attached to.
+    #[error("endpoint {endpoint} is not attached to domain {domain}")]
+    NotAttached {
+        /// The endpoint ID.
+        endpoint: u32,
+        /// The domain ID.
+        domain: u32,
+    },
+    /// MAP or UNMAP on a bypass domain.
+    #[error("{request} on bypass domain {domain}")]
+    BypassDomain {
+        /// The request name.
+        request: &'static str,
+        /// The domain ID.
+        domain: u32,
+    },
+    /// `virt_end` below `virt_start`.
+    #[error("{request} virt_end {end:#x} below virt_start {start:#x}")]
+    EndBelowStart {
+        /// The request name.
+        request: &'static str,
+        /// virt_start.
+        start: u64,
+        /// virt_end.
+        end: u64,
+    },
+    /// An address not aligned on the page granule.
+    #[error("MAP {field} {value:#x} is not aligned on the granule {granule:#x}")]
+    Misaligned {
+        /// Which field (`virt_start`, `phys_start`, `virt_end + 1`).
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// The granule.
+        granule: u64,
+    },
+    /// The IOVA range is outside `input_range`.
+    #[error("MAP [{start:#x}, {end:#x}] is outside input_range [{min:#x}, {max:#x}]")]
+    OutsideInputRange {
+        /// virt_start.
+        start: u64,
+        /// virt_end.
+        end: u64,
+        /// input_range.start.
+        min: u64,
+        /// input_range.end.
+        max: u64,
+    },
+    /// The physical range wraps or leaves guest RAM.
+    #[error("MAP physical range at {phys:#x} of {size:#x} bytes is not inside guest RAM")]
+    PhysOutsideRam {
+        /// phys_start.
+        phys: u64,
+        /// Size of the mapping in bytes (0 for 2^64).
+        size: u64,
+    },
+    /// The IOVA range overlaps a reserved region.
+    #[error("MAP [{start:#x}, {end:#x}] overlaps reserved region [{resv_start:#x}, {resv_end:#x}]")]
+    OverlapsReserved {
+        /// virt_start.
+        start: u64,
+        /// virt_end.
+        end: u64,
+        /// The region's start.
+        resv_start: u64,
+        /// The region's end.
+        resv_end: u64,
+    },
+    /// The IOVA range overlaps an existing mapping.
+    #[error("MAP [{start:#x}, {end:#x}] overlaps an existing mapping")]
+    OverlapsMapping {
+        /// virt_start.
+        start: u64,
+        /// virt_end.
+        end: u64,
+    },
+    /// UNMAP would split a mapping.
+    #[error("UNMAP [{start:#x}, {end:#x}] would split mapping [{map_start:#x}, {map_end:#x}]")]
+    WouldSplit {
+        /// virt_start.
+        start: u64,
+        /// virt_end.
+        end: u64,
+        /// The mapping's start.
+        map_start: u64,
+        /// The mapping's end.
+        map_end: u64,
+    },
+    /// A configured limit is reached.
+    #[error("limit reached: {0}")]
+    Limit(&'static str),
+}
+
+impl RequestError {
+    /// The status the guest gets for this error.
+    pub fn status(&self) -> Status {
+        use RequestError::*;
+        match self {
+            FeatureNotNegotiated { .. } => Status::Unsupp,
+            UnknownEndpoint(_) | UnknownDomain(_) => Status::NoEnt,
+            DomainOutOfRange { .. } => Status::Range,
+            ReservedNotZero { .. }
+            | UnknownFlags { .. }
+            | BypassMismatch { .. }
+            | NotAttached { .. }
+            | BypassDomain { .. }
+            | EndBelowStart { .. }
+            | OverlapsMapping { .. } => Status::Inval,
+            Misaligned { .. }
+            | OutsideInputRange { .. }
+            | PhysOutsideRam { .. }
+            | OverlapsReserved { .. }
+            | WouldSplit { .. } => Status::Range,
+            Limit(_) => Status::NoMem,
+        }
+    }
+}
+
+/// Why a translation failed, as the eventq fault reasons name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultReason {
+    /// The endpoint is unknown to the vIOMMU (`VIRTIO_IOMMU_FAULT_R_UNKNOWN`).
+    Unknown,
+    /// The endpoint is not attached and not in bypass (`..._R_DOMAIN`).
+    Domain,
+    /// Not mapped, or mapped without the permission (`..._R_MAPPING`).
+    Mapping,
+}
+
+/// A successful translation: the IOVA window `[iova_start, iova_last]` that
+/// contains the address maps linearly onto guest-physical memory from
+/// `phys_start`, with `perm` (`ACCESS_READ | ACCESS_WRITE` bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// First IOVA of the window.
+    pub iova_start: u64,
+    /// Last IOVA of the window (inclusive).
+    pub iova_last: u64,
+    /// Guest-physical address of `iova_start`.
+    pub phys_start: u64,
+    /// Permitted accesses.
+    pub perm: u32,
+}
+
+impl Translation {
+    /// The identity window used for endpoints in bypass mode.
+    pub const IDENTITY: Translation = Translation {
+        iova_start: 0,
+        iova_last: u64::MAX,
+        phys_start: 0,
+        perm: ACCESS_READ | ACCESS_WRITE,
+    };
+
+    /// Guest-physical address of `iova`, which must lie in the window.
+    pub fn gpa(&self, iova: u64) -> u64 {
+        self.phys_start.wrapping_add(iova.wrapping_sub(self.iova_start))
+    }
+}
+
+/// What a domain translates with.
+#[derive(Debug)]
+enum DomainKind {
+    /// MAP/UNMAP domain.
+    Mapped(MappingTable),
+    /// ATTACH_F_BYPASS domain: identity.
+    Bypass,
+}
+
+#[derive(Debug)]
+struct Domain {
+    kind: DomainKind,
+    endpoints: Vec<u32>,
+}
+
+/// One endpoint's view, returned by [`IommuState::endpoint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The domain it is attached to.
+    pub domain: Option<u32>,
+}
+
+/// The state of one vIOMMU: endpoints, domains, mappings.
+#[derive(Debug)]
+pub struct IommuState {
+    granule: u64,
+    input_start: u64,
+    input_end: u64,
+    domain_start: u32,
+    domain_end: u32,
+    limits: Limits,
+    /// Sorted, non-overlapping (validated by the config).
+    reserved: Vec<ReservedRegion>,
+    /// Sorted, merged `[start, end]` guest RAM ranges.
+    ram: Vec<(u64, u64)>,
+    endpoints: HashMap<u32, Option<u32>>,
+    domains: HashMap<u32, Domain>,
+    total_mappings: u64,
+    acked: u64,
+    unattached_bypass: bool,
+    scratch: Vec<Mapping>,
+}
+
+fn feature(acked: u64, bit: u32) -> bool {
+    acked & (1u64 << bit) != 0
+}
+
+impl IommuState {
+    /// Builds the state for `endpoints` (the IDs the VM config puts behind
+    /// this vIOMMU) over guest RAM made of the inclusive ranges `ram`.
+    pub fn new(cfg: &IommuConfig, endpoints: &[u32], ram: &[(u64, u64)]) -> Self {
+        let mut reserved = cfg.reserved_regions.clone();
+        reserved.sort_by_key(|r| r.start);
+        let mut sorted: Vec<(u64, u64)> = ram.iter().copied().filter(|r| r.0 <= r.1).collect();
+        sorted.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+        for (s, e) in sorted {
+            match merged.last_mut() {
+                Some(last) if last.1.checked_add(1).is_some_and(|n| n >= s) => {
+                    last.1 = last.1.max(e)
+                }
+                _ => merged.push((s, e)),
+            }
+        }
+        IommuState {
+            granule: cfg.granule(),
+            input_start: cfg.input_range.start,
+            input_end: cfg.input_range.end,
+            domain_start: cfg.domain_range.start,
+            domain_end: cfg.domain_range.end,
+            limits: cfg.limits.clone(),
+            reserved,
+            ram: merged,
+            endpoints: endpoints.iter().map(|&e| (e, None)).collect(),
+            domains: HashMap::new(),
+            total_mappings: 0,
+            acked: 0,
+            unattached_bypass: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Records the features the driver accepted; requests and flags that
+    /// need a feature are refused without it.
+    pub fn set_acked_features(&mut self, acked: u64) {
+        self.acked = acked;
+    }
+
+    /// Sets whether endpoints attached to no domain bypass translation (the
+    /// device derives this from `bypass` / BYPASS_CONFIG or legacy BYPASS).
+    pub fn set_unattached_bypass(&mut self, bypass: bool) {
+        self.unattached_bypass = bypass;
+    }
+
+    /// Whether unattached endpoints are in bypass mode.
+    pub fn unattached_bypass(&self) -> bool {
+        self.unattached_bypass
+    }
+
+    /// Device reset: "When the device is reset, endpoints are not attached
+    /// to any domain" (spec 5.13.5); every domain and mapping is gone.
+    pub fn reset(&mut self) {
+        for d in self.endpoints.values_mut() {
+            *d = None;
+        }
+        self.domains.clear();
+        self.total_mappings = 0;
+        self.acked = 0;
+    }
+
+    /// The endpoint's attachment, `None` if the endpoint is unknown.
+    pub fn endpoint(&self, ep: u32) -> Option<EndpointInfo> {
+        self.endpoints
+            .get(&ep)
+            .map(|&domain| EndpointInfo { domain })
+    }
+
+    /// Number of live domains.
+    pub fn domain_count(&self) -> usize {
+        self.domains.len()
+    }
+
+    /// Number of mappings in `domain` (0 for bypass or unknown domains).
+    pub fn mapping_count(&self, domain: u32) -> usize {
+        match self.domains.get(&domain).map(|d| &d.kind) {
+            Some(DomainKind::Mapped(t)) => t.len(),
+            _ => 0,
+        }
+    }
+
+    /// Total mappings over all domains.
+    pub fn total_mappings(&self) -> u64 {
+        self.total_mappings
+    }
+
+    /// Whether `domain` exists and is a bypass domain.
+    pub fn is_bypass_domain(&self, domain: u32) -> Option<bool> {
+        self.domains
+            .get(&domain)
+            .map(|d| matches!(d.kind, DomainKind::Bypass))
+    }
+
+    /// The endpoints attached to `domain`.
+    pub fn domain_endpoints(&self, domain: u32) -> &[u32] {
+        self.domains
+            .get(&domain)
+            .map(|d| d.endpoints.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// The mappings of `domain` in IOVA order.
+    pub fn mappings(&self, domain: u32) -> Vec<Mapping> {
+        match self.domains.get(&domain).map(|d| &d.kind) {
+            Some(DomainKind::Mapped(t)) => t.iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Heap bytes held by mapping arrays (memory accounting).
+    pub fn mapping_bytes(&self) -> usize {
+        self.domains
+            .values()
+            .map(|d| match &d.kind {
+                DomainKind::Mapped(t) => t.chunk_bytes(),
+                DomainKind::Bypass => 0,
+            })
+            .sum()
+    }
+
+    fn check_domain_range(&self, domain: u32) -> Result<(), RequestError> {
+        if domain < self.domain_start || domain > self.domain_end {
+            return Err(RequestError::DomainOutOfRange {
+                domain,
+                start: self.domain_start,
+                end: self.domain_end,
+            });
+        }
+        Ok(())
+    }
+
+    /// ATTACH. Returns `true` if the endpoint's translation changed (it was
+    /// attached elsewhere, or newly attached), so cached translations of it
+    /// must be dropped.
+    pub fn attach(&mut self, r: &AttachReq) -> Result<bool, RequestError> {
+        // spec 5.13.6.3.2: "If the reserved field of an ATTACH request is not
+        // zero, the device MUST reject the request and set status to
+        // VIRTIO_IOMMU_S_INVAL."
+        if r.reserved != [0; 4] {
+            return Err(RequestError::ReservedNotZero { request: "ATTACH" });
+        }
+        // spec 5.13.6.3.2: "If the device does not recognize a flags bit, it
+        // MUST reject the request" — F_BYPASS is known only with BYPASS_CONFIG.
+        let known = if feature(self.acked, VIRTIO_IOMMU_F_BYPASS_CONFIG) {
+            VIRTIO_IOMMU_ATTACH_F_BYPASS
+        } else {
+            0
+        };
+        if r.flags & !known != 0 {
+            return Err(RequestError::UnknownFlags {
+                request: "ATTACH",
+                flags: r.flags,
+                unknown: r.flags & !known,
+            });
+        }
+        // spec 5.13.6.3.2: "If the endpoint identified by endpoint doesn't
+        // exist, the device MUST reject the request and set status to NOENT."
+        let current = *self
+            .endpoints
+            .get(&r.endpoint)
+            .ok_or(RequestError::UnknownEndpoint(r.endpoint))?;
+        self.check_domain_range(r.domain)?;
+        let bypass = r.flags & VIRTIO_IOMMU_ATTACH_F_BYPASS != 0;
+        match self.domains.get(&r.domain) {
+            Some(d) => {
+                // spec 5.13.6.3.2: "If the domain already exists and the
+                // ATTACH_F_BYPASS flag is not consistent with that domain, the
+                // device SHOULD reject the request and set status to INVAL."
+                if matches!(d.kind, DomainKind::Bypass) != bypass {
+                    return Err(RequestError::BypassMismatch {
+                        domain: r.domain,
+                        flag: bypass,
+                    });
+                }
+                if current == Some(r.domain) {
+                    return Ok(false);
+                }
+            }
+            None => {
+                // Creating a domain must fit the limit after the implicit
+                // DETACH below, which may end the old domain.
+                let frees_one = current
+                    .and_then(|old| self.domains.get(&old))
+                    .is_some_and(|d| d.endpoints.len() == 1);
+                let after = self.domains.len() + 1 - usize::from(frees_one);
+                if after > self.limits.max_domains as usize {
+                    return Err(RequestError::Limit("max_domains"));
+                }
+            }
+        }
+        // spec 5.13.6.3.2: "If the endpoint is already attached to another
+        // domain, then the device SHOULD first detach it from that domain
+        // and attach it to the one identified by domain."
+        if let Some(old) = current {
+            self.detach_endpoint(r.endpoint, old);
+        }
+        let dom = self.domains.entry(r.domain).or_insert_with(|| Domain {
+            kind: if bypass {
+                DomainKind::Bypass
+            } else {
+                DomainKind::Mapped(MappingTable::new())
+            },
+            endpoints: Vec::new(),
+        });
+        dom.endpoints.push(r.endpoint);
+        self.endpoints.insert(r.endpoint, Some(r.domain));
+        Ok(true)
+    }
+
+    /// Removes `ep` from `domain`, ending the domain at its last endpoint.
+    fn detach_endpoint(&mut self, ep: u32, domain: u32) {
+        self.endpoints.insert(ep, None);
+        let Some(d) = self.domains.get_mut(&domain) else {
+            return;
+        };
+        d.endpoints.retain(|&e| e != ep);
+        if d.endpoints.is_empty() {
+            // spec 5.13.6.4: "After all endpoints have been successfully
+            // detached from a domain, it ceases to exist".
+            if let Some(Domain {
+                kind: DomainKind::Mapped(t),
+                ..
+            }) = self.domains.remove(&domain)
+            {
+                self.total_mappings -= t.len() as u64;
+            }
+        }
+    }
+
+    /// DETACH. The reserved bytes are not looked at: "The device MUST
+    /// ignore reserved" (spec 5.13.6.4.2).
+    pub fn detach(&mut self, r: &DetachReq) -> Result<(), RequestError> {
+        // spec 5.13.6.4.2: "If the endpoint identified by endpoint doesn't
+        // exist, then the device MUST reject the request and set status to
+        // VIRTIO_IOMMU_S_NOENT."
+        let current = *self
+            .endpoints
+            .get(&r.endpoint)
+            .ok_or(RequestError::UnknownEndpoint(r.endpoint))?;
+        // spec 5.13.6.4.2: "If the domain doesn't exist, or if the endpoint
+        // isn't attached to this domain, then the device MAY set INVAL."
+        if current != Some(r.domain) {
+            return Err(RequestError::NotAttached {
+                endpoint: r.endpoint,
+                domain: r.domain,
+            });
+        }
+        self.detach_endpoint(r.endpoint, r.domain);
+        Ok(())
+    }
+
+    fn map_unmap_negotiated(&self, request: &'static str) -> Result<(), RequestError> {
+        // spec 5.13.6.5: "This request is only available when
+        // VIRTIO_IOMMU_F_MAP_UNMAP has been negotiated."
+        if !feature(self.acked, VIRTIO_IOMMU_F_MAP_UNMAP) {
+            return Err(RequestError::FeatureNotNegotiated {
+                request,
+                feature: VIRTIO_IOMMU_F_MAP_UNMAP,
+            });
+        }
+        Ok(())
+    }
+
+    fn phys_in_ram(&self, phys: u64, last: u64) -> bool {
+        let idx = self.ram.partition_point(|r| r.0 <= phys);
+        idx > 0 && self.ram[idx - 1].1 >= last
+    }
+
+    /// MAP.
+    pub fn map(&mut self, r: &MapReq) -> Result<(), RequestError> {
+        self.map_unmap_negotiated("MAP")?;
+        // spec 5.13.6.5.2: "If the device doesn't recognize a flags bit, it
+        // MUST reject the request and set status to VIRTIO_IOMMU_S_INVAL."
+        // MMIO is recognized only once VIRTIO_IOMMU_F_MMIO is negotiated.
+        let mut known = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+        if feature(self.acked, VIRTIO_IOMMU_F_MMIO) {
+            known |= VIRTIO_IOMMU_MAP_F_MMIO;
+        }
+        if r.flags & !known != 0 {
+            return Err(RequestError::UnknownFlags {
+                request: "MAP",
+                flags: r.flags,
+                unknown: r.flags & !known,
+            });
+        }
+        self.check_domain_range(r.domain)?;
+        // spec 5.13.6.5.2: "If domain does not exist, the device SHOULD reject
+        // the request and set status to VIRTIO_IOMMU_S_NOENT."
+        let dom = self
+            .domains
+            .get(&r.domain)
+            .ok_or(RequestError::UnknownDomain(r.domain))?;
+        // spec 5.13.6.5.2: "If the domain is a bypass domain, the device
+        // SHOULD reject the request and set status to VIRTIO_IOMMU_S_INVAL."
+        if matches!(dom.kind, DomainKind::Bypass) {
+            return Err(RequestError::BypassDomain {
+                request: "MAP",
+                domain: r.domain,
+            });
+        }
+        // spec 5.13.6.5.1: "virt_end MUST be strictly greater than virt_start."
+        if r.virt_end <= r.virt_start {
+            return Err(RequestError::EndBelowStart {
+                request: "MAP",
+                start: r.virt_start,
+                end: r.virt_end,
+            });
+        }
+        // spec 5.13.6.5.2: "If virt_start, phys_start or (virt_end + 1) is not
+        // aligned on the page granularity, the device SHOULD reject the
+        // request and set status to VIRTIO_IOMMU_S_RANGE."
+        let mask = self.granule - 1;
+        for (field, value) in [("virt_start", r.virt_start), ("phys_start", r.phys_start)] {
+            if value & mask != 0 {
+                return Err(RequestError::Misaligned {
+                    field,
+                    value,
+                    granule: self.granule,
+                });
+            }
+        }
+        // `virt_end + 1` wraps to 0 at u64::MAX, which is aligned.
+        let end_plus_one = r.virt_end.wrapping_add(1);
+        if end_plus_one & mask != 0 {
+            return Err(RequestError::Misaligned {
+                field: "virt_end + 1",
+                value: end_plus_one,
+                granule: self.granule,
+            });
+        }
+        // spec 5.13.6.5: "Any mapping request to virtual addresses outside of
+        // this range fails."
+        if r.virt_start < self.input_start || r.virt_end > self.input_end {
+            return Err(RequestError::OutsideInputRange {
+                start: r.virt_start,
+                end: r.virt_end,
+                min: self.input_start,
+                max: self.input_end,
+            });
+        }
+        // phys_end = phys_start + virt_end - virt_start must not wrap and,
+        // for memory mappings, must stay in guest RAM (spec 5.13.6.5: "the
+        // range defined by phys_start and phys_end should be within the
+        // guest-physical address space").
+        let span = r.virt_end - r.virt_start;
+        let phys_last = r.phys_start.checked_add(span);
+        let in_ram = phys_last.is_some_and(|last| {
+            r.flags & VIRTIO_IOMMU_MAP_F_MMIO != 0 || self.phys_in_ram(r.phys_start, last)
+        });
+        if !in_ram {
+            return Err(RequestError::PhysOutsideRam {
+                phys: r.phys_start,
+                size: span.wrapping_add(1),
+            });
+        }
+        // spec 5.13.6.6.2.2: "The device SHOULD reject a MAP request that
+        // overlaps a RESV_MEM region."
+        let idx = self.reserved.partition_point(|x| x.end < r.virt_start);
+        if let Some(resv) = self.reserved.get(idx) {
+            if resv.start <= r.virt_end {
+                return Err(RequestError::OverlapsReserved {
+                    start: r.virt_start,
+                    end: r.virt_end,
+                    resv_start: resv.start,
+                    resv_end: resv.end,
+                });
+            }
+        }
+        let (max_per_domain, max_total) = (
+            self.limits.max_mappings_per_domain,
+            self.limits.max_mappings,
+        );
+        let total = self.total_mappings;
+        let Some(Domain {
+            kind: DomainKind::Mapped(table),
+            ..
+        }) = self.domains.get_mut(&r.domain)
+        else {
+            return Err(RequestError::UnknownDomain(r.domain));
+        };
+        // spec 5.13.6.5.2: "If a mapping already exists in the requested
+        // range, the device SHOULD reject the request and set status to
+        // VIRTIO_IOMMU_S_INVAL."
+        if table.overlaps(r.virt_start, r.virt_end) {
+            return Err(RequestError::OverlapsMapping {
+                start: r.virt_start,
+                end: r.virt_end,
+            });
+        }
+        if table.len() as u64 >= max_per_domain {
+            return Err(RequestError::Limit("max_mappings_per_domain"));
+        }
+        if total >= max_total {
+            return Err(RequestError::Limit("max_mappings"));
+        }
+        table.insert(Mapping {
+            start: r.virt_start,
+            end: r.virt_end,
+            phys: r.phys_start,
+            flags: r.flags,
+        });
+        self.total_mappings += 1;
+        Ok(())
+    }
+
+    /// UNMAP. Returns the number of mappings removed.
+    pub fn unmap(&mut self, r: &UnmapReq) -> Result<usize, RequestError> {
+        self.map_unmap_negotiated("UNMAP")?;
+        // spec 5.13.6.6.2: "If the reserved field of an UNMAP request is not
+        // zero, the device MAY set the request status to INVAL" — we do, and
+        // leave the mappings alone.
+        if r.reserved != [0; 4] {
+            return Err(RequestError::ReservedNotZero { request: "UNMAP" });
+        }
+        self.check_domain_range(r.domain)?;
+        // spec 5.13.6.6.2: "If domain does not exist, the device SHOULD set
+        // the request status to VIRTIO_IOMMU_S_NOENT."
+        let dom = self
+            .domains
+            .get_mut(&r.domain)
+            .ok_or(RequestError::UnknownDomain(r.domain))?;
+        let table = match &mut dom.kind {
+            // spec 5.13.6.6.2: "If the domain is a bypass domain, the device
+            // SHOULD reject the request and set status to INVAL."
+            DomainKind::Bypass => {
+                return Err(RequestError::BypassDomain {
+                    request: "UNMAP",
+                    domain: r.domain,
+                })
+            }
+            DomainKind::Mapped(t) => t,
+        };
+        if r.virt_end < r.virt_start {
+            return Err(RequestError::EndBelowStart {
+                request: "UNMAP",
+                start: r.virt_start,
+                end: r.virt_end,
+            });
+        }
+        // spec 5.13.6.6.2: "If a mapping affected by the range is not covered
+        // in its entirety by the range (the UNMAP request would split the
+        // mapping), then the device SHOULD set the request status to
+        // VIRTIO_IOMMU_S_RANGE, and SHOULD NOT remove any mapping."
+        let mut removed = std::mem::take(&mut self.scratch);
+        removed.clear();
+        let res = table.remove_range(r.virt_start, r.virt_end, &mut removed);
+        let n = removed.len();
+        self.scratch = removed;
+        match res {
+            Ok(()) => {
+                self.total_mappings -= n as u64;
+                Ok(n)
+            }
+            Err(e) => Err(RequestError::WouldSplit {
+                start: r.virt_start,
+                end: r.virt_end,
+                map_start: e.mapping.start,
+                map_end: e.mapping.end,
+            }),
+        }
+    }
+
+    /// PROBE: the reserved regions to report for the endpoint.
+    pub fn probe(&self, r: &ProbeReq) -> Result<&[ReservedRegion], RequestError> {
+        // spec 5.13.6.7.2: "If the endpoint identified by endpoint doesn't
+        // exist, then the device SHOULD reject the request and set status to
+        // VIRTIO_IOMMU_S_NOENT."
+        if !self.endpoints.contains_key(&r.endpoint) {
+            return Err(RequestError::UnknownEndpoint(r.endpoint));
+        }
+        Ok(&self.reserved)
+    }
+
+    /// Translates `iova` for an access by `ep` with `access` bits
+    /// (`ACCESS_READ` / `ACCESS_WRITE`).
+    pub fn translate(&self, ep: u32, iova: u64, access: u32) -> Result<Translation, FaultReason> {
+        let Some(&attached) = self.endpoints.get(&ep) else {
+            return Err(FaultReason::Unknown);
+        };
+        let Some(domain) = attached else {
+            // spec 5.13.6: "The device SHOULD NOT let unattached endpoints
+            // that are not in bypass mode access the guest-physical address
+            // space."
+            return if self.unattached_bypass {
+                Ok(Translation::IDENTITY)
+            } else {
+                Err(FaultReason::Domain)
+            };
+        };
+        let table = match self.domains.get(&domain).map(|d| &d.kind) {
+            Some(DomainKind::Mapped(t)) => t,
+            Some(DomainKind::Bypass) => return Ok(Translation::IDENTITY),
+            None => return Err(FaultReason::Domain),
+        };
+        let m = table.find(iova).ok_or(FaultReason::Mapping)?;
+        let perm = m.flags & (ACCESS_READ | ACCESS_WRITE);
+        // spec 5.13.6.5.2: "The device MUST NOT allow writes to a range mapped
+        // without the VIRTIO_IOMMU_MAP_F_WRITE flag." Reads need READ too.
+        if access & !perm != 0 {
+            return Err(FaultReason::Mapping);
+        }
+        Ok(Translation {
+            iova_start: m.start,
+            iova_last: m.end,
+            phys_start: m.phys,
+            perm,
+        })
+    }
+
+    /// The reserved regions of an endpoint's domain (all endpoints share
+    /// the configured regions).
+    pub fn reserved_regions(&self) -> &[ReservedRegion] {
+        &self.reserved
+    }
+
+    /// Whether `iova` lies in an MSI reserved region.
+    pub fn in_msi_region(&self, iova: u64) -> bool {
+        self.reserved
+            .iter()
+            .any(|r| r.kind == ReservedKind::Msi && r.start <= iova && iova <= r.end)
+    }
+}

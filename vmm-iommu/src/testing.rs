@@ -1,0 +1,363 @@
+//! The driver's side of the device, for tests, benchmarks and the demo:
+//! split virtqueues laid out in guest memory, requests written into guest
+//! buffers, statuses read back from the used ring.
+//!
+//! Everything here goes through guest memory exactly as a guest driver
+//! would; nothing calls the device's request handlers directly. It is not
+//! a production driver: it panics on its own misuse (a full queue), never
+//! on anything the device does.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+use crate::config::IommuConfig;
+use crate::device::{VirtioInterrupt, VirtioIommu, VIRTIO_RING_F_EVENT_IDX};
+use crate::wire::{self, FaultRecord, Request, Status, TAIL_SIZE};
+
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+/// A split virtqueue, driver side, in guest memory.
+#[derive(Debug)]
+pub struct DriverQueue {
+    size: u16,
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    avail_idx: u16,
+    last_used: u16,
+    free: Vec<u16>,
+    chains: HashMap<u16, Vec<u16>>,
+}
+
+impl DriverQueue {
+    /// Bytes of guest memory a queue of `size` entries occupies.
+    pub fn footprint(size: u16) -> u64 {
+        let s = u64::from(size);
+        let used_off = (16 * s + 6 + 2 * s).next_multiple_of(4);
+        used_off + 6 + 8 * s
+    }
+
+    /// Lays out a zeroed queue of `size` entries at `base` (16-aligned).
+    pub fn new<M: GuestMemory>(mem: &M, base: GuestAddress, size: u16) -> Self {
+        let s = u64::from(size);
+        let avail = base.unchecked_add(16 * s);
+        let used = GuestAddress((avail.0 + 6 + 2 * s).next_multiple_of(4));
+        let zero = vec![0u8; Self::footprint(size) as usize];
+        mem.write_slice(&zero, base).expect("queue memory");
+        DriverQueue {
+            size,
+            desc: base,
+            avail,
+            used,
+            avail_idx: 0,
+            last_used: 0,
+            free: (0..size).rev().collect(),
+            chains: HashMap::new(),
+        }
+    }
+
+    /// The device-side `Queue` for this layout, ready.
+    pub fn device_queue(&self) -> Queue {
+        let mut q = Queue::new(self.size).expect("queue size");
+        q.set_size(self.size);
+        q.set_desc_table_address(Some(self.desc.0 as u32), Some((self.desc.0 >> 32) as u32));
+        q.set_avail_ring_address(Some(self.avail.0 as u32), Some((self.avail.0 >> 32) as u32));
+        q.set_used_ring_address(Some(self.used.0 as u32), Some((self.used.0 >> 32) as u32));
+        q.set_ready(true);
+        q
+    }
+
+    /// Free descriptors.
+    pub fn free_descriptors(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Writes a chain of `(addr, len, device_writable)` descriptors and puts
+    /// its head in the avail ring (not yet published: see [`Self::kick`]).
+    pub fn add_chain<M: GuestMemory>(&mut self, mem: &M, segs: &[(GuestAddress, u32, bool)]) -> u16 {
+        assert!(!segs.is_empty() && segs.len() <= self.free.len(), "queue full");
+        let idx: Vec<u16> = (0..segs.len()).map(|_| self.free.pop().unwrap()).collect();
+        for (i, &(addr, len, write)) in segs.iter().enumerate() {
+            let mut flags = if write { VIRTQ_DESC_F_WRITE } else { 0 };
+            let next = if i + 1 < segs.len() {
+                flags |= VIRTQ_DESC_F_NEXT;
+                idx[i + 1]
+            } else {
+                0
+            };
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.0.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&d, self.desc.unchecked_add(16 * u64::from(idx[i])))
+                .unwrap();
+        }
+        let head = idx[0];
+        let slot = u64::from(self.avail_idx % self.size);
+        mem.write_obj(head, self.avail.unchecked_add(4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.chains.insert(head, idx);
+        head
+    }
+
+    /// Publishes the avail index (the notification itself is the caller's).
+    pub fn kick<M: GuestMemory>(&self, mem: &M) {
+        std::sync::atomic::fence(Ordering::Release);
+        mem.write_obj(self.avail_idx, self.avail.unchecked_add(2))
+            .unwrap();
+    }
+
+    /// Takes the next used element: `(head, used length)`.
+    pub fn pop_used<M: GuestMemory>(&mut self, mem: &M) -> Option<(u16, u32)> {
+        let used_idx: u16 = mem.read_obj(self.used.unchecked_add(2)).unwrap();
+        if used_idx == self.last_used {
+            return None;
+        }
+        std::sync::atomic::fence(Ordering::Acquire);
+        let slot = u64::from(self.last_used % self.size);
+        let elem = self.used.unchecked_add(4 + 8 * slot);
+        let id: u32 = mem.read_obj(elem).unwrap();
+        let len: u32 = mem.read_obj(elem.unchecked_add(4)).unwrap();
+        self.last_used = self.last_used.wrapping_add(1);
+        let head = id as u16;
+        if let Some(descs) = self.chains.remove(&head) {
+            self.free.extend(descs);
+        }
+        Some((head, len))
+    }
+}
+
+/// Counts interrupts per queue.
+#[derive(Debug, Default)]
+pub struct CountingInterrupt {
+    counts: [AtomicU64; 2],
+}
+
+impl CountingInterrupt {
+    /// Interrupts raised for `queue`.
+    pub fn count(&self, queue: u16) -> u64 {
+        self.counts[usize::from(queue) & 1].load(Ordering::Relaxed)
+    }
+}
+
+impl VirtioInterrupt for CountingInterrupt {
+    fn trigger(&self, queue: u16) -> std::io::Result<()> {
+        self.counts[usize::from(queue) & 1].fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Where the harness puts things in guest memory.
+pub mod layout {
+    /// Request queue.
+    pub const REQUEST_QUEUE: u64 = 0x1_0000;
+    /// Event queue.
+    pub const EVENT_QUEUE: u64 = 0x2_0000;
+    /// Event buffers (24 bytes each, 64 of them).
+    pub const EVENT_BUFFERS: u64 = 0x3_0000;
+    /// Request buffers: 256 slots of 8 KiB.
+    pub const REQUEST_BUFFERS: u64 = 0x10_0000;
+    /// Size of one request buffer slot.
+    pub const SLOT_SIZE: u64 = 0x2000;
+    /// First byte free for the test's own data.
+    pub const FREE: u64 = 0x40_0000;
+}
+
+/// A device with a driver in front of it, over real guest memory.
+pub struct Harness {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The device.
+    pub dev: VirtioIommu,
+    /// Driver side of the request queue.
+    pub requestq: DriverQueue,
+    /// Driver side of the event queue.
+    pub eventq: DriverQueue,
+    /// Interrupt counter.
+    pub irq: Arc<CountingInterrupt>,
+    next_slot: u64,
+    next_event: u64,
+    event_bufs: HashMap<u16, GuestAddress>,
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness").field("dev", &self.dev).finish()
+    }
+}
+
+/// Features a Linux driver accepts: everything offered but legacy bypass
+/// stays as offered.
+pub fn driver_features(dev: &VirtioIommu) -> u64 {
+    dev.avail_features() & !(1 << VIRTIO_RING_F_EVENT_IDX)
+}
+
+impl Harness {
+    /// Guest RAM of `mem_mib` MiB at 0, a device for `endpoints`, features
+    /// negotiated as `features(&dev)` decides, queues set up and activated.
+    pub fn with_features(
+        cfg: &IommuConfig,
+        endpoints: &[u32],
+        mem_mib: u64,
+        features: impl FnOnce(&VirtioIommu) -> u64,
+    ) -> Self {
+        let size = mem_mib << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .expect("guest memory");
+        let mut dev = VirtioIommu::new(cfg, endpoints, &[(0, size - 1)]).expect("device");
+        let f = features(&dev);
+        dev.set_acked_features(f);
+        let requestq = DriverQueue::new(&mem, GuestAddress(layout::REQUEST_QUEUE), 256);
+        let eventq = DriverQueue::new(&mem, GuestAddress(layout::EVENT_QUEUE), 64);
+        let irq = Arc::new(CountingInterrupt::default());
+        dev.activate(&mem, requestq.device_queue(), eventq.device_queue(), irq.clone())
+            .expect("activate");
+        Harness {
+            mem,
+            dev,
+            requestq,
+            eventq,
+            irq,
+            next_slot: 0,
+            next_event: 0,
+            event_bufs: HashMap::new(),
+        }
+    }
+
+    /// As [`Self::with_features`], accepting what a driver would.
+    pub fn new(cfg: &IommuConfig, endpoints: &[u32]) -> Self {
+        Self::with_features(cfg, endpoints, 16, driver_features)
+    }
+
+    fn slot(&mut self) -> GuestAddress {
+        let a = layout::REQUEST_BUFFERS + (self.next_slot % 256) * layout::SLOT_SIZE;
+        self.next_slot += 1;
+        GuestAddress(a)
+    }
+
+    /// Queues a chain built from raw bytes: `readable` pieces (each its own
+    /// descriptor) and `writable` lengths (each its own descriptor). Returns
+    /// the head and the addresses of the writable buffers.
+    pub fn queue_raw(&mut self, readable: &[&[u8]], writable: &[u32]) -> (u16, Vec<GuestAddress>) {
+        let base = self.slot();
+        let mut at = base;
+        let mut segs = Vec::new();
+        for r in readable {
+            self.mem.write_slice(r, at).unwrap();
+            segs.push((at, r.len() as u32, false));
+            at = at.unchecked_add((r.len() as u64).next_multiple_of(8));
+        }
+        let mut wbufs = Vec::new();
+        for &w in writable {
+            // Poison the writable area so tests see what the device wrote.
+            self.mem
+                .write_slice(&vec![0xa5; w as usize], at)
+                .unwrap();
+            segs.push((at, w, true));
+            wbufs.push(at);
+            at = at.unchecked_add(u64::from(w).next_multiple_of(8));
+        }
+        assert!(at.0 - base.0 <= layout::SLOT_SIZE, "request too big for a slot");
+        let head = self.requestq.add_chain(&self.mem, &segs);
+        (head, wbufs)
+    }
+
+    /// Notifies the device and collects `(head, used len)` of every chain
+    /// it returned.
+    pub fn notify(&mut self) -> Vec<(u16, u32)> {
+        self.requestq.kick(&self.mem);
+        self.dev.process_requestq(&self.mem).expect("process");
+        let mut out = Vec::new();
+        while let Some(u) = self.requestq.pop_used(&self.mem) {
+            out.push(u);
+        }
+        out
+    }
+
+    /// Sends raw pieces as one chain and returns the used length and the
+    /// bytes of the writable part as the device left them.
+    pub fn send_raw(&mut self, readable: &[&[u8]], writable: &[u32]) -> (u32, Vec<u8>) {
+        let (head, wbufs) = self.queue_raw(readable, writable);
+        let used = self.notify();
+        assert_eq!(used.len(), 1, "one chain in, one out");
+        assert_eq!(used[0].0, head);
+        let mut bytes = Vec::new();
+        for (a, &w) in wbufs.iter().zip(writable) {
+            let mut b = vec![0u8; w as usize];
+            self.mem.read_slice(&mut b, *a).unwrap();
+            bytes.extend(b);
+        }
+        (used[0].1, bytes)
+    }
+
+    /// Sends a request the way Linux's driver does (one readable
+    /// descriptor, one 4-byte writable tail) and returns the status.
+    pub fn send(&mut self, req: &Request) -> Status {
+        let bytes = req.encode();
+        let (len, tail) = self.send_raw(&[&bytes], &[TAIL_SIZE as u32]);
+        assert_eq!(len, TAIL_SIZE as u32, "used length of a request with a tail");
+        Status::from_u8(tail[0]).expect("valid status")
+    }
+
+    /// Sends many requests in one notification; statuses in order.
+    pub fn send_batch(&mut self, reqs: &[Request]) -> Vec<Status> {
+        let mut heads = Vec::new();
+        for r in reqs {
+            let bytes = r.encode();
+            let (head, wbufs) = self.queue_raw(&[&bytes], &[TAIL_SIZE as u32]);
+            heads.push((head, wbufs[0]));
+        }
+        let used = self.notify();
+        assert_eq!(used.len(), reqs.len());
+        heads
+            .iter()
+            .map(|&(_, a)| {
+                let s: u8 = self.mem.read_obj(a).unwrap();
+                Status::from_u8(s).expect("valid status")
+            })
+            .collect()
+    }
+
+    /// Sends PROBE with `props_len` bytes of properties; returns the status
+    /// and the properties as written.
+    pub fn probe(&mut self, endpoint: u32, props_len: u32) -> (Status, Vec<u8>) {
+        let bytes = Request::Probe(wire::ProbeReq { endpoint }).encode();
+        let (_, w) = self.send_raw(&[&bytes], &[props_len + TAIL_SIZE as u32]);
+        let status = Status::from_u8(w[props_len as usize]).expect("valid status");
+        (status, w[..props_len as usize].to_vec())
+    }
+
+    /// Offers `n` event buffers of `len` bytes (at most 64) to the device.
+    pub fn add_event_buffers(&mut self, n: usize, len: u32) {
+        for _ in 0..n {
+            let a = GuestAddress(layout::EVENT_BUFFERS + (self.next_event % 64) * 64);
+            self.next_event += 1;
+            let head = self.eventq.add_chain(&self.mem, &[(a, len.min(64), true)]);
+            self.event_bufs.insert(head, a);
+        }
+        self.eventq.kick(&self.mem);
+    }
+
+    /// Lets the device fill event buffers and returns, per buffer it used,
+    /// the used length and the record read back from it.
+    pub fn collect_faults(&mut self) -> Vec<(u32, Option<FaultRecord>)> {
+        self.dev.process_eventq(&self.mem).expect("process eventq");
+        let mut out = Vec::new();
+        while let Some((head, len)) = self.eventq.pop_used(&self.mem) {
+            let rec = self.event_bufs.remove(&head).and_then(|a| {
+                let mut b = [0u8; wire::FAULT_SIZE];
+                self.mem.read_slice(&mut b, a).ok()?;
+                FaultRecord::decode(&b)
+            });
+            out.push((len, if len as usize >= wire::FAULT_SIZE { rec } else { None }));
+        }
+        out
+    }
+}
