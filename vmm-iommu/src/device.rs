@@ -132,7 +132,11 @@ fn bit(b: u32) -> u64 {
 impl VirtioIommu {
     /// A device for `endpoints` (the endpoint IDs the VM config puts behind
     /// it) over guest RAM made of the inclusive ranges `ram`.
-    pub fn new(cfg: &IommuConfig, endpoints: &[u32], ram: &[(u64, u64)]) -> Result<Self, DeviceError> {
+    pub fn new(
+        cfg: &IommuConfig,
+        endpoints: &[u32],
+        ram: &[(u64, u64)],
+    ) -> Result<Self, DeviceError> {
         let viommu = Arc::new(Viommu::new(cfg, endpoints, ram).map_err(DeviceError::EventFd)?);
         let mut avail = bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
@@ -261,7 +265,10 @@ impl VirtioIommu {
             || data.len() != 1
             || !self.negotiated(VIRTIO_IOMMU_F_BYPASS_CONFIG)
         {
-            debug!("virtio-iommu: ignored config write at {offset} of {} bytes", data.len());
+            debug!(
+                "virtio-iommu: ignored config write at {offset} of {} bytes",
+                data.len()
+            );
             return;
         }
         // spec 5.13.4.2: "The device MUST NOT present a value different than

@@ -135,7 +135,9 @@ pub enum RequestError {
         size: u64,
     },
     /// The IOVA range overlaps a reserved region.
-    #[error("MAP [{start:#x}, {end:#x}] overlaps reserved region [{resv_start:#x}, {resv_end:#x}]")]
+    #[error(
+        "MAP [{start:#x}, {end:#x}] overlaps reserved region [{resv_start:#x}, {resv_end:#x}]"
+    )]
     OverlapsReserved {
         /// virt_start.
         start: u64,
@@ -233,7 +235,8 @@ impl Translation {
 
     /// Guest-physical address of `iova`, which must lie in the window.
     pub fn gpa(&self, iova: u64) -> u64 {
-        self.phys_start.wrapping_add(iova.wrapping_sub(self.iova_start))
+        self.phys_start
+            .wrapping_add(iova.wrapping_sub(self.iova_start))
     }
 }
 
@@ -307,7 +310,7 @@ impl IommuState {
             input_end: cfg.input_range.end,
             domain_start: cfg.domain_range.start,
             domain_end: cfg.domain_range.end,
-            limits: cfg.limits.clone(),
+            limits: cfg.limits,
             reserved,
             ram: merged,
             endpoints: endpoints.iter().map(|&e| (e, None)).collect(),

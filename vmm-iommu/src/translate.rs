@@ -246,10 +246,7 @@ impl Iommu for EndpointIommu {
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
         let cannot = |reason: &str| IommuError::CannotResolve {
-            iova_range: IovaRange {
-                base: iova,
-                length,
-            },
+            iova_range: IovaRange { base: iova, length },
             reason: reason.to_string(),
         };
         // vm-memory's IOTLB computes `iova + length`; refuse ranges that wrap.

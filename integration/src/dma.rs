@@ -1,0 +1,108 @@
+//! A DMA engine behind the vIOMMU: an emulated device whose every access
+//! goes through vm-memory's `IommuMemory`, as an emulated virtio device in
+//! a real VMM would. A refused access is an error for the caller and a
+//! fault record for the guest (queued by the vIOMMU).
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::iommu::IommuMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_iommu::translate::EndpointIommu;
+use vmm_iommu::Viommu;
+
+/// Largest single DMA transfer, so a guest-programmed length cannot make
+/// the engine allocate without bound.
+pub const MAX_TRANSFER: usize = 1 << 20;
+
+/// A failed DMA operation.
+#[derive(Debug, Error)]
+pub enum DmaError {
+    /// The transfer length is zero or above [`MAX_TRANSFER`].
+    #[error("transfer length {0} is outside 1..={MAX_TRANSFER}")]
+    BadLength(usize),
+    /// The vIOMMU refused the access (or it left guest memory).
+    #[error("DMA {op} at IOVA {iova:#x} of {len} bytes refused: {source}")]
+    Refused {
+        /// "read" or "write".
+        op: &'static str,
+        /// The IOVA.
+        iova: u64,
+        /// The length.
+        len: usize,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// One emulated DMA-capable endpoint.
+#[derive(Debug)]
+pub struct DmaEngine {
+    endpoint: u32,
+    mem: IommuMemory<GuestMemoryMmap, EndpointIommu>,
+}
+
+impl DmaEngine {
+    /// A DMA engine for `endpoint` over guest memory `mem`, translated by
+    /// `viommu`.
+    pub fn new(viommu: &Arc<Viommu>, endpoint: u32, mem: GuestMemoryMmap) -> Self {
+        let iommu = viommu.endpoint_iommu(endpoint);
+        DmaEngine {
+            endpoint,
+            mem: IommuMemory::new(mem, iommu, true, ()),
+        }
+    }
+
+    /// The endpoint ID.
+    pub fn endpoint(&self) -> u32 {
+        self.endpoint
+    }
+
+    fn check_len(len: usize) -> Result<(), DmaError> {
+        if len == 0 || len > MAX_TRANSFER {
+            return Err(DmaError::BadLength(len));
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `iova`.
+    pub fn read(&self, iova: u64, len: usize) -> Result<Vec<u8>, DmaError> {
+        Self::check_len(len)?;
+        let mut buf = vec![0u8; len];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(iova))
+            .map_err(|source| DmaError::Refused {
+                op: "read",
+                iova,
+                len,
+                source,
+            })?;
+        Ok(buf)
+    }
+
+    /// Writes `data` at `iova`.
+    pub fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        Self::check_len(data.len())?;
+        self.mem
+            .write_slice(data, GuestAddress(iova))
+            .map_err(|source| DmaError::Refused {
+                op: "write",
+                iova,
+                len: data.len(),
+                source,
+            })
+    }
+
+    /// Copies `len` bytes from `src` to `dst` (both IOVAs).
+    pub fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), DmaError> {
+        let data = self.read(src, len)?;
+        self.write(dst, &data)
+    }
+
+    /// Fills `len` bytes at `dst` with `byte`.
+    pub fn fill(&self, dst: u64, byte: u8, len: usize) -> Result<(), DmaError> {
+        Self::check_len(len)?;
+        self.write(dst, &vec![byte; len])
+    }
+}
