@@ -620,6 +620,21 @@ fn validate_reserved_regions(regions: &[ReservedRegion], base: &str) -> Result<(
             ));
         }
     }
+    // spec 5.13.6.7.2.2: "The device SHOULD NOT present more than one
+    // VIRTIO_IOMMU_RESV_MEM_T_MSI property per endpoint."
+    let mut msi = regions
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.kind == ReservedKind::Msi);
+    if let (Some((first, _)), Some((second, _))) = (msi.next(), msi.next()) {
+        return Err(invalid(
+            format!("{base}[{second}]"),
+            format!(
+                "a second \"msi\" region (also reserved_regions[{first}]): the device presents \
+                 at most one MSI region per endpoint"
+            ),
+        ));
+    }
     // At most 64 regions: the pairwise check is cheap and reports the first pair in file order.
     for (j, b) in regions.iter().enumerate() {
         for (i, a) in regions[..j].iter().enumerate() {

@@ -137,8 +137,14 @@ impl Viommu {
         self.state().translate(ep, iova, access)
     }
 
-    /// Queues a fault record for the driver.
+    /// Queues a fault record for the driver. Faults of an endpoint this
+    /// vIOMMU does not manage are not queued: spec 5.13.6.8.2 "The device
+    /// SHOULD write a valid endpoint ID in endpoint".
     pub fn report_fault(&self, ep: u32, iova: u64, access: u32, reason: FaultReason) {
+        if self.state().endpoint(ep).is_none() {
+            log::debug!("virtio-iommu: fault of unmanaged endpoint {ep} at {iova:#x} not reported");
+            return;
+        }
         let mut flags = VIRTIO_IOMMU_FAULT_F_ADDRESS;
         if access & ACCESS_READ != 0 {
             flags |= VIRTIO_IOMMU_FAULT_F_READ;
