@@ -79,8 +79,15 @@ impl DriverQueue {
 
     /// Writes a chain of `(addr, len, device_writable)` descriptors and puts
     /// its head in the avail ring (not yet published: see [`Self::kick`]).
-    pub fn add_chain<M: GuestMemory>(&mut self, mem: &M, segs: &[(GuestAddress, u32, bool)]) -> u16 {
-        assert!(!segs.is_empty() && segs.len() <= self.free.len(), "queue full");
+    pub fn add_chain<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        segs: &[(GuestAddress, u32, bool)],
+    ) -> u16 {
+        assert!(
+            !segs.is_empty() && segs.len() <= self.free.len(),
+            "queue full"
+        );
         let idx: Vec<u16> = (0..segs.len()).map(|_| self.free.pop().unwrap()).collect();
         for (i, &(addr, len, write)) in segs.iter().enumerate() {
             let mut flags = if write { VIRTQ_DESC_F_WRITE } else { 0 };
@@ -208,17 +215,41 @@ impl Harness {
         mem_mib: u64,
         features: impl FnOnce(&VirtioIommu) -> u64,
     ) -> Self {
+        Self::with_ram(cfg, endpoints, mem_mib, &[], features)
+    }
+
+    /// As [`Self::with_features`], with `extra_ram` (inclusive
+    /// `[start, end]` ranges) also declared as guest RAM to the device's
+    /// state model but not backed by host memory. For benchmarks that MAP
+    /// far more guest-physical memory than the harness can afford to back:
+    /// MAP only checks that the range is RAM and never touches it, so the
+    /// request path is the same. Any access through such a mapping (a
+    /// translated read or write) fails: only the first `mem_mib` MiB exist.
+    pub fn with_ram(
+        cfg: &IommuConfig,
+        endpoints: &[u32],
+        mem_mib: u64,
+        extra_ram: &[(u64, u64)],
+        features: impl FnOnce(&VirtioIommu) -> u64,
+    ) -> Self {
         let size = mem_mib << 20;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .expect("guest memory");
-        let mut dev = VirtioIommu::new(cfg, endpoints, &[(0, size - 1)]).expect("device");
+        let mut ram = vec![(0, size - 1)];
+        ram.extend_from_slice(extra_ram);
+        let mut dev = VirtioIommu::new(cfg, endpoints, &ram).expect("device");
         let f = features(&dev);
         dev.set_acked_features(f);
         let requestq = DriverQueue::new(&mem, GuestAddress(layout::REQUEST_QUEUE), 256);
         let eventq = DriverQueue::new(&mem, GuestAddress(layout::EVENT_QUEUE), 64);
         let irq = Arc::new(CountingInterrupt::default());
-        dev.activate(&mem, requestq.device_queue(), eventq.device_queue(), irq.clone())
-            .expect("activate");
+        dev.activate(
+            &mem,
+            requestq.device_queue(),
+            eventq.device_queue(),
+            irq.clone(),
+        )
+        .expect("activate");
         Harness {
             mem,
             dev,
@@ -257,14 +288,15 @@ impl Harness {
         let mut wbufs = Vec::new();
         for &w in writable {
             // Poison the writable area so tests see what the device wrote.
-            self.mem
-                .write_slice(&vec![0xa5; w as usize], at)
-                .unwrap();
+            self.mem.write_slice(&vec![0xa5; w as usize], at).unwrap();
             segs.push((at, w, true));
             wbufs.push(at);
             at = at.unchecked_add(u64::from(w).next_multiple_of(8));
         }
-        assert!(at.0 - base.0 <= layout::SLOT_SIZE, "request too big for a slot");
+        assert!(
+            at.0 - base.0 <= layout::SLOT_SIZE,
+            "request too big for a slot"
+        );
         let head = self.requestq.add_chain(&self.mem, &segs);
         (head, wbufs)
     }
@@ -302,7 +334,10 @@ impl Harness {
     pub fn send(&mut self, req: &Request) -> Status {
         let bytes = req.encode();
         let (len, tail) = self.send_raw(&[&bytes], &[TAIL_SIZE as u32]);
-        assert_eq!(len, TAIL_SIZE as u32, "used length of a request with a tail");
+        assert_eq!(
+            len, TAIL_SIZE as u32,
+            "used length of a request with a tail"
+        );
         Status::from_u8(tail[0]).expect("valid status")
     }
 
@@ -356,7 +391,14 @@ impl Harness {
                 self.mem.read_slice(&mut b, a).ok()?;
                 FaultRecord::decode(&b)
             });
-            out.push((len, if len as usize >= wire::FAULT_SIZE { rec } else { None }));
+            out.push((
+                len,
+                if len as usize >= wire::FAULT_SIZE {
+                    rec
+                } else {
+                    None
+                },
+            ));
         }
         out
     }

@@ -1,0 +1,920 @@
+//! The "peer stream" of `docs/BENCH.md` (shared docs): the request stream
+//! the cloud-hypervisor and crosvm figures were measured with, driven the
+//! same way, so that our figures sit beside theirs as ratios.
+//!
+//! - device: MAP+UNMAP pairs through a real 256-entry split queue in 16 MiB
+//!   of guest memory (2-descriptor chains, statuses checked);
+//! - state: the same pairs applied to the state model directly;
+//! - translate: 64-byte lookups through the IOTLB translator, the slow
+//!   path and vm-memory's `IommuMemory`;
+//! - memory: heap bytes and RSS per mapping after 1,000,000 MAPs through
+//!   the queue (a counting global allocator).
+//!
+//! Usage: `scripts/bench.sh [--quick] [--runs N] [--secs S] [SECTION...]`,
+//! SECTION among `memory`, `device`, `state`, `translate` (default: all).
+//! Each figure is the median of `--runs` runs (7) of at least `--secs`
+//! seconds (1) of timed work; `--quick` is 3 runs of 0.2 s.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::io::Write;
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::iommu::IommuMemory;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_iommu::config::IommuConfig;
+use vmm_iommu::state::{IommuState, ACCESS_READ};
+use vmm_iommu::testing::{driver_features, layout, Harness};
+use vmm_iommu::viommu::Applied;
+use vmm_iommu::wire::{
+    AttachReq, MapReq, Request, Status, UnmapReq, VIRTIO_F_VERSION_1, VIRTIO_IOMMU_F_MAP_UNMAP,
+    VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
+};
+use vmm_iommu::Viommu;
+
+// ---------------------------------------------------------------------------
+// Counting allocator: live heap bytes = allocated − freed.
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to `System` unchanged; the counter only
+// observes the sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's guarantees.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's guarantees.
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded with the caller's guarantees.
+        let q = unsafe { System.realloc(p, l, new_size) };
+        if !q.is_null() {
+            LIVE.fetch_add(new_size, Ordering::Relaxed);
+            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live_heap() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// VmRSS of this process in bytes.
+fn vm_rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+// ---------------------------------------------------------------------------
+// The stream (BENCH.md, "The request stream").
+
+const PAGE: u64 = 4096;
+const IOVA_BASE: u64 = 0x1_0000_0000;
+const PHYS_BASE: u64 = 0x4000_0000;
+const DOMAIN: u32 = 1;
+const EP: u32 = 1;
+const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+const PAIR_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+const LOOKUP_SEED: u64 = 0x1234_5678_9abc_def1;
+/// `span` of the pair stream when N = 0.
+const SPAN_N0: u64 = 1 << 20;
+/// Guest-physical memory the stream names (`PHYS_BASE + k·4096`, k < 2^20,
+/// N ≤ 2^20), declared as RAM to the device but not backed: MAP never
+/// touches the memory it maps.
+const STREAM_RAM: (u64, u64) = (PHYS_BASE, PHYS_BASE + SPAN_N0 * PAGE - 1);
+/// Pairs per round (= 128 chains = 256 descriptors, the whole queue).
+const ROUND_PAIRS: usize = 64;
+/// Lookups per translation run.
+const LOOKUPS: usize = 1_000_000;
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+/// The i-th populate MAP.
+fn populate_map(i: u64) -> MapReq {
+    let iova = IOVA_BASE + 2 * i * PAGE;
+    MapReq {
+        domain: DOMAIN,
+        virt_start: iova,
+        virt_end: iova + PAGE - 1,
+        phys_start: PHYS_BASE + i * PAGE,
+        flags: RW,
+    }
+}
+
+/// The pair for `k`: MAP of the odd page `2k+1`, then its UNMAP.
+fn pair(k: u64) -> (MapReq, UnmapReq) {
+    let iova = IOVA_BASE + (2 * k + 1) * PAGE;
+    let map = MapReq {
+        domain: DOMAIN,
+        virt_start: iova,
+        virt_end: iova + PAGE - 1,
+        phys_start: PHYS_BASE + k * PAGE,
+        flags: RW,
+    };
+    let unmap = UnmapReq {
+        domain: DOMAIN,
+        virt_start: iova,
+        virt_end: iova + PAGE - 1,
+        reserved: [0; 4],
+    };
+    (map, unmap)
+}
+
+/// The `k`s of the timed pairs for a domain of `n` populated mappings.
+struct PairStream {
+    rng: XorShift,
+    span: u64,
+}
+
+impl PairStream {
+    fn new(n: u64) -> Self {
+        PairStream {
+            rng: XorShift(PAIR_SEED ^ n),
+            span: if n == 0 { SPAN_N0 } else { n },
+        }
+    }
+
+    fn next_k(&mut self) -> u64 {
+        self.rng.next() % self.span
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Lookup {
+    iova: u64,
+    gpa: u64,
+}
+
+/// `LOOKUPS` lookups over `n` mappings: a random populated page, then a
+/// random 64-byte-aligned offset in it (two draws of the generator).
+fn lookups(n: u64) -> Vec<Lookup> {
+    let mut rng = XorShift(LOOKUP_SEED ^ n);
+    (0..LOOKUPS)
+        .map(|_| {
+            let i = rng.next() % n;
+            let off = (rng.next() % (PAGE / 64)) * 64;
+            Lookup {
+                iova: IOVA_BASE + 2 * i * PAGE + off,
+                gpa: PHYS_BASE + i * PAGE + off,
+            }
+        })
+        .collect()
+}
+
+fn attach() -> AttachReq {
+    AttachReq {
+        domain: DOMAIN,
+        endpoint: EP,
+        flags: 0,
+        reserved: [0; 4],
+    }
+}
+
+fn acked() -> u64 {
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_IOMMU_F_MAP_UNMAP)
+}
+
+// ---------------------------------------------------------------------------
+// Device level.
+
+/// A slot of guest memory per chain of a round: request at +0, tail at +48.
+const SLOT_SIZE: u64 = 64;
+const TAIL_OFF: u64 = 48;
+/// Entries of the harness's request queue.
+const QUEUE_SIZE: u64 = 256;
+
+fn slot(j: usize) -> GuestAddress {
+    GuestAddress(layout::FREE + j as u64 * SLOT_SIZE)
+}
+
+/// The device behind its request queue, ATTACHed (domain 1, endpoint 1).
+struct DeviceBench {
+    h: Harness,
+    /// `avail.idx` of the request queue in guest memory.
+    avail_idx: GuestAddress,
+    reqs: Vec<Request>,
+}
+
+impl DeviceBench {
+    fn new() -> Self {
+        let cfg = IommuConfig::default();
+        let mut h = Harness::with_ram(&cfg, &[EP], 16, &[STREAM_RAM], driver_features);
+        assert_eq!(h.requestq.free_descriptors() as u64, QUEUE_SIZE);
+        assert_eq!(h.send(&Request::Attach(attach())), Status::Ok);
+        DeviceBench {
+            h,
+            avail_idx: GuestAddress(layout::REQUEST_QUEUE + 16 * QUEUE_SIZE + 2),
+            reqs: Vec::with_capacity(2 * ROUND_PAIRS),
+        }
+    }
+
+    /// Writes `self.reqs` (≤ 128) as 2-descriptor chains (readable request,
+    /// writable 4-byte tail) in the avail ring, unpublished; then, timed,
+    /// publishes them `per_notify` at a time, each followed by the
+    /// notification (`process_requestq`: pop, parse, apply, status, used,
+    /// interrupt). Then checks that every chain came back with status OK.
+    /// Returns the timed duration.
+    fn round(&mut self, per_notify: usize) -> Duration {
+        let h = &mut self.h;
+        let mem = &h.mem;
+        let n = self.reqs.len();
+        assert!(n <= 128 && per_notify > 0);
+        // Everything added so far was published: avail.idx is the driver's.
+        let base: u16 = mem.read_obj(self.avail_idx).unwrap();
+        for (j, r) in self.reqs.iter().enumerate() {
+            let at = slot(j);
+            let bytes = r.encode();
+            assert!(bytes.len() as u64 <= TAIL_OFF);
+            mem.write_slice(&bytes, at).unwrap();
+            let tail = at.unchecked_add(TAIL_OFF);
+            mem.write_obj(u32::MAX, tail).unwrap();
+            h.requestq
+                .add_chain(mem, &[(at, bytes.len() as u32, false), (tail, 4, true)]);
+        }
+        let irq0 = h.irq.count(0);
+        let mut done = 0;
+        let mut published = 0;
+        let t0 = Instant::now();
+        while published < n {
+            published = (published + per_notify).min(n);
+            fence(Ordering::Release);
+            mem.write_obj(base.wrapping_add(published as u16), self.avail_idx)
+                .unwrap();
+            done += h.dev.process_requestq(mem).unwrap();
+        }
+        let dt = t0.elapsed();
+        assert_eq!(done, n);
+        assert_eq!(h.irq.count(0) - irq0, n.div_ceil(per_notify) as u64);
+        for (j, r) in self.reqs.iter().enumerate() {
+            let (_, len) = h.requestq.pop_used(mem).expect("used element");
+            assert_eq!(len, 4);
+            let tail: u32 = mem.read_obj(slot(j).unchecked_add(TAIL_OFF)).unwrap();
+            assert_eq!(tail, 0, "status of {r:?}");
+        }
+        assert!(h.requestq.pop_used(mem).is_none());
+        dt
+    }
+
+    /// N populate MAPs, 128 per notification.
+    fn populate(&mut self, n: u64) {
+        let mut i = 0;
+        while i < n {
+            self.reqs.clear();
+            while i < n && self.reqs.len() < 128 {
+                self.reqs.push(Request::Map(populate_map(i)));
+                i += 1;
+            }
+            self.round(128);
+        }
+        let st = self.h.dev.viommu().state();
+        assert_eq!(st.mapping_count(DOMAIN) as u64, n);
+    }
+
+    /// One round of 64 pairs, `pairs_per_notify` pairs per notification.
+    fn pairs(&mut self, s: &mut PairStream, pairs_per_notify: usize) -> (Duration, u64) {
+        self.reqs.clear();
+        for _ in 0..ROUND_PAIRS {
+            let (m, u) = pair(s.next_k());
+            self.reqs.push(Request::Map(m));
+            self.reqs.push(Request::Unmap(u));
+        }
+        (self.round(2 * pairs_per_notify), ROUND_PAIRS as u64)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// State level.
+
+/// A vIOMMU over the stream's memory, ATTACHed and populated with `n`
+/// mappings through `apply`.
+fn state_viommu(n: u64) -> Arc<Viommu> {
+    let v = Arc::new(Viommu::new(&IommuConfig::default(), &[EP], &[STREAM_RAM]).unwrap());
+    v.set_acked_features(acked());
+    assert_eq!(v.apply(&Request::Attach(attach())), Ok(Applied::Done));
+    for i in 0..n {
+        assert_eq!(v.apply(&Request::Map(populate_map(i))), Ok(Applied::Done));
+    }
+    v
+}
+
+/// A bare state model, ATTACHed and populated with `n` mappings.
+fn bare_state(n: u64) -> IommuState {
+    let mut st = IommuState::new(&IommuConfig::default(), &[EP], &[STREAM_RAM]);
+    st.set_acked_features(acked());
+    st.attach(&attach()).unwrap();
+    for i in 0..n {
+        st.map(&populate_map(i)).unwrap();
+    }
+    st
+}
+
+/// Pairs per timed batch at state level (`k`s drawn before the timer).
+const STATE_BATCH: usize = 4096;
+
+fn draw(s: &mut PairStream, ks: &mut Vec<u64>) {
+    ks.clear();
+    ks.extend((0..STATE_BATCH).map(|_| s.next_k()));
+}
+
+// ---------------------------------------------------------------------------
+// Measurement and reporting.
+
+struct Opts {
+    runs: usize,
+    run_time: Duration,
+    sections: Vec<String>,
+}
+
+impl Opts {
+    fn parse() -> Self {
+        let mut o = Opts {
+            runs: 7,
+            run_time: Duration::from_secs(1),
+            sections: Vec::new(),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                // cargo bench passes --bench to harness = false benches.
+                "--bench" => {}
+                "--quick" => {
+                    o.runs = 3;
+                    o.run_time = Duration::from_millis(200);
+                }
+                "--runs" => o.runs = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+                "--secs" => {
+                    o.run_time = args
+                        .next()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                        .unwrap_or_default()
+                }
+                s @ ("memory" | "device" | "state" | "translate") => o.sections.push(s.into()),
+                _ => {
+                    eprintln!(
+                        "usage: peer_stream [--quick] [--runs N] [--secs S] \
+                         [memory|device|state|translate]..."
+                    );
+                    std::process::exit(2);
+                }
+            }
+        }
+        if o.runs == 0 || o.run_time.is_zero() {
+            eprintln!("--runs and --secs must be positive");
+            std::process::exit(2);
+        }
+        o
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.sections.is_empty() || self.sections.iter().any(|s| s == section)
+    }
+}
+
+/// Median ops/s over the runs, and the spread (max − min) / median.
+struct Stats {
+    median: f64,
+    spread: f64,
+}
+
+/// Runs `step` (which returns its timed duration and op count) until each
+/// run holds `run_time` of timed work; one short warm-up run first.
+fn measure(o: &Opts, mut step: impl FnMut() -> (Duration, u64)) -> Stats {
+    let mut run = |target: Duration| {
+        let (mut t, mut n) = (Duration::ZERO, 0u64);
+        while t < target {
+            let (d, k) = step();
+            t += d;
+            n += k;
+        }
+        n as f64 / t.as_secs_f64()
+    };
+    run(o.run_time / 5);
+    let mut rates: Vec<f64> = (0..o.runs).map(|_| run(o.run_time)).collect();
+    rates.sort_by(f64::total_cmp);
+    let m = rates.len();
+    let median = if m % 2 == 1 {
+        rates[m / 2]
+    } else {
+        (rates[m / 2 - 1] + rates[m / 2]) / 2.0
+    };
+    Stats {
+        median,
+        spread: (rates[m - 1] - rates[0]) / median,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// Operations per second, higher is better.
+    Rate,
+    /// Nanoseconds per operation, lower is better.
+    Latency,
+    /// Bytes per mapping, lower is better.
+    Bytes,
+}
+
+struct Fig<'a> {
+    name: &'a str,
+    kind: Kind,
+    /// ops/s, ns or bytes, by `kind`.
+    value: f64,
+    spread: Option<f64>,
+    ch: Option<f64>,
+    crosvm: Option<f64>,
+    target: Option<(f64, &'a str)>,
+}
+
+fn group(v: f64) -> String {
+    let s = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn show(kind: Kind, v: f64) -> String {
+    match kind {
+        Kind::Rate if v >= 1e6 => format!("{}/s ({:.0} ns)", group(v), 1e9 / v),
+        Kind::Rate => format!("{}/s ({:.2} µs)", group(v), 1e6 / v),
+        Kind::Latency => format!("{v:.1} ns"),
+        Kind::Bytes => format!("{v:.1} B"),
+    }
+}
+
+/// How many times better we are than `peer` (> 1: better).
+fn better(kind: Kind, ours: f64, peer: f64) -> f64 {
+    match kind {
+        Kind::Rate => ours / peer,
+        Kind::Latency | Kind::Bytes => peer / ours,
+    }
+}
+
+fn header() {
+    println!(
+        "{:<54} {:>24} {:>6} | {:>22} {:>7} | {:>22} {:>7} | {:<30}",
+        "figure",
+        "ours (median)",
+        "spread",
+        "cloud-hypervisor",
+        "x CH",
+        "crosvm",
+        "x crosvm",
+        "target"
+    );
+    println!(
+        "{}",
+        "-".repeat(54 + 25 + 7 + 3 + 23 + 8 + 3 + 23 + 8 + 3 + 30)
+    );
+}
+
+fn print(f: &Fig) {
+    let peer = |p: Option<f64>| match p {
+        Some(p) => (
+            show(f.kind, p),
+            format!("{:.2}", better(f.kind, f.value, p)),
+        ),
+        None => ("-".into(), "-".into()),
+    };
+    let (ch, xch) = peer(f.ch);
+    let (cv, xcv) = peer(f.crosvm);
+    let target = match f.target {
+        Some((t, note)) => {
+            let ok = match f.kind {
+                Kind::Rate => f.value >= t,
+                Kind::Latency | Kind::Bytes => f.value <= t,
+            };
+            let cmp = if f.kind == Kind::Rate { ">=" } else { "<=" };
+            let t = match f.kind {
+                Kind::Rate => format!("{}/s", group(t)),
+                _ => show(f.kind, t),
+            };
+            format!("{cmp} {t}{note} {}", if ok { "MET" } else { "MISSED" })
+        }
+        None => "-".into(),
+    };
+    let spread = f
+        .spread
+        .map_or("-".into(), |s| format!("{:.0}%", s * 100.0));
+    println!(
+        "{:<54} {:>24} {:>6} | {:>22} {:>7} | {:>22} {:>7} | {}",
+        f.name,
+        show(f.kind, f.value),
+        spread,
+        ch,
+        xch,
+        cv,
+        xcv,
+        target
+    );
+    let _ = std::io::stdout().flush();
+}
+
+fn row<'a>(name: &'a str, kind: Kind, s: &Stats) -> Fig<'a> {
+    Fig {
+        name,
+        kind,
+        value: if kind == Kind::Latency {
+            1e9 / s.median
+        } else {
+            s.median
+        },
+        spread: Some(s.spread),
+        ch: None,
+        crosvm: None,
+        target: None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sections.
+
+/// Peer pairs/s per N: (N, cloud-hypervisor device path, crosvm mapper).
+const PEER_PAIRS: [(u64, f64, f64); 3] = [
+    (0, 770_000.0, 17_700_000.0),
+    (10_000, 29_700.0, 3_550_000.0),
+    (100_000, 2_660.0, 2_640_000.0),
+];
+
+fn memory_section() {
+    const N: u64 = 1_000_000;
+    let mut b = DeviceBench::new();
+    let (heap0, rss0) = (live_heap(), vm_rss());
+    let t0 = Instant::now();
+    b.populate(N);
+    let dt = t0.elapsed();
+    let (heap1, rss1) = (live_heap(), vm_rss());
+    let table = b.h.dev.viommu().state().mapping_bytes();
+    let per = |a: usize, z: usize| (a as f64 - z as f64) / N as f64;
+    print(&Fig {
+        name: "heap per mapping, N=1,000,000 (live bytes, device path)",
+        kind: Kind::Bytes,
+        value: per(heap1, heap0),
+        spread: None,
+        ch: Some(49.0),
+        crosvm: Some(78.0),
+        target: Some((40.0, "")),
+    });
+    print(&Fig {
+        name: "  mapping table arrays only (state.mapping_bytes)",
+        kind: Kind::Bytes,
+        value: table as f64 / N as f64,
+        spread: None,
+        ch: None,
+        crosvm: None,
+        target: None,
+    });
+    print(&Fig {
+        name: "  RSS growth per mapping (VmRSS)",
+        kind: Kind::Bytes,
+        value: per(rss1 as usize, rss0 as usize),
+        spread: None,
+        ch: None,
+        crosvm: None,
+        target: None,
+    });
+    println!(
+        "  (populate of {} MAPs through the queue: {:.2} s, {}/s; VmRSS {:.1} -> {:.1} MiB)",
+        group(N as f64),
+        dt.as_secs_f64(),
+        group(N as f64 / dt.as_secs_f64()),
+        rss0 as f64 / (1 << 20) as f64,
+        rss1 as f64 / (1 << 20) as f64
+    );
+}
+
+fn device_section(o: &Opts) {
+    let mut at_zero = 0.0;
+    for (n, ch, _) in PEER_PAIRS {
+        let mut b = DeviceBench::new();
+        b.populate(n);
+        let mut s = PairStream::new(n);
+        let st = measure(o, || b.pairs(&mut s, ROUND_PAIRS));
+        let name = format!(
+            "device MAP+UNMAP pairs, N={}, 64 pairs/notification",
+            group(n as f64)
+        );
+        let (target, note) = if n == 0 {
+            at_zero = st.median;
+            (2.0 * ch, " (2x CH)")
+        } else {
+            (1_000_000.0, " (flat in N)")
+        };
+        print(&Fig {
+            ch: Some(ch),
+            target: Some((target, note)),
+            ..row(&name, Kind::Rate, &st)
+        });
+        if n == 100_000 && at_zero > 0.0 {
+            println!("  (flatness: N=100,000 / N=0 = {:.2})", st.median / at_zero);
+        }
+    }
+    let mut b = DeviceBench::new();
+    let mut s = PairStream::new(0);
+    let st = measure(o, || b.pairs(&mut s, 1));
+    print(&Fig {
+        ch: Some(113_000.0),
+        target: Some((226_000.0, " (2x CH)")),
+        ..row(
+            "device MAP+UNMAP pairs, N=0, 1 pair/notification",
+            Kind::Rate,
+            &st,
+        )
+    });
+}
+
+fn state_section(o: &Opts) {
+    let mut ks = Vec::with_capacity(STATE_BATCH);
+    for (n, _, crosvm) in PEER_PAIRS {
+        let v = state_viommu(n);
+        let mut s = PairStream::new(n);
+        let st = measure(o, || {
+            draw(&mut s, &mut ks);
+            let t0 = Instant::now();
+            for &k in &ks {
+                let (m, u) = pair(k);
+                assert_eq!(v.apply(&Request::Map(m)), Ok(Applied::Done));
+                assert_eq!(v.apply(&Request::Unmap(u)), Ok(Applied::Unmapped(1)));
+            }
+            (t0.elapsed(), ks.len() as u64)
+        });
+        let name = format!(
+            "state MAP+UNMAP pairs, N={}, Viommu::apply",
+            group(n as f64)
+        );
+        print(&Fig {
+            crosvm: Some(crosvm),
+            target: Some((crosvm, " (crosvm)")),
+            ..row(&name, Kind::Rate, &st)
+        });
+    }
+    for (n, _, crosvm) in PEER_PAIRS {
+        let mut state = bare_state(n);
+        let mut s = PairStream::new(n);
+        let st = measure(o, || {
+            draw(&mut s, &mut ks);
+            let t0 = Instant::now();
+            for &k in &ks {
+                let (m, u) = pair(k);
+                assert_eq!(state.map(&m), Ok(()));
+                assert_eq!(state.unmap(&u), Ok(1));
+            }
+            (t0.elapsed(), ks.len() as u64)
+        });
+        let name = format!(
+            "state MAP+UNMAP pairs, N={}, IommuState (no lock)",
+            group(n as f64)
+        );
+        print(&Fig {
+            crosvm: Some(crosvm),
+            target: Some((crosvm, " (crosvm)")),
+            ..row(&name, Kind::Rate, &st)
+        });
+    }
+}
+
+/// Translator over `lk`, independent lookups: ops and timed duration.
+fn translate_independent(
+    tr: &mut vmm_iommu::translate::Translator,
+    lk: &[Lookup],
+) -> (Duration, u64) {
+    let mut bad = 0u64;
+    let t0 = Instant::now();
+    for l in lk {
+        match tr.translate(l.iova, ACCESS_READ) {
+            Ok((gpa, len)) => bad += u64::from(gpa != l.gpa || len < 64),
+            Err(_) => bad += 1,
+        }
+    }
+    let dt = t0.elapsed();
+    assert_eq!(bad, 0, "mistranslations");
+    (dt, lk.len() as u64)
+}
+
+/// Translator over `lk`, each address depending on the previous result
+/// (`iova_j + (gpa_{j-1} − expected_{j-1})`, zero when right).
+fn translate_dependent(
+    tr: &mut vmm_iommu::translate::Translator,
+    lk: &[Lookup],
+) -> (Duration, u64) {
+    let mut bad = 0u64;
+    let mut carry = 0u64;
+    let t0 = Instant::now();
+    for l in lk {
+        let (gpa, _) = tr
+            .translate(l.iova.wrapping_add(carry), ACCESS_READ)
+            .expect("mapped");
+        carry = gpa.wrapping_sub(l.gpa);
+        bad += u64::from(carry != 0);
+    }
+    let dt = t0.elapsed();
+    assert_eq!(bad, 0, "mistranslations");
+    (dt, lk.len() as u64)
+}
+
+fn with_peers<'a>(f: Fig<'a>, ch: f64, crosvm: f64, target: Option<(f64, &'a str)>) -> Fig<'a> {
+    Fig {
+        ch: Some(ch),
+        crosvm: Some(crosvm),
+        target,
+        ..f
+    }
+}
+
+fn translate_section(o: &Opts) {
+    const HIT_TARGET: Option<(f64, &str)> = Some((10.0, ""));
+    // IOTLB hits, over the N = 10,000 domain.
+    let v = state_viommu(10_000);
+    let mut tr = v.translator(EP);
+    let one = lookups(10_000)[0];
+    let st = measure(o, || {
+        let mut bad = 0u64;
+        let t0 = Instant::now();
+        for _ in 0..LOOKUPS {
+            let (gpa, _) = tr.translate(black_box(one.iova), ACCESS_READ).unwrap();
+            bad += u64::from(gpa != one.gpa);
+        }
+        let dt = t0.elapsed();
+        assert_eq!(bad, 0);
+        (dt, LOOKUPS as u64)
+    });
+    print(&Fig {
+        target: HIT_TARGET,
+        ..row(
+            "translate 64 B, IOTLB hit, same address",
+            Kind::Latency,
+            &st,
+        )
+    });
+    // 64 pages occupy 64 distinct slots of the direct-mapped IOTLB.
+    let hot = lookups(64);
+    let st = measure(o, || translate_independent(&mut tr, &hot));
+    print(&Fig {
+        target: HIT_TARGET,
+        ..row(
+            "translate 64 B, IOTLB hit, 64 hot pages",
+            Kind::Latency,
+            &st,
+        )
+    });
+    let st = measure(o, || translate_dependent(&mut tr, &hot));
+    print(&Fig {
+        target: HIT_TARGET,
+        ..row(
+            "translate 64 B, IOTLB hit, 64 hot pages, dependent",
+            Kind::Latency,
+            &st,
+        )
+    });
+    drop(tr);
+
+    for (n, ch, crosvm, target) in [
+        (10_000u64, 126.0, 82.0, None),
+        (1_000_000, 477.0, 489.0, Some((250.0, ""))),
+    ] {
+        let v = if n == 10_000 {
+            Arc::clone(&v)
+        } else {
+            state_viommu(n)
+        };
+        let lk = lookups(n);
+        let mut tr = v.translator(EP);
+        let peers = |f| with_peers(f, ch, crosvm, target);
+        let st = measure(o, || translate_independent(&mut tr, &lk));
+        let name = format!("translate 64 B, random, N={}, Translator", group(n as f64));
+        print(&peers(row(&name, Kind::Latency, &st)));
+        let st = measure(o, || translate_dependent(&mut tr, &lk));
+        let name = format!(
+            "translate 64 B, random, N={}, Translator, dependent",
+            group(n as f64)
+        );
+        print(&peers(row(&name, Kind::Latency, &st)));
+        let (hits, misses) = tr.hit_miss();
+        println!(
+            "  (IOTLB hit rate at N={}: {:.1}%)",
+            group(n as f64),
+            100.0 * hits as f64 / (hits + misses).max(1) as f64
+        );
+        let st = measure(o, || {
+            let mut bad = 0u64;
+            let t0 = Instant::now();
+            for l in &lk {
+                match v.translate(EP, l.iova, ACCESS_READ) {
+                    Ok(t) => bad += u64::from(t.gpa(l.iova) != l.gpa),
+                    Err(_) => bad += 1,
+                }
+            }
+            let dt = t0.elapsed();
+            assert_eq!(bad, 0);
+            (dt, lk.len() as u64)
+        });
+        let name = format!(
+            "translate 64 B, random, N={}, slow path (read lock)",
+            group(n as f64)
+        );
+        print(&peers(row(&name, Kind::Latency, &st)));
+    }
+
+    // vm-memory's IommuMemory over EndpointIommu: read_obj::<u64>, N = 10,000,
+    // over real memory at the mapped guest-physical pages, every 64-byte
+    // slot holding its own guest-physical address.
+    const N: u64 = 10_000;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(PHYS_BASE), (N * PAGE) as usize)])
+        .expect("guest memory");
+    for a in (PHYS_BASE..PHYS_BASE + N * PAGE).step_by(64) {
+        mem.write_obj(a, GuestAddress(a)).unwrap();
+    }
+    let im = IommuMemory::new(mem, v.endpoint_iommu(EP), true, ());
+    let lk = lookups(N);
+    let st = measure(o, || {
+        let mut bad = 0u64;
+        let t0 = Instant::now();
+        for l in &lk {
+            match im.read_obj::<u64>(GuestAddress(l.iova)) {
+                Ok(x) => bad += u64::from(x != l.gpa),
+                Err(_) => bad += 1,
+            }
+        }
+        let dt = t0.elapsed();
+        assert_eq!(bad, 0);
+        (dt, lk.len() as u64)
+    });
+    print(&Fig {
+        ch: Some(126.0),
+        crosvm: Some(82.0),
+        ..row(
+            "read_obj u64, random, N=10,000, IommuMemory+EndpointIommu",
+            Kind::Latency,
+            &st,
+        )
+    });
+}
+
+fn main() {
+    let o = Opts::parse();
+    println!(
+        "peer stream (docs/BENCH.md): medians of {} runs of >= {:.1} s; \
+         'x peer' = times better than the peer (> 1: better)",
+        o.runs,
+        o.run_time.as_secs_f64()
+    );
+    header();
+    // First, while the heap is fresh, so that RSS growth means something.
+    if o.wants("memory") {
+        memory_section();
+    }
+    if o.wants("device") {
+        device_section(&o);
+    }
+    if o.wants("state") {
+        state_section(&o);
+    }
+    if o.wants("translate") {
+        translate_section(&o);
+    }
+}
