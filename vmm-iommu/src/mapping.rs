@@ -115,54 +115,57 @@ impl MappingTable {
         self.last_at_or_below(end).is_some_and(|e| e.end >= start)
     }
 
-    /// Inserts a mapping the caller has checked does not overlap any other
-    /// (`overlaps(m.start, m.end) == false`), with `m.start <= m.end` and
-    /// `m.phys` aligned to at least 8 bytes.
-    pub fn insert(&mut self, m: Mapping) {
+    /// Inserts `m` unless it intersects an existing mapping, in one descent
+    /// of the tree. Requires `m.start <= m.end` and `m.phys` aligned to at
+    /// least 8 bytes. Returns `false` (and changes nothing) on overlap.
+    pub fn try_insert(&mut self, m: Mapping) -> bool {
         debug_assert!(m.start <= m.end);
-        debug_assert!(!self.overlaps(m.start, m.end));
         debug_assert_eq!(m.phys & FLAG_BITS, 0);
         let entry = Entry {
             start: m.start,
             end: m.end,
             phys_flags: m.phys | (u64::from(m.flags) & FLAG_BITS),
         };
-        self.len += 1;
-
-        let key = match self.chunks.range(..=m.start).next_back() {
-            Some((&k, _)) => k,
-            None => {
-                // Below every chunk: prepend to the first chunk, whose key
-                // changes, or start the first chunk.
-                match self.chunks.pop_first() {
-                    Some((_, mut first)) if first.len() < CHUNK_CAPACITY => {
-                        first.insert(0, entry);
-                        self.chunks.insert(m.start, first);
-                    }
-                    Some((k, first)) => {
-                        self.chunks.insert(k, first);
-                        self.chunks.insert(m.start, vec![entry]);
-                    }
-                    None => {
-                        self.chunks.insert(m.start, vec![entry]);
-                    }
+        // The chunk holding the last start <= m.end. If its key lies above
+        // m.start, its first mapping starts inside [start, end]: overlap.
+        // Otherwise it is also the chunk m belongs in.
+        let Some((&key, chunk)) = self.chunks.range_mut(..=m.end).next_back() else {
+            // Below every chunk (or empty): prepend to the first chunk, whose
+            // key changes, or start a new one.
+            self.len += 1;
+            match self.chunks.pop_first() {
+                Some((_, mut first)) if first.len() < CHUNK_CAPACITY => {
+                    first.insert(0, entry);
+                    self.chunks.insert(m.start, first);
                 }
-                return;
+                Some((k, first)) => {
+                    self.chunks.insert(k, first);
+                    self.chunks.insert(m.start, vec![entry]);
+                }
+                None => {
+                    self.chunks.insert(m.start, vec![entry]);
+                }
             }
+            return true;
         };
-        let Some(chunk) = self.chunks.get_mut(&key) else {
-            return;
-        };
-        let pos = chunk.partition_point(|e| e.start < m.start);
+        if key > m.start {
+            return false;
+        }
+        let pos = chunk.partition_point(|e| e.start <= m.end);
+        // `pos >= 1`: the chunk's first start is its key, <= m.start.
+        if chunk[pos - 1].end >= m.start {
+            return false;
+        }
+        self.len += 1;
         if chunk.len() < CHUNK_CAPACITY {
             chunk.insert(pos, entry);
-            return;
+            return true;
         }
         if pos == chunk.len() {
             // Appending past a full chunk: start a new one instead of
             // splitting, so that ascending inserts leave full chunks.
             self.chunks.insert(m.start, vec![entry]);
-            return;
+            return true;
         }
         let mut right = chunk.split_off(CHUNK_CAPACITY / 2);
         if pos <= CHUNK_CAPACITY / 2 {
@@ -171,6 +174,13 @@ impl MappingTable {
             right.insert(pos - CHUNK_CAPACITY / 2, entry);
         }
         self.chunks.insert(right[0].start, right);
+        true
+    }
+
+    /// Inserts a mapping the caller has checked does not overlap any other.
+    pub fn insert(&mut self, m: Mapping) {
+        let inserted = self.try_insert(m);
+        debug_assert!(inserted, "insert of an overlapping mapping");
     }
 
     /// Removes every mapping inside `[start, end]`, all or nothing: if a
@@ -182,75 +192,99 @@ impl MappingTable {
         end: u64,
         removed: &mut Vec<Mapping>,
     ) -> Result<(), SplitError> {
-        if let Some(e) = self.last_at_or_below(start) {
-            if e.start < start && e.end >= start {
-                return Err(SplitError {
-                    mapping: e.mapping(),
-                });
-            }
-        }
-        if let Some(e) = self.last_at_or_below(end) {
-            if e.end > end && e.start <= end {
-                return Err(SplitError {
-                    mapping: e.mapping(),
-                });
-            }
-        }
-        // No split: the mappings to remove are exactly those whose start
-        // lies in [start, end]. Visit the chunks that can hold such starts.
+        // Pass 1, read-only: the split checks. The mappings the range
+        // affects are the one containing `start` (if it starts below) and
+        // those starting in [start, end]; only the first and the last can
+        // straddle an end of the range.
         let first_key = match self.chunk_at_or_below(start) {
-            Some((&k, _)) => k,
+            Some((&k, chunk)) => {
+                let i = chunk.partition_point(|e| e.start <= start);
+                let e = &chunk[i - 1];
+                if e.start < start && e.end >= start {
+                    return Err(SplitError {
+                        mapping: e.mapping(),
+                    });
+                }
+                k
+            }
             None => start,
         };
-        let keys: Vec<u64> = self
-            .chunks
-            .range(first_key..=end)
-            .map(|(&k, _)| k)
-            .collect();
-        for key in keys {
-            let Some(mut chunk) = self.chunks.remove(&key) else {
-                continue;
-            };
+        if let Some(e) = self.last_at_or_below(end) {
+            if e.end > end && e.start <= end && e.start >= start {
+                return Err(SplitError {
+                    mapping: e.mapping(),
+                });
+            }
+        }
+        // Pass 2: drain. Chunks whose first entry goes change key and are
+        // re-keyed after the walk; the common case (a mapping inside one
+        // chunk) touches one chunk in place.
+        let before = removed.len();
+        let mut rekey: Vec<u64> = Vec::new();
+        for (&key, chunk) in self.chunks.range_mut(first_key..=end) {
             let lo = chunk.partition_point(|e| e.start < start);
             let hi = chunk.partition_point(|e| e.start <= end);
             if lo < hi {
                 removed.extend(chunk.drain(lo..hi).map(|e| e.mapping()));
-                self.len -= hi - lo;
-            }
-            if !chunk.is_empty() {
-                if chunk.len() * 4 < chunk.capacity() {
-                    chunk.shrink_to(chunk.len() * 2);
+                if lo == 0 || chunk.len() < CHUNK_MIN {
+                    rekey.push(key);
                 }
-                self.chunks.insert(chunk[0].start, chunk);
             }
         }
-        self.merge_small_around(start);
-        self.merge_small_around(end);
+        self.len -= removed.len() - before;
+        for key in rekey {
+            let Some(mut chunk) = self.chunks.remove(&key) else {
+                continue;
+            };
+            if chunk.is_empty() {
+                continue;
+            }
+            if chunk.len() * 4 < chunk.capacity() {
+                chunk.shrink_to(chunk.len() * 2);
+            }
+            let k = chunk[0].start;
+            self.chunks.insert(k, chunk);
+            self.merge_small_at(k);
+        }
         Ok(())
     }
 
-    /// Merges an underfull chunk near `addr` into its neighbour, bounding
-    /// the number of chunks by about `len / CHUNK_MIN`.
-    fn merge_small_around(&mut self, addr: u64) {
-        let left = match self.chunk_at_or_below(addr) {
-            Some((&k, _)) => Some(k),
-            None => self.chunks.keys().next().copied(),
+    /// Merges the chunk keyed `key` with its successor when either is
+    /// underfull and both fit in one, bounding the number of chunks by
+    /// about `len / CHUNK_MIN`.
+    fn merge_small_at(&mut self, key: u64) {
+        let Some(ll) = self.chunks.get(&key).map(Vec::len) else {
+            return;
         };
-        let Some(left) = left else { return };
         let right = self
             .chunks
-            .range(left.saturating_add(1)..)
+            .range(key.saturating_add(1)..)
             .next()
-            .map(|(&k, _)| k);
-        let Some(right) = right else { return };
-        if right <= left {
+            .map(|(&k, c)| (k, c.len()));
+        let Some((right, rl)) = right else { return };
+        if right <= key {
             return;
         }
-        let (ll, rl) = (self.chunks[&left].len(), self.chunks[&right].len());
         if (ll < CHUNK_MIN || rl < CHUNK_MIN) && ll + rl <= CHUNK_CAPACITY {
             if let Some(mut r) = self.chunks.remove(&right) {
-                if let Some(l) = self.chunks.get_mut(&left) {
+                if let Some(l) = self.chunks.get_mut(&key) {
                     l.append(&mut r);
+                }
+            }
+        } else if ll < CHUNK_MIN {
+            // Try the predecessor instead.
+            let left = self
+                .chunks
+                .range(..key)
+                .next_back()
+                .map(|(&k, c)| (k, c.len()));
+            if let Some((left, lsz)) = left {
+                if lsz + ll <= CHUNK_CAPACITY {
+                    if let Some(mut c) = self.chunks.remove(&key) {
+                        if let Some(l) = self.chunks.get_mut(&left) {
+                            l.append(&mut c);
+                        }
+                    }
                 }
             }
         }

@@ -671,25 +671,32 @@ impl IommuState {
         };
         // spec 5.13.6.5.2: "If a mapping already exists in the requested
         // range, the device SHOULD reject the request and set status to
-        // VIRTIO_IOMMU_S_INVAL."
-        if table.overlaps(r.virt_start, r.virt_end) {
-            return Err(RequestError::OverlapsMapping {
-                start: r.virt_start,
-                end: r.virt_end,
-            });
+        // VIRTIO_IOMMU_S_INVAL." Overlap is reported before a full table.
+        let overlap = RequestError::OverlapsMapping {
+            start: r.virt_start,
+            end: r.virt_end,
+        };
+        let full = if table.len() as u64 >= max_per_domain {
+            Some("max_mappings_per_domain")
+        } else if total >= max_total {
+            Some("max_mappings")
+        } else {
+            None
+        };
+        if let Some(limit) = full {
+            if table.overlaps(r.virt_start, r.virt_end) {
+                return Err(overlap);
+            }
+            return Err(RequestError::Limit(limit));
         }
-        if table.len() as u64 >= max_per_domain {
-            return Err(RequestError::Limit("max_mappings_per_domain"));
-        }
-        if total >= max_total {
-            return Err(RequestError::Limit("max_mappings"));
-        }
-        table.insert(Mapping {
+        if !table.try_insert(Mapping {
             start: r.virt_start,
             end: r.virt_end,
             phys: r.phys_start,
             flags: r.flags,
-        });
+        }) {
+            return Err(overlap);
+        }
         self.total_mappings += 1;
         Ok(())
     }

@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use vm_memory::iommu::{Error as IommuError, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Permissions};
 
-use crate::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
+use crate::state::{FaultReason, Translation, ACCESS_READ, ACCESS_WRITE};
 use crate::viommu::Viommu;
 
 /// Entries in a [`Translator`]'s IOTLB (a power of two).
@@ -150,6 +150,8 @@ impl Translator {
 /// Most ranges an [`EndpointIommu`]'s IOTLB holds before it starts over, so
 /// that a guest touching many mappings cannot grow it without bound.
 pub const ENDPOINT_IOTLB_MAX_RANGES: usize = 4096;
+/// Identity (bypass) translations are cached in 2 MiB windows.
+const IDENTITY_CHUNK_MASK: u64 = (2 << 20) - 1;
 
 /// vm-memory's [`Iommu`] for one endpoint: wrap guest memory as
 /// `IommuMemory::new(mem, endpoint_iommu, true, ())` and every access of the
@@ -206,24 +208,33 @@ impl EndpointIommu {
     /// the first refused address.
     fn fill(&self, iova: u64, last: u64, access: u32) -> Result<(), (u64, FaultReason)> {
         let mut tlb = self.iotlb.write().unwrap_or_else(|p| p.into_inner());
+        // Start over before a fill rather than during one, so the ranges
+        // this fill inserts are all there for the lookup that follows.
+        if self.ranges.load(Ordering::Relaxed) >= ENDPOINT_IOTLB_MAX_RANGES {
+            tlb.invalidate_all();
+            self.ranges.store(0, Ordering::Relaxed);
+        }
         let mut cur = iova;
         loop {
             let t = self
                 .viommu
                 .translate(self.endpoint, cur, access)
                 .map_err(|r| (cur, r))?;
-            let end = t.iova_last.min(last);
-            // `end - cur + 1` cannot overflow usize unless the whole 64-bit
-            // space is one window, which `checked_add` in translate() rules
-            // out for the requested range.
-            let len = usize::try_from(end - cur + 1).map_err(|_| (cur, FaultReason::Unknown))?;
-            if self.ranges.fetch_add(1, Ordering::Relaxed) >= ENDPOINT_IOTLB_MAX_RANGES {
-                tlb.invalidate_all();
-                self.ranges.store(1, Ordering::Relaxed);
-            }
+            // Cache the whole window (the mapping, or for identity the 2 MiB
+            // around the access), so neighbouring accesses hit. Windows end
+            // below u64::MAX because the IOTLB's ranges are end-exclusive.
+            let (lo, hi) = if t == Translation::IDENTITY {
+                (cur & !IDENTITY_CHUNK_MASK, last | IDENTITY_CHUNK_MASK)
+            } else {
+                (t.iova_start, t.iova_last)
+            };
+            let hi = hi.min(u64::MAX - 1);
+            let len = usize::try_from(hi - lo + 1).map_err(|_| (cur, FaultReason::Unknown))?;
+            let end = hi;
+            self.ranges.fetch_add(1, Ordering::Relaxed);
             tlb.set_mapping(
-                GuestAddress(cur),
-                GuestAddress(t.gpa(cur)),
+                GuestAddress(lo),
+                GuestAddress(t.gpa(lo)),
                 len,
                 permissions(t.perm),
             )
