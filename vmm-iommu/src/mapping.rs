@@ -71,6 +71,8 @@ pub struct SplitError {
 pub struct MappingTable {
     chunks: BTreeMap<u64, Vec<Entry>>,
     len: usize,
+    /// The array of the last chunk that emptied, reused by the next new one.
+    spare: Option<Vec<Entry>>,
 }
 
 impl MappingTable {
@@ -140,10 +142,12 @@ impl MappingTable {
                 }
                 Some((k, first)) => {
                     self.chunks.insert(k, first);
-                    self.chunks.insert(m.start, vec![entry]);
+                    let c = self.new_chunk(entry);
+                    self.chunks.insert(m.start, c);
                 }
                 None => {
-                    self.chunks.insert(m.start, vec![entry]);
+                    let c = self.new_chunk(entry);
+                    self.chunks.insert(m.start, c);
                 }
             }
             return true;
@@ -164,7 +168,8 @@ impl MappingTable {
         if pos == chunk.len() {
             // Appending past a full chunk: start a new one instead of
             // splitting, so that ascending inserts leave full chunks.
-            self.chunks.insert(m.start, vec![entry]);
+            let c = self.new_chunk(entry);
+            self.chunks.insert(m.start, c);
             return true;
         }
         let mut right = chunk.split_off(CHUNK_CAPACITY / 2);
@@ -192,6 +197,34 @@ impl MappingTable {
         end: u64,
         removed: &mut Vec<Mapping>,
     ) -> Result<(), SplitError> {
+        // Fast path: every affected mapping lies in the chunk that holds
+        // `start` and the range ends before that chunk does. One descent.
+        if let Some((&key, chunk)) = self.chunks.range_mut(..=start).next_back() {
+            let lo = chunk.partition_point(|e| e.start < start);
+            let hi = chunk.partition_point(|e| e.start <= end);
+            if hi < chunk.len() {
+                // `lo - 1` holds the last start below `start`; `hi - 1` the
+                // last start within the range.
+                if lo > 0 && chunk[lo - 1].end >= start {
+                    return Err(SplitError {
+                        mapping: chunk[lo - 1].mapping(),
+                    });
+                }
+                if hi > lo && chunk[hi - 1].end > end {
+                    return Err(SplitError {
+                        mapping: chunk[hi - 1].mapping(),
+                    });
+                }
+                if lo < hi {
+                    removed.extend(chunk.drain(lo..hi).map(|e| e.mapping()));
+                    self.len -= hi - lo;
+                    if lo == 0 || chunk.len() < CHUNK_MIN {
+                        self.rekey(key);
+                    }
+                }
+                return Ok(());
+            }
+        }
         // Pass 1, read-only: the split checks. The mappings the range
         // affects are the one containing `start` (if it starts below) and
         // those starting in [start, end]; only the first and the last can
@@ -233,20 +266,38 @@ impl MappingTable {
         }
         self.len -= removed.len() - before;
         for key in rekey {
-            let Some(mut chunk) = self.chunks.remove(&key) else {
-                continue;
-            };
-            if chunk.is_empty() {
-                continue;
-            }
-            if chunk.len() * 4 < chunk.capacity() {
-                chunk.shrink_to(chunk.len() * 2);
-            }
-            let k = chunk[0].start;
-            self.chunks.insert(k, chunk);
-            self.merge_small_at(k);
+            self.rekey(key);
         }
         Ok(())
+    }
+
+    /// Re-files the chunk keyed `key` after removals: dropped if empty
+    /// (its array kept as the spare), shrunk if mostly unused, re-keyed by
+    /// its new first start, merged if underfull.
+    fn rekey(&mut self, key: u64) {
+        let Some(mut chunk) = self.chunks.remove(&key) else {
+            return;
+        };
+        if chunk.is_empty() {
+            if chunk.capacity() <= CHUNK_CAPACITY {
+                self.spare = Some(chunk);
+            }
+            return;
+        }
+        if chunk.len() * 4 < chunk.capacity() {
+            chunk.shrink_to(chunk.len() * 2);
+        }
+        let k = chunk[0].start;
+        self.chunks.insert(k, chunk);
+        self.merge_small_at(k);
+    }
+
+    /// A one-entry chunk, reusing the spare array when there is one (a
+    /// MAP/UNMAP pair on an otherwise empty region allocates nothing).
+    fn new_chunk(&mut self, entry: Entry) -> Vec<Entry> {
+        let mut v = self.spare.take().unwrap_or_default();
+        v.push(entry);
+        v
     }
 
     /// Merges the chunk keyed `key` with its successor when either is
@@ -292,6 +343,7 @@ impl MappingTable {
 
     /// Removes every mapping.
     pub fn clear(&mut self) {
+        self.spare = None;
         self.chunks.clear();
         self.len = 0;
     }
