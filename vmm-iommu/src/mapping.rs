@@ -10,13 +10,13 @@
 //! Layout: a B-tree of chunks keyed by the first IOVA in the chunk, each
 //! chunk a sorted vector of at most [`CHUNK_CAPACITY`] 24-byte entries. A
 //! plain `BTreeMap<u64, Mapping>` costs about 48 bytes per mapping; the
-//! chunks bring that to about 25, and keep a lookup to a short tree descent
+//! chunks bring that to about 26, and keep a lookup to a short tree descent
 //! plus a binary search within one cache-friendly array.
 
 use std::collections::BTreeMap;
 
 /// Most entries one chunk holds; a full chunk splits in two.
-pub const CHUNK_CAPACITY: usize = 64;
+pub const CHUNK_CAPACITY: usize = 32;
 /// A chunk that falls below this many entries merges with its successor
 /// when they fit together, so that hostile unmap patterns cannot leave one
 /// heap allocation per mapping.
