@@ -99,9 +99,19 @@ impl MappingTable {
     /// The entry with the greatest start at or below `addr`, if any.
     fn last_at_or_below(&self, addr: u64) -> Option<&Entry> {
         let (_, chunk) = self.chunk_at_or_below(addr)?;
-        let idx = chunk.partition_point(|e| e.start <= addr);
-        // `idx >= 1`: the chunk key (its first start) is <= addr.
-        chunk.get(idx.wrapping_sub(1))
+        // Branch-free binary search for the last start <= addr (the chunk's
+        // first start, its key, is <= addr): the compiler turns the select
+        // into a conditional move, so independent lookups overlap their
+        // cache misses instead of stalling on mispredicted branches.
+        let mut base = 0usize;
+        let mut size = chunk.len();
+        while size > 1 {
+            let half = size / 2;
+            let mid = base + half;
+            base = if chunk[mid].start <= addr { mid } else { base };
+            size -= half;
+        }
+        chunk.get(base)
     }
 
     /// The mapping that contains `addr`.
