@@ -41,11 +41,14 @@ struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-// SAFETY: every call is forwarded to `System` unchanged; the counter only
-// observes the sizes.
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged and returns its result unchanged, so this allocator meets the
+// `GlobalAlloc` contract exactly when `System` does; the counter only
+// observes sizes and never touches the memory.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's guarantees.
+        // SAFETY: our caller upholds `GlobalAlloc::alloc`'s contract (`l` has
+        // non-zero size), which is the whole of `System.alloc`'s contract.
         let p = unsafe { System.alloc(l) };
         if !p.is_null() {
             LIVE.fetch_add(l.size(), Ordering::Relaxed);
@@ -54,7 +57,8 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's guarantees.
+        // SAFETY: as in `alloc`: the caller guarantees `l` has non-zero size,
+        // all that `System.alloc_zeroed` requires.
         let p = unsafe { System.alloc_zeroed(l) };
         if !p.is_null() {
             LIVE.fetch_add(l.size(), Ordering::Relaxed);
@@ -63,13 +67,17 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: forwarded with the caller's guarantees.
+        // SAFETY: every block this allocator hands out comes from `System`
+        // with the same layout, and the caller guarantees `p` is such a block
+        // allocated with `l`; so this is a valid `System.dealloc`.
         unsafe { System.dealloc(p, l) };
         LIVE.fetch_sub(l.size(), Ordering::Relaxed);
     }
 
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded with the caller's guarantees.
+        // SAFETY: `p` was allocated by `System` with layout `l` (all our blocks
+        // are), and the caller guarantees `new_size` is non-zero and does not
+        // overflow when rounded to `l.align()`: `System.realloc`'s contract.
         let q = unsafe { System.realloc(p, l, new_size) };
         if !q.is_null() {
             LIVE.fetch_add(new_size, Ordering::Relaxed);
