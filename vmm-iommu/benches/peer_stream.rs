@@ -677,47 +677,38 @@ fn device_section(o: &Opts) {
 }
 
 fn state_section(o: &Opts) {
+    state_rows(o, "Viommu::apply", state_viommu, |v, m, u| {
+        assert_eq!(v.apply(&Request::Map(m)), Ok(Applied::Done));
+        assert_eq!(v.apply(&Request::Unmap(u)), Ok(Applied::Unmapped(1)));
+    });
+    state_rows(o, "IommuState (no lock)", bare_state, |st, m, u| {
+        assert_eq!(st.map(&m), Ok(()));
+        assert_eq!(st.unmap(&u), Ok(1));
+    });
+}
+
+/// One row per peer N: the pair stream applied by `apply` to the state
+/// `make(n)` builds, every status checked inside the timed loop.
+fn state_rows<S>(
+    o: &Opts,
+    label: &str,
+    make: impl Fn(u64) -> S,
+    apply: impl Fn(&mut S, MapReq, UnmapReq),
+) {
     let mut ks = Vec::with_capacity(STATE_BATCH);
     for (n, _, crosvm) in PEER_PAIRS {
-        let v = state_viommu(n);
+        let mut state = make(n);
         let mut s = PairStream::new(n);
         let st = measure(o, || {
             draw(&mut s, &mut ks);
             let t0 = Instant::now();
             for &k in &ks {
                 let (m, u) = pair(k);
-                assert_eq!(v.apply(&Request::Map(m)), Ok(Applied::Done));
-                assert_eq!(v.apply(&Request::Unmap(u)), Ok(Applied::Unmapped(1)));
+                apply(&mut state, m, u);
             }
             (t0.elapsed(), ks.len() as u64)
         });
-        let name = format!(
-            "state MAP+UNMAP pairs, N={}, Viommu::apply",
-            group(n as f64)
-        );
-        print(&Fig {
-            crosvm: Some(crosvm),
-            target: Some((crosvm, " (crosvm)")),
-            ..row(&name, Kind::Rate, &st)
-        });
-    }
-    for (n, _, crosvm) in PEER_PAIRS {
-        let mut state = bare_state(n);
-        let mut s = PairStream::new(n);
-        let st = measure(o, || {
-            draw(&mut s, &mut ks);
-            let t0 = Instant::now();
-            for &k in &ks {
-                let (m, u) = pair(k);
-                assert_eq!(state.map(&m), Ok(()));
-                assert_eq!(state.unmap(&u), Ok(1));
-            }
-            (t0.elapsed(), ks.len() as u64)
-        });
-        let name = format!(
-            "state MAP+UNMAP pairs, N={}, IommuState (no lock)",
-            group(n as f64)
-        );
+        let name = format!("state MAP+UNMAP pairs, N={}, {label}", group(n as f64));
         print(&Fig {
             crosvm: Some(crosvm),
             target: Some((crosvm, " (crosvm)")),

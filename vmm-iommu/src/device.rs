@@ -17,11 +17,12 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use crate::config::IommuConfig;
 use crate::viommu::{Applied, Viommu};
 use crate::wire::{
-    self, ConfigSpace, DecodeError, Request, ResvMemProperty, Status, CONFIG_BYPASS_OFFSET,
-    EVENT_QUEUE, FAULT_SIZE, MAX_READABLE_SIZE, REQUEST_QUEUE, RESV_MEM_PROPERTY_SIZE, TAIL_SIZE,
-    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_IOMMU_F_BYPASS,
-    VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_DOMAIN_RANGE, VIRTIO_IOMMU_F_INPUT_RANGE,
-    VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_F_PROBE,
+    self, ConfigSpace, DecodeError, ProbeReq, Request, ResvMemProperty, Status,
+    CONFIG_BYPASS_OFFSET, EVENT_QUEUE, FAULT_SIZE, MAX_READABLE_SIZE, REQUEST_QUEUE,
+    RESV_MEM_PROPERTY_SIZE, TAIL_SIZE, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_IOMMU_F_BYPASS, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_DOMAIN_RANGE,
+    VIRTIO_IOMMU_F_INPUT_RANGE, VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO,
+    VIRTIO_IOMMU_F_PROBE,
 };
 
 /// Ring feature: indirect descriptors.
@@ -453,7 +454,7 @@ impl VirtioIommu {
             Ok(req) => {
                 self.stats.requests[usize::from(req.req_type())] += 1;
                 match req {
-                    Request::Probe(_) => self.probe(mem, &req, tail_at),
+                    Request::Probe(p) => self.probe(mem, &p, tail_at),
                     _ => match self.viommu.apply(&req) {
                         Ok(applied) => {
                             if let Applied::Unmapped(n) = applied {
@@ -478,10 +479,7 @@ impl VirtioIommu {
     }
 
     /// Answers a PROBE: properties into the writable part before the tail.
-    fn probe<M: GuestMemory>(&mut self, mem: &M, req: &Request, props_len: u64) -> Status {
-        let Request::Probe(p) = req else {
-            return Status::DevErr;
-        };
+    fn probe<M: GuestMemory>(&mut self, mem: &M, p: &ProbeReq, props_len: u64) -> Status {
         let probe_size = u64::from(self.config.probe_size);
         let mut buf = std::mem::take(&mut self.probe_buf);
         buf.clear();

@@ -21,7 +21,6 @@ pub struct FaultQueue {
     records: Mutex<VecDeque<FaultRecord>>,
     capacity: usize,
     dropped: AtomicU64,
-    reported: AtomicU64,
     evt: EventFd,
 }
 
@@ -32,7 +31,6 @@ impl FaultQueue {
             records: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
             capacity,
             dropped: AtomicU64::new(0),
-            reported: AtomicU64::new(0),
             evt: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -51,7 +49,6 @@ impl FaultQueue {
         }
         q.push_back(rec);
         drop(q);
-        self.reported.fetch_add(1, Ordering::Relaxed);
         // The counter saturates rather than fails; a failed write only
         // delays delivery to the next notification.
         let _ = self.evt.write(1);
@@ -81,11 +78,6 @@ impl FaultQueue {
     /// Records dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Records accepted into the queue since creation.
-    pub fn reported(&self) -> u64 {
-        self.reported.load(Ordering::Relaxed)
     }
 
     /// Drops every waiting record (device reset).

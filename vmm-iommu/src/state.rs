@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
+use crate::config::{IommuConfig, Limits, ReservedRegion};
 use crate::mapping::{Mapping, MappingTable};
 use crate::wire::{
     AttachReq, DetachReq, MapReq, ProbeReq, Status, UnmapReq, VIRTIO_IOMMU_ATTACH_F_BYPASS,
@@ -281,6 +281,12 @@ pub struct IommuState {
     acked: u64,
     unattached_bypass: bool,
     scratch: Vec<Mapping>,
+}
+
+/// Whether `[phys, last]` lies in one of the sorted, merged RAM ranges.
+fn phys_in_ram(ram: &[(u64, u64)], phys: u64, last: u64) -> bool {
+    let idx = ram.partition_point(|r| r.0 <= phys);
+    idx > 0 && ram[idx - 1].1 >= last
 }
 
 fn feature(acked: u64, bit: u32) -> bool {
@@ -552,11 +558,6 @@ impl IommuState {
         Ok(())
     }
 
-    fn phys_in_ram(&self, phys: u64, last: u64) -> bool {
-        let idx = self.ram.partition_point(|r| r.0 <= phys);
-        idx > 0 && self.ram[idx - 1].1 >= last
-    }
-
     /// MAP.
     pub fn map(&mut self, r: &MapReq) -> Result<(), RequestError> {
         self.map_unmap_negotiated("MAP")?;
@@ -577,18 +578,30 @@ impl IommuState {
         self.check_domain_range(r.domain)?;
         // spec 5.13.6.5.2: "If domain does not exist, the device SHOULD reject
         // the request and set status to VIRTIO_IOMMU_S_NOENT."
-        let dom = self
-            .domains
-            .get(&r.domain)
+        // One lookup of the domain, with disjoint borrows of the fields the
+        // address checks read.
+        let IommuState {
+            domains,
+            reserved,
+            ram,
+            granule,
+            input_start,
+            input_end,
+            limits,
+            total_mappings,
+            ..
+        } = self;
+        let dom = domains
+            .get_mut(&r.domain)
             .ok_or(RequestError::UnknownDomain(r.domain))?;
         // spec 5.13.6.5.2: "If the domain is a bypass domain, the device
         // SHOULD reject the request and set status to VIRTIO_IOMMU_S_INVAL."
-        if matches!(dom.kind, DomainKind::Bypass) {
+        let DomainKind::Mapped(table) = &mut dom.kind else {
             return Err(RequestError::BypassDomain {
                 request: "MAP",
                 domain: r.domain,
             });
-        }
+        };
         // spec 5.13.6.5.1: "virt_end MUST be strictly greater than virt_start."
         if r.virt_end <= r.virt_start {
             return Err(RequestError::EndBelowStart {
@@ -600,13 +613,13 @@ impl IommuState {
         // spec 5.13.6.5.2: "If virt_start, phys_start or (virt_end + 1) is not
         // aligned on the page granularity, the device SHOULD reject the
         // request and set status to VIRTIO_IOMMU_S_RANGE."
-        let mask = self.granule - 1;
+        let mask = *granule - 1;
         for (field, value) in [("virt_start", r.virt_start), ("phys_start", r.phys_start)] {
             if value & mask != 0 {
                 return Err(RequestError::Misaligned {
                     field,
                     value,
-                    granule: self.granule,
+                    granule: *granule,
                 });
             }
         }
@@ -616,17 +629,17 @@ impl IommuState {
             return Err(RequestError::Misaligned {
                 field: "virt_end + 1",
                 value: end_plus_one,
-                granule: self.granule,
+                granule: *granule,
             });
         }
         // spec 5.13.6.5: "Any mapping request to virtual addresses outside of
         // this range fails."
-        if r.virt_start < self.input_start || r.virt_end > self.input_end {
+        if r.virt_start < *input_start || r.virt_end > *input_end {
             return Err(RequestError::OutsideInputRange {
                 start: r.virt_start,
                 end: r.virt_end,
-                min: self.input_start,
-                max: self.input_end,
+                min: *input_start,
+                max: *input_end,
             });
         }
         // phys_end = phys_start + virt_end - virt_start must not wrap and,
@@ -636,7 +649,7 @@ impl IommuState {
         let span = r.virt_end - r.virt_start;
         let phys_last = r.phys_start.checked_add(span);
         let in_ram = phys_last.is_some_and(|last| {
-            r.flags & VIRTIO_IOMMU_MAP_F_MMIO != 0 || self.phys_in_ram(r.phys_start, last)
+            r.flags & VIRTIO_IOMMU_MAP_F_MMIO != 0 || phys_in_ram(ram, r.phys_start, last)
         });
         if !in_ram {
             return Err(RequestError::PhysOutsideRam {
@@ -646,8 +659,8 @@ impl IommuState {
         }
         // spec 5.13.6.6.2.2: "The device SHOULD reject a MAP request that
         // overlaps a RESV_MEM region."
-        let idx = self.reserved.partition_point(|x| x.end < r.virt_start);
-        if let Some(resv) = self.reserved.get(idx) {
+        let idx = reserved.partition_point(|x| x.end < r.virt_start);
+        if let Some(resv) = reserved.get(idx) {
             if resv.start <= r.virt_end {
                 return Err(RequestError::OverlapsReserved {
                     start: r.virt_start,
@@ -657,18 +670,8 @@ impl IommuState {
                 });
             }
         }
-        let (max_per_domain, max_total) = (
-            self.limits.max_mappings_per_domain,
-            self.limits.max_mappings,
-        );
-        let total = self.total_mappings;
-        let Some(Domain {
-            kind: DomainKind::Mapped(table),
-            ..
-        }) = self.domains.get_mut(&r.domain)
-        else {
-            return Err(RequestError::UnknownDomain(r.domain));
-        };
+        let (max_per_domain, max_total) = (limits.max_mappings_per_domain, limits.max_mappings);
+        let total = *total_mappings;
         // spec 5.13.6.5.2: "If a mapping already exists in the requested
         // range, the device SHOULD reject the request and set status to
         // VIRTIO_IOMMU_S_INVAL." Overlap is reported before a full table.
@@ -697,7 +700,7 @@ impl IommuState {
         }) {
             return Err(overlap);
         }
-        self.total_mappings += 1;
+        *total_mappings += 1;
         Ok(())
     }
 
@@ -809,12 +812,5 @@ impl IommuState {
     /// the configured regions).
     pub fn reserved_regions(&self) -> &[ReservedRegion] {
         &self.reserved
-    }
-
-    /// Whether `iova` lies in an MSI reserved region.
-    pub fn in_msi_region(&self, iova: u64) -> bool {
-        self.reserved
-            .iter()
-            .any(|r| r.kind == ReservedKind::Msi && r.start <= iova && iova <= r.end)
     }
 }

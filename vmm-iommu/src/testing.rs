@@ -200,8 +200,9 @@ impl std::fmt::Debug for Harness {
     }
 }
 
-/// Features a Linux driver accepts: everything offered but legacy bypass
-/// stays as offered.
+/// The features a driver accepts: everything the device offers except
+/// EVENT_IDX, because [`DriverQueue`] publishes no `used_event` and reads
+/// every used entry after each notification.
 pub fn driver_features(dev: &VirtioIommu) -> u64 {
     dev.avail_features() & !(1 << VIRTIO_RING_F_EVENT_IDX)
 }

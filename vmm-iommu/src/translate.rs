@@ -260,16 +260,14 @@ impl Iommu for EndpointIommu {
             iova_range: IovaRange { base: iova, length },
             reason: reason.to_string(),
         };
-        // vm-memory's IOTLB computes `iova + length`; refuse ranges that wrap.
-        let Some(last) = (length as u64)
-            .checked_sub(1)
-            .and_then(|l| iova.0.checked_add(l))
-        else {
-            return Err(cannot("empty or wrapping range"));
+        // vm-memory's IOTLB computes the exclusive end `iova + length`:
+        // refuse empty ranges and ranges whose end does not fit in 64 bits.
+        let end = iova.0.checked_add(length as u64);
+        let Some(last) = end.filter(|_| length > 0).map(|e| e - 1) else {
+            return Err(cannot(
+                "empty range or range past the end of the address space",
+            ));
         };
-        if iova.0.checked_add(length as u64).is_none() {
-            return Err(cannot("range wraps the address space"));
-        }
         let generation = self.viommu.generation();
         if self.generation.load(Ordering::Acquire) != generation {
             let mut tlb = self.iotlb.write().unwrap_or_else(|p| p.into_inner());

@@ -72,13 +72,6 @@ impl Viommu {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Drops every cached translation (the next access of every translator
-    /// re-reads the state).
-    pub fn invalidate_translations(&self) {
-        let _guard = self.state_mut();
-        self.bump();
-    }
-
     /// Applies ATTACH, DETACH, MAP or UNMAP. PROBE does not change state;
     /// the device answers it from [`IommuState::probe`]. On return, every
     /// access the request revoked is refused by every translator.
