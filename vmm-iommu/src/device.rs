@@ -82,8 +82,8 @@ pub enum DeviceError {
 /// Counters of what the device has done, for the VMM and the demo.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeviceStats {
-    /// Requests decoded, by type (index = type byte, 1..=5).
-    pub requests: [u64; 6],
+    /// Requests decoded, by type (index = type byte, 1..=8).
+    pub requests: [u64; 9],
     /// Statuses written, by status code.
     pub statuses: [u64; 9],
     /// Chains returned unwritten because the type was unknown.

@@ -10,10 +10,13 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod backend;
 pub mod config;
 pub mod device;
 pub mod fault;
+pub mod invalidation;
 pub mod mapping;
+pub mod nested;
 pub mod state;
 pub mod testing;
 pub mod translate;

@@ -96,6 +96,12 @@ impl Viommu {
                 Applied::Unmapped(n)
             }),
             Request::Probe(r) => st.probe(r).map(|_| Applied::Done),
+            Request::AttachTable(_) | Request::Invalidate(_) | Request::PageResp(_) => {
+                Err(RequestError::FeatureNotNegotiated {
+                    request: "nested request",
+                    feature: crate::wire::VIRTIO_IOMMU_F_ATTACH_TABLE,
+                })
+            }
         };
         drop(st);
         res

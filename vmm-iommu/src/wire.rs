@@ -10,6 +10,9 @@
 //!
 //! The layouts, with offsets and sizes, are in `docs/wire.md`.
 
+pub mod ext;
+pub use ext::*;
+
 /// The virtio device ID of the IOMMU device.
 pub const VIRTIO_ID_IOMMU: u32 = 23;
 
@@ -94,7 +97,7 @@ pub const UNMAP_BODY_SIZE: usize = 24;
 pub const PROBE_BODY_SIZE: usize = 68;
 /// Size of the largest device-readable part of any request this device
 /// parses (head + body); bytes beyond it are ignored.
-pub const MAX_READABLE_SIZE: usize = HEAD_SIZE + PROBE_BODY_SIZE;
+pub const MAX_READABLE_SIZE: usize = HEAD_SIZE + ext::ATTACH_TABLE_BODY_SIZE;
 /// Size of a probe property header.
 pub const PROPERTY_HEADER_SIZE: usize = 4;
 /// Size of a RESV_MEM property including its header.
@@ -152,17 +155,17 @@ impl Status {
     }
 }
 
-fn le16(b: &[u8], off: usize) -> u16 {
+pub(crate) fn le16(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
 }
 
-fn le32(b: &[u8], off: usize) -> u32 {
+pub(crate) fn le32(b: &[u8], off: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[off..off + 4]);
     u32::from_le_bytes(a)
 }
 
-fn le64(b: &[u8], off: usize) -> u64 {
+pub(crate) fn le64(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[off..off + 8]);
     u64::from_le_bytes(a)
@@ -347,6 +350,12 @@ pub enum Request {
     Unmap(UnmapReq),
     /// PROBE.
     Probe(ProbeReq),
+    /// ATTACH_TABLE (nested extension).
+    AttachTable(AttachTableReq),
+    /// INVALIDATE (nested extension).
+    Invalidate(InvalidateReq),
+    /// PAGE_RESP (nested extension).
+    PageResp(PageRespReq),
 }
 
 /// Why a device-readable buffer did not decode into a [`Request`].
@@ -383,6 +392,9 @@ impl Request {
                 VIRTIO_IOMMU_T_MAP => MAP_BODY_SIZE,
                 VIRTIO_IOMMU_T_UNMAP => UNMAP_BODY_SIZE,
                 VIRTIO_IOMMU_T_PROBE => PROBE_BODY_SIZE,
+                VIRTIO_IOMMU_T_ATTACH_TABLE => ATTACH_TABLE_BODY_SIZE,
+                VIRTIO_IOMMU_T_INVALIDATE => INVALIDATE_BODY_SIZE,
+                VIRTIO_IOMMU_T_PAGE_RESP => PAGE_RESP_BODY_SIZE,
                 t => return Err(DecodeError::UnknownType(t)),
             };
         let truncated = DecodeError::Truncated {
@@ -395,6 +407,9 @@ impl Request {
             VIRTIO_IOMMU_T_DETACH => DetachReq::decode(body).map(Request::Detach),
             VIRTIO_IOMMU_T_MAP => MapReq::decode(body).map(Request::Map),
             VIRTIO_IOMMU_T_UNMAP => UnmapReq::decode(body).map(Request::Unmap),
+            VIRTIO_IOMMU_T_ATTACH_TABLE => AttachTableReq::decode(body).map(Request::AttachTable),
+            VIRTIO_IOMMU_T_INVALIDATE => InvalidateReq::decode(body).map(Request::Invalidate),
+            VIRTIO_IOMMU_T_PAGE_RESP => PageRespReq::decode(body).map(Request::PageResp),
             _ => ProbeReq::decode(body).map(Request::Probe),
         };
         req.ok_or(truncated)
@@ -408,6 +423,9 @@ impl Request {
             Request::Map(_) => VIRTIO_IOMMU_T_MAP,
             Request::Unmap(_) => VIRTIO_IOMMU_T_UNMAP,
             Request::Probe(_) => VIRTIO_IOMMU_T_PROBE,
+            Request::AttachTable(_) => VIRTIO_IOMMU_T_ATTACH_TABLE,
+            Request::Invalidate(_) => VIRTIO_IOMMU_T_INVALIDATE,
+            Request::PageResp(_) => VIRTIO_IOMMU_T_PAGE_RESP,
         }
     }
 
@@ -421,6 +439,9 @@ impl Request {
             Request::Map(r) => v.extend_from_slice(&r.encode()),
             Request::Unmap(r) => v.extend_from_slice(&r.encode()),
             Request::Probe(r) => v.extend_from_slice(&r.encode()),
+            Request::AttachTable(r) => v.extend_from_slice(&r.encode()),
+            Request::Invalidate(r) => v.extend_from_slice(&r.encode()),
+            Request::PageResp(r) => v.extend_from_slice(&r.encode()),
         }
         v
     }

@@ -1,0 +1,195 @@
+//! The seam between the vIOMMU and whatever really translates DMA: the
+//! [`IommuBackend`] trait, implemented by the software nested IOMMU
+//! ([`crate::emulated`]) for emulated devices and by the VFIO / iommufd
+//! backends of `vfio-passthrough` for assigned ones.
+//!
+//! The vIOMMU state decides (every spec rule is checked before a backend
+//! hears of a request); a backend only carries out. Both binding models fit
+//! [`IommuBackend::bind_table`]: table passthrough (SMMUv3, the host STE
+//! points at the guest's CD table) and per-PASID shadowing (VT-d, the
+//! backend reads the guest PASID table and binds each valid entry; a
+//! PASID-cache invalidation makes it re-read the entry).
+
+use crate::invalidation::Invalidation;
+use crate::mapping::Mapping;
+use crate::wire::{Status, TableDesc};
+
+/// A virtio-iommu endpoint ID.
+pub type EndpointId = u32;
+/// A virtio-iommu domain ID.
+pub type DomainId = u32;
+
+/// What a backend can do for one endpoint; the device advertises the
+/// intersection with the config in PROBE, so the guest never asks for
+/// what the backend cannot do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendCaps {
+    /// Page sizes the backend can map (MAP mode) or walk (nested).
+    pub page_size_mask: u64,
+    /// Inclusive IOVA range it translates.
+    pub input_range: (u64, u64),
+    /// Output (guest-physical) address bits.
+    pub output_bits: u8,
+    /// PASID width, 0 without PASID support.
+    pub pasid_bits: u8,
+    /// Table formats it can bind (`PGTF_*` / `PSTF_*`).
+    pub table_formats: Vec<u16>,
+    /// Whether it can report recoverable (page-request) faults.
+    pub page_requests: bool,
+}
+
+impl BackendCaps {
+    /// Caps of a backend that only does MAP mode.
+    pub fn map_only(page_size_mask: u64, input_range: (u64, u64)) -> Self {
+        BackendCaps {
+            page_size_mask,
+            input_range,
+            output_bits: 52,
+            pasid_bits: 0,
+            table_formats: Vec::new(),
+            page_requests: false,
+        }
+    }
+}
+
+/// The domain an endpoint joins, as a backend needs to see it.
+#[derive(Clone, Copy, Debug)]
+pub struct DomainView<'a> {
+    /// Domain ID.
+    pub id: DomainId,
+    /// Whether the domain is a bypass (identity) domain.
+    pub bypass: bool,
+    /// The mappings a MAP-mode domain already holds, to replay.
+    pub mappings: &'a [Mapping],
+    /// The bound table of a nested domain.
+    pub table: Option<&'a TableDesc>,
+}
+
+/// A table bound to a domain by ATTACH_TABLE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableBinding {
+    /// Domain ID.
+    pub domain: DomainId,
+    /// The guest's table.
+    pub table: TableDesc,
+}
+
+/// A fault or page request a backend saw, on its way to the eventq.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendFault {
+    /// Endpoint.
+    pub endpoint: EndpointId,
+    /// PASID of the access, if it carried one.
+    pub pasid: Option<u32>,
+    /// Faulting address.
+    pub address: u64,
+    /// `VIRTIO_IOMMU_FAULT_R_*`.
+    pub reason: u8,
+    /// `VIRTIO_IOMMU_FAULT_F_*` access flags (READ, WRITE, EXEC, PRIV).
+    pub access_flags: u32,
+    /// `Some(group)` for a page request the guest must answer with
+    /// PAGE_RESP; `None` for an unrecoverable fault.
+    pub page_request: Option<u32>,
+}
+
+/// The guest's answer to a page request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageResponse {
+    /// Endpoint.
+    pub endpoint: EndpointId,
+    /// PASID, if the request carried one.
+    pub pasid: Option<u32>,
+    /// Group ID.
+    pub grpid: u32,
+    /// `VIRTIO_IOMMU_PAGE_RESP_*`.
+    pub code: u16,
+}
+
+/// A backend failure. Guest-caused ones map to the status the guest
+/// would get from a real IOMMU; host failures become DEVERR.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The backend cannot do this for this endpoint (UNSUPP).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A guest-provided value the backend (or the host) refuses (INVAL).
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// A guest address outside what the backend can reach (RANGE).
+    #[error("out of range: {0}")]
+    Range(String),
+    /// Out of host resources (NOMEM).
+    #[error("out of resources: {0}")]
+    NoMemory(String),
+    /// No such thing (NOENT), e.g. a PAGE_RESP for no pending request.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A host call failed (DEVERR).
+    #[error("{op} failed: {source}")]
+    Host {
+        /// What was being done, e.g. `IOMMU_HWPT_INVALIDATE`.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A batched host call handled only the first `index` entries.
+    #[error("{op} failed at entry {index}: {source}")]
+    Partial {
+        /// The call.
+        op: &'static str,
+        /// Entries handled before the failure.
+        index: usize,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    /// The status the guest gets.
+    pub fn status(&self) -> Status {
+        match self {
+            BackendError::Unsupported(_) => Status::Unsupp,
+            BackendError::Invalid(_) => Status::Inval,
+            BackendError::Range(_) => Status::Range,
+            BackendError::NoMemory(_) => Status::NoMem,
+            BackendError::NotFound(_) => Status::NoEnt,
+            BackendError::Host { .. } | BackendError::Partial { .. } => Status::DevErr,
+        }
+    }
+}
+
+/// One implementation of DMA translation for a set of endpoints.
+///
+/// Calls come from the request-queue thread with the vIOMMU state already
+/// updated-to-be: a call that fails must leave the backend as before it,
+/// and the router undoes what earlier backends did. Methods take `&self`
+/// because backends are shared with device threads (interior mutability).
+pub trait IommuBackend: Send + Sync {
+    /// A short name for logs and reports.
+    fn name(&self) -> &str;
+    /// What the backend offers endpoint `ep`.
+    fn caps(&self, ep: EndpointId) -> BackendCaps;
+    /// `ep` joins `dom` (leaving any previous domain): replay its mappings
+    /// or bind its table.
+    fn attach(&self, ep: EndpointId, dom: &DomainView<'_>) -> Result<(), BackendError>;
+    /// `ep` leaves domain `dom`; afterwards its DMA is blocked.
+    fn detach(&self, ep: EndpointId, dom: DomainId) -> Result<(), BackendError>;
+    /// A new mapping in MAP-mode domain `dom`.
+    fn map(&self, dom: DomainId, m: &Mapping) -> Result<(), BackendError>;
+    /// Mappings `removed` (whole, as UNMAP removed them) leave `dom`.
+    fn unmap(&self, dom: DomainId, removed: &[Mapping]) -> Result<(), BackendError>;
+    /// `ep` joins nested domain `binding.domain` with the guest's table.
+    fn bind_table(&self, ep: EndpointId, binding: &TableBinding) -> Result<(), BackendError>;
+    /// `ep` leaves its nested domain; its DMA is blocked.
+    fn unbind_table(&self, ep: EndpointId, dom: DomainId) -> Result<(), BackendError>;
+    /// Applies a batch of invalidations of domain `dom` (already
+    /// coalesced); returns when the backend's caches no longer hold what
+    /// the batch names.
+    fn invalidate(&self, dom: DomainId, batch: &[Invalidation]) -> Result<(), BackendError>;
+    /// Passes the guest's answer to a page request on.
+    fn page_response(&self, resp: &PageResponse) -> Result<(), BackendError>;
+    /// Moves the faults and page requests seen since the last call to `out`.
+    fn drain_faults(&self, out: &mut Vec<BackendFault>);
+}

@@ -1,0 +1,1 @@
+//! Guest stage-1 table formats and their walkers (being written).
