@@ -192,4 +192,7 @@ pub trait IommuBackend: Send + Sync {
     fn page_response(&self, resp: &PageResponse) -> Result<(), BackendError>;
     /// Moves the faults and page requests seen since the last call to `out`.
     fn drain_faults(&self, out: &mut Vec<BackendFault>);
+    /// Whether the driver accepted page requests: without it, a fault
+    /// that could have been a page request is reported as unrecoverable.
+    fn set_page_requests(&self, _enabled: bool) {}
 }

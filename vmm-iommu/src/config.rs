@@ -235,6 +235,16 @@ pub enum TableFormat {
 }
 
 impl TableFormat {
+    /// The format number on the wire (`PGTF_*` / `PSTF_*`).
+    pub fn wire(self) -> u16 {
+        match self {
+            TableFormat::ArmLpae => crate::wire::VIRTIO_IOMMU_PGTF_ARM_LPAE,
+            TableFormat::ArmSmmuV3 => crate::wire::VIRTIO_IOMMU_PSTF_ARM_SMMU_V3,
+            TableFormat::IntelVtd => crate::wire::VIRTIO_IOMMU_PSTF_INTEL_VTD,
+            TableFormat::X86_64 => crate::wire::VIRTIO_IOMMU_PGTF_X86_64,
+        }
+    }
+
     /// The name of the format in the config JSON.
     pub fn as_str(self) -> &'static str {
         match self {

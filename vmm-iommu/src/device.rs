@@ -15,14 +15,16 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::config::IommuConfig;
+use crate::invalidation::Invalidation;
 use crate::viommu::{Applied, Viommu};
 use crate::wire::{
-    self, ConfigSpace, DecodeError, ProbeReq, Request, ResvMemProperty, Status,
-    CONFIG_BYPASS_OFFSET, EVENT_QUEUE, FAULT_SIZE, MAX_READABLE_SIZE, REQUEST_QUEUE,
-    RESV_MEM_PROPERTY_SIZE, TAIL_SIZE, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
-    VIRTIO_IOMMU_F_BYPASS, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_DOMAIN_RANGE,
-    VIRTIO_IOMMU_F_INPUT_RANGE, VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO,
-    VIRTIO_IOMMU_F_PROBE,
+    self, ConfigSpace, DecodeError, ExtProperty, ProbeReq, Request, ResvMemProperty, Status,
+    CONFIG_BYPASS_OFFSET, EVENT_QUEUE, EXT_FAULT_SIZE, FAULT_SIZE, MAX_READABLE_SIZE,
+    REQUEST_QUEUE, RESV_MEM_PROPERTY_SIZE, TAIL_SIZE, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_IOMMU_F_ATTACH_TABLE, VIRTIO_IOMMU_F_BYPASS, VIRTIO_IOMMU_F_BYPASS_CONFIG,
+    VIRTIO_IOMMU_F_DOMAIN_RANGE, VIRTIO_IOMMU_F_INPUT_RANGE, VIRTIO_IOMMU_F_MAP_UNMAP,
+    VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_F_PAGE_REQUEST, VIRTIO_IOMMU_F_PROBE,
+    VIRTIO_IOMMU_T_ATTACH_TABLE, VIRTIO_IOMMU_T_INVALIDATE, VIRTIO_IOMMU_T_PAGE_RESP,
 };
 
 /// Ring feature: indirect descriptors.
@@ -113,6 +115,21 @@ pub struct VirtioIommu {
     stats: DeviceStats,
     writable: Vec<(GuestAddress, u32)>,
     probe_buf: Vec<u8>,
+    /// INVALIDATEs of the current notification, answered together once
+    /// every backend applied them.
+    pending: Vec<DeferredInvalidate>,
+}
+
+/// An INVALIDATE whose status waits for the batch.
+#[derive(Clone, Copy, Debug)]
+struct DeferredInvalidate {
+    head: u16,
+    used_len: u32,
+    /// Where the four tail bytes go (a tail may straddle descriptors).
+    tail: [(GuestAddress, u8); TAIL_SIZE],
+    tail_pieces: u8,
+    domain: u32,
+    inv: Invalidation,
 }
 
 impl std::fmt::Debug for VirtioIommu {
@@ -123,6 +140,15 @@ impl std::fmt::Debug for VirtioIommu {
             .field("acked_features", &self.acked_features)
             .field("activated", &self.requestq.is_some())
             .finish()
+    }
+}
+
+/// Page sizes the software walker handles in a page-table format: 4K,
+/// 2M, 1G for x86-64; 4K, 64K and their blocks (2M, 1G, 512M) for Arm.
+fn walker_page_sizes(page_table_format: u16) -> u64 {
+    match page_table_format {
+        wire::VIRTIO_IOMMU_PGTF_X86_64 => (1 << 12) | (1 << 21) | (1 << 30),
+        _ => (1 << 12) | (1 << 16) | (1 << 21) | (1 << 29) | (1 << 30),
     }
 }
 
@@ -139,6 +165,13 @@ impl VirtioIommu {
         ram: &[(u64, u64)],
     ) -> Result<Self, DeviceError> {
         let viommu = Arc::new(Viommu::new(cfg, endpoints, ram).map_err(DeviceError::EventFd)?);
+        Ok(Self::with_viommu(cfg, viommu))
+    }
+
+    /// A device over an existing vIOMMU (one built with backends, see
+    /// [`Viommu::with_router`]). The nested extension is offered when the
+    /// config enables it; page requests when a backend can send them.
+    pub fn with_viommu(cfg: &IommuConfig, viommu: Arc<Viommu>) -> Self {
         let mut avail = bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
             | bit(VIRTIO_RING_F_EVENT_IDX)
@@ -157,6 +190,17 @@ impl VirtioIommu {
         }
         if cfg.access_platform {
             avail |= bit(VIRTIO_F_ACCESS_PLATFORM);
+        }
+        if cfg.nested.is_some() {
+            avail |= bit(VIRTIO_IOMMU_F_ATTACH_TABLE);
+            let router = viommu.router();
+            let page_requests = viommu
+                .state()
+                .endpoint_ids()
+                .any(|ep| router.caps(ep).is_some_and(|c| c.page_requests));
+            if page_requests {
+                avail |= bit(VIRTIO_IOMMU_F_PAGE_REQUEST);
+            }
         }
         let bypass = u8::from(cfg.bypass && !cfg.legacy_bypass);
         let config = ConfigSpace {
@@ -182,9 +226,10 @@ impl VirtioIommu {
             stats: DeviceStats::default(),
             writable: Vec::new(),
             probe_buf: Vec::new(),
+            pending: Vec::new(),
         };
         dev.update_bypass();
-        Ok(dev)
+        dev
     }
 
     /// The virtio device type (23).
@@ -217,6 +262,10 @@ impl VirtioIommu {
     pub fn set_acked_features(&mut self, features: u64) {
         self.acked_features = features & self.avail_features;
         self.viommu.set_acked_features(self.acked_features);
+        let page_requests = self.negotiated(VIRTIO_IOMMU_F_PAGE_REQUEST);
+        for b in self.viommu.router().all() {
+            b.set_page_requests(page_requests);
+        }
         self.update_bypass();
     }
 
@@ -318,6 +367,10 @@ impl VirtioIommu {
         self.eventq = None;
         self.interrupt = None;
         self.acked_features = 0;
+        self.pending.clear();
+        for b in self.viommu.router().all() {
+            b.set_page_requests(false);
+        }
         self.viommu.reset();
         self.update_bypass();
     }
@@ -371,10 +424,12 @@ impl VirtioIommu {
             q.disable_notification(mem).map_err(qerr)?;
             while let Some(chain) = q.iter(mem).map_err(qerr)?.next() {
                 let head = chain.head_index();
-                let len = self.handle_chain(mem, chain);
-                q.add_used(mem, head, len).map_err(qerr)?;
-                done += 1;
+                if let Some(len) = self.handle_chain(mem, q, chain)? {
+                    q.add_used(mem, head, len).map_err(qerr)?;
+                    done += 1;
+                }
             }
+            done += self.flush_invalidations(mem, q)?;
             if !q.enable_notification(mem).map_err(qerr)? {
                 break;
             }
@@ -383,14 +438,121 @@ impl VirtioIommu {
         Ok((done, notify))
     }
 
+    /// Answers the deferred INVALIDATEs: one generic batch per domain goes
+    /// to the router, then every request gets its domain's status. Returns
+    /// the number of chains completed.
+    fn flush_invalidations<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        q: &mut Queue,
+    ) -> Result<usize, DeviceError> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mut domains: Vec<(u32, Status)> = Vec::new();
+        let mut batch: Vec<Invalidation> = Vec::with_capacity(pending.len());
+        for d in &pending {
+            if domains.iter().any(|(dom, _)| *dom == d.domain) {
+                continue;
+            }
+            batch.clear();
+            batch.extend(
+                pending
+                    .iter()
+                    .filter(|p| p.domain == d.domain)
+                    .map(|p| p.inv),
+            );
+            let status = match self.viommu.invalidate(d.domain, &mut batch) {
+                Ok(()) => Status::Ok,
+                Err(e) => {
+                    debug!("virtio-iommu: {e}");
+                    e.status()
+                }
+            };
+            domains.push((d.domain, status));
+        }
+        for d in &pending {
+            let status = domains
+                .iter()
+                .find(|(dom, _)| *dom == d.domain)
+                .map_or(Status::DevErr, |&(_, s)| s);
+            let tail = status.to_tail();
+            let mut at = 0usize;
+            let mut ok = true;
+            for &(addr, n) in &d.tail[..usize::from(d.tail_pieces)] {
+                let n = usize::from(n);
+                ok &= mem.write_slice(&tail[at..at + n], addr).is_ok();
+                at += n;
+            }
+            let len = if ok {
+                self.stats.statuses[status as usize] += 1;
+                d.used_len
+            } else {
+                0
+            };
+            q.add_used(mem, d.head, len)
+                .map_err(|source| DeviceError::Queue {
+                    queue: REQUEST_QUEUE,
+                    source,
+                })?;
+        }
+        self.pending = pending;
+        let n = self.pending.len();
+        self.pending.clear();
+        Ok(n)
+    }
+
+    /// The guest addresses of the four tail bytes of the current chain.
+    fn tail_pieces(&self, tail_at: u64) -> Option<([(GuestAddress, u8); TAIL_SIZE], u8)> {
+        let mut out = [(GuestAddress(0), 0u8); TAIL_SIZE];
+        let mut count = 0u8;
+        let mut skip = tail_at;
+        let mut need = TAIL_SIZE as u64;
+        for &(addr, len) in &self.writable {
+            if need == 0 {
+                break;
+            }
+            let len = u64::from(len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = (len - skip).min(need);
+            out[usize::from(count)] = (addr.checked_add(skip)?, n as u8);
+            count += 1;
+            need -= n;
+            skip = 0;
+        }
+        (need == 0).then_some((out, count))
+    }
+
+    /// Whether request type `t` belongs to a feature the driver did not
+    /// accept: such a request is as unknown as any other type.
+    fn type_negotiated(&self, t: u8) -> bool {
+        match t {
+            VIRTIO_IOMMU_T_ATTACH_TABLE | VIRTIO_IOMMU_T_INVALIDATE => {
+                self.negotiated(VIRTIO_IOMMU_F_ATTACH_TABLE)
+            }
+            VIRTIO_IOMMU_T_PAGE_RESP => self.negotiated(VIRTIO_IOMMU_F_PAGE_REQUEST),
+            _ => true,
+        }
+    }
+
     /// Gathers, decodes, applies and answers one request chain; returns the
-    /// used length.
-    fn handle_chain<M, T>(&mut self, mem: &M, chain: virtio_queue::DescriptorChain<T>) -> u32
+    /// used length, or `None` for an INVALIDATE answered with its batch.
+    fn handle_chain<M, T>(
+        &mut self,
+        mem: &M,
+        q: &mut Queue,
+        chain: virtio_queue::DescriptorChain<T>,
+    ) -> Result<Option<u32>, DeviceError>
     where
         M: GuestMemory,
         T: std::ops::Deref,
         T::Target: GuestMemory,
     {
+        let head = chain.head_index();
         let mut rbuf = [0u8; MAX_READABLE_SIZE];
         let mut rlen = 0usize;
         let mut malformed = false;
@@ -427,13 +589,22 @@ impl VirtioIommu {
         // the buffers without writing to them."
         if wtotal < TAIL_SIZE as u64 || wtotal > u64::from(u32::MAX) {
             self.stats.no_tail += 1;
-            return 0;
+            return Ok(Some(0));
         }
         let tail_at = wtotal - TAIL_SIZE as u64;
         let req = if malformed {
             Err(Status::IoErr)
         } else {
             match Request::decode(&rbuf[..rlen]) {
+                Ok(r) if !self.type_negotiated(r.req_type()) => {
+                    debug!("virtio-iommu: request type {} not negotiated", r.req_type());
+                    self.stats.unknown_type += 1;
+                    return Ok(Some(0));
+                }
+                Err(DecodeError::Truncated { req_type, .. }) if !self.type_negotiated(req_type) => {
+                    self.stats.unknown_type += 1;
+                    return Ok(Some(0));
+                }
                 Ok(r) => Ok(r),
                 // spec 5.13.6.2: "If a request type is not recognized, the
                 // device SHOULD NOT write the buffer and SHOULD set the used
@@ -441,7 +612,7 @@ impl VirtioIommu {
                 Err(DecodeError::UnknownType(t)) => {
                     debug!("virtio-iommu: unknown request type {t}");
                     self.stats.unknown_type += 1;
-                    return 0;
+                    return Ok(Some(0));
                 }
                 Err(e) => {
                     debug!("virtio-iommu: malformed request: {e:?}");
@@ -453,6 +624,32 @@ impl VirtioIommu {
             Err(s) => s,
             Ok(req) => {
                 self.stats.requests[usize::from(req.req_type())] += 1;
+                if let Request::Invalidate(r) = &req {
+                    let checked = self.viommu.state().invalidation(r);
+                    match checked {
+                        Ok(inv) => {
+                            if let Some((tail, tail_pieces)) = self.tail_pieces(tail_at) {
+                                self.pending.push(DeferredInvalidate {
+                                    head,
+                                    used_len: wtotal as u32,
+                                    tail,
+                                    tail_pieces,
+                                    domain: r.domain,
+                                    inv,
+                                });
+                                return Ok(None);
+                            }
+                            return Ok(Some(0));
+                        }
+                        Err(e) => {
+                            debug!("virtio-iommu: {e}");
+                            return Ok(Some(self.finish(mem, tail_at, wtotal, e.status())));
+                        }
+                    }
+                }
+                // Requests take effect in order: the INVALIDATEs before this
+                // one are applied first.
+                self.flush_invalidations(mem, q)?;
                 match req {
                     Request::Probe(p) => self.probe(mem, &p, tail_at),
                     _ => match self.viommu.apply(&req) {
@@ -470,11 +667,22 @@ impl VirtioIommu {
                 }
             }
         };
+        Ok(Some(self.finish(mem, tail_at, wtotal, status)))
+    }
+
+    /// Writes the status into the tail; returns the used length.
+    fn finish<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        tail_at: u64,
+        wtotal: u64,
+        status: Status,
+    ) -> u32 {
         if self.write_at(mem, tail_at, &status.to_tail()).is_err() {
             return 0;
         }
         self.stats.statuses[status as usize] += 1;
-        // `wtotal` fits u32: checked above.
+        // `wtotal` fits u32: checked by the caller.
         wtotal as u32
     }
 
@@ -516,6 +724,14 @@ impl VirtioIommu {
                             .encode(),
                         );
                     }
+                    if self.negotiated(VIRTIO_IOMMU_F_ATTACH_TABLE) {
+                        for prop in self.nested_properties(&st, p.endpoint) {
+                            if buf.len() + prop.encoded_len() > probe_size as usize {
+                                break;
+                            }
+                            prop.encode_into(&mut buf);
+                        }
+                    }
                     // spec 5.13.6.7.2: "If the device doesn't fill all
                     // probe_size bytes with properties, it SHOULD fill the
                     // remaining bytes of properties with zeroes."
@@ -531,6 +747,50 @@ impl VirtioIommu {
         };
         self.probe_buf = buf;
         status
+    }
+
+    /// The nested extension's probe properties of `ep`: what the config
+    /// allows intersected with what its backend can do. An endpoint
+    /// without a backend (or one without table formats) gets only the
+    /// ranges, and no format: ATTACH_TABLE on it is UNSUPP.
+    fn nested_properties(&self, st: &crate::state::IommuState, ep: u32) -> Vec<ExtProperty> {
+        let caps = self.viommu.router().caps(ep);
+        let mut mask = self.config.page_size_mask;
+        let (mut start, mut end) = (self.config.input_start, self.config.input_end);
+        let mut out_bits = 48;
+        let mut pasid_bits = st.pasid_bits();
+        if let Some(c) = &caps {
+            mask &= c.page_size_mask;
+            start = start.max(c.input_range.0);
+            end = end.min(c.input_range.1);
+            out_bits = c.output_bits;
+            pasid_bits = pasid_bits.min(c.pasid_bits);
+        }
+        let mut props = vec![
+            ExtProperty::PageSizeMask(mask),
+            ExtProperty::InputRange { start, end },
+            ExtProperty::OutputSize(out_bits),
+            ExtProperty::PasidSize(pasid_bits),
+        ];
+        for &format in st.endpoint_formats(ep) {
+            let pgt = match format {
+                wire::VIRTIO_IOMMU_PSTF_ARM_SMMU_V3 => Some(wire::VIRTIO_IOMMU_PGTF_ARM_LPAE),
+                wire::VIRTIO_IOMMU_PSTF_INTEL_VTD => Some(wire::VIRTIO_IOMMU_PGTF_X86_64),
+                _ => None,
+            };
+            props.push(match pgt {
+                Some(page_table_format) => ExtProperty::PasidTableFmt {
+                    format,
+                    page_table_format,
+                    page_size_mask: walker_page_sizes(page_table_format),
+                },
+                None => ExtProperty::PageTableFmt {
+                    format,
+                    page_size_mask: walker_page_sizes(format),
+                },
+            });
+        }
+        props
     }
 
     /// Writes `data` at byte `offset` of the chain's writable part.
@@ -584,6 +844,12 @@ impl VirtioIommu {
         };
         // Clear the eventfd's count; the queue itself is the truth.
         let _ = self.viommu.faults().eventfd().read();
+        self.viommu.collect_backend_faults();
+        // A driver that knows the nested extension gets the extended record
+        // (with the PASID and the page-request group); others the spec's.
+        let extended = self.negotiated(VIRTIO_IOMMU_F_ATTACH_TABLE)
+            || self.negotiated(VIRTIO_IOMMU_F_PAGE_REQUEST);
+        let rec_size = if extended { EXT_FAULT_SIZE } else { FAULT_SIZE };
         let mut done = 0;
         let mut used = 0;
         while !self.viommu.faults().is_empty() {
@@ -603,7 +869,7 @@ impl VirtioIommu {
             // spec 5.13.6.8.2: "If a buffer is too small to contain the fault
             // report, the device SHOULD NOT use multiple buffers to describe
             // it." The record stays queued for the next buffer.
-            if wtotal < FAULT_SIZE as u64 {
+            if wtotal < rec_size as u64 {
                 self.stats.event_buffers_too_small += 1;
                 q.add_used(mem, head, 0).map_err(qerr)?;
                 continue;
@@ -612,12 +878,17 @@ impl VirtioIommu {
                 q.add_used(mem, head, 0).map_err(qerr)?;
                 break;
             };
-            if self.write_at(mem, 0, &rec.encode()).is_err() {
+            let written = if extended {
+                self.write_at(mem, 0, &rec.encode())
+            } else {
+                self.write_at(mem, 0, &rec.to_classic().encode())
+            };
+            if written.is_err() {
                 self.viommu.faults().unpop(rec);
                 q.add_used(mem, head, 0).map_err(qerr)?;
                 continue;
             }
-            q.add_used(mem, head, FAULT_SIZE as u32).map_err(qerr)?;
+            q.add_used(mem, head, rec_size as u32).map_err(qerr)?;
             self.stats.faults_delivered += 1;
             done += 1;
         }

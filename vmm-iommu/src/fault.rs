@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::wire::FaultRecord;
+use crate::wire::ExtFaultRecord as FaultRecord;
 
 /// A bounded FIFO of fault records with a drop counter and an eventfd the
 /// VMM polls to learn that records wait.

@@ -17,6 +17,7 @@ pub mod fault;
 pub mod invalidation;
 pub mod mapping;
 pub mod nested;
+pub mod router;
 pub mod state;
 pub mod testing;
 pub mod translate;

@@ -67,7 +67,7 @@ pub struct SplitError {
 }
 
 /// The sorted, non-overlapping mappings of one domain.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct MappingTable {
     chunks: BTreeMap<u64, Vec<Entry>>,
     len: usize,

@@ -12,12 +12,17 @@
 
 use std::collections::HashMap;
 
+mod nested;
+pub use nested::{AttachOutcome, StateSnapshot};
+
 use crate::config::{IommuConfig, Limits, ReservedRegion};
+use crate::invalidation::InvalidateError;
 use crate::mapping::{Mapping, MappingTable};
 use crate::wire::{
-    AttachReq, DetachReq, MapReq, ProbeReq, Status, UnmapReq, VIRTIO_IOMMU_ATTACH_F_BYPASS,
-    VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO,
-    VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
+    AttachReq, DetachReq, MapReq, ProbeReq, Status, TableDesc, UnmapReq,
+    VIRTIO_IOMMU_ATTACH_F_BYPASS, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_MAP_UNMAP,
+    VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_READ,
+    VIRTIO_IOMMU_MAP_F_WRITE,
 };
 
 /// Read access, as in `VIRTIO_IOMMU_MAP_F_READ`.
@@ -171,6 +176,57 @@ pub enum RequestError {
     /// A configured limit is reached.
     #[error("limit reached: {0}")]
     Limit(&'static str),
+    /// ATTACH, MAP or UNMAP on a table domain (nested extension).
+    #[error("{request} on table domain {domain}")]
+    TableDomain {
+        /// The request name.
+        request: &'static str,
+        /// The domain ID.
+        domain: u32,
+    },
+    /// INVALIDATE on a domain without a table.
+    #[error("INVALIDATE on domain {0}, which has no table")]
+    NotTableDomain(u32),
+    /// ATTACH_TABLE with a format the endpoint's PROBE did not advertise.
+    #[error("endpoint {endpoint} does not support table format {format}")]
+    UnsupportedFormat {
+        /// The endpoint ID.
+        endpoint: u32,
+        /// The format.
+        format: u16,
+    },
+    /// A table parameter outside what the format allows.
+    #[error("ATTACH_TABLE parameter refused: {0}")]
+    TableParam(&'static str),
+    /// A table pointer outside guest RAM or misaligned.
+    #[error(
+        "ATTACH_TABLE table pointer {ptr:#x} is misaligned (needs {align:#x}) or outside guest RAM"
+    )]
+    TablePointer {
+        /// The pointer.
+        ptr: u64,
+        /// Its required alignment.
+        align: u64,
+    },
+    /// A second endpoint's table differs from the domain's.
+    #[error("ATTACH_TABLE table differs from the one bound to domain {0}")]
+    IncompatibleTable(u32),
+    /// An INVALIDATE request refused.
+    #[error(transparent)]
+    Invalidate(#[from] InvalidateError),
+    /// A PAGE_RESP code that is not SUCCESS, INVALID or FAILURE.
+    #[error("PAGE_RESP code {0} is unknown")]
+    PageRespCode(u16),
+    /// A backend refused or failed; the vIOMMU state is as before.
+    #[error("backend {backend}: {message}")]
+    Backend {
+        /// The backend's name.
+        backend: String,
+        /// What it said.
+        message: String,
+        /// The status the guest gets.
+        status: Status,
+    },
 }
 
 impl RequestError {
@@ -194,6 +250,16 @@ impl RequestError {
             | OverlapsReserved { .. }
             | WouldSplit { .. } => Status::Range,
             Limit(_) => Status::NoMem,
+            TableDomain { .. }
+            | NotTableDomain(_)
+            | TableParam(_)
+            | IncompatibleTable(_)
+            | PageRespCode(_) => Status::Inval,
+            UnsupportedFormat { .. } => Status::Unsupp,
+            TablePointer { .. } => Status::Range,
+            Invalidate(InvalidateError::PasidOutOfRange { .. }) => Status::Range,
+            Invalidate(_) => Status::Inval,
+            Backend { status, .. } => *status,
         }
     }
 }
@@ -241,15 +307,17 @@ impl Translation {
 }
 
 /// What a domain translates with.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum DomainKind {
     /// MAP/UNMAP domain.
     Mapped(MappingTable),
     /// ATTACH_F_BYPASS domain: identity.
     Bypass,
+    /// ATTACH_TABLE domain: the guest's own tables (nested extension).
+    Table(TableDesc),
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Domain {
     kind: DomainKind,
     endpoints: Vec<u32>,
@@ -281,6 +349,10 @@ pub struct IommuState {
     acked: u64,
     unattached_bypass: bool,
     scratch: Vec<Mapping>,
+    /// Table formats each endpoint's PROBE advertises (config ∩ backend).
+    endpoint_formats: HashMap<u32, Vec<u16>>,
+    /// PASID width of the nested extension, 0 when it is off.
+    pasid_bits: u8,
 }
 
 /// Whether `[phys, last]` lies in one of the sorted, merged RAM ranges.
@@ -325,6 +397,8 @@ impl IommuState {
             acked: 0,
             unattached_bypass: false,
             scratch: Vec::new(),
+            endpoint_formats: HashMap::new(),
+            pasid_bits: cfg.nested.as_ref().map_or(0, |n| n.pasid_bits),
         }
     }
 
@@ -404,13 +478,18 @@ impl IommuState {
         }
     }
 
+    /// The mappings the last successful UNMAP removed (for backends).
+    pub fn last_removed(&self) -> &[Mapping] {
+        &self.scratch
+    }
+
     /// Heap bytes held by mapping arrays (memory accounting).
     pub fn mapping_bytes(&self) -> usize {
         self.domains
             .values()
             .map(|d| match &d.kind {
                 DomainKind::Mapped(t) => t.chunk_bytes(),
-                DomainKind::Bypass => 0,
+                DomainKind::Bypass | DomainKind::Table(_) => 0,
             })
             .sum()
     }
@@ -459,6 +538,18 @@ impl IommuState {
         self.check_domain_range(r.domain)?;
         let bypass = r.flags & VIRTIO_IOMMU_ATTACH_F_BYPASS != 0;
         match self.domains.get(&r.domain) {
+            Some(Domain {
+                kind: DomainKind::Table(_),
+                ..
+            }) => {
+                // Nested extension: a table domain is joined with
+                // ATTACH_TABLE only, so that the joining endpoint's format
+                // is checked.
+                return Err(RequestError::TableDomain {
+                    request: "ATTACH",
+                    domain: r.domain,
+                });
+            }
             Some(d) => {
                 // spec 5.13.6.3.2: "If the domain already exists and the
                 // ATTACH_F_BYPASS flag is not consistent with that domain, the
@@ -596,11 +687,22 @@ impl IommuState {
             .ok_or(RequestError::UnknownDomain(r.domain))?;
         // spec 5.13.6.5.2: "If the domain is a bypass domain, the device
         // SHOULD reject the request and set status to VIRTIO_IOMMU_S_INVAL."
-        let DomainKind::Mapped(table) = &mut dom.kind else {
-            return Err(RequestError::BypassDomain {
-                request: "MAP",
-                domain: r.domain,
-            });
+        let table = match &mut dom.kind {
+            DomainKind::Mapped(t) => t,
+            DomainKind::Bypass => {
+                return Err(RequestError::BypassDomain {
+                    request: "MAP",
+                    domain: r.domain,
+                })
+            }
+            // Nested extension: the guest's tables translate a table
+            // domain; MAP/UNMAP on it is INVAL.
+            DomainKind::Table(_) => {
+                return Err(RequestError::TableDomain {
+                    request: "MAP",
+                    domain: r.domain,
+                })
+            }
         };
         // spec 5.13.6.5.1: "virt_end MUST be strictly greater than virt_start."
         if r.virt_end <= r.virt_start {
@@ -729,6 +831,12 @@ impl IommuState {
                     domain: r.domain,
                 })
             }
+            DomainKind::Table(_) => {
+                return Err(RequestError::TableDomain {
+                    request: "UNMAP",
+                    domain: r.domain,
+                })
+            }
             DomainKind::Mapped(t) => t,
         };
         if r.virt_end < r.virt_start {
@@ -791,7 +899,9 @@ impl IommuState {
         let table = match self.domains.get(&domain).map(|d| &d.kind) {
             Some(DomainKind::Mapped(t)) => t,
             Some(DomainKind::Bypass) => return Ok(Translation::IDENTITY),
-            None => return Err(FaultReason::Domain),
+            // The software nested IOMMU translates table domains; this
+            // MAP-mode path has nothing to offer them.
+            Some(DomainKind::Table(_)) | None => return Err(FaultReason::Domain),
         };
         let m = table.find(iova).ok_or(FaultReason::Mapping)?;
         let perm = m.flags & (ACCESS_READ | ACCESS_WRITE);

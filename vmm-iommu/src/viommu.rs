@@ -9,14 +9,24 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::backend::{
+    BackendError, BackendFault, DomainView, IommuBackend, PageResponse, TableBinding,
+};
 use crate::config::IommuConfig;
 use crate::fault::FaultQueue;
-use crate::state::{FaultReason, IommuState, RequestError, Translation, ACCESS_READ, ACCESS_WRITE};
+use crate::invalidation::{coalesce, Invalidation, WIDEN_THRESHOLD_PAGES};
+use crate::mapping::Mapping;
+use crate::router::{backend_error, Router};
+use crate::state::{
+    FaultReason, IommuState, RequestError, StateSnapshot, Translation, ACCESS_READ, ACCESS_WRITE,
+};
 use crate::translate::{EndpointIommu, Translator};
 use crate::wire::{
-    FaultRecord, Request, VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_READ,
+    AttachReq, AttachTableReq, DetachReq, ExtFaultRecord, MapReq, PageRespReq, Request, TableDesc,
+    UnmapReq, VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_PASID, VIRTIO_IOMMU_FAULT_F_READ,
     VIRTIO_IOMMU_FAULT_F_WRITE, VIRTIO_IOMMU_FAULT_R_DOMAIN, VIRTIO_IOMMU_FAULT_R_MAPPING,
-    VIRTIO_IOMMU_FAULT_R_UNKNOWN,
+    VIRTIO_IOMMU_FAULT_R_UNKNOWN, VIRTIO_IOMMU_FLT_DMA_UNRECOV, VIRTIO_IOMMU_FLT_PAGE_REQ,
+    VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID, VIRTIO_IOMMU_PR_F_LAST_PAGE,
 };
 
 /// One vIOMMU, shared between the device (request processing) and the
@@ -29,7 +39,8 @@ pub struct Viommu {
     /// ATTACH, reset, bypass turned off. Translators compare it with the
     /// generation their cache was filled under.
     generation: AtomicU64,
-    faults: FaultQueue,
+    faults: Arc<FaultQueue>,
+    router: Router,
 }
 
 /// What applying a request did, beyond succeeding.
@@ -45,11 +56,49 @@ impl Viommu {
     /// A vIOMMU for `endpoints` over guest RAM made of the inclusive ranges
     /// `ram`. Fails only if the fault eventfd cannot be created.
     pub fn new(cfg: &IommuConfig, endpoints: &[u32], ram: &[(u64, u64)]) -> std::io::Result<Self> {
-        Ok(Viommu {
-            state: RwLock::new(IommuState::new(cfg, endpoints, ram)),
+        let faults = Arc::new(FaultQueue::new(cfg.limits.max_pending_faults as usize)?);
+        Ok(Self::with_router(
+            cfg,
+            endpoints,
+            ram,
+            faults,
+            Router::new(),
+        ))
+    }
+
+    /// A vIOMMU whose endpoints are served by the backends of `router`
+    /// (endpoints it does not name are translated in MAP mode by the
+    /// state). `faults` is the queue backends that push faults themselves
+    /// (the software IOMMU) share. Each endpoint advertises the config's
+    /// table formats that its backend supports.
+    pub fn with_router(
+        cfg: &IommuConfig,
+        endpoints: &[u32],
+        ram: &[(u64, u64)],
+        faults: Arc<FaultQueue>,
+        router: Router,
+    ) -> Self {
+        let mut state = IommuState::new(cfg, endpoints, ram);
+        if let Some(nested) = &cfg.nested {
+            for &ep in endpoints {
+                let Some(caps) = router.caps(ep) else {
+                    continue;
+                };
+                let formats = nested
+                    .formats
+                    .iter()
+                    .map(|f| f.wire())
+                    .filter(|f| caps.table_formats.contains(f))
+                    .collect();
+                state.set_endpoint_formats(ep, formats);
+            }
+        }
+        Viommu {
+            state: RwLock::new(state),
             generation: AtomicU64::new(0),
-            faults: FaultQueue::new(cfg.limits.max_pending_faults as usize)?,
-        })
+            faults,
+            router,
+        }
     }
 
     /// Read access to the state model.
@@ -72,39 +121,348 @@ impl Viommu {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Applies ATTACH, DETACH, MAP or UNMAP. PROBE does not change state;
-    /// the device answers it from [`IommuState::probe`]. On return, every
-    /// access the request revoked is refused by every translator.
+    /// Applies ATTACH, DETACH, MAP, UNMAP or ATTACH_TABLE, first to the
+    /// state, then to the backends serving the endpoints involved. A backend
+    /// failure undoes what earlier backends did and restores the state, so
+    /// the request never happened. PROBE, INVALIDATE and PAGE_RESP have
+    /// their own entry points. On return, every access the request revoked
+    /// is refused by every translator.
     pub fn apply(&self, req: &Request) -> Result<Applied, RequestError> {
         let mut st = self.state_mut();
         let res = match req {
-            Request::Attach(r) => st.attach(r).map(|changed| {
-                if changed {
-                    self.bump();
-                }
-                Applied::Done
-            }),
-            Request::Detach(r) => st.detach(r).map(|()| {
-                self.bump();
-                Applied::Done
-            }),
-            Request::Map(r) => st.map(r).map(|()| Applied::Done),
-            Request::Unmap(r) => st.unmap(r).map(|n| {
-                if n > 0 {
-                    self.bump();
-                }
-                Applied::Unmapped(n)
-            }),
+            Request::Attach(r) => self.attach(&mut st, r),
+            Request::Detach(r) => self.detach(&mut st, r),
+            Request::Map(r) => self.map(&mut st, r),
+            Request::Unmap(r) => self.unmap(&mut st, r),
+            Request::AttachTable(r) => self.attach_table(&mut st, r),
             Request::Probe(r) => st.probe(r).map(|_| Applied::Done),
-            Request::AttachTable(_) | Request::Invalidate(_) | Request::PageResp(_) => {
-                Err(RequestError::FeatureNotNegotiated {
-                    request: "nested request",
-                    feature: crate::wire::VIRTIO_IOMMU_F_ATTACH_TABLE,
-                })
+            Request::Invalidate(r) => {
+                let inv = st.invalidation(r)?;
+                drop(st);
+                self.invalidate(r.domain, &mut vec![inv])?;
+                Ok(Applied::Done)
+            }
+            Request::PageResp(r) => {
+                drop(st);
+                self.page_response(r)?;
+                Ok(Applied::Done)
             }
         };
-        drop(st);
         res
+    }
+
+    fn attach(&self, st: &mut IommuState, r: &AttachReq) -> Result<Applied, RequestError> {
+        let Some(b) = self.router.backend(r.endpoint) else {
+            if st.attach(r)? {
+                self.bump();
+            }
+            return Ok(Applied::Done);
+        };
+        let old = st.endpoint(r.endpoint).and_then(|e| e.domain);
+        let snap = st.snapshot(&[r.domain, old.unwrap_or(r.domain)], r.endpoint);
+        let old_table = old.and_then(|d| st.domain_table(d).copied());
+        if !st.attach(r)? {
+            return Ok(Applied::Done);
+        }
+        self.bump();
+        let res = self
+            .leave(b.as_ref(), r.endpoint, old, old_table)
+            .and_then(|()| {
+                let mappings = st.mappings(r.domain);
+                let view = DomainView {
+                    id: r.domain,
+                    bypass: st.is_bypass_domain(r.domain) == Some(true),
+                    mappings: &mappings,
+                    table: None,
+                };
+                self.router.count_call();
+                b.attach(r.endpoint, &view).map_err(|e| {
+                    // The endpoint left its old domain: take it back there.
+                    self.rejoin(b.as_ref(), st, r.endpoint, old, old_table, snap.clone());
+                    e
+                })
+            });
+        self.fail_with(st, b.as_ref(), res, snap)
+    }
+
+    fn attach_table(
+        &self,
+        st: &mut IommuState,
+        r: &AttachTableReq,
+    ) -> Result<Applied, RequestError> {
+        // The state refuses a format the endpoint does not advertise, and an
+        // endpoint without a backend advertises none.
+        let old = st.endpoint(r.endpoint).and_then(|e| e.domain);
+        let snap = st.snapshot(&[r.domain, old.unwrap_or(r.domain)], r.endpoint);
+        let old_table = old.and_then(|d| st.domain_table(d).copied());
+        let (table, outcome) = st.attach_table(r)?;
+        if !outcome.changed {
+            return Ok(Applied::Done);
+        }
+        self.bump();
+        let Some(b) = self.router.backend(r.endpoint) else {
+            return Ok(Applied::Done);
+        };
+        let res = self
+            .leave(b.as_ref(), r.endpoint, old, old_table)
+            .and_then(|()| {
+                self.router.count_call();
+                b.bind_table(
+                    r.endpoint,
+                    &TableBinding {
+                        domain: r.domain,
+                        table,
+                    },
+                )
+                .map_err(|e| {
+                    self.rejoin(b.as_ref(), st, r.endpoint, old, old_table, snap.clone());
+                    e
+                })
+            });
+        self.fail_with(st, b.as_ref(), res, snap)
+    }
+
+    fn detach(&self, st: &mut IommuState, r: &DetachReq) -> Result<Applied, RequestError> {
+        let table = st.domain_table(r.domain).copied();
+        let snap = self
+            .router
+            .backend(r.endpoint)
+            .map(|_| st.snapshot(&[r.domain], r.endpoint));
+        st.detach(r)?;
+        self.bump();
+        if let (Some(b), Some(snap)) = (self.router.backend(r.endpoint), snap) {
+            let res = self.leave(b.as_ref(), r.endpoint, Some(r.domain), table);
+            self.fail_with(st, b.as_ref(), res, snap)?;
+        }
+        Ok(Applied::Done)
+    }
+
+    /// Tells `b` that `ep` leaves `dom` (nothing if it was in none).
+    fn leave(
+        &self,
+        b: &dyn IommuBackend,
+        ep: u32,
+        dom: Option<u32>,
+        table: Option<TableDesc>,
+    ) -> Result<(), BackendError> {
+        let Some(dom) = dom else { return Ok(()) };
+        self.router.count_call();
+        if table.is_some() {
+            b.unbind_table(ep, dom)
+        } else {
+            b.detach(ep, dom)
+        }
+    }
+
+    /// Undo of a failed join: restores the state and puts `ep` back into
+    /// the domain it left. Best effort: a backend that cannot even go back
+    /// is logged; the state is restored regardless.
+    fn rejoin(
+        &self,
+        b: &dyn IommuBackend,
+        st: &mut IommuState,
+        ep: u32,
+        old: Option<u32>,
+        old_table: Option<TableDesc>,
+        snap: StateSnapshot,
+    ) {
+        st.restore(snap);
+        let Some(old) = old else { return };
+        self.router.count_call();
+        let res = match old_table {
+            Some(table) => b.bind_table(ep, &TableBinding { domain: old, table }),
+            None => {
+                let mappings = st.mappings(old);
+                b.attach(
+                    ep,
+                    &DomainView {
+                        id: old,
+                        bypass: st.is_bypass_domain(old) == Some(true),
+                        mappings: &mappings,
+                        table: None,
+                    },
+                )
+            }
+        };
+        if let Err(e) = res {
+            log::error!(
+                "virtio-iommu: backend {} cannot restore endpoint {ep}: {e}",
+                b.name()
+            );
+        }
+    }
+
+    /// Turns a backend result into the request's result, restoring the
+    /// state on failure.
+    fn fail_with(
+        &self,
+        st: &mut IommuState,
+        b: &dyn IommuBackend,
+        res: Result<(), BackendError>,
+        snap: StateSnapshot,
+    ) -> Result<Applied, RequestError> {
+        match res {
+            Ok(()) => Ok(Applied::Done),
+            Err(e) => {
+                st.restore(snap);
+                self.bump();
+                self.router.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
+                Err(backend_error(b, &e))
+            }
+        }
+    }
+
+    fn map(&self, st: &mut IommuState, r: &MapReq) -> Result<Applied, RequestError> {
+        st.map(r)?;
+        if self.router.is_empty() {
+            return Ok(Applied::Done);
+        }
+        let m = Mapping {
+            start: r.virt_start,
+            end: r.virt_end,
+            phys: r.phys_start,
+            flags: r.flags,
+        };
+        let backends = self.router.backends_of(st.domain_endpoints(r.domain));
+        for (i, b) in backends.iter().enumerate() {
+            self.router.count_call();
+            if let Err(e) = b.map(r.domain, &m) {
+                for done in &backends[..i] {
+                    if let Err(e) = done.unmap(r.domain, &[m]) {
+                        log::error!("virtio-iommu: backend {} cannot undo MAP: {e}", done.name());
+                    }
+                }
+                // The range was free before the MAP, so this removes exactly it.
+                let undo = UnmapReq {
+                    domain: r.domain,
+                    virt_start: r.virt_start,
+                    virt_end: r.virt_end,
+                    reserved: [0; 4],
+                };
+                let _ = st.unmap(&undo);
+                self.router.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
+                return Err(backend_error(b.as_ref(), &e));
+            }
+        }
+        Ok(Applied::Done)
+    }
+
+    fn unmap(&self, st: &mut IommuState, r: &UnmapReq) -> Result<Applied, RequestError> {
+        let n = st.unmap(r)?;
+        if n == 0 {
+            return Ok(Applied::Unmapped(0));
+        }
+        self.bump();
+        if self.router.is_empty() {
+            return Ok(Applied::Unmapped(n));
+        }
+        let removed = st.last_removed().to_vec();
+        let backends = self.router.backends_of(st.domain_endpoints(r.domain));
+        for (i, b) in backends.iter().enumerate() {
+            self.router.count_call();
+            if let Err(e) = b.unmap(r.domain, &removed) {
+                for done in &backends[..i] {
+                    for m in &removed {
+                        if let Err(e) = done.map(r.domain, m) {
+                            log::error!(
+                                "virtio-iommu: backend {} cannot undo UNMAP: {e}",
+                                done.name()
+                            );
+                        }
+                    }
+                }
+                for m in &removed {
+                    // The ranges were just freed; putting them back succeeds.
+                    let _ = st.map(&MapReq {
+                        domain: r.domain,
+                        virt_start: m.start,
+                        virt_end: m.end,
+                        phys_start: m.phys,
+                        flags: m.flags,
+                    });
+                }
+                self.router.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
+                return Err(backend_error(b.as_ref(), &e));
+            }
+        }
+        Ok(Applied::Unmapped(n))
+    }
+
+    /// Applies one notification's invalidations of `domain`: coalesces
+    /// them and makes one `invalidate()` call per backend serving the
+    /// domain. Returns once every backend has applied them.
+    pub fn invalidate(
+        &self,
+        domain: u32,
+        batch: &mut Vec<Invalidation>,
+    ) -> Result<(), RequestError> {
+        self.router
+            .stats
+            .invalidations
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        coalesce(batch, WIDEN_THRESHOLD_PAGES);
+        // The read lock keeps the domain's endpoint set stable while the
+        // backends work; translations go on meanwhile.
+        let st = self.state();
+        let backends = self.router.backends_of(st.domain_endpoints(domain));
+        let mut first_err = None;
+        for b in backends {
+            self.router
+                .stats
+                .invalidate_calls
+                .fetch_add(1, Ordering::Relaxed);
+            self.router
+                .stats
+                .invalidations_sent
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            // Every backend gets the batch even if one fails: forgetting too
+            // much is harmless, forgetting too little is not.
+            if let Err(e) = b.invalidate(domain, batch) {
+                first_err.get_or_insert_with(|| backend_error(b.as_ref(), &e));
+            }
+        }
+        self.bump();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Passes a PAGE_RESP to the backend of its endpoint.
+    pub fn page_response(&self, r: &PageRespReq) -> Result<(), RequestError> {
+        self.state().check_page_resp(r)?;
+        let Some(b) = self.router.backend(r.endpoint) else {
+            return Err(RequestError::Backend {
+                backend: "none".into(),
+                message: format!("endpoint {} sent no page request", r.endpoint),
+                status: crate::wire::Status::NoEnt,
+            });
+        };
+        let resp = PageResponse {
+            endpoint: r.endpoint,
+            pasid: (r.flags & VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID != 0).then_some(r.pasid),
+            grpid: r.grpid,
+            code: r.code,
+        };
+        self.router.count_call();
+        b.page_response(&resp)
+            .map_err(|e| backend_error(b.as_ref(), &e))
+    }
+
+    /// The router (backends and their counters).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Moves the faults the backends saw into the fault queue.
+    pub fn collect_backend_faults(&self) {
+        if self.router.is_empty() {
+            return;
+        }
+        let mut out = Vec::new();
+        for b in self.router.all() {
+            b.drain_faults(&mut out);
+        }
+        for f in out {
+            self.push_fault(f);
+        }
     }
 
     /// Sets whether unattached endpoints bypass translation.
@@ -125,6 +483,21 @@ impl Viommu {
     /// faults dropped.
     pub fn reset(&self) {
         let mut st = self.state_mut();
+        if !self.router.is_empty() {
+            let mut attached: Vec<(u32, u32)> = st.attachments().collect();
+            attached.sort_unstable();
+            for (ep, dom) in attached {
+                if let Some(b) = self.router.backend(ep) {
+                    let table = st.domain_table(dom).copied();
+                    if let Err(e) = self.leave(b.as_ref(), ep, Some(dom), table) {
+                        log::error!(
+                            "virtio-iommu: backend {} reset of endpoint {ep}: {e}",
+                            b.name()
+                        );
+                    }
+                }
+            }
+        }
         st.reset();
         self.bump();
         drop(st);
@@ -156,17 +529,46 @@ impl Viommu {
             FaultReason::Domain => VIRTIO_IOMMU_FAULT_R_DOMAIN,
             FaultReason::Mapping => VIRTIO_IOMMU_FAULT_R_MAPPING,
         };
-        self.faults.push(FaultRecord {
+        self.faults.push(ExtFaultRecord {
             reason,
+            flt_type: VIRTIO_IOMMU_FLT_DMA_UNRECOV,
             flags,
             endpoint: ep,
             address: iova,
+            ..Default::default()
+        });
+    }
+
+    /// Queues a fault or page request a backend reported.
+    pub fn push_fault(&self, f: BackendFault) {
+        let mut flags = f.access_flags | VIRTIO_IOMMU_FAULT_F_ADDRESS;
+        if f.pasid.is_some() {
+            flags |= VIRTIO_IOMMU_FAULT_F_PASID;
+        }
+        let (flt_type, pr_evt_flags, grpid) = match f.page_request {
+            Some(g) => (VIRTIO_IOMMU_FLT_PAGE_REQ, VIRTIO_IOMMU_PR_F_LAST_PAGE, g),
+            None => (VIRTIO_IOMMU_FLT_DMA_UNRECOV, 0, 0),
+        };
+        self.faults.push(ExtFaultRecord {
+            reason: f.reason,
+            flt_type,
+            flags,
+            pr_evt_flags,
+            endpoint: f.endpoint,
+            pasid: f.pasid.unwrap_or(0),
+            grpid,
+            address: f.address,
         });
     }
 
     /// The fault queue.
     pub fn faults(&self) -> &FaultQueue {
         &self.faults
+    }
+
+    /// The fault queue, shared (for backends that push faults directly).
+    pub fn fault_queue(&self) -> Arc<FaultQueue> {
+        Arc::clone(&self.faults)
     }
 
     /// A fast translator with its own IOTLB for endpoint `ep`, for one

@@ -1,0 +1,327 @@
+//! The rules of the project's nested extension (ATTACH_TABLE, INVALIDATE,
+//! PAGE_RESP; `docs/wire.md`), and the snapshots the router restores
+//! when a backend refuses what the state already accepted.
+
+use super::{feature, phys_in_ram, Domain, DomainKind, IommuState, RequestError};
+use crate::invalidation::Invalidation;
+use crate::wire::{
+    AttachTableReq, InvalidateReq, PageRespReq, TableDesc, TableDescError,
+    VIRTIO_IOMMU_F_ATTACH_TABLE, VIRTIO_IOMMU_F_PAGE_REQUEST, VIRTIO_IOMMU_PAGE_RESP_FAILURE,
+    VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID,
+};
+
+/// What an ATTACH or ATTACH_TABLE changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttachOutcome {
+    /// The endpoint's translation changed (it was elsewhere or nowhere).
+    pub changed: bool,
+    /// The domain it left, if any.
+    pub left: Option<u32>,
+}
+
+/// A copy of some domains and one endpoint's attachment, taken before a
+/// request that a backend may still refuse.
+#[derive(Clone, Debug)]
+pub struct StateSnapshot {
+    domains: Vec<(u32, Option<Domain>)>,
+    endpoint: (u32, Option<u32>),
+}
+
+/// Smallest number of bytes each format's first table occupies; the
+/// pointer's whole first table must be guest RAM.
+fn first_table_bytes(t: &TableDesc) -> u64 {
+    match *t {
+        // One directory entry per 64 PASIDs (VT-d 9.4), 8 bytes each.
+        TableDesc::IntelVtd { pasid_bits, .. } => (1u64 << pasid_bits.saturating_sub(6)) * 8,
+        // Linear: one 64-byte CD per SSID; 2-level: one 8-byte L1
+        // descriptor per leaf table (SMMUv3 5.4.1).
+        TableDesc::ArmSmmuV3 {
+            s1fmt: 0, s1cdmax, ..
+        } => 64u64 << s1cdmax.min(20),
+        TableDesc::ArmSmmuV3 { s1fmt, s1cdmax, .. } => {
+            let leaf_bits = if s1fmt == 1 { 6 } else { 10 };
+            8u64 << s1cdmax.min(20).saturating_sub(leaf_bits)
+        }
+        TableDesc::ArmLpae { .. } => 64,
+        TableDesc::X86_64 { .. } => 4096,
+    }
+}
+
+impl IommuState {
+    /// Sets the table formats `ep`'s PROBE advertises (the config's
+    /// formats its backend supports). Without a call, none.
+    pub fn set_endpoint_formats(&mut self, ep: u32, formats: Vec<u16>) {
+        self.endpoint_formats.insert(ep, formats);
+    }
+
+    /// The table formats `ep` advertises.
+    pub fn endpoint_formats(&self, ep: u32) -> &[u16] {
+        self.endpoint_formats
+            .get(&ep)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// The configured PASID width of the nested extension (0 when off).
+    pub fn pasid_bits(&self) -> u8 {
+        self.pasid_bits
+    }
+
+    /// Every endpoint this vIOMMU manages.
+    pub fn endpoint_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.endpoints.keys().copied()
+    }
+
+    /// Every attached endpoint and its domain.
+    pub fn attachments(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.endpoints
+            .iter()
+            .filter_map(|(&ep, &d)| d.map(|d| (ep, d)))
+    }
+
+    /// The table bound to `domain`, if it is a table domain.
+    pub fn domain_table(&self, domain: u32) -> Option<&TableDesc> {
+        match self.domains.get(&domain).map(|d| &d.kind) {
+            Some(DomainKind::Table(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn nested_negotiated(&self, request: &'static str, bit: u32) -> Result<(), RequestError> {
+        if feature(self.acked, bit) {
+            Ok(())
+        } else {
+            Err(RequestError::FeatureNotNegotiated {
+                request,
+                feature: bit,
+            })
+        }
+    }
+
+    /// Checks a table's own parameters against the format and the config.
+    fn check_table(&self, t: &TableDesc) -> Result<(), RequestError> {
+        let bits = u32::from(self.pasid_bits);
+        match *t {
+            TableDesc::IntelVtd { pasid_bits, .. } => {
+                if pasid_bits == 0 || u32::from(pasid_bits) > bits {
+                    return Err(RequestError::TableParam(
+                        "pasid_bits outside 1..=PASID_SIZE",
+                    ));
+                }
+            }
+            TableDesc::ArmSmmuV3 {
+                s1fmt,
+                s1dss,
+                s1cdmax,
+                ..
+            } => {
+                if s1fmt > 2 {
+                    return Err(RequestError::TableParam("s1fmt is not 0, 1 or 2"));
+                }
+                if s1dss > 2 {
+                    return Err(RequestError::TableParam("s1dss is not 0, 1 or 2"));
+                }
+                if s1cdmax > bits {
+                    return Err(RequestError::TableParam("s1cdmax beyond PASID_SIZE"));
+                }
+                if s1fmt != 0 && s1cdmax <= if s1fmt == 1 { 6 } else { 10 } {
+                    // SMMUv3 5.4: a 2-level table needs more SSIDs than
+                    // one leaf table holds.
+                    return Err(RequestError::TableParam(
+                        "2-level CD table with too few SSIDs",
+                    ));
+                }
+            }
+            TableDesc::X86_64 { levels, .. } => {
+                if levels != 4 && levels != 5 {
+                    return Err(RequestError::TableParam("levels is not 4 or 5"));
+                }
+            }
+            TableDesc::ArmLpae { ttbr1, .. } => {
+                // Only the TTBR0 half is walked (no kernel half for DMA).
+                if ttbr1 != 0 {
+                    return Err(RequestError::TableParam("ttbr1 must be zero"));
+                }
+            }
+        }
+        let (ptr, align) = t.table_pointer();
+        let size = first_table_bytes(t);
+        let in_ram = ptr
+            .checked_add(size - 1)
+            .is_some_and(|last| phys_in_ram(&self.ram, ptr, last));
+        if ptr % align != 0 || !in_ram {
+            return Err(RequestError::TablePointer { ptr, align });
+        }
+        Ok(())
+    }
+
+    /// ATTACH_TABLE: attaches the endpoint to the domain (creating it) and
+    /// makes the table the domain's. A second endpoint joins only with the
+    /// same table. Returns the table and what changed.
+    pub fn attach_table(
+        &mut self,
+        r: &AttachTableReq,
+    ) -> Result<(TableDesc, AttachOutcome), RequestError> {
+        self.nested_negotiated("ATTACH_TABLE", VIRTIO_IOMMU_F_ATTACH_TABLE)?;
+        let current = *self
+            .endpoints
+            .get(&r.endpoint)
+            .ok_or(RequestError::UnknownEndpoint(r.endpoint))?;
+        self.check_domain_range(r.domain)?;
+        let table = match r.table() {
+            Ok(t) => t,
+            Err(TableDescError::UnknownFormat(format)) => {
+                return Err(RequestError::UnsupportedFormat {
+                    endpoint: r.endpoint,
+                    format,
+                })
+            }
+            Err(TableDescError::Reserved) => {
+                return Err(RequestError::ReservedNotZero {
+                    request: "ATTACH_TABLE",
+                })
+            }
+        };
+        if !self.endpoint_formats(r.endpoint).contains(&table.format()) {
+            return Err(RequestError::UnsupportedFormat {
+                endpoint: r.endpoint,
+                format: table.format(),
+            });
+        }
+        self.check_table(&table)?;
+        match self.domains.get(&r.domain).map(|d| &d.kind) {
+            Some(DomainKind::Table(bound)) => {
+                if *bound != table {
+                    return Err(RequestError::IncompatibleTable(r.domain));
+                }
+                if current == Some(r.domain) {
+                    return Ok((
+                        table,
+                        AttachOutcome {
+                            changed: false,
+                            left: None,
+                        },
+                    ));
+                }
+            }
+            Some(_) => {
+                return Err(RequestError::TableDomain {
+                    request: "ATTACH_TABLE onto a MAP or bypass",
+                    domain: r.domain,
+                })
+            }
+            None => {
+                let frees_one = current
+                    .and_then(|old| self.domains.get(&old))
+                    .is_some_and(|d| d.endpoints.len() == 1);
+                let after = self.domains.len() + 1 - usize::from(frees_one);
+                if after > self.limits.max_domains as usize {
+                    return Err(RequestError::Limit("max_domains"));
+                }
+            }
+        }
+        if let Some(old) = current {
+            self.detach_endpoint(r.endpoint, old);
+        }
+        let dom = self.domains.entry(r.domain).or_insert_with(|| Domain {
+            kind: DomainKind::Table(table),
+            endpoints: Vec::new(),
+        });
+        dom.endpoints.push(r.endpoint);
+        self.endpoints.insert(r.endpoint, Some(r.domain));
+        Ok((
+            table,
+            AttachOutcome {
+                changed: true,
+                left: current,
+            },
+        ))
+    }
+
+    /// INVALIDATE: checks the request against the domain and returns the
+    /// generic invalidation.
+    pub fn invalidation(&self, r: &InvalidateReq) -> Result<Invalidation, RequestError> {
+        self.nested_negotiated("INVALIDATE", VIRTIO_IOMMU_F_ATTACH_TABLE)?;
+        self.check_domain_range(r.domain)?;
+        let dom = self
+            .domains
+            .get(&r.domain)
+            .ok_or(RequestError::UnknownDomain(r.domain))?;
+        let DomainKind::Table(t) = &dom.kind else {
+            return Err(RequestError::NotTableDomain(r.domain));
+        };
+        let pasid_bits = match *t {
+            TableDesc::IntelVtd { pasid_bits, .. } => pasid_bits,
+            TableDesc::ArmSmmuV3 { s1cdmax, .. } => s1cdmax.min(32) as u8,
+            TableDesc::ArmLpae { .. } | TableDesc::X86_64 { .. } => 0,
+        };
+        Ok(Invalidation::from_request(r, pasid_bits)?)
+    }
+
+    /// PAGE_RESP: checks the request; the backend that sent the page
+    /// request matches it to a pending group.
+    pub fn check_page_resp(&self, r: &PageRespReq) -> Result<(), RequestError> {
+        self.nested_negotiated("PAGE_RESP", VIRTIO_IOMMU_F_PAGE_REQUEST)?;
+        if r.reserved_set {
+            return Err(RequestError::ReservedNotZero {
+                request: "PAGE_RESP",
+            });
+        }
+        if r.flags & !VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID != 0 {
+            return Err(RequestError::UnknownFlags {
+                request: "PAGE_RESP",
+                flags: r.flags,
+                unknown: r.flags & !VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID,
+            });
+        }
+        if r.flags & VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID == 0 && r.pasid != 0 {
+            return Err(RequestError::ReservedNotZero {
+                request: "PAGE_RESP pasid without PASID_VALID",
+            });
+        }
+        if r.code > VIRTIO_IOMMU_PAGE_RESP_FAILURE {
+            return Err(RequestError::PageRespCode(r.code));
+        }
+        if !self.endpoints.contains_key(&r.endpoint) {
+            return Err(RequestError::UnknownEndpoint(r.endpoint));
+        }
+        Ok(())
+    }
+
+    /// Copies the domains `ids` (those that exist) and `ep`'s attachment.
+    pub fn snapshot(&self, ids: &[u32], ep: u32) -> StateSnapshot {
+        let mut domains: Vec<(u32, Option<Domain>)> = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if !domains.iter().any(|(d, _)| *d == id) {
+                domains.push((id, self.domains.get(&id).cloned()));
+            }
+        }
+        StateSnapshot {
+            domains,
+            endpoint: (ep, self.endpoints.get(&ep).copied().flatten()),
+        }
+    }
+
+    /// Puts back what [`Self::snapshot`] copied: the request that came in
+    /// between never happened.
+    pub fn restore(&mut self, snap: StateSnapshot) {
+        let count = |d: &Option<Domain>| match d {
+            Some(Domain {
+                kind: DomainKind::Mapped(t),
+                ..
+            }) => t.len() as u64,
+            _ => 0,
+        };
+        for (id, old) in snap.domains {
+            let now = self.domains.remove(&id);
+            self.total_mappings = self.total_mappings - count(&now) + count(&old);
+            if let Some(d) = old {
+                self.domains.insert(id, d);
+            }
+        }
+        let (ep, dom) = snap.endpoint;
+        if self.endpoints.contains_key(&ep) {
+            self.endpoints.insert(ep, dom);
+        }
+    }
+}
