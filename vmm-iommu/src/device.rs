@@ -33,7 +33,7 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 /// Largest request queue the device accepts.
-pub const REQUEST_QUEUE_SIZE: u16 = 256;
+pub const REQUEST_QUEUE_SIZE: u16 = 1024;
 /// Largest event queue the device accepts.
 pub const EVENT_QUEUE_SIZE: u16 = 64;
 

@@ -9,13 +9,22 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
+use crate::backend::{
+    BackendCaps, BackendError, BackendFault, DomainId, DomainView, EndpointId, IommuBackend,
+    PageResponse, TableBinding,
+};
 use crate::config::IommuConfig;
 use crate::device::{VirtioInterrupt, VirtioIommu, VIRTIO_RING_F_EVENT_IDX};
+use crate::fault::FaultQueue;
+use crate::invalidation::Invalidation;
+use crate::mapping::Mapping;
+use crate::router::Router;
+use crate::viommu::Viommu;
 use crate::wire::{self, FaultRecord, Request, Status, TAIL_SIZE};
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -173,6 +182,11 @@ pub mod layout {
     pub const REQUEST_BUFFERS: u64 = 0x10_0000;
     /// Size of one request buffer slot.
     pub const SLOT_SIZE: u64 = 0x2000;
+    /// Request slots 256..1024 (a batch bigger than 256 requests): small
+    /// slots, for small requests.
+    pub const REQUEST_BUFFERS_HIGH: u64 = 0xb0_0000;
+    /// Size of a high slot.
+    pub const HIGH_SLOT_SIZE: u64 = 0x800;
     /// First byte free for the test's own data.
     pub const FREE: u64 = 0x40_0000;
 }
@@ -233,15 +247,43 @@ impl Harness {
         extra_ram: &[(u64, u64)],
         features: impl FnOnce(&VirtioIommu) -> u64,
     ) -> Self {
+        Self::with_router(
+            cfg,
+            endpoints,
+            mem_mib,
+            extra_ram,
+            |_, _| Router::new(),
+            features,
+        )
+    }
+
+    /// A harness whose vIOMMU routes endpoints to the backends `router`
+    /// builds (given the guest memory and the vIOMMU's fault queue).
+    pub fn with_router(
+        cfg: &IommuConfig,
+        endpoints: &[u32],
+        mem_mib: u64,
+        extra_ram: &[(u64, u64)],
+        router: impl FnOnce(&GuestMemoryMmap, Arc<FaultQueue>) -> Router,
+        features: impl FnOnce(&VirtioIommu) -> u64,
+    ) -> Self {
         let size = mem_mib << 20;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .expect("guest memory");
         let mut ram = vec![(0, size - 1)];
         ram.extend_from_slice(extra_ram);
-        let mut dev = VirtioIommu::new(cfg, endpoints, &ram).expect("device");
+        let faults =
+            Arc::new(FaultQueue::new(cfg.limits.max_pending_faults as usize).expect("fault queue"));
+        let router = router(&mem, faults.clone());
+        let viommu = Arc::new(Viommu::with_router(cfg, endpoints, &ram, faults, router));
+        let mut dev = VirtioIommu::with_viommu(cfg, viommu);
         let f = features(&dev);
         dev.set_acked_features(f);
-        let requestq = DriverQueue::new(&mem, GuestAddress(layout::REQUEST_QUEUE), 256);
+        let requestq = DriverQueue::new(
+            &mem,
+            GuestAddress(layout::REQUEST_QUEUE),
+            crate::device::REQUEST_QUEUE_SIZE,
+        );
         let eventq = DriverQueue::new(&mem, GuestAddress(layout::EVENT_QUEUE), 64);
         let irq = Arc::new(CountingInterrupt::default());
         dev.activate(
@@ -269,8 +311,13 @@ impl Harness {
     }
 
     fn slot(&mut self) -> GuestAddress {
-        let a = layout::REQUEST_BUFFERS + (self.next_slot % 256) * layout::SLOT_SIZE;
+        let i = self.next_slot % u64::from(crate::device::REQUEST_QUEUE_SIZE);
         self.next_slot += 1;
+        let a = if i < 256 {
+            layout::REQUEST_BUFFERS + i * layout::SLOT_SIZE
+        } else {
+            layout::REQUEST_BUFFERS_HIGH + (i - 256) * layout::HIGH_SLOT_SIZE
+        };
         GuestAddress(a)
     }
 
@@ -294,10 +341,12 @@ impl Harness {
             wbufs.push(at);
             at = at.unchecked_add(u64::from(w).next_multiple_of(8));
         }
-        assert!(
-            at.0 - base.0 <= layout::SLOT_SIZE,
-            "request too big for a slot"
-        );
+        let slot_size = if base.0 >= layout::REQUEST_BUFFERS_HIGH {
+            layout::HIGH_SLOT_SIZE
+        } else {
+            layout::SLOT_SIZE
+        };
+        assert!(at.0 - base.0 <= slot_size, "request too big for a slot");
         let head = self.requestq.add_chain(&self.mem, &segs);
         (head, wbufs)
     }
@@ -402,5 +451,157 @@ impl Harness {
             ));
         }
         out
+    }
+
+    /// Delivers waiting records and returns the extended ones (for a
+    /// driver that negotiated the nested extension).
+    pub fn collect_ext_faults(&mut self) -> Vec<wire::ExtFaultRecord> {
+        self.dev.process_eventq(&self.mem).expect("process eventq");
+        let mut out = Vec::new();
+        while let Some((head, len)) = self.eventq.pop_used(&self.mem) {
+            let Some(a) = self.event_bufs.remove(&head) else {
+                continue;
+            };
+            if (len as usize) < wire::EXT_FAULT_SIZE {
+                continue;
+            }
+            let mut b = [0u8; wire::EXT_FAULT_SIZE];
+            if self.mem.read_slice(&mut b, a).is_ok() {
+                out.extend(wire::ExtFaultRecord::decode(&b));
+            }
+        }
+        out
+    }
+}
+
+/// One call a [`RecordingBackend`] received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendCall {
+    /// `attach(ep, domain)` with the number of mappings replayed.
+    Attach(EndpointId, DomainId, usize),
+    /// `detach(ep, domain)`.
+    Detach(EndpointId, DomainId),
+    /// `map(domain, mapping)`.
+    Map(DomainId, Mapping),
+    /// `unmap(domain, removed)`.
+    Unmap(DomainId, Vec<Mapping>),
+    /// `bind_table(ep, binding)`.
+    BindTable(EndpointId, TableBinding),
+    /// `unbind_table(ep, domain)`.
+    UnbindTable(EndpointId, DomainId),
+    /// `invalidate(domain, batch)`.
+    Invalidate(DomainId, Vec<Invalidation>),
+    /// `page_response(resp)`.
+    PageResponse(PageResponse),
+}
+
+/// A backend that records every call and fails the calls a test names:
+/// for router, rollback and batching tests.
+#[derive(Debug)]
+pub struct RecordingBackend {
+    name: String,
+    caps: BackendCaps,
+    /// Every call, in order.
+    pub calls: Mutex<Vec<BackendCall>>,
+    /// Calls whose 0-based index (counted over all calls) fail.
+    pub fail_at: Mutex<Vec<usize>>,
+    /// Faults `drain_faults` hands out.
+    pub faults: Mutex<Vec<BackendFault>>,
+}
+
+impl RecordingBackend {
+    /// A backend named `name` offering `caps`.
+    pub fn new(name: &str, caps: BackendCaps) -> Self {
+        RecordingBackend {
+            name: name.to_string(),
+            caps,
+            calls: Mutex::new(Vec::new()),
+            fail_at: Mutex::new(Vec::new()),
+            faults: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A backend offering every table format, 20-bit PASIDs and page
+    /// requests.
+    pub fn nested(name: &str) -> Self {
+        Self::new(
+            name,
+            BackendCaps {
+                page_size_mask: !0xfff,
+                input_range: (0, u64::MAX),
+                output_bits: 48,
+                pasid_bits: 20,
+                table_formats: vec![1, 2, 3, 4],
+                page_requests: true,
+            },
+        )
+    }
+
+    /// Makes the next call with index `n` counted from now fail.
+    pub fn fail_next(&self, n: usize) {
+        let at = self.calls().len() + n;
+        self.fail_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(at);
+    }
+
+    /// A copy of the calls so far.
+    pub fn calls(&self) -> Vec<BackendCall> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record(&self, c: BackendCall) -> Result<(), BackendError> {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let idx = calls.len();
+        calls.push(c);
+        if self
+            .fail_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&idx)
+        {
+            return Err(BackendError::Host {
+                op: "recorded call",
+                source: std::io::Error::from_raw_os_error(5),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl IommuBackend for RecordingBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn caps(&self, _ep: EndpointId) -> BackendCaps {
+        self.caps.clone()
+    }
+    fn attach(&self, ep: EndpointId, dom: &DomainView<'_>) -> Result<(), BackendError> {
+        self.record(BackendCall::Attach(ep, dom.id, dom.mappings.len()))
+    }
+    fn detach(&self, ep: EndpointId, dom: DomainId) -> Result<(), BackendError> {
+        self.record(BackendCall::Detach(ep, dom))
+    }
+    fn map(&self, dom: DomainId, m: &Mapping) -> Result<(), BackendError> {
+        self.record(BackendCall::Map(dom, *m))
+    }
+    fn unmap(&self, dom: DomainId, removed: &[Mapping]) -> Result<(), BackendError> {
+        self.record(BackendCall::Unmap(dom, removed.to_vec()))
+    }
+    fn bind_table(&self, ep: EndpointId, binding: &TableBinding) -> Result<(), BackendError> {
+        self.record(BackendCall::BindTable(ep, *binding))
+    }
+    fn unbind_table(&self, ep: EndpointId, dom: DomainId) -> Result<(), BackendError> {
+        self.record(BackendCall::UnbindTable(ep, dom))
+    }
+    fn invalidate(&self, dom: DomainId, batch: &[Invalidation]) -> Result<(), BackendError> {
+        self.record(BackendCall::Invalidate(dom, batch.to_vec()))
+    }
+    fn page_response(&self, resp: &PageResponse) -> Result<(), BackendError> {
+        self.record(BackendCall::PageResponse(*resp))
+    }
+    fn drain_faults(&self, out: &mut Vec<BackendFault>) {
+        out.append(&mut self.faults.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
