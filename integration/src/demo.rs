@@ -69,6 +69,7 @@ fn describe(r: &Request) -> String {
             u.domain, u.virt_start, u.virt_end
         ),
         Request::Probe(p) => format!("PROBE endpoint={}", p.endpoint),
+        other => format!("request type {}", other.req_type()),
     }
 }
 

@@ -1,18 +1,141 @@
-//! End to end: the README's main job on every shipped config, and a bad
-//! config rejected with the JSON path of the mistake.
+//! End to end: the README's main job — `viommu-vm` boots KVM guests on the
+//! shipped config and reports every scenario — a failing scenario making it
+//! exit non-zero, bad configs rejected with the JSON path of the mistake,
+//! and the host-side driver session kept for hosts without KVM.
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use integration::demo::run_demo;
+use integration::kvm_check::kvm_or_skip;
 use vmm_iommu::config::VmConfig;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
 }
 
+fn viommu_vm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_viommu-vm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn temp_config(name: &str, json: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("viommu-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vm.json");
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
 #[test]
-fn demo_passes_every_check_on_every_shipped_config() {
+fn viommu_vm_boots_guests_runs_every_scenario_and_reports() {
+    if !kvm_or_skip("viommu_vm_boots_guests") {
+        return;
+    }
+    let config = repo().join("resources/vm.json");
+    let out = viommu_vm(&["--bench", "100", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "transport: notify: synchronous on the MMIO exit",
+        "scenarios: map, bypass, hostile",
+        "== map: PASS",
+        "== bypass: PASS",
+        "== hostile: PASS",
+        "requests: ATTACH 1, DETACH 1, MAP 104, UNMAP 102, PROBE 2",
+        "faults delivered on the eventq: 3 (dropped 0)",
+        "boot to first request: ",
+        "MAP+UNMAP round trip (guest rdtsc, exits included): ",
+        "scenarios: 3 of 3 passed",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn viommu_vm_exits_non_zero_when_a_scenario_fails() {
+    if !kvm_or_skip("viommu_vm_exits_non_zero") {
+        return;
+    }
+    // A benchmark far longer than the deadline: the watchdog ends the guest.
+    let config = temp_config(
+        "slow",
+        r#"{"devices": [{"id": "d", "kind": "emulated-dma", "endpoint": 8, "iommu": true}],
+            "scenarios": ["map"]}"#,
+    );
+    let out = viommu_vm(&[
+        "--bench",
+        "100000000",
+        "--timeout",
+        "1",
+        config.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("== map: FAIL"), "{stdout}");
+    assert!(
+        stdout.contains("guest did not finish within 1s"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("scenarios: 0 of 1 passed"), "{stdout}");
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
+}
+
+#[test]
+fn viommu_vm_rejects_a_bad_config_naming_the_json_path() {
+    let bad = temp_config(
+        "bad",
+        r#"{ "iommu": { "input_range": { "start": "0x2000", "end": "0x1000" } } }"#,
+    );
+    let out = viommu_vm(&[bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("iommu.input_range"), "{stderr}");
+    let _ = std::fs::remove_dir_all(bad.parent().unwrap());
+}
+
+#[test]
+fn viommu_vm_rejects_an_unknown_scenario_naming_its_index() {
+    let bad = temp_config("scenario", r#"{ "scenarios": ["map", "warp"] }"#);
+    let out = viommu_vm(&[bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("scenarios[1]: unknown variant `warp`"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(bad.parent().unwrap());
+}
+
+#[test]
+fn viommu_vm_rejects_a_scenario_the_config_cannot_run_naming_its_index() {
+    if !kvm_or_skip("viommu_vm_rejects_a_scenario") {
+        return;
+    }
+    let bad = temp_config(
+        "legacy",
+        r#"{ "iommu": { "legacy_bypass": true },
+             "devices": [{"id": "d", "kind": "emulated-dma", "endpoint": 8, "iommu": true}],
+             "scenarios": ["map", "bypass"] }"#,
+    );
+    let out = viommu_vm(&[bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("scenarios[1]: scenario \"bypass\" needs VIRTIO_IOMMU_F_BYPASS_CONFIG"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(bad.parent().unwrap());
+}
+
+#[test]
+fn host_driver_session_passes_every_check_on_every_shipped_config() {
     let mut seen = 0;
     for entry in std::fs::read_dir(repo().join("resources")).unwrap() {
         let path = entry.unwrap().path();
@@ -35,38 +158,22 @@ fn demo_passes_every_check_on_every_shipped_config() {
 }
 
 #[test]
-fn demo_binary_prints_the_session_and_succeeds() {
-    let out = Command::new(env!("CARGO_BIN_EXE_viommu-vm"))
-        .arg(repo().join("resources/vm.json"))
-        .output()
-        .unwrap();
+fn viommu_vm_host_driver_flag_runs_the_scripted_session() {
+    let out = viommu_vm(&[
+        "--host-driver",
+        repo().join("resources/vm.json").to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        stdout.contains("mode: host-side scripted driver session"),
+        "{stdout}"
+    );
     assert!(stdout.contains("ATTACH endpoint=8 domain=1"), "{stdout}");
     assert!(stdout.contains("eventq: fault reason=MAPPING"), "{stdout}");
     assert!(stdout.contains(" 0 failed"), "{stdout}");
-}
-
-#[test]
-fn demo_binary_rejects_a_bad_config_naming_the_json_path() {
-    let dir = std::env::temp_dir().join(format!("viommu-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.json");
-    std::fs::write(
-        &bad,
-        r#"{ "iommu": { "input_range": { "start": "0x2000", "end": "0x1000" } } }"#,
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_viommu-vm"))
-        .arg(&bad)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("iommu.input_range"), "{stderr}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

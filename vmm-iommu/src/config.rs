@@ -1,7 +1,8 @@
 //! The VM config JSON: parsing and validation.
 //!
-//! This module owns the shape of the VM config file (`memory`, `iommu`, `devices`), the JSON
-//! forms its values may take (sizes such as `"2M"`, addresses as numbers or `"0x"` strings),
+//! This module owns the shape of the VM config file (`memory`, `iommu`, `devices`,
+//! `scenarios`), the JSON forms its values may take (sizes such as `"2M"`, addresses as
+//! numbers or `"0x"` strings),
 //! the defaults of every optional field, and every rule a config must meet before a device is
 //! built from it. Every error names the JSON path of the offending value (`iommu.input_range`,
 //! `devices[1].endpoint`, `(root)` for the top level) and the rule it broke. The reference for
@@ -104,6 +105,39 @@ pub struct VmConfig {
     /// The devices of the VM; defaults to none.
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
+    /// Guest scenarios the KVM test VMM (`integration/`) runs, in order; `None` (the field left
+    /// out) runs every scenario the config allows.
+    #[serde(default)]
+    pub scenarios: Option<Vec<Scenario>>,
+}
+
+/// A guest scenario of the KVM test VMM: a guest program that drives the vIOMMU and a DMA
+/// engine behind it, checked by the guest and by the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(remote = "Self", rename_all = "kebab-case")]
+pub enum Scenario {
+    /// MAP/UNMAP mode end to end: PROBE, ATTACH, MAP, DMA through IOVAs, UNMAP, faults on the
+    /// event queue (JSON `"map"`).
+    Map,
+    /// Bypass through config-space `bypass` and `ATTACH_F_BYPASS` (JSON `"bypass"`).
+    Bypass,
+    /// Malformed chains and requests from a hostile driver, then `"map"` in the same VM
+    /// (JSON `"hostile"`).
+    Hostile,
+}
+
+impl Scenario {
+    /// Every scenario, in the order they run by default.
+    pub const ALL: [Scenario; 3] = [Scenario::Map, Scenario::Bypass, Scenario::Hostile];
+
+    /// The name of the scenario in the config JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Map => "map",
+            Scenario::Bypass => "bypass",
+            Scenario::Hostile => "hostile",
+        }
+    }
 }
 
 /// Guest memory.
@@ -423,6 +457,7 @@ deserialize_from_string_only!(
     ReservedKind => "a region kind: \"reserved\" or \"msi\"",
     DeviceKind => "a device kind: \"emulated-dma\" or \"vfio\"",
     VfioBackend => "a VFIO backend: \"type1\" or \"iommufd\"",
+    Scenario => "a scenario: \"map\", \"bypass\" or \"hostile\"",
 );
 
 impl VmConfig {
@@ -452,7 +487,11 @@ impl VmConfig {
             ));
         }
         self.iommu.validate_at("iommu")?;
-        validate_devices(&self.devices)
+        validate_devices(&self.devices)?;
+        if let Some(scenarios) = &self.scenarios {
+            validate_scenarios(scenarios)?;
+        }
+        Ok(())
     }
 
     /// Endpoint ids of the devices behind the vIOMMU (`iommu: true`), sorted, each once.
@@ -702,6 +741,27 @@ fn validate_limits(l: &Limits, base: &str) -> Result<(), ConfigError> {
         u64::from(MAX_MAX_PENDING_FAULTS),
         "1 << 16",
     )
+}
+
+fn validate_scenarios(scenarios: &[Scenario]) -> Result<(), ConfigError> {
+    if scenarios.is_empty() {
+        return Err(invalid(
+            "scenarios",
+            "must name at least one scenario; leave the field out to run every scenario",
+        ));
+    }
+    for (i, s) in scenarios.iter().enumerate() {
+        if let Some(first) = scenarios[..i].iter().position(|t| t == s) {
+            return Err(invalid(
+                format!("scenarios[{i}]"),
+                format!(
+                    "duplicate scenario \"{}\" (also scenarios[{first}])",
+                    s.as_str()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_devices(devices: &[DeviceConfig]) -> Result<(), ConfigError> {
@@ -1142,6 +1202,7 @@ mod tests {
                     backend: Some(VfioBackend::Iommufd),
                 },
             ],
+            scenarios: None,
         };
         assert_eq!(c, expected);
         assert_eq!(c.endpoints(), vec![8, 16]);
@@ -1167,6 +1228,7 @@ mod tests {
         );
         assert_eq!(c.endpoints(), vec![8, 9]);
         assert!(c.devices.iter().all(|d| d.kind == DeviceKind::EmulatedDma));
+        assert_eq!(c.scenarios, Some(Scenario::ALL.to_vec()));
     }
 
     #[test]
@@ -2104,6 +2166,66 @@ mod tests {
             vm_err(&format!(r#"{{"devices": {}}}"#, devices_json(257))),
             "devices",
             "at most 256 devices are allowed, got 257",
+        );
+    }
+
+    // ---- scenarios ----
+
+    #[test]
+    fn scenarios_left_out_means_every_scenario() {
+        let c = VmConfig::from_json_str("{}").unwrap();
+        assert_eq!(c.scenarios, None);
+    }
+
+    #[test]
+    fn scenarios_parse_in_order() {
+        let c = VmConfig::from_json_str(r#"{"scenarios": ["hostile", "map", "bypass"]}"#).unwrap();
+        assert_eq!(
+            c.scenarios,
+            Some(vec![Scenario::Hostile, Scenario::Map, Scenario::Bypass])
+        );
+        let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, ["map", "bypass", "hostile"]);
+    }
+
+    #[test]
+    fn unknown_scenario_is_rejected_naming_its_index() {
+        assert_err(
+            vm_err(r#"{"scenarios": ["map", "bypass", "nested"]}"#),
+            "scenarios[2]",
+            "unknown variant `nested`, expected one of `map`, `bypass`, `hostile`",
+        );
+    }
+
+    #[test]
+    fn scenario_of_the_wrong_type_is_rejected_naming_its_index() {
+        assert_err(
+            vm_err(r#"{"scenarios": ["map", 1]}"#),
+            "scenarios[1]",
+            "expected a scenario",
+        );
+        assert_err(
+            vm_err(r#"{"scenarios": "map"}"#),
+            "scenarios",
+            "invalid type: string \"map\", expected a sequence",
+        );
+    }
+
+    #[test]
+    fn duplicate_scenario_is_rejected_naming_both_indexes() {
+        assert_err(
+            vm_err(r#"{"scenarios": ["map", "bypass", "map"]}"#),
+            "scenarios[2]",
+            "duplicate scenario \"map\" (also scenarios[0])",
+        );
+    }
+
+    #[test]
+    fn empty_scenario_list_is_rejected() {
+        assert_err(
+            vm_err(r#"{"scenarios": []}"#),
+            "scenarios",
+            "must name at least one scenario",
         );
     }
 

@@ -176,10 +176,9 @@ impl Viommu {
                     table: None,
                 };
                 self.router.count_call();
-                b.attach(r.endpoint, &view).map_err(|e| {
+                b.attach(r.endpoint, &view).inspect_err(|_| {
                     // The endpoint left its old domain: take it back there.
                     self.rejoin(b.as_ref(), st, r.endpoint, old, old_table, snap.clone());
-                    e
                 })
             });
         self.fail_with(st, b.as_ref(), res, snap)
@@ -214,9 +213,8 @@ impl Viommu {
                         table,
                     },
                 )
-                .map_err(|e| {
+                .inspect_err(|_| {
                     self.rejoin(b.as_ref(), st, r.endpoint, old, old_table, snap.clone());
-                    e
                 })
             });
         self.fail_with(st, b.as_ref(), res, snap)

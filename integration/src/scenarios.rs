@@ -1,0 +1,448 @@
+//! The guest scenarios on the host side: which ones a config allows, one
+//! VM per scenario, and the checks the VMM makes on what it observed
+//! (device counters, DMA outcomes, mappings, faults delivered) beside the
+//! guest's own verdict on serial and the done port.
+
+use std::time::{Duration, Instant};
+
+use vmm_iommu::config::{Scenario, VmConfig};
+use vmm_iommu::wire::{
+    Status, VIRTIO_IOMMU_T_ATTACH, VIRTIO_IOMMU_T_DETACH, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_PROBE,
+    VIRTIO_IOMMU_T_UNMAP,
+};
+
+use crate::abi;
+use crate::vm::{dma_slots, RunOutcome, Vm, VmError, VmOptions};
+
+/// How long one scenario may run before the watchdog ends it.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+/// MAP+UNMAP round trips the guest times by default.
+pub const DEFAULT_BENCH_ITERATIONS: u64 = 1000;
+
+/// How to run scenarios.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Deadline of each scenario.
+    pub timeout: Duration,
+    /// MAP+UNMAP round trips the guest times (0 to skip).
+    pub bench_iterations: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            timeout: DEFAULT_TIMEOUT,
+            bench_iterations: DEFAULT_BENCH_ITERATIONS,
+        }
+    }
+}
+
+/// The scenario number the guest program knows.
+pub fn scenario_id(s: Scenario) -> u64 {
+    match s {
+        Scenario::Map => abi::SCENARIO_MAP,
+        Scenario::Bypass => abi::SCENARIO_BYPASS,
+        Scenario::Hostile => abi::SCENARIO_HOSTILE,
+    }
+}
+
+/// Why `cfg` cannot run scenario `s`, if it cannot: the guest programs
+/// use 4 KiB pages, domains 1 to 4 and IOVAs in
+/// `abi::IOVA_WINDOW_START..=abi::IOVA_WINDOW_END`, and drive a DMA engine
+/// behind the vIOMMU.
+pub fn unmet_requirement(cfg: &VmConfig, s: Scenario) -> Option<String> {
+    let i = &cfg.iommu;
+    let dma = match dma_slots(cfg) {
+        Ok(slots) => slots,
+        Err(e) => return Some(e.to_string()),
+    };
+    if !dma.iter().any(|d| d.behind_iommu) {
+        return Some("needs an \"emulated-dma\" device with \"iommu\": true".into());
+    }
+    if i.page_size_mask & 0x1000 == 0 {
+        return Some("needs 4 KiB pages in iommu.page_size_mask".into());
+    }
+    let domains = abi::MAP_DOMAIN..=abi::HOSTILE_DOMAIN + 1;
+    if i.domain_range.start > *domains.start() || i.domain_range.end < *domains.end() {
+        return Some(format!(
+            "needs domains {}..={} inside iommu.domain_range",
+            domains.start(),
+            domains.end()
+        ));
+    }
+    let (lo, hi) = (abi::IOVA_WINDOW_START, abi::IOVA_WINDOW_END);
+    if i.input_range.start > lo || i.input_range.end < hi {
+        return Some(format!(
+            "needs IOVAs {lo:#x}..={hi:#x} inside iommu.input_range"
+        ));
+    }
+    if let Some(r) = i
+        .reserved_regions
+        .iter()
+        .find(|r| r.start <= hi && lo <= r.end)
+    {
+        return Some(format!(
+            "needs IOVAs {lo:#x}..={hi:#x} free of reserved regions, {:#x}..={:#x} overlaps",
+            r.start, r.end
+        ));
+    }
+    if s == Scenario::Bypass && i.legacy_bypass {
+        return Some(
+            "needs VIRTIO_IOMMU_F_BYPASS_CONFIG, which \"legacy_bypass\": true turns off".into(),
+        );
+    }
+    None
+}
+
+/// The scenarios to run for a config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// To run, in order.
+    pub run: Vec<Scenario>,
+    /// Left out (the config named none and cannot run these), with why.
+    pub skipped: Vec<(Scenario, String)>,
+}
+
+/// What to run for `cfg`: the scenarios it names (each must be
+/// runnable; the error names `scenarios[i]`), or every runnable scenario,
+/// with the reasons the others are skipped.
+pub fn plan(cfg: &VmConfig) -> Result<Plan, VmError> {
+    match &cfg.scenarios {
+        Some(list) => {
+            for (idx, &s) in list.iter().enumerate() {
+                if let Some(why) = unmet_requirement(cfg, s) {
+                    return Err(VmError::Config {
+                        path: format!("scenarios[{idx}]"),
+                        rule: format!("scenario \"{}\" {why}", s.as_str()),
+                    });
+                }
+            }
+            Ok(Plan {
+                run: list.clone(),
+                skipped: Vec::new(),
+            })
+        }
+        None => {
+            let mut run = Vec::new();
+            let mut skipped = Vec::new();
+            for s in Scenario::ALL {
+                match unmet_requirement(cfg, s) {
+                    None => run.push(s),
+                    Some(why) => skipped.push((s, why)),
+                }
+            }
+            Ok(Plan { run, skipped })
+        }
+    }
+}
+
+/// One check the VMM made on what it observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked.
+    pub what: String,
+    /// Whether it held.
+    pub ok: bool,
+}
+
+/// A scenario's run: the VM's outcome and the VMM's checks on it.
+#[derive(Debug)]
+pub struct ScenarioRun {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// What the VM did.
+    pub outcome: Result<RunOutcome, VmError>,
+    /// How long building the VM took (KVM set-up, memory, program load).
+    pub build_time: Duration,
+    /// The VMM's checks (empty if the VM failed).
+    pub checks: Vec<Check>,
+}
+
+impl ScenarioRun {
+    /// Whether the guest passed and every VMM check held.
+    pub fn passed(&self) -> bool {
+        self.outcome.is_ok() && self.checks.iter().all(|c| c.ok)
+    }
+
+    /// The guest's serial log, whatever the outcome.
+    pub fn serial(&self) -> &str {
+        match &self.outcome {
+            Ok(o) => &o.serial,
+            Err(e) => e.serial().unwrap_or(""),
+        }
+    }
+
+    /// The guest's measurement of TSC cycles per MAP+UNMAP round trip.
+    pub fn cycles_per_map_unmap(&self) -> Option<u64> {
+        serial_metric(self.serial(), "cycles_per_map_unmap")
+    }
+}
+
+/// The number after `key=` on the guest's serial log, if it printed one.
+pub fn serial_metric(serial: &str, key: &str) -> Option<u64> {
+    let at = serial.find(&format!("{key}="))? + key.len() + 1;
+    let digits: String = serial[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// Boots a VM for `s` and checks what it did.
+pub fn run_scenario(cfg: &VmConfig, s: Scenario, opts: &RunOptions) -> ScenarioRun {
+    let vm_opts = VmOptions {
+        scenario: scenario_id(s),
+        bench_iterations: opts.bench_iterations,
+    };
+    let start = Instant::now();
+    let vm = Vm::new(cfg, &vm_opts);
+    let build_time = start.elapsed();
+    let outcome = vm.and_then(|vm| vm.run(opts.timeout));
+    let checks = match &outcome {
+        Ok(o) => host_checks(cfg, s, opts, o),
+        Err(_) => Vec::new(),
+    };
+    ScenarioRun {
+        scenario: s,
+        outcome,
+        build_time,
+        checks,
+    }
+}
+
+#[derive(Default)]
+struct Checks(Vec<Check>);
+
+impl Checks {
+    fn check(&mut self, ok: bool, what: impl Into<String>) {
+        self.0.push(Check {
+            what: what.into(),
+            ok,
+        });
+    }
+}
+
+/// What the VMM expects to have seen for each scenario, beyond the guest's
+/// PASS.
+fn host_checks(cfg: &VmConfig, s: Scenario, opts: &RunOptions, o: &RunOutcome) -> Vec<Check> {
+    let mut c = Checks::default();
+    c.check(
+        o.result == abi::RESULT_PASS,
+        format!("guest result code {} (0 = pass)", o.result),
+    );
+    c.check(
+        o.serial.contains(&format!("{}: PASS", s.as_str())),
+        format!("guest printed \"{}: PASS\"", s.as_str()),
+    );
+    c.check(o.faults_dropped == 0, "no fault record dropped");
+    let primary = dma_slots(cfg)
+        .ok()
+        .and_then(|v| v.iter().position(|d| d.behind_iommu));
+    let dma = primary
+        .and_then(|i| o.dma.get(i))
+        .cloned()
+        .unwrap_or_default();
+    let req = |t: u8| o.device.requests[usize::from(t)];
+    let n = opts.bench_iterations;
+    let bypass_initial = cfg.iommu.bypass && !cfg.iommu.legacy_bypass;
+    let map_faults = if bypass_initial { 2 } else { 3 };
+    match s {
+        Scenario::Map => {
+            map_checks(&mut c, o, n);
+            c.check(
+                o.device.faults_delivered == map_faults,
+                format!(
+                    "{map_faults} fault records delivered on the eventq, got {}",
+                    o.device.faults_delivered
+                ),
+            );
+            c.check(
+                dma.faults == map_faults,
+                format!("{map_faults} DMAs refused, got {}", dma.faults),
+            );
+            c.check(
+                o.transport.needs_reset == 0 && o.transport.ignored == 0,
+                "the driver never upset the transport",
+            );
+        }
+        Scenario::Bypass => {
+            c.check(
+                req(VIRTIO_IOMMU_T_ATTACH) == 2 && req(VIRTIO_IOMMU_T_DETACH) == 1,
+                "two ATTACHes (one refused) and a DETACH reached the device",
+            );
+            c.check(
+                o.device.faults_delivered == 2,
+                format!(
+                    "2 DOMAIN fault records delivered, got {}",
+                    o.device.faults_delivered
+                ),
+            );
+            c.check(
+                dma.faults == 3 && dma.ok == 3,
+                format!(
+                    "3 DMAs done, 3 refused (two by the IOMMU, one by the hole), got {} and {}",
+                    dma.ok, dma.faults
+                ),
+            );
+            c.check(o.final_domains == 0, "no domain left");
+            c.check(o.peak_mappings == 0, "no mapping ever made");
+        }
+        Scenario::Hostile => {
+            map_checks(&mut c, o, n);
+            let st = |s: Status| o.device.statuses[s as usize];
+            c.check(
+                o.device.unknown_type >= 2,
+                format!(
+                    "unknown types returned unwritten: {}",
+                    o.device.unknown_type
+                ),
+            );
+            c.check(
+                o.device.no_tail >= 5,
+                format!(
+                    "chains without a tail returned unwritten: {}",
+                    o.device.no_tail
+                ),
+            );
+            c.check(
+                st(Status::IoErr) >= 8
+                    && st(Status::Inval) >= 8
+                    && st(Status::Range) >= 10
+                    && st(Status::NoEnt) >= 8,
+                format!(
+                    "hostile requests answered IOERR {}, INVAL {}, RANGE {}, NOENT {}",
+                    st(Status::IoErr),
+                    st(Status::Inval),
+                    st(Status::Range),
+                    st(Status::NoEnt)
+                ),
+            );
+            c.check(
+                o.transport.needs_reset == 4 && o.transport.features_refused == 2,
+                format!(
+                    "4 device errors (DEVICE_NEEDS_RESET) and 2 refused FEATURES_OK, got {} and {}",
+                    o.transport.needs_reset, o.transport.features_refused
+                ),
+            );
+            c.check(
+                o.transport.ignored >= 6,
+                format!("misused registers ignored: {}", o.transport.ignored),
+            );
+            c.check(
+                dma.bad_args == 5 && dma.pasid_tagged == 1,
+                format!(
+                    "5 DMAs refused for their arguments (one PASID-tagged), got {} ({})",
+                    dma.bad_args, dma.pasid_tagged
+                ),
+            );
+            c.check(
+                o.device.faults_delivered == map_faults,
+                format!(
+                    "{map_faults} fault records delivered, got {}",
+                    o.device.faults_delivered
+                ),
+            );
+        }
+    }
+    c.0
+}
+
+/// The VMM's view of scenario 1.
+fn map_checks(c: &mut Checks, o: &RunOutcome, n: u64) {
+    let req = |t: u8| o.device.requests[usize::from(t)];
+    c.check(
+        req(VIRTIO_IOMMU_T_PROBE) >= 2 && req(VIRTIO_IOMMU_T_ATTACH) >= 1,
+        "PROBE and ATTACH reached the device",
+    );
+    c.check(
+        req(VIRTIO_IOMMU_T_MAP) >= 4 + n && req(VIRTIO_IOMMU_T_UNMAP) >= 2 + n,
+        format!(
+            "MAP {} and UNMAP {} requests (4 + {n} and 2 + {n} expected at least)",
+            req(VIRTIO_IOMMU_T_MAP),
+            req(VIRTIO_IOMMU_T_UNMAP)
+        ),
+    );
+    c.check(req(VIRTIO_IOMMU_T_DETACH) >= 1, "DETACH reached the device");
+    c.check(
+        o.peak_mappings >= 4,
+        format!("4 mappings alive at once, saw {}", o.peak_mappings),
+    );
+    c.check(
+        o.final_mappings == 0 && o.final_domains == 0,
+        "DETACH ended the domain and its mappings",
+    );
+    c.check(
+        o.device.unmapped >= 3 + n,
+        format!("UNMAP removed {} mappings", o.device.unmapped),
+    );
+    if n > 0 {
+        c.check(
+            serial_metric(&o.serial, "cycles_per_map_unmap").is_some(),
+            "guest reported cycles per MAP+UNMAP",
+        );
+    }
+    c.check(o.boot_to_first_request.is_some(), "the guest sent requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(json: &str) -> VmConfig {
+        VmConfig::from_json_str(json).unwrap()
+    }
+
+    const DMA: &str =
+        r#""devices": [{"id": "d", "kind": "emulated-dma", "endpoint": 8, "iommu": true}]"#;
+
+    #[test]
+    fn every_scenario_runs_by_default_when_the_config_allows() {
+        let p = plan(&cfg(&format!("{{{DMA}}}"))).unwrap();
+        assert_eq!(p.run, Scenario::ALL);
+        assert!(p.skipped.is_empty());
+    }
+
+    #[test]
+    fn without_a_dma_engine_behind_the_iommu_nothing_runs() {
+        let p = plan(&cfg("{}")).unwrap();
+        assert!(p.run.is_empty());
+        assert_eq!(p.skipped.len(), 3);
+    }
+
+    #[test]
+    fn legacy_bypass_skips_the_bypass_scenario() {
+        let c = cfg(&format!(r#"{{"iommu": {{"legacy_bypass": true}}, {DMA}}}"#));
+        let p = plan(&c).unwrap();
+        assert_eq!(p.run, [Scenario::Map, Scenario::Hostile]);
+        assert_eq!(p.skipped[0].0, Scenario::Bypass);
+    }
+
+    #[test]
+    fn a_named_scenario_the_config_cannot_run_is_an_error_naming_its_index() {
+        let c = cfg(&format!(
+            r#"{{"iommu": {{"legacy_bypass": true}}, {DMA}, "scenarios": ["map", "bypass"]}}"#
+        ));
+        let e = plan(&c).unwrap_err().to_string();
+        assert!(
+            e.starts_with("scenarios[1]: scenario \"bypass\" needs"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reserved_region_over_the_iova_window_is_reported() {
+        let c = cfg(&format!(
+            r#"{{"iommu": {{"reserved_regions": [{{"start": "0x10000000", "end": "0x10000fff", "kind": "reserved"}}]}}, {DMA}}}"#
+        ));
+        let why = unmet_requirement(&c, Scenario::Map).unwrap();
+        assert!(why.contains("free of reserved regions"), "{why}");
+    }
+
+    #[test]
+    fn serial_metric_reads_the_number_after_the_key() {
+        let s = "x\nbench: map_unmap_round_trips=10 cycles_per_map_unmap=12345\n";
+        assert_eq!(serial_metric(s, "cycles_per_map_unmap"), Some(12345));
+        assert_eq!(serial_metric(s, "map_unmap_round_trips"), Some(10));
+        assert_eq!(serial_metric(s, "missing"), None);
+    }
+}

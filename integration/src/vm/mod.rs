@@ -1,0 +1,641 @@
+//! The KVM test VMM: one vCPU in 64-bit mode at CPL3, guest RAM in two
+//! regions around an MMIO gap, the virtio-iommu on a virtio-mmio window,
+//! one DMA engine per emulated-dma device of the config, a serial port and
+//! a done port.
+//!
+//! Everything the guest does arrives here as a port or MMIO exit and is
+//! served on the vCPU thread: queue notifications run the device's queue
+//! processing synchronously and the guest polls its used rings (no
+//! ioeventfd, no irqfd, no interrupt controller). A guest that faults,
+//! halts, shuts down, exits unexpectedly or outlives its deadline ends the
+//! run with a [`VmError`] carrying its serial log; nothing the guest does
+//! panics the VMM.
+//!
+//! Modules, one job each: [`layout`] (where RAM is), [`x86`] (the start
+//! state), [`elf`] (loading the program), [`pio`] (ports), [`virtio_mmio`]
+//! (the transport), [`iommu`] (the device behind it), [`dma_device`] (the
+//! DMA engine's registers), [`watchdog`] (the deadline).
+
+pub mod dma_device;
+pub mod elf;
+pub mod iommu;
+pub mod layout;
+pub mod pio;
+pub mod virtio_mmio;
+pub mod watchdog;
+pub mod x86;
+
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
+};
+use vmm_iommu::config::{DeviceKind, ReservedKind, VmConfig};
+use vmm_iommu::{DeviceError, DeviceStats, VirtioIommu};
+
+use crate::abi::{self, BootInfo};
+use crate::dma::{DmaEngine, DmaSpace, EndpointRouter, PhysicalDma};
+use dma_device::{DmaDevice, DmaStats};
+use elf::ElfError;
+use layout::{Layout, LayoutError};
+use pio::{PortEvent, Ports};
+use virtio_mmio::{TransportStats, VirtioMmio};
+use watchdog::Watch;
+use x86::CpuSetupError;
+
+/// The path the VMM reports for its notifications and interrupts.
+pub const NOTIFY_PATH: &str =
+    "notify: synchronous on the MMIO exit (no ioeventfd), interrupts: none, guest polls used rings";
+
+/// What to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmOptions {
+    /// `abi::SCENARIO_*`, passed to the guest.
+    pub scenario: u64,
+    /// MAP+UNMAP round trips the guest benchmarks (0 to skip).
+    pub bench_iterations: u64,
+}
+
+/// A run that ended badly. Errors about the guest carry its serial log.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The config asks for something this VMM cannot build.
+    #[error("{path}: {rule}")]
+    Config {
+        /// JSON path of the offending value.
+        path: String,
+        /// What is wrong with it.
+        rule: String,
+    },
+    /// The memory layout cannot be built.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The vCPU cannot be set up.
+    #[error(transparent)]
+    Cpu(#[from] CpuSetupError),
+    /// The guest program cannot be loaded.
+    #[error("cannot load the guest program: {0}")]
+    Elf(#[from] ElfError),
+    /// The boot info cannot be written.
+    #[error("cannot write the boot info: {0}")]
+    Memory(#[from] GuestMemoryError),
+    /// The virtio-iommu cannot be built.
+    #[error("cannot create the virtio-iommu: {0}")]
+    Device(#[from] DeviceError),
+    /// The watchdog's signal cannot be installed.
+    #[error("cannot install the watchdog signal: {0}")]
+    Watchdog(#[source] std::io::Error),
+    /// The guest did not end in time.
+    #[error("guest did not finish within {timeout:?}{}", log(.serial))]
+    Timeout {
+        /// The deadline.
+        timeout: Duration,
+        /// The serial log.
+        serial: String,
+    },
+    /// The guest took a CPU exception.
+    #[error(
+        "guest exception {vector} ({}) at rip {rip:#x}, error code {error_code:#x}, cr2 {cr2:#x}, rflags {rflags:#x}{}",
+        exception_name(*.vector),
+        log(.serial)
+    )]
+    GuestException {
+        /// The vector.
+        vector: u8,
+        /// Where it happened.
+        rip: u64,
+        /// The error code (0 for vectors without one).
+        error_code: u64,
+        /// The faulting address of a page fault.
+        cr2: u64,
+        /// RFLAGS when it happened.
+        rflags: u64,
+        /// The serial log.
+        serial: String,
+    },
+    /// The guest triple-faulted (or asked for a shutdown).
+    #[error("guest shut down (triple fault){}", log(.serial))]
+    Shutdown {
+        /// The serial log.
+        serial: String,
+    },
+    /// The guest halted instead of writing the done port.
+    #[error("guest halted without writing the done port{}", log(.serial))]
+    Halted {
+        /// The serial log.
+        serial: String,
+    },
+    /// KVM reported an exit the VMM does not serve.
+    #[error("unexpected vCPU exit {exit}{}", log(.serial))]
+    UnexpectedExit {
+        /// The exit, as KVM described it.
+        exit: String,
+        /// The serial log.
+        serial: String,
+    },
+}
+
+fn log(serial: &str) -> String {
+    if serial.is_empty() {
+        "; the guest printed nothing".to_string()
+    } else {
+        format!("; guest serial log:\n{serial}")
+    }
+}
+
+fn exception_name(vector: u8) -> &'static str {
+    match vector {
+        0 => "#DE",
+        1 => "#DB",
+        3 => "#BP",
+        4 => "#OF",
+        5 => "#BR",
+        6 => "#UD",
+        7 => "#NM",
+        8 => "#DF",
+        10 => "#TS",
+        11 => "#NP",
+        12 => "#SS",
+        13 => "#GP",
+        14 => "#PF",
+        16 => "#MF",
+        17 => "#AC",
+        18 => "#MC",
+        19 => "#XM",
+        _ => "reserved",
+    }
+}
+
+impl VmError {
+    /// The guest's serial log, for errors about the guest.
+    pub fn serial(&self) -> Option<&str> {
+        match self {
+            VmError::Timeout { serial, .. }
+            | VmError::GuestException { serial, .. }
+            | VmError::Shutdown { serial }
+            | VmError::Halted { serial }
+            | VmError::UnexpectedExit { serial, .. } => Some(serial),
+            _ => None,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Exits the VMM served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Port I/O exits.
+    pub pio: u64,
+    /// MMIO exits.
+    pub mmio: u64,
+    /// `KVM_RUN` calls interrupted by a signal.
+    pub interrupted: u64,
+}
+
+/// A run that ended with the guest writing the done port.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    /// The guest's result code (`abi::RESULT_PASS` when it passed).
+    pub result: u32,
+    /// The serial log.
+    pub serial: String,
+    /// From the first `KVM_RUN` to the first request-queue notification.
+    pub boot_to_first_request: Option<Duration>,
+    /// From the first `KVM_RUN` to the done port.
+    pub run_time: Duration,
+    /// The virtio-iommu's counters.
+    pub device: DeviceStats,
+    /// The transport's counters.
+    pub transport: TransportStats,
+    /// Each DMA engine's counters, in config order.
+    pub dma: Vec<DmaStats>,
+    /// Fault records dropped because the event queue had no buffer.
+    pub faults_dropped: u64,
+    /// Most mappings alive at once, sampled after each notification.
+    pub peak_mappings: u64,
+    /// Mappings alive at the end.
+    pub final_mappings: u64,
+    /// Domains alive at the end.
+    pub final_domains: usize,
+    /// Exits served.
+    pub exits: ExitCounts,
+    /// The guest TSC frequency in kHz, if KVM reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// One DMA engine of the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaSlot {
+    /// The engine's index (its window is `DMA_BASE + index * 0x1000`).
+    pub index: usize,
+    /// Its endpoint ID.
+    pub endpoint: u32,
+    /// Whether it sits behind the vIOMMU.
+    pub behind_iommu: bool,
+}
+
+/// The DMA engines a config asks for, checked against what this VMM can
+/// build.
+pub fn dma_slots(cfg: &VmConfig) -> Result<Vec<DmaSlot>, VmError> {
+    let mut slots = Vec::new();
+    for (i, d) in cfg.devices.iter().enumerate() {
+        match d.kind {
+            DeviceKind::EmulatedDma => {
+                if slots.len() == abi::MAX_DMA_ENGINES {
+                    return Err(VmError::Config {
+                        path: format!("devices[{i}]"),
+                        rule: format!(
+                            "the KVM test VMM builds at most {} emulated-dma devices",
+                            abi::MAX_DMA_ENGINES
+                        ),
+                    });
+                }
+                slots.push(DmaSlot {
+                    index: slots.len(),
+                    endpoint: d.endpoint,
+                    behind_iommu: d.iommu,
+                });
+            }
+            DeviceKind::Vfio => {
+                return Err(VmError::Config {
+                    path: format!("devices[{i}].kind"),
+                    rule: "\"vfio\" devices need a host device assigned through VFIO; the KVM \
+                           test VMM runs \"emulated-dma\" devices only"
+                        .into(),
+                })
+            }
+        }
+    }
+    Ok(slots)
+}
+
+/// Devices on the MMIO and port buses.
+struct Bus {
+    mem: GuestMemoryMmap,
+    iommu: VirtioMmio<VirtioIommu>,
+    dmas: Vec<DmaDevice>,
+    ports: Ports,
+    peak_mappings: u64,
+    unhandled_mmio: u64,
+    exits: ExitCounts,
+}
+
+impl Bus {
+    fn window(addr: u64) -> Option<(usize, u64)> {
+        let off = addr.checked_sub(abi::MMIO_GAP_START)?;
+        let idx = usize::try_from(off / abi::MMIO_WINDOW_SIZE).ok()?;
+        Some((idx, off % abi::MMIO_WINDOW_SIZE))
+    }
+
+    /// DMA engine `i`'s window index.
+    fn dma_window(i: usize) -> usize {
+        ((abi::DMA_BASE - abi::MMIO_GAP_START) / abi::MMIO_WINDOW_SIZE) as usize + i
+    }
+
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.exits.mmio += 1;
+        match Self::window(addr) {
+            Some((0, off)) => self.iommu.read(off, data),
+            Some((w, off)) if w >= Self::dma_window(0) => {
+                match self.dmas.get_mut(w - Self::dma_window(0)) {
+                    Some(d) => d.read(off, data),
+                    None => self.unhandled_read(data),
+                }
+            }
+            _ => self.unhandled_read(data),
+        }
+    }
+
+    fn unhandled_read(&mut self, data: &mut [u8]) {
+        self.unhandled_mmio += 1;
+        data.fill(0xff);
+    }
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        self.exits.mmio += 1;
+        match Self::window(addr) {
+            Some((0, off)) => {
+                self.iommu.write(&self.mem, off, data);
+                if off == virtio_mmio::regs::QUEUE_NOTIFY {
+                    let n = self.iommu.device().viommu().state().total_mappings();
+                    self.peak_mappings = self.peak_mappings.max(n);
+                }
+            }
+            Some((w, off)) if w >= Self::dma_window(0) => {
+                let ran = match self.dmas.get_mut(w - Self::dma_window(0)) {
+                    Some(d) => d.write(off, data),
+                    None => {
+                        self.unhandled_mmio += 1;
+                        false
+                    }
+                };
+                // Fault records the operation raised go to the event queue
+                // before the doorbell write returns, so the guest finds them
+                // when it reads the status.
+                if ran {
+                    self.iommu.process_pending(&self.mem);
+                }
+            }
+            _ => self.unhandled_mmio += 1,
+        }
+    }
+}
+
+/// Why the vCPU loop stopped.
+enum Stop {
+    Done(u32),
+    Exception(u8),
+    Shutdown,
+    Halted,
+    Timeout,
+    Unexpected(String),
+    Kvm(kvm_ioctls::Error),
+}
+
+/// A VM ready to run its guest program once.
+pub struct Vm {
+    // Declared first so they close before the guest memory they map is
+    // unmapped (fields drop in declaration order).
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    _kvm: Kvm,
+    bus: Bus,
+    tsc_khz: Option<u32>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("iommu", &self.bus.iommu)
+            .finish()
+    }
+}
+
+fn boot_info_bytes(info: &BootInfo) -> Vec<u8> {
+    let mut b = Vec::with_capacity(std::mem::size_of::<BootInfo>());
+    for v in [
+        info.magic,
+        info.scenario,
+        info.low_ram_end,
+        info.high_ram_start,
+        info.high_ram_end,
+        info.msi_start,
+        info.msi_end,
+        info.bypass_initial,
+        info.bench_iterations,
+        info.dma_count,
+        info.primary_dma,
+    ]
+    .iter()
+    .chain(info.dma_endpoints.iter())
+    {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+impl Vm {
+    /// Builds the VM `cfg` describes, with the guest program loaded and the
+    /// vCPU at its entry point.
+    pub fn new(cfg: &VmConfig, opts: &VmOptions) -> Result<Self, VmError> {
+        let layout = Layout::new(cfg.memory.size_mib)?;
+        let slots = dma_slots(cfg)?;
+        let mem = layout.guest_memory()?;
+        let dev = VirtioIommu::new(&cfg.iommu, &cfg.endpoints(), &layout.ram_inclusive())?;
+        let dmas = slots
+            .iter()
+            .map(|s| {
+                let space: Box<dyn DmaSpace> = if s.behind_iommu {
+                    Box::new(DmaEngine::new(dev.viommu(), s.endpoint, mem.clone()))
+                } else {
+                    Box::new(PhysicalDma::new(mem.clone()))
+                };
+                DmaDevice::new(s.endpoint, Box::new(EndpointRouter::new(s.endpoint, space)))
+            })
+            .collect();
+
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: `userspace_addr..+memory_size` is a live anonymous
+            // mapping of `region`, which `mem` keeps mapped (its regions
+            // are reference-counted and `self.bus.mem` holds a clone); the
+            // VmFd that refers to it is a field declared before `bus`, so
+            // it is closed before the mapping can go away.
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+
+        let entry = elf::load(&mem, crate::GUEST_ELF)?;
+        let msi = cfg
+            .iommu
+            .reserved_regions
+            .iter()
+            .find(|r| r.kind == ReservedKind::Msi);
+        let mut info = BootInfo {
+            magic: abi::BOOT_INFO_MAGIC,
+            scenario: opts.scenario,
+            low_ram_end: layout.low_end,
+            high_ram_start: layout.high_start,
+            high_ram_end: layout.high_end,
+            msi_start: msi.map_or(0, |r| r.start),
+            msi_end: msi.map_or(abi::NO_MSI_REGION, |r| r.end),
+            bypass_initial: u64::from(dev.config().bypass),
+            bench_iterations: opts.bench_iterations,
+            dma_count: slots.len() as u64,
+            primary_dma: slots
+                .iter()
+                .find(|s| s.behind_iommu)
+                .map_or(u64::MAX, |s| s.index as u64),
+            dma_endpoints: [0; abi::MAX_DMA_ENGINES],
+        };
+        for s in &slots {
+            info.dma_endpoints[s.index] = u64::from(s.endpoint);
+        }
+        mem.write_slice(&boot_info_bytes(&info), GuestAddress(abi::BOOT_INFO_ADDR))?;
+        x86::setup_vcpu(&vcpu, &mem, layout.high_end, entry, opts.scenario)?;
+        let tsc_khz = vcpu.get_tsc_khz().ok();
+
+        Ok(Vm {
+            vcpu,
+            _vm: vm,
+            _kvm: kvm,
+            bus: Bus {
+                mem,
+                iommu: VirtioMmio::new(dev),
+                dmas,
+                ports: Ports::default(),
+                peak_mappings: 0,
+                unhandled_mmio: 0,
+                exits: ExitCounts::default(),
+            },
+            tsc_khz,
+        })
+    }
+
+    /// Runs the guest until it writes the done port, fails, or `timeout`
+    /// passes.
+    pub fn run(mut self, timeout: Duration) -> Result<RunOutcome, VmError> {
+        let start = Instant::now();
+        let stop = watchdog::run_with_watchdog(timeout, |w| self.run_loop(w))
+            .map_err(VmError::Watchdog)?;
+        let run_time = start.elapsed();
+        let serial = self.bus.ports.serial();
+        let result = match stop {
+            Stop::Done(code) => code,
+            Stop::Exception(vector) => return Err(self.exception(vector, serial)),
+            Stop::Shutdown => return Err(VmError::Shutdown { serial }),
+            Stop::Halted => return Err(VmError::Halted { serial }),
+            Stop::Timeout => return Err(VmError::Timeout { timeout, serial }),
+            Stop::Unexpected(exit) => return Err(VmError::UnexpectedExit { exit, serial }),
+            Stop::Kvm(source) => {
+                return Err(VmError::Kvm {
+                    what: "KVM_RUN",
+                    source,
+                })
+            }
+        };
+        let dev = self.bus.iommu.device();
+        let st = dev.viommu().state();
+        Ok(RunOutcome {
+            result,
+            serial,
+            boot_to_first_request: self.bus.iommu.first_notify().map(|t| t - start),
+            run_time,
+            device: dev.stats().clone(),
+            transport: self.bus.iommu.stats().clone(),
+            dma: self.bus.dmas.iter().map(|d| d.stats().clone()).collect(),
+            faults_dropped: dev.viommu().faults().dropped(),
+            peak_mappings: self.bus.peak_mappings,
+            final_mappings: st.total_mappings(),
+            final_domains: st.domain_count(),
+            exits: self.bus.exits,
+            tsc_khz: self.tsc_khz,
+        })
+    }
+
+    fn run_loop(&mut self, watch: &Watch) -> Stop {
+        loop {
+            if watch.expired() {
+                return Stop::Timeout;
+            }
+            let bus = &mut self.bus;
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    bus.exits.pio += 1;
+                    match bus.ports.write(port, data) {
+                        PortEvent::Continue => {}
+                        PortEvent::Done(code) => return Stop::Done(code),
+                        PortEvent::Exception(v) => return Stop::Exception(v),
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    bus.exits.pio += 1;
+                    bus.ports.read(port, data);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+                Ok(VcpuExit::Hlt) => return Stop::Halted,
+                Ok(VcpuExit::Shutdown) => return Stop::Shutdown,
+                Ok(other) => return Stop::Unexpected(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    bus.exits.interrupted += 1;
+                }
+                Err(e) => return Stop::Kvm(e),
+            }
+        }
+    }
+
+    /// The error for an exception stub's report: where, and why.
+    fn exception(&self, vector: u8, serial: String) -> VmError {
+        let regs = self.vcpu.get_regs().unwrap_or_default();
+        let cr2 = self.vcpu.get_sregs().map_or(0, |s| s.cr2);
+        // The CPU pushed [error code,] RIP, CS, RFLAGS, RSP, SS on the
+        // exception stack; the stub pushed nothing.
+        let read = |at: u64| {
+            self.bus
+                .mem
+                .read_obj::<u64>(GuestAddress(at))
+                .unwrap_or(u64::MAX)
+        };
+        let (error_code, rip_at) = if x86::has_error_code(vector) {
+            (read(regs.rsp), regs.rsp.wrapping_add(8))
+        } else {
+            (0, regs.rsp)
+        };
+        VmError::GuestException {
+            vector,
+            rip: read(rip_at),
+            error_code,
+            cr2,
+            rflags: read(rip_at.wrapping_add(16)),
+            serial,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_info_serialises_every_field() {
+        let info = BootInfo {
+            dma_endpoints: [7; abi::MAX_DMA_ENGINES],
+            ..Default::default()
+        };
+        let b = boot_info_bytes(&info);
+        assert_eq!(b.len(), std::mem::size_of::<BootInfo>());
+        assert_eq!(b[b.len() - 8], 7);
+    }
+
+    #[test]
+    fn vfio_devices_are_refused_naming_the_json_path() {
+        let cfg = VmConfig::from_json_str(
+            r#"{"devices": [{"id": "d", "kind": "emulated-dma", "endpoint": 1, "iommu": true},
+                            {"id": "n", "kind": "vfio", "endpoint": 2, "path": "/dev/vfio/1", "backend": "type1"}]}"#,
+        )
+        .unwrap();
+        let e = dma_slots(&cfg).unwrap_err().to_string();
+        assert!(e.starts_with("devices[1].kind: "), "{e}");
+    }
+
+    #[test]
+    fn windows_map_to_devices() {
+        assert_eq!(Bus::window(abi::VIRTIO_MMIO_BASE + 0x70), Some((0, 0x70)));
+        assert_eq!(
+            Bus::window(abi::DMA_BASE + 0x1004),
+            Some((Bus::dma_window(1), 4))
+        );
+        assert_eq!(Bus::window(0x1000), None);
+    }
+}

@@ -1,0 +1,644 @@
+//! The virtio-mmio transport, version 2 (virtio 1.3, 4.2.2), on the MMIO
+//! exit path: registers, feature negotiation, queue set-up, the status
+//! state machine with FEATURES_OK and reset, the config generation, and
+//! the device's config space from offset 0x100.
+//!
+//! Notifications are handled synchronously: a QueueNotify write runs the
+//! device's queue processing before the write returns to the guest. There
+//! is no interrupt line: the device's "interrupt" sets InterruptStatus and
+//! the guest polls its used rings. A device error (for instance a guest
+//! avail index the queue refuses) puts the device in DEVICE_NEEDS_RESET
+//! until the driver resets it; the VMM keeps running.
+//!
+//! Every guest access is checked: registers take aligned 32-bit accesses
+//! only, queue registers only while the queue is not ready, features only
+//! between DRIVER and FEATURES_OK; anything else is ignored and counted.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::{debug, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_iommu::{DeviceError, VirtioInterrupt};
+
+/// "virt".
+pub const MAGIC: u32 = 0x7472_6976;
+/// The modern transport.
+pub const VERSION: u32 = 2;
+/// Vendor ID reported to the guest ("VMMI").
+pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"VMMI");
+
+/// Register offsets.
+pub mod regs {
+    /// MagicValue.
+    pub const MAGIC: u64 = 0x000;
+    /// Version.
+    pub const VERSION: u64 = 0x004;
+    /// DeviceID.
+    pub const DEVICE_ID: u64 = 0x008;
+    /// VendorID.
+    pub const VENDOR_ID: u64 = 0x00c;
+    /// DeviceFeatures.
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    /// DeviceFeaturesSel.
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// DriverFeatures.
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    /// DriverFeaturesSel.
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// QueueSel.
+    pub const QUEUE_SEL: u64 = 0x030;
+    /// QueueNumMax.
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// QueueNum.
+    pub const QUEUE_NUM: u64 = 0x038;
+    /// QueueReady.
+    pub const QUEUE_READY: u64 = 0x044;
+    /// QueueNotify.
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    /// InterruptStatus.
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// InterruptACK.
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    /// Status.
+    pub const STATUS: u64 = 0x070;
+    /// QueueDescLow.
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// QueueDescHigh.
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// QueueDriverLow.
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// QueueDriverHigh.
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// QueueDeviceLow.
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// QueueDeviceHigh.
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// SHMLenLow: no shared memory regions, so all ones.
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    /// SHMLenHigh.
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    /// ConfigGeneration.
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    /// Start of the device config space.
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Status: ACKNOWLEDGE.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+/// Status: DRIVER.
+pub const STATUS_DRIVER: u32 = 2;
+/// Status: DRIVER_OK.
+pub const STATUS_DRIVER_OK: u32 = 4;
+/// Status: FEATURES_OK.
+pub const STATUS_FEATURES_OK: u32 = 8;
+/// Status: DEVICE_NEEDS_RESET.
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
+/// Status: FAILED.
+pub const STATUS_FAILED: u32 = 0x80;
+/// The status bits a driver may set.
+const DRIVER_STATUS_BITS: u32 =
+    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK | STATUS_FAILED;
+
+/// InterruptStatus: a used ring was updated.
+pub const INT_VRING: u32 = 1;
+/// InterruptStatus: the configuration (or the device status) changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// `VIRTIO_F_VERSION_1`: the modern transport requires it.
+const F_VERSION_1: u64 = 1 << 32;
+
+/// A virtio device behind a transport: what the transport needs from it.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID.
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// The features the device offers.
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of `features`).
+    fn ack_features(&mut self, features: u64);
+    /// Reads config space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes config space at `offset`.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device on the queues the driver set up.
+    fn activate(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), DeviceError>;
+    /// Serves a notification of `queue`.
+    fn queue_notify(&mut self, mem: &GuestMemoryMmap, queue: u16) -> Result<(), DeviceError>;
+    /// Does work that waits on something other than a notification (for
+    /// the IOMMU: fault records waiting for event buffers).
+    fn process_pending(&mut self, mem: &GuestMemoryMmap) -> Result<(), DeviceError>;
+    /// Device reset.
+    fn reset(&mut self);
+}
+
+/// The "interrupt" of a polled transport: it records the cause in
+/// InterruptStatus and raises no line.
+#[derive(Debug, Default)]
+pub struct PolledInterrupt {
+    status: AtomicU32,
+}
+
+impl VirtioInterrupt for PolledInterrupt {
+    fn trigger(&self, _queue: u16) -> std::io::Result<()> {
+        self.status.fetch_or(INT_VRING, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// What the transport saw, for the VMM's report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Queue notifications served, by queue (0 and 1; others counted in
+    /// `ignored`).
+    pub notifications: [u64; 2],
+    /// Guest accesses ignored (bad width, bad offset, wrong state).
+    pub ignored: u64,
+    /// Times the device entered DEVICE_NEEDS_RESET.
+    pub needs_reset: u64,
+    /// FEATURES_OK writes refused.
+    pub features_refused: u64,
+    /// Successful activations (DRIVER_OK).
+    pub activations: u64,
+    /// Device resets by the driver.
+    pub resets: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct QueueRegs {
+    max: u16,
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+fn set_low(v: &mut u64, low: u32) {
+    *v = (*v & !0xffff_ffff) | u64::from(low);
+}
+
+fn set_high(v: &mut u64, high: u32) {
+    *v = (*v & 0xffff_ffff) | (u64::from(high) << 32);
+}
+
+/// A virtio-mmio window serving one device.
+pub struct VirtioMmio<D: VirtioDevice> {
+    dev: D,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueRegs>,
+    interrupt: Arc<PolledInterrupt>,
+    config_generation: u32,
+    first_notify: Option<Instant>,
+    stats: TransportStats,
+}
+
+impl<D: VirtioDevice> std::fmt::Debug for VirtioMmio<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioMmio")
+            .field("status", &self.status)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl<D: VirtioDevice> VirtioMmio<D> {
+    /// A transport for `dev`, in reset state.
+    pub fn new(dev: D) -> Self {
+        let queues = dev
+            .queue_max_sizes()
+            .into_iter()
+            .map(|max| QueueRegs {
+                max,
+                ..Default::default()
+            })
+            .collect();
+        VirtioMmio {
+            dev,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues,
+            interrupt: Arc::new(PolledInterrupt::default()),
+            config_generation: 0,
+            first_notify: None,
+            stats: TransportStats::default(),
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &TransportStats {
+        &self.stats
+    }
+
+    /// When the first notification of queue 0 was served.
+    pub fn first_notify(&self) -> Option<Instant> {
+        self.first_notify
+    }
+
+    /// The device status byte.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn running(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_DEVICE_NEEDS_RESET == 0
+    }
+
+    fn ignore(&mut self, what: &str, offset: u64) {
+        self.stats.ignored += 1;
+        debug!("virtio-mmio: ignored {what} at {offset:#x}");
+    }
+
+    /// Puts the device in DEVICE_NEEDS_RESET and tells the driver (virtio
+    /// 1.3 2.1.2: "the device SHOULD set DEVICE_NEEDS_RESET" and send a
+    /// configuration change notification).
+    fn fail(&mut self, err: &DeviceError) {
+        warn!("virtio-mmio: device error, needs reset: {err}");
+        if self.status & STATUS_DEVICE_NEEDS_RESET == 0 {
+            self.stats.needs_reset += 1;
+        }
+        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.status.fetch_or(INT_CONFIG, Ordering::AcqRel);
+    }
+
+    fn reset(&mut self) {
+        self.dev.reset();
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            *q = QueueRegs {
+                max: q.max,
+                ..Default::default()
+            };
+        }
+        self.interrupt.status.store(0, Ordering::Release);
+        self.stats.resets += 1;
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= regs::CONFIG {
+            self.dev.read_config(offset - regs::CONFIG, data);
+            return;
+        }
+        data.fill(0);
+        // virtio 1.3 4.2.2.2: "The driver MUST only use 32 bit wide and
+        // aligned reads and writes to access the control registers".
+        if data.len() != 4 || offset % 4 != 0 {
+            self.ignore("register read of bad width", offset);
+            return;
+        }
+        let sel = self.queues.get(self.queue_sel as usize).copied();
+        let v: u32 = match offset {
+            regs::MAGIC => MAGIC,
+            regs::VERSION => VERSION,
+            regs::DEVICE_ID => self.dev.device_type(),
+            regs::VENDOR_ID => VENDOR_ID,
+            regs::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.dev.features() as u32,
+                1 => (self.dev.features() >> 32) as u32,
+                _ => 0,
+            },
+            regs::QUEUE_NUM_MAX => sel.map_or(0, |q| u32::from(q.max)),
+            regs::QUEUE_READY => sel.map_or(0, |q| u32::from(q.ready)),
+            regs::INTERRUPT_STATUS => self.interrupt.status.load(Ordering::Acquire),
+            regs::STATUS => self.status,
+            regs::SHM_LEN_LOW | regs::SHM_LEN_HIGH => u32::MAX,
+            regs::CONFIG_GENERATION => self.config_generation,
+            _ => {
+                self.ignore("read of a write-only or unknown register", offset);
+                0
+            }
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// A guest write of `data` at `offset` in the window.
+    pub fn write(&mut self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) {
+        if offset >= regs::CONFIG {
+            // virtio 1.3 4.2.2.2 allows config writes of any width; the
+            // device decides what is writable.
+            self.dev.write_config(offset - regs::CONFIG, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.ignore("register write of bad width", offset);
+            return;
+        };
+        if offset % 4 != 0 {
+            self.ignore("unaligned register write", offset);
+            return;
+        }
+        let v = u32::from_le_bytes(bytes);
+        match offset {
+            regs::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            regs::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            regs::DRIVER_FEATURES => self.write_driver_features(v, offset),
+            regs::QUEUE_SEL => self.queue_sel = v,
+            regs::QUEUE_NUM
+            | regs::QUEUE_DESC_LOW
+            | regs::QUEUE_DESC_HIGH
+            | regs::QUEUE_DRIVER_LOW
+            | regs::QUEUE_DRIVER_HIGH
+            | regs::QUEUE_DEVICE_LOW
+            | regs::QUEUE_DEVICE_HIGH
+            | regs::QUEUE_READY => self.write_queue_reg(offset, v),
+            regs::QUEUE_NOTIFY => self.notify(mem, v),
+            regs::INTERRUPT_ACK => {
+                self.interrupt.status.fetch_and(!v, Ordering::AcqRel);
+            }
+            regs::STATUS => self.write_status(mem, v),
+            _ => self.ignore("write of a read-only or unknown register", offset),
+        }
+    }
+
+    fn write_driver_features(&mut self, v: u32, offset: u64) {
+        // virtio 1.3 3.1.1: features are written after DRIVER and before
+        // FEATURES_OK; later writes would change what the device runs with.
+        if self.status & STATUS_DRIVER == 0 || self.status & STATUS_FEATURES_OK != 0 {
+            self.ignore("driver features outside negotiation", offset);
+            return;
+        }
+        match self.driver_features_sel {
+            0 => set_low(&mut self.driver_features, v),
+            1 => set_high(&mut self.driver_features, v),
+            _ => self.ignore("driver features with a bad selector", offset),
+        }
+    }
+
+    fn write_queue_reg(&mut self, offset: u64, v: u32) {
+        // Queue registers mean nothing once the device runs (virtio 1.3
+        // 4.2.2.2: the driver MUST NOT change them while the queue is
+        // ready or after DRIVER_OK).
+        let locked = self.status & STATUS_DRIVER_OK != 0;
+        let Some(q) = self.queues.get_mut(self.queue_sel as usize) else {
+            self.ignore("queue register of a queue that does not exist", offset);
+            return;
+        };
+        if locked || (q.ready && offset != regs::QUEUE_READY) {
+            self.ignore("queue register of a ready queue", offset);
+            return;
+        }
+        match offset {
+            // Kept as written (truncated to 16 bits); virtio-queue refuses
+            // a size that is zero, above the maximum or not a power of two,
+            // so a bad size fails the activation.
+            regs::QUEUE_NUM => q.size = v as u16,
+            regs::QUEUE_DESC_LOW => set_low(&mut q.desc, v),
+            regs::QUEUE_DESC_HIGH => set_high(&mut q.desc, v),
+            regs::QUEUE_DRIVER_LOW => set_low(&mut q.driver, v),
+            regs::QUEUE_DRIVER_HIGH => set_high(&mut q.driver, v),
+            regs::QUEUE_DEVICE_LOW => set_low(&mut q.device, v),
+            regs::QUEUE_DEVICE_HIGH => set_high(&mut q.device, v),
+            _ => q.ready = v == 1,
+        }
+    }
+
+    fn notify(&mut self, mem: &GuestMemoryMmap, v: u32) {
+        // Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index.
+        if !self.running() {
+            self.ignore(
+                "notification while the device is not running",
+                regs::QUEUE_NOTIFY,
+            );
+            return;
+        }
+        let Some(queue) = u16::try_from(v)
+            .ok()
+            .filter(|&q| usize::from(q) < self.queues.len())
+        else {
+            self.ignore(
+                "notification of a queue that does not exist",
+                regs::QUEUE_NOTIFY,
+            );
+            return;
+        };
+        if queue == 0 && self.first_notify.is_none() {
+            self.first_notify = Some(Instant::now());
+        }
+        if let Some(n) = self.stats.notifications.get_mut(usize::from(queue)) {
+            *n += 1;
+        }
+        if let Err(e) = self.dev.queue_notify(mem, queue) {
+            self.fail(&e);
+        }
+    }
+
+    /// Lets the device do pending work (fault delivery after a DMA); a
+    /// no-op while the driver has not set it running.
+    pub fn process_pending(&mut self, mem: &GuestMemoryMmap) {
+        if !self.running() {
+            return;
+        }
+        if let Err(e) = self.dev.process_pending(mem) {
+            self.fail(&e);
+        }
+    }
+
+    fn write_status(&mut self, mem: &GuestMemoryMmap, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // virtio 1.3 2.1.2: "The driver MUST NOT clear a device status
+        // bit"; only a write of 0 (reset) goes back.
+        if v & !DRIVER_STATUS_BITS != 0 || self.status & !v & DRIVER_STATUS_BITS != 0 {
+            self.ignore("status write that clears or sets device bits", regs::STATUS);
+            return;
+        }
+        let new = v & !self.status;
+        if new & STATUS_FEATURES_OK != 0 {
+            // virtio 1.3 3.1.1: the device refuses FEATURES_OK by leaving
+            // it clear. It refuses features it did not offer, and a modern
+            // transport without VERSION_1.
+            let offered = self.dev.features();
+            let f = self.driver_features;
+            if self.status & STATUS_DRIVER == 0 || f & !offered != 0 || f & F_VERSION_1 == 0 {
+                self.stats.features_refused += 1;
+                debug!("virtio-mmio: refused driver features {f:#x} (offered {offered:#x})");
+                self.status = v & !STATUS_FEATURES_OK;
+                return;
+            }
+            self.dev.ack_features(f);
+        }
+        if new & STATUS_DRIVER_OK != 0 {
+            if self.status & STATUS_FEATURES_OK == 0 && new & STATUS_FEATURES_OK == 0 {
+                self.ignore("DRIVER_OK before FEATURES_OK", regs::STATUS);
+                return;
+            }
+            let needs_reset = self.status & STATUS_DEVICE_NEEDS_RESET;
+            self.status = v | needs_reset;
+            if needs_reset == 0 {
+                self.activate(mem);
+            }
+            return;
+        }
+        self.status = v | (self.status & STATUS_DEVICE_NEEDS_RESET);
+    }
+
+    fn activate(&mut self, mem: &GuestMemoryMmap) {
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, r) in self.queues.iter().enumerate() {
+            match Self::build_queue(r) {
+                Ok(q) => queues.push(q),
+                Err(source) => {
+                    self.fail(&DeviceError::Queue {
+                        queue: i as u16,
+                        source,
+                    });
+                    return;
+                }
+            }
+        }
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        match self.dev.activate(mem, queues, interrupt) {
+            Ok(()) => self.stats.activations += 1,
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    /// The device-side queue for what the driver wrote; a size or an
+    /// alignment the split ring does not allow is an error, not silently
+    /// replaced by the maximum.
+    fn build_queue(r: &QueueRegs) -> Result<Queue, virtio_queue::Error> {
+        let mut q = Queue::new(r.max)?;
+        if r.ready {
+            q.try_set_size(r.size)?;
+            q.try_set_desc_table_address(GuestAddress(r.desc))?;
+            q.try_set_avail_ring_address(GuestAddress(r.driver))?;
+            q.try_set_used_ring_address(GuestAddress(r.device))?;
+            q.set_ready(true);
+        }
+        Ok(q)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+    use vmm_iommu::config::IommuConfig;
+    use vmm_iommu::VirtioIommu;
+
+    fn setup() -> (VirtioMmio<VirtioIommu>, GuestMemoryMmap) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dev = VirtioIommu::new(&IommuConfig::default(), &[1], &[(0, (1 << 20) - 1)]).unwrap();
+        (VirtioMmio::new(dev), mem)
+    }
+
+    fn r(t: &mut VirtioMmio<VirtioIommu>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut VirtioMmio<VirtioIommu>, mem: &GuestMemoryMmap, off: u64, v: u32) {
+        t.write(mem, off, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut VirtioMmio<VirtioIommu>, mem: &GuestMemoryMmap, features: u64) {
+        w(t, mem, regs::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, mem, regs::DRIVER_FEATURES_SEL, 0);
+        w(t, mem, regs::DRIVER_FEATURES, features as u32);
+        w(t, mem, regs::DRIVER_FEATURES_SEL, 1);
+        w(t, mem, regs::DRIVER_FEATURES, (features >> 32) as u32);
+        let s = r(t, regs::STATUS);
+        w(t, mem, regs::STATUS, s | STATUS_FEATURES_OK);
+    }
+
+    #[test]
+    fn identity_registers_read_as_a_modern_iommu() {
+        let (mut t, _) = setup();
+        assert_eq!(r(&mut t, regs::MAGIC), MAGIC);
+        assert_eq!(r(&mut t, regs::VERSION), 2);
+        assert_eq!(r(&mut t, regs::DEVICE_ID), 23);
+        // QueueSel 0 is the request queue.
+        assert!(r(&mut t, regs::QUEUE_NUM_MAX) >= 64);
+        assert_eq!(r(&mut t, regs::SHM_LEN_LOW), u32::MAX);
+    }
+
+    #[test]
+    fn features_without_version_1_or_not_offered_are_refused() {
+        let (mut t, mem) = setup();
+        let offered = t.device().avail_features();
+        negotiate(&mut t, &mem, offered & !F_VERSION_1);
+        assert_eq!(r(&mut t, regs::STATUS) & STATUS_FEATURES_OK, 0);
+        w(&mut t, &mem, regs::STATUS, 0);
+        negotiate(&mut t, &mem, offered | (1 << 50));
+        assert_eq!(r(&mut t, regs::STATUS) & STATUS_FEATURES_OK, 0);
+        w(&mut t, &mem, regs::STATUS, 0);
+        negotiate(&mut t, &mem, F_VERSION_1);
+        assert_ne!(r(&mut t, regs::STATUS) & STATUS_FEATURES_OK, 0);
+        assert_eq!(t.stats().features_refused, 2);
+    }
+
+    #[test]
+    fn driver_ok_without_ready_queues_asks_for_a_reset() {
+        let (mut t, mem) = setup();
+        negotiate(&mut t, &mem, F_VERSION_1);
+        let s = r(&mut t, regs::STATUS);
+        w(&mut t, &mem, regs::STATUS, s | STATUS_DRIVER_OK);
+        assert_ne!(r(&mut t, regs::STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_ne!(r(&mut t, regs::INTERRUPT_STATUS) & INT_CONFIG, 0);
+        // Notifications are ignored until the reset.
+        w(&mut t, &mem, regs::QUEUE_NOTIFY, 0);
+        assert_eq!(t.stats().notifications, [0, 0]);
+        w(&mut t, &mem, regs::STATUS, 0);
+        assert_eq!(r(&mut t, regs::STATUS), 0);
+        assert_eq!(t.stats().needs_reset, 1);
+    }
+
+    #[test]
+    fn bad_widths_cleared_status_bits_and_read_only_writes_are_ignored() {
+        let (mut t, mem) = setup();
+        let mut b = [0xffu8; 2];
+        t.read(regs::MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+        t.write(&mem, regs::STATUS, &[1]);
+        w(&mut t, &mem, regs::MAGIC, 0);
+        w(
+            &mut t,
+            &mem,
+            regs::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+        );
+        w(&mut t, &mem, regs::STATUS, STATUS_ACKNOWLEDGE);
+        assert_eq!(r(&mut t, regs::STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        assert_eq!(r(&mut t, regs::MAGIC), MAGIC);
+        assert_eq!(t.stats().ignored, 4);
+    }
+
+    #[test]
+    fn queue_registers_of_a_missing_queue_are_ignored() {
+        let (mut t, mem) = setup();
+        w(&mut t, &mem, regs::QUEUE_SEL, 7);
+        w(&mut t, &mem, regs::QUEUE_NUM, 8);
+        assert_eq!(r(&mut t, regs::QUEUE_NUM_MAX), 0);
+        assert_eq!(t.stats().ignored, 1);
+    }
+}
