@@ -532,7 +532,7 @@ mod tests {
             Err(InvalidateError::Range(_))
         ));
         let mut r = base;
-        r.virt_start = u64::MAX & !0xfff;
+        r.virt_start = !0xfff;
         r.nr_pages = 2;
         assert!(matches!(
             Invalidation::from_request(&r, 0),
