@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod config;
 pub mod device;
+pub mod emulated;
 pub mod fault;
 pub mod invalidation;
 pub mod mapping;

@@ -1,0 +1,667 @@
+//! The software nested IOMMU behind the device: the guest's own tables
+//! translate, cached like hardware (stale until the matching INVALIDATE,
+//! both ways), faults and page requests reach the eventq, and no endpoint
+//! ever reaches what its domain's tables do not grant (property test).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use proptest::prelude::*;
+use vm_memory::GuestMemoryMmap;
+use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
+use vmm_iommu::emulated::{EmulatedIommu, NestedError, PageRequestState};
+use vmm_iommu::invalidation::{Caches, Invalidation, Scope, VaRange};
+use vmm_iommu::nested::build::{
+    ArmTableBuilder, CdTableBuilder, TableAlloc, VtdPasidTableBuilder, X86TableBuilder,
+};
+use vmm_iommu::nested::{arm, x86, Access, Perm, Stage1};
+use vmm_iommu::router::Router;
+use vmm_iommu::testing::{driver_features, Harness};
+use vmm_iommu::wire::*;
+
+const EP: u32 = 8;
+const EP2: u32 = 9;
+const RAM_MIB: u64 = 32;
+/// Table pages are allocated from here up.
+const TABLES: u64 = 0x100_0000;
+const TABLES_END: u64 = 0x180_0000;
+/// Data pages the tables point at.
+const DATA: u64 = 0x180_0000;
+const PASID: u32 = 5;
+
+type Emu = EmulatedIommu<GuestMemoryMmap>;
+
+fn cfg() -> IommuConfig {
+    IommuConfig {
+        nested: Some(NestedConfig {
+            formats: vec![
+                TableFormat::IntelVtd,
+                TableFormat::ArmSmmuV3,
+                TableFormat::ArmLpae,
+                TableFormat::X86_64,
+            ],
+            pasid_bits: 16,
+        }),
+        ..IommuConfig::default()
+    }
+}
+
+/// A harness whose endpoints EP and EP2 are served by a software nested
+/// IOMMU (EP may send page requests), the driver accepting everything.
+fn rig(page_requests: bool) -> (Harness, Arc<Emu>) {
+    let slot: Arc<Mutex<Option<Arc<Emu>>>> = Arc::default();
+    let s2 = slot.clone();
+    let h = Harness::with_router(
+        &cfg(),
+        &[EP, EP2],
+        RAM_MIB,
+        &[],
+        move |mem, faults| {
+            let pr: &[u32] = if page_requests { &[EP] } else { &[] };
+            let emu = Arc::new(EmulatedIommu::new(mem.clone(), faults, 16, pr));
+            *s2.lock().unwrap() = Some(emu.clone());
+            let mut r = Router::new();
+            r.add(emu, &[EP, EP2]);
+            r
+        },
+        |d| driver_features(d) | (d.avail_features() & ((1 << 56) | (1 << 57))),
+    );
+    let emu = slot.lock().unwrap().take().unwrap();
+    (h, emu)
+}
+
+fn va_inv(pasid: Option<u32>, va: u64, leaf_only: bool) -> Invalidation {
+    Invalidation {
+        caches: Caches::IOTLB,
+        scope: Scope::Range(VaRange {
+            pasid,
+            addr: va & !0xfff,
+            granule_log2: 12,
+            pages: 1,
+            leaf_only,
+        }),
+        archid: None,
+    }
+}
+
+fn send_inv(h: &mut Harness, domain: u32, i: Invalidation) {
+    assert_eq!(
+        h.send(&Request::Invalidate(i.to_request(domain))),
+        Status::Ok
+    );
+}
+
+fn attach_table(h: &mut Harness, domain: u32, ep: u32, t: &TableDesc) -> Status {
+    h.send(&Request::AttachTable(AttachTableReq::new(domain, ep, t)))
+}
+
+/// A VT-d PASID directory with PASID `PASID` → 4-level tables mapping
+/// `va` → `pa` read-write; returns the builders.
+struct VtdSetup {
+    dir: VtdPasidTableBuilder,
+    tables: X86TableBuilder,
+}
+
+fn vtd_setup(mem: &GuestMemoryMmap, alloc_at: u64, maps: &[(u64, u64, Perm)]) -> VtdSetup {
+    let mut a = TableAlloc::new(mem, alloc_at, alloc_at + 0x20_0000);
+    let dir = VtdPasidTableBuilder::new(&mut a, 16).unwrap();
+    let tables = X86TableBuilder::new(&mut a, 4).unwrap();
+    for &(va, pa, perm) in maps {
+        tables.map(&mut a, va, pa, 12, perm).unwrap();
+    }
+    dir.set_first_stage(&mut a, PASID, tables.root(), 4, 1, x86::Flags::default())
+        .unwrap();
+    VtdSetup { dir, tables }
+}
+
+fn vtd_desc(s: &VtdSetup) -> TableDesc {
+    TableDesc::IntelVtd {
+        pasid_bits: 16,
+        pasid_dir_ptr: s.dir.dir_ptr(),
+    }
+}
+
+fn gpa(emu: &Emu, ep: u32, pasid: Option<u32>, va: u64, write: bool) -> Result<u64, NestedError> {
+    let a = if write { Access::WRITE } else { Access::READ };
+    emu.translate(ep, pasid, va, a).map(|t| t.gpa)
+}
+
+#[test]
+fn vtd_tables_translate_with_the_pasid() {
+    let (mut h, emu) = rig(false);
+    let s = vtd_setup(&h.mem, TABLES, &[(0x40_0000, DATA, Perm::RW_USER)]);
+    assert_eq!(attach_table(&mut h, 1, EP, &vtd_desc(&s)), Status::Ok);
+    assert_eq!(
+        gpa(&emu, EP, Some(PASID), 0x40_0123, true),
+        Ok(DATA + 0x123)
+    );
+    // Another PASID has no entry: a DOMAIN-class fault, not a translation.
+    assert!(matches!(
+        gpa(&emu, EP, Some(PASID + 1), 0x40_0000, false),
+        Err(NestedError::Fault(_))
+    ));
+    // EP2 is not bound to any table.
+    assert_eq!(
+        gpa(&emu, EP2, Some(PASID), 0x40_0000, false),
+        Err(NestedError::NotNested(EP2))
+    );
+}
+
+#[test]
+fn a_changed_pte_is_stale_until_the_iotlb_invalidation_then_fresh() {
+    let (mut h, emu) = rig(false);
+    let s = vtd_setup(&h.mem, TABLES, &[(0x40_0000, DATA, Perm::RW_USER)]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    assert_eq!(gpa(&emu, EP, Some(PASID), 0x40_0000, false), Ok(DATA));
+    // The guest repoints the PTE without invalidating.
+    let mut a = TableAlloc::new(&h.mem, TABLES_END, TABLES_END + 0x1000);
+    s.tables.clear_entry(&a, 0x40_0000, 1).unwrap();
+    s.tables
+        .map(&mut a, 0x40_0000, DATA + 0x1000, 12, Perm::RW_USER)
+        .unwrap();
+    assert_eq!(
+        gpa(&emu, EP, Some(PASID), 0x40_0000, false),
+        Ok(DATA),
+        "stale, as on hardware"
+    );
+    // An invalidation of another PASID or another page changes nothing.
+    send_inv(&mut h, 1, va_inv(Some(PASID + 1), 0x40_0000, true));
+    send_inv(&mut h, 1, va_inv(Some(PASID), 0x41_0000, true));
+    assert_eq!(gpa(&emu, EP, Some(PASID), 0x40_0000, false), Ok(DATA));
+    send_inv(&mut h, 1, va_inv(Some(PASID), 0x40_0000, true));
+    assert_eq!(
+        gpa(&emu, EP, Some(PASID), 0x40_0000, false),
+        Ok(DATA + 0x1000),
+        "fresh"
+    );
+}
+
+#[test]
+fn a_removed_pte_keeps_translating_until_invalidated_then_faults() {
+    let (mut h, emu) = rig(false);
+    h.add_event_buffers(4, EXT_FAULT_SIZE as u32);
+    let s = vtd_setup(&h.mem, TABLES, &[(0x40_0000, DATA, Perm::RW_USER)]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    assert_eq!(gpa(&emu, EP, Some(PASID), 0x40_0000, true), Ok(DATA));
+    let a = TableAlloc::new(&h.mem, TABLES_END, TABLES_END + 0x1000);
+    s.tables.clear_entry(&a, 0x40_0000, 1).unwrap();
+    assert_eq!(gpa(&emu, EP, Some(PASID), 0x40_0000, true), Ok(DATA));
+    send_inv(&mut h, 1, va_inv(Some(PASID), 0x40_0000, true));
+    assert!(
+        matches!(gpa(&emu, EP, Some(PASID), 0x40_0000, true), Err(NestedError::Fault(f)) if f.page_request_eligible())
+    );
+    let recs = h.collect_ext_faults();
+    assert_eq!(recs.len(), 1);
+    let r = recs[0];
+    assert_eq!(
+        (r.reason, r.flt_type, r.endpoint, r.pasid, r.address),
+        (
+            VIRTIO_IOMMU_FAULT_R_MAPPING,
+            VIRTIO_IOMMU_FLT_DMA_UNRECOV,
+            EP,
+            PASID,
+            0x40_0000
+        )
+    );
+    assert_eq!(
+        r.flags,
+        VIRTIO_IOMMU_FAULT_F_WRITE | VIRTIO_IOMMU_FAULT_F_ADDRESS | VIRTIO_IOMMU_FAULT_F_PASID
+    );
+}
+
+#[test]
+fn a_leaf_only_invalidation_keeps_the_paging_structure_cache() {
+    let (mut h, emu) = rig(false);
+    let s = vtd_setup(&h.mem, TABLES, &[(0x40_0000, DATA, Perm::RW_USER)]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    assert_eq!(gpa(&emu, EP, Some(PASID), 0x40_0000, false), Ok(DATA));
+    // The guest swaps the whole page table (the PDE) for a new one that
+    // maps the page elsewhere.
+    let mut a = TableAlloc::new(&h.mem, TABLES_END, TABLES_END + 0x10_0000);
+    let other = X86TableBuilder::new(&mut a, 4).unwrap();
+    other
+        .map(&mut a, 0x40_0000, DATA + 0x2000, 12, Perm::RW_USER)
+        .unwrap();
+    let new_pt_pde = a
+        .read_u64(other.entry_gpa(&a, 0x40_0000, 2).unwrap())
+        .unwrap();
+    s.tables.set_entry(&a, 0x40_0000, 2, new_pt_pde).unwrap();
+    // LEAF: the IOTLB entry goes, the cached PDE stays: the walk resumes
+    // in the old page table and finds the old page.
+    send_inv(&mut h, 1, va_inv(Some(PASID), 0x40_0000, true));
+    assert_eq!(
+        gpa(&emu, EP, Some(PASID), 0x40_0000, false),
+        Ok(DATA),
+        "old page table still cached"
+    );
+    let walks = emu
+        .stats
+        .pwc_hits
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(walks >= 1);
+    // Without LEAF, the paging-structure cache goes too.
+    send_inv(&mut h, 1, va_inv(Some(PASID), 0x40_0000, false));
+    assert_eq!(
+        gpa(&emu, EP, Some(PASID), 0x40_0000, false),
+        Ok(DATA + 0x2000)
+    );
+}
+
+#[test]
+fn a_changed_pasid_entry_is_reread_after_a_pasid_cache_invalidation() {
+    let (mut h, emu) = rig(false);
+    let s = vtd_setup(&h.mem, TABLES, &[(0x40_0000, DATA, Perm::RW_USER)]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    assert_eq!(gpa(&emu, EP, Some(PASID), 0x40_0000, false), Ok(DATA));
+    // New first-stage tables for the PASID.
+    let mut a = TableAlloc::new(&h.mem, TABLES_END, TABLES_END + 0x10_0000);
+    let other = X86TableBuilder::new(&mut a, 4).unwrap();
+    other
+        .map(&mut a, 0x40_0000, DATA + 0x3000, 12, Perm::RW_USER)
+        .unwrap();
+    s.dir
+        .set_first_stage(&mut a, PASID, other.root(), 4, 1, x86::Flags::default())
+        .unwrap();
+    let reads = |e: &Emu| {
+        e.stats
+            .context_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = reads(&emu);
+    // An IOTLB-only invalidation drops the translation but not the cached
+    // PASID entry: the walk uses the old root.
+    send_inv(
+        &mut h,
+        1,
+        Invalidation {
+            caches: Caches::IOTLB,
+            scope: Scope::Pasid(PASID),
+            archid: None,
+        },
+    );
+    assert_eq!(gpa(&emu, EP, Some(PASID), 0x40_0000, false), Ok(DATA));
+    assert_eq!(reads(&emu), before, "PASID entry not re-read");
+    send_inv(
+        &mut h,
+        1,
+        Invalidation {
+            caches: Caches::PASID.union(Caches::IOTLB),
+            scope: Scope::Pasid(PASID),
+            archid: None,
+        },
+    );
+    assert_eq!(
+        gpa(&emu, EP, Some(PASID), 0x40_0000, false),
+        Ok(DATA + 0x3000)
+    );
+    assert_eq!(reads(&emu), before + 1, "PASID entry re-read once");
+}
+
+#[test]
+fn permissions_of_the_tables_are_enforced() {
+    let (mut h, emu) = rig(false);
+    let ro = Perm::RO_USER;
+    let s = vtd_setup(&h.mem, TABLES, &[(0x40_0000, DATA, ro)]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    assert_eq!(gpa(&emu, EP, Some(PASID), 0x40_0000, false), Ok(DATA));
+    assert!(matches!(
+        gpa(&emu, EP, Some(PASID), 0x40_0000, true),
+        Err(NestedError::Fault(_))
+    ));
+    // A cached read translation does not leak write permission.
+    assert!(matches!(
+        gpa(&emu, EP, Some(PASID), 0x40_0000, true),
+        Err(NestedError::Fault(_))
+    ));
+}
+
+#[test]
+fn smmuv3_cd_tables_translate_and_s1dss_applies() {
+    let (mut h, emu) = rig(false);
+    let mem = h.mem.clone();
+    let mut a = TableAlloc::new(&mem, TABLES, TABLES_END);
+    let cds = CdTableBuilder::linear(&mut a, 4).unwrap();
+    let t = ArmTableBuilder::new(&mut a, arm::Granule::K4, 25).unwrap();
+    t.map(&mut a, 0x40_0000, DATA, 12, Perm::RW_USER).unwrap();
+    let mair = 0xff;
+    cds.set_ttb0(&mut a, 3, t.root(), 25, 0, 7, mair).unwrap();
+    let desc = TableDesc::ArmSmmuV3 {
+        s1fmt: 0,
+        s1dss: 1, // bypass for traffic without a SubstreamID
+        s1contextptr: cds.table().ptr(),
+        s1cdmax: 4,
+    };
+    assert_eq!(attach_table(&mut h, 2, EP, &desc), Status::Ok);
+    assert_eq!(gpa(&emu, EP, Some(3), 0x40_0010, true), Ok(DATA + 0x10));
+    assert_eq!(
+        gpa(&emu, EP, None, 0x1234, false),
+        Ok(0x1234),
+        "S1DSS bypass"
+    );
+    assert!(
+        matches!(
+            gpa(&emu, EP, Some(16), 0x40_0000, false),
+            Err(NestedError::Fault(_))
+        ),
+        "beyond S1CDMax"
+    );
+    // Stale, then fresh after a leaf invalidation.
+    t.clear_entry(&a, 0x40_0000, 3).unwrap();
+    t.map(&mut a, 0x40_0000, DATA + 0x1000, 12, Perm::RW_USER)
+        .unwrap();
+    assert_eq!(gpa(&emu, EP, Some(3), 0x40_0000, false), Ok(DATA));
+    send_inv(&mut h, 2, va_inv(Some(3), 0x40_0000, true));
+    assert_eq!(gpa(&emu, EP, Some(3), 0x40_0000, false), Ok(DATA + 0x1000));
+}
+
+#[test]
+fn direct_x86_tables_translate_traffic_without_pasid() {
+    let (mut h, emu) = rig(false);
+    let mut a = TableAlloc::new(&h.mem, TABLES, TABLES_END);
+    let t = X86TableBuilder::new(&mut a, 4).unwrap();
+    t.map(&mut a, 0x20_0000, DATA, 21, Perm::RW_USER).unwrap();
+    let desc = TableDesc::X86_64 {
+        levels: 4,
+        root: t.root(),
+    };
+    assert_eq!(attach_table(&mut h, 3, EP2, &desc), Status::Ok);
+    assert_eq!(gpa(&emu, EP2, None, 0x3f_ffff, true), Ok(DATA + 0x1f_ffff));
+    assert!(matches!(
+        gpa(&emu, EP2, Some(1), 0x20_0000, false),
+        Err(NestedError::Fault(_))
+    ));
+}
+
+#[test]
+fn a_not_present_fault_becomes_a_page_request_answered_by_page_resp() {
+    let (mut h, emu) = rig(true);
+    h.add_event_buffers(8, EXT_FAULT_SIZE as u32);
+    let s = vtd_setup(&h.mem, TABLES, &[(0x40_0000, DATA, Perm::RW_USER)]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    let grpid = match gpa(&emu, EP, Some(PASID), 0x50_0000, true) {
+        Err(NestedError::PageRequest { grpid }) => grpid,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        emu.page_request_state(EP, Some(PASID), grpid),
+        PageRequestState::Pending
+    );
+    let recs = h.collect_ext_faults();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        (
+            recs[0].flt_type,
+            recs[0].grpid,
+            recs[0].pasid,
+            recs[0].address
+        ),
+        (VIRTIO_IOMMU_FLT_PAGE_REQ, grpid, PASID, 0x50_0000)
+    );
+    assert_eq!(recs[0].pr_evt_flags, VIRTIO_IOMMU_PR_F_LAST_PAGE);
+    // The guest fills the PTE and answers SUCCESS: the retry translates.
+    let mut a = TableAlloc::new(&h.mem, TABLES_END, TABLES_END + 0x10_0000);
+    s.tables
+        .map(&mut a, 0x50_0000, DATA + 0x5000, 12, Perm::RW_USER)
+        .unwrap();
+    let resp = PageRespReq {
+        endpoint: EP,
+        flags: VIRTIO_IOMMU_PAGE_RESP_F_PASID_VALID,
+        pasid: PASID,
+        grpid,
+        code: VIRTIO_IOMMU_PAGE_RESP_SUCCESS,
+        reserved_set: false,
+    };
+    assert_eq!(h.send(&Request::PageResp(resp)), Status::Ok);
+    assert_eq!(
+        emu.page_request_state(EP, Some(PASID), grpid),
+        PageRequestState::Success
+    );
+    assert_eq!(
+        gpa(&emu, EP, Some(PASID), 0x50_0000, true),
+        Ok(DATA + 0x5000)
+    );
+    // A second answer to the same group: no such request.
+    assert_eq!(h.send(&Request::PageResp(resp)), Status::NoEnt);
+    // FAILURE aborts.
+    let grpid = match gpa(&emu, EP, Some(PASID), 0x60_0000, false) {
+        Err(NestedError::PageRequest { grpid }) => grpid,
+        other => panic!("{other:?}"),
+    };
+    let fail = PageRespReq {
+        grpid,
+        code: VIRTIO_IOMMU_PAGE_RESP_FAILURE,
+        ..resp
+    };
+    assert_eq!(h.send(&Request::PageResp(fail)), Status::Ok);
+    assert_eq!(
+        emu.page_request_state(EP, Some(PASID), grpid),
+        PageRequestState::Failed
+    );
+}
+
+#[test]
+fn page_requests_need_the_feature_and_a_capable_endpoint_and_are_bounded() {
+    // EP2 is not page-request capable: an unrecoverable fault.
+    let (mut h, emu) = rig(true);
+    let s = vtd_setup(&h.mem, TABLES, &[]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    attach_table(&mut h, 1, EP2, &vtd_desc(&s));
+    assert!(matches!(
+        gpa(&emu, EP2, Some(PASID), 0x1000, false),
+        Err(NestedError::Fault(_))
+    ));
+    // Outstanding requests are bounded.
+    let mut pending = 0;
+    for i in 0..200u64 {
+        if let Err(NestedError::PageRequest { .. }) = gpa(&emu, EP, Some(PASID), i << 12, false) {
+            pending += 1;
+        }
+    }
+    assert_eq!(pending, vmm_iommu::emulated::MAX_PENDING_PAGE_REQUESTS);
+    // Without F_PAGE_REQUEST negotiated, never a page request.
+    let (mut h, emu) = {
+        let slot: Arc<Mutex<Option<Arc<Emu>>>> = Arc::default();
+        let s2 = slot.clone();
+        let h = Harness::with_router(
+            &cfg(),
+            &[EP, EP2],
+            RAM_MIB,
+            &[],
+            move |mem, faults| {
+                let emu = Arc::new(EmulatedIommu::new(mem.clone(), faults, 16, &[EP]));
+                *s2.lock().unwrap() = Some(emu.clone());
+                let mut r = Router::new();
+                r.add(emu, &[EP, EP2]);
+                r
+            },
+            |d| driver_features(d) & !(1 << 57),
+        );
+        let emu = slot.lock().unwrap().take().unwrap();
+        (h, emu)
+    };
+    let s = vtd_setup(&h.mem, TABLES, &[]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    assert!(matches!(
+        gpa(&emu, EP, Some(PASID), 0x1000, false),
+        Err(NestedError::Fault(_))
+    ));
+}
+
+#[test]
+fn detach_ends_translation_through_the_tables() {
+    let (mut h, emu) = rig(false);
+    let s = vtd_setup(&h.mem, TABLES, &[(0x40_0000, DATA, Perm::RW_USER)]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    let mut tr = emu.translator(EP, Some(PASID));
+    assert_eq!(tr.translate(0x40_0008, false), Ok(DATA + 8));
+    assert_eq!(
+        h.send(&Request::Detach(DetachReq {
+            domain: 1,
+            endpoint: EP
+        })),
+        Status::Ok
+    );
+    assert_eq!(
+        tr.translate(0x40_0008, false),
+        Err(NestedError::NotNested(EP))
+    );
+}
+
+// ---- isolation property ----
+
+const PAGES: u64 = 16;
+/// Both domains use the same IOVAs, so a cache mixing them up is caught.
+const VA_BASE: u64 = 0x40_0000;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Map page `page` of domain `dom` to data page `target` (writable?).
+    Map {
+        dom: usize,
+        page: u64,
+        target: u64,
+        writable: bool,
+    },
+    /// Clear the PTE.
+    Unmap {
+        dom: usize,
+        page: u64,
+    },
+    /// Write a random value into the PTE (any garbage a guest can write).
+    Garbage {
+        dom: usize,
+        page: u64,
+        value: u64,
+    },
+    /// INVALIDATE one page (leaf-only or not) or the whole PASID.
+    InvPage {
+        dom: usize,
+        page: u64,
+        leaf: bool,
+    },
+    InvAll {
+        dom: usize,
+    },
+    /// A DMA of endpoint `dom` (endpoint index = domain index).
+    Access {
+        dom: usize,
+        page: u64,
+        write: bool,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let dom = 0usize..2;
+    let page = 0u64..PAGES;
+    prop_oneof![
+        (dom.clone(), page.clone(), 0u64..8, any::<bool>()).prop_map(
+            |(dom, page, target, writable)| Op::Map {
+                dom,
+                page,
+                target,
+                writable
+            }
+        ),
+        (dom.clone(), page.clone()).prop_map(|(dom, page)| Op::Unmap { dom, page }),
+        (dom.clone(), page.clone(), any::<u64>()).prop_map(|(dom, page, value)| Op::Garbage {
+            dom,
+            page,
+            value
+        }),
+        (dom.clone(), page.clone(), any::<bool>()).prop_map(|(dom, page, leaf)| Op::InvPage {
+            dom,
+            page,
+            leaf
+        }),
+        dom.clone().prop_map(|dom| Op::InvAll { dom }),
+        (dom.clone(), page.clone(), any::<bool>()).prop_map(|(dom, page, write)| Op::Access {
+            dom,
+            page,
+            write
+        }),
+        (dom, page, any::<bool>()).prop_map(|(dom, page, write)| Op::Access { dom, page, write }),
+    ]
+}
+
+/// What a fresh walk of the current tables grants for `page`:
+/// `(gpa page, writable)`.
+fn fresh(mem: &GuestMemoryMmap, s1: &Stage1, page: u64) -> Option<(u64, bool)> {
+    let va = VA_BASE + (page << 12);
+    let leaf = s1.translate(mem, va, Access::READ).ok()?;
+    let w = s1.check(&leaf, Access::WRITE).is_ok();
+    Some((leaf.translate(va)? & !0xfff, w))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_endpoint_reaches_what_its_domain_does_not_grant(ops in proptest::collection::vec(op(), 1..120)) {
+        let (mut h, emu) = rig(false);
+        let eps = [EP, EP2];
+        // Domain i: its own PASID directory and tables, data pages of its own.
+        let setups: Vec<VtdSetup> = (0..2)
+            .map(|i| vtd_setup(&h.mem, TABLES + i * 0x20_0000, &[]))
+            .collect();
+        let data = |dom: usize, t: u64| DATA + (dom as u64) * 0x10_0000 + (t << 12);
+        for (i, s) in setups.iter().enumerate() {
+            // Pre-build the page table for the VA window so every PTE exists.
+            let mut a = TableAlloc::new(&h.mem, TABLES + i as u64 * 0x20_0000 + 0x10_0000, TABLES + (i as u64 + 1) * 0x20_0000);
+            s.tables.map(&mut a, VA_BASE, data(i, 0), 12, Perm::RW_USER).unwrap();
+            s.tables.clear_entry(&a, VA_BASE, 1).unwrap();
+            prop_assert_eq!(attach_table(&mut h, i as u32 + 1, eps[i], &vtd_desc(s)), Status::Ok);
+        }
+        let stage1: Vec<Stage1> = setups.iter().map(|s| s.dir.table().stage1(&h.mem, PASID).unwrap()).collect();
+        // allowed[dom][page]: translations a cache may still legitimately
+        // hold (granted at some point since the last invalidation of it).
+        let mut allowed: Vec<HashMap<u64, HashSet<(u64, bool)>>> = vec![HashMap::new(), HashMap::new()];
+        let mem = h.mem.clone();
+        let mut a = TableAlloc::new(&mem, TABLES_END, TABLES_END + 0x1000);
+        for op in ops {
+            match op {
+                Op::Map { dom, page, target, writable } => {
+                    let va = VA_BASE + (page << 12);
+                    let _ = setups[dom].tables.clear_entry(&a, va, 1);
+                    let perm = if writable { Perm::RW_USER } else { Perm::RO_USER };
+                    setups[dom].tables.map(&mut a, va, data(dom, target), 12, perm).unwrap();
+                }
+                Op::Unmap { dom, page } => {
+                    let _ = setups[dom].tables.clear_entry(&a, VA_BASE + (page << 12), 1);
+                }
+                Op::Garbage { dom, page, value } => {
+                    setups[dom].tables.set_entry(&a, VA_BASE + (page << 12), 1, value).unwrap();
+                }
+                Op::InvPage { dom, page, leaf } => {
+                    send_inv(&mut h, dom as u32 + 1, va_inv(Some(PASID), VA_BASE + (page << 12), leaf));
+                    allowed[dom].remove(&page);
+                }
+                Op::InvAll { dom } => {
+                    send_inv(&mut h, dom as u32 + 1, Invalidation { caches: Caches::IOTLB, scope: Scope::Pasid(PASID), archid: None });
+                    allowed[dom].clear();
+                }
+                Op::Access { dom, page, write } => {
+                    let now = fresh(&h.mem, &stage1[dom], page);
+                    let set = allowed[dom].entry(page).or_default();
+                    if let Some(g) = now { set.insert(g); }
+                    let va = VA_BASE + (page << 12) + 0x10;
+                    let acc = if write { Access::WRITE } else { Access::READ };
+                    match emu.translate(eps[dom], Some(PASID), va, acc) {
+                        Ok(t) => {
+                            let got = (t.gpa & !0xfff, t.writable);
+                            prop_assert!(set.contains(&got), "dom {} page {} got {:x?}, allowed {:x?}", dom, page, got, set);
+                            prop_assert!(!write || t.writable);
+                            prop_assert_eq!(t.gpa & 0xfff, 0x10);
+                        }
+                        Err(_) => {
+                            // Refusing is always safe, but a fresh grant
+                            // with nothing stale must be honoured.
+                            if let (Some((_, w)), 1) = (now, set.len()) {
+                                prop_assert!(write && !w, "dom {} page {} refused a fresh grant", dom, page);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
