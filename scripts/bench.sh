@@ -1,9 +1,37 @@
 #!/usr/bin/env bash
-# Runs the peer-stream benchmark (docs/BENCH.md): the figures of the
-# cloud-hypervisor and crosvm peers beside ours, medians of 7 runs of 1 s.
-# Arguments go to the benchmark: --quick (3 runs of 0.2 s), --runs N,
-# --secs S, and section names (memory, device, state, translate).
+# Prints the figures the issues ask for.
+#   scripts/bench.sh            everything (about 3 minutes)
+#   scripts/bench.sh --quick    a fast pass of everything
+#   scripts/bench.sh peer       one part: peer | walk | nested | lowering
+# peer:     the peer request stream (docs/BENCH.md) beside the cloud-hypervisor
+#           and crosvm figures: pairs/s, heap per mapping, translations
+# walk:     stage-1 walk latency per format, from the root and from the
+#           paging-structure cache
+# nested:   the software nested IOMMU (front-TLB hit, IOTLB hit, warm and cold
+#           walk) and invalidation bursts of 1 / 64 / 4,096 pages with the
+#           number of backend calls each took
+# lowering: a 4,096-entry invalidation burst lowered to VT-d and SMMUv3 entries
+#           (ns per entry) and the kernel calls it takes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo bench -p vmm-iommu --bench peer_stream -- "$@"
+quick=()
+parts=()
+for a in "$@"; do
+    case "$a" in
+        --quick) quick=(--quick) ;;
+        *) parts+=("$a") ;;
+    esac
+done
+[ ${#parts[@]} -eq 0 ] && parts=(peer walk nested lowering)
+
+for p in "${parts[@]}"; do
+    echo "=== $p ==="
+    case "$p" in
+        peer) cargo bench -q -p vmm-iommu --bench peer_stream -- "${quick[@]}" ;;
+        walk) cargo bench -q -p vmm-iommu --bench walk -- "${quick[@]}" ;;
+        nested) cargo bench -q -p vmm-iommu --bench nested -- "${quick[@]}" 2>&1 | grep -vE '^(Benchmarking|Warming|Collecting|Analyzing)|^\s*$|change:|No change|Change within|Performance has' ;;
+        lowering) cargo bench -q -p vfio-passthrough --bench lowering -- "${quick[@]}" 2>&1 | grep -vE '^(Benchmarking|Warming|Collecting|Analyzing)|^\s*$|change:|No change|Change within|Performance has' ;;
+        *) echo "unknown part $p (peer | walk | nested | lowering)" >&2; exit 2 ;;
+    esac
+done

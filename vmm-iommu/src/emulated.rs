@@ -22,6 +22,9 @@
 //! until PAGE_RESP.
 
 use std::collections::{HashMap, HashSet};
+
+mod cache;
+use cache::{DirectMapped, Key};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Duration;
@@ -68,32 +71,53 @@ enum Regime {
     Bypass,
 }
 
-/// A PASID-cache entry: the regime, and the shapes of what was cached
-/// under it (so lookups and range invalidations probe only those).
+/// A PASID-cache entry: the decoded PASID entry or CD.
 #[derive(Clone, Copy, Debug)]
 struct Context {
     regime: Regime,
-    /// Bit n set: a leaf of 2^n bytes is in the IOTLB under this context.
-    leaf_sizes: u64,
-    /// Bit n set: a paging-structure entry covering 2^n bytes is cached.
-    table_shifts: u64,
 }
 
 type CtxKey = (DomainId, u32);
 
-#[derive(Default)]
-struct Caches3 {
-    pasid: HashMap<CtxKey, Context>,
-    /// (domain, pasid, shift, va >> shift) → resume point.
-    pwc: HashMap<(DomainId, u32, u8, u64), WalkStart>,
-    /// (domain, pasid, page_log2, va >> page_log2) → leaf.
-    iotlb: HashMap<(DomainId, u32, u8, u64), Leaf>,
+fn ctx_key(k: CtxKey) -> Key {
+    Key {
+        domain: k.0,
+        pasid: k.1,
+        shift: 0,
+        index: 0,
+    }
 }
 
-fn evict_one<K: Copy + Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>, cap: usize) {
-    if m.len() >= cap {
-        if let Some(k) = m.keys().next().copied() {
-            m.remove(&k);
+fn key(dom: DomainId, pasid: u32, shift: u8, index: u64) -> Key {
+    Key {
+        domain: dom,
+        pasid,
+        shift,
+        index,
+    }
+}
+
+struct Caches3 {
+    pasid: DirectMapped<Context>,
+    /// (domain, pasid, shift, va >> shift) → resume point.
+    pwc: DirectMapped<WalkStart>,
+    /// (domain, pasid, page_log2, va >> page_log2) → leaf.
+    iotlb: DirectMapped<Leaf>,
+    /// Bit n set: some IOTLB entry covers 2^n bytes (the sizes a lookup
+    /// or a range invalidation probes).
+    leaf_sizes: u64,
+    /// Bit n set: some paging-structure entry covers 2^n bytes.
+    table_shifts: u64,
+}
+
+impl Default for Caches3 {
+    fn default() -> Self {
+        Caches3 {
+            pasid: DirectMapped::new(PASID_CACHE_ENTRIES),
+            pwc: DirectMapped::new(PWC_ENTRIES),
+            iotlb: DirectMapped::new(IOTLB_ENTRIES),
+            leaf_sizes: 0,
+            table_shifts: 0,
         }
     }
 }
@@ -305,18 +329,13 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         }
         let mut c = lock(&self.caches);
         let key = pasid_key(&b.table, pasid);
-        let ctx = match c.pasid.get(&(dom, key)) {
+        let ctx = match c.pasid.get(&ctx_key((dom, key))) {
             Some(ctx) => *ctx,
             None => {
                 self.stats.context_reads.fetch_add(1, Ordering::Relaxed);
                 let regime = resolve_regime(&self.mem, &b.table, pasid)?;
-                let ctx = Context {
-                    regime,
-                    leaf_sizes: 0,
-                    table_shifts: 0,
-                };
-                evict_one(&mut c.pasid, PASID_CACHE_ENTRIES);
-                c.pasid.insert((dom, key), ctx);
+                let ctx = Context { regime };
+                c.pasid.insert(ctx_key((dom, key)), ctx);
                 ctx
             }
         };
@@ -333,11 +352,11 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         };
         let va = s1.untag(va);
         // IOTLB: one probe per leaf size cached under this context.
-        let mut sizes = ctx.leaf_sizes;
+        let mut sizes = c.leaf_sizes;
         while sizes != 0 {
             let log2 = sizes.trailing_zeros() as u8;
             sizes &= sizes - 1;
-            if let Some(leaf) = c.iotlb.get(&(dom, key, log2, va >> log2)) {
+            if let Some(leaf) = c.iotlb.get(&self::key(dom, key, log2, va >> log2)) {
                 let leaf = *leaf;
                 drop(c);
                 self.stats.iotlb_hits.fetch_add(1, Ordering::Relaxed);
@@ -348,11 +367,11 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         // Paging-structure cache: resume from the deepest cached level.
         self.stats.walks.fetch_add(1, Ordering::Relaxed);
         let mut start = s1.root();
-        let mut shifts = ctx.table_shifts;
+        let mut shifts = c.table_shifts;
         while shifts != 0 {
             let shift = shifts.trailing_zeros() as u8;
             shifts &= shifts - 1;
-            if let Some(ws) = c.pwc.get(&(dom, key, shift, va >> shift)) {
+            if let Some(ws) = c.pwc.get(&self::key(dom, key, shift, va >> shift)) {
                 start = *ws;
                 self.stats.pwc_hits.fetch_add(1, Ordering::Relaxed);
                 break;
@@ -370,8 +389,7 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         let mut table_shifts = 0u64;
         for (shift, prefix, next) in new_steps.iter().flatten().copied() {
             if shift < 64 {
-                evict_one(&mut c.pwc, PWC_ENTRIES);
-                c.pwc.insert((dom, key, shift, prefix), next);
+                c.pwc.insert(self::key(dom, key, shift, prefix), next);
                 table_shifts |= 1 << shift;
             }
         }
@@ -379,13 +397,10 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         // Only complete, permitted translations are cached, as hardware
         // does not cache faults.
         s1.check(&leaf, access)?;
-        evict_one(&mut c.iotlb, IOTLB_ENTRIES);
         let log2 = leaf.page_log2.min(63);
-        c.iotlb.insert((dom, key, log2, va >> log2), leaf);
-        if let Some(ctx) = c.pasid.get_mut(&(dom, key)) {
-            ctx.leaf_sizes |= 1 << log2;
-            ctx.table_shifts |= table_shifts;
-        }
+        c.iotlb.insert(self::key(dom, key, log2, va >> log2), leaf);
+        c.leaf_sizes |= 1 << log2;
+        c.table_shifts |= table_shifts;
         drop(c);
         Ok(self.done(&s1, &leaf, va, access))
     }
@@ -566,45 +581,32 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
     }
 
     fn invalidate_one(&self, c: &mut Caches3, dom: DomainId, inv: &Invalidation) {
-        let pasid_matches = |key: u32, p: Option<u32>| match p {
-            Some(p) => key == p,
-            None => true,
-        };
+        let iotlb = inv.caches.contains(Caches::IOTLB);
         match inv.scope {
             Scope::Domain => {
                 if inv.caches.contains(Caches::PASID) {
-                    c.pasid.retain(|k, _| k.0 != dom);
+                    c.pasid.retain(|k| k.domain != dom);
                 }
-                if inv.caches.contains(Caches::IOTLB) {
-                    c.iotlb.retain(|k, _| k.0 != dom);
-                    c.pwc.retain(|k, _| k.0 != dom);
+                if iotlb {
+                    c.iotlb.retain(|k| k.domain != dom);
+                    c.pwc.retain(|k| k.domain != dom);
                 }
             }
             Scope::Pasid(p) => {
+                let named = |k: &Key| k.domain == dom && pasid_named(k.pasid, Some(p));
                 if inv.caches.contains(Caches::PASID) {
-                    c.pasid.remove(&(dom, p));
+                    c.pasid.retain(|k| !named(k));
                 }
-                if inv.caches.contains(Caches::IOTLB) {
-                    c.iotlb
-                        .retain(|k, _| !(k.0 == dom && pasid_matches(k.1, Some(p))));
-                    c.pwc
-                        .retain(|k, _| !(k.0 == dom && pasid_matches(k.1, Some(p))));
+                if iotlb {
+                    c.iotlb.retain(|k| !named(k));
+                    c.pwc.retain(|k| !named(k));
                 }
             }
-            Scope::Range(r) if inv.caches.contains(Caches::IOTLB) => {
-                let keys: Vec<CtxKey> = c
-                    .pasid
-                    .keys()
-                    .filter(|k| k.0 == dom && range_pasid_matches(k.1, &r))
-                    .copied()
-                    .collect();
-                for k in keys {
-                    let Some(ctx) = c.pasid.get(&k).copied() else {
-                        continue;
-                    };
-                    drop_range(&mut c.iotlb, k, ctx.leaf_sizes, &r);
+            Scope::Range(r) if iotlb => {
+                for pk in range_pasid_keys(r.pasid).into_iter().flatten() {
+                    drop_range(&mut c.iotlb, dom, pk, c.leaf_sizes, &r);
                     if !r.leaf_only {
-                        drop_range(&mut c.pwc, k, ctx.table_shifts, &r);
+                        drop_range(&mut c.pwc, dom, pk, c.table_shifts, &r);
                     }
                 }
             }
@@ -613,18 +615,34 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
     }
 }
 
-/// Whether a range invalidation names context PASID `key`.
-fn range_pasid_matches(key: u32, r: &VaRange) -> bool {
-    match r.pasid {
+/// Whether cache entries of PASID key `key` are named by an invalidation
+/// of `pasid` (`None`: traffic without a PASID). PASID 0 also names the
+/// untagged traffic that SMMUv3 S1DSS=SSID0 or VT-d RID_PASID sends
+/// through it.
+fn pasid_named(key: u32, pasid: Option<u32>) -> bool {
+    match pasid {
+        Some(0) | None => key == 0 || key == NO_PASID,
         Some(p) => key == p,
-        // Without a PASID: the non-PASID context (VT-d RID_PASID is 0).
-        None => key == NO_PASID || key == 0,
     }
 }
 
-/// Removes the entries of context `k` of every size in `sizes` that
+/// The PASID keys a range invalidation of `pasid` must probe.
+fn range_pasid_keys(pasid: Option<u32>) -> [Option<u32>; 2] {
+    match pasid {
+        Some(0) | None => [Some(0), Some(NO_PASID)],
+        Some(p) => [Some(p), None],
+    }
+}
+
+/// Removes the entries of (`dom`, `pasid`) of every size in `sizes` that
 /// overlap `r`, probing page by page while that is cheaper than a scan.
-fn drop_range<V>(m: &mut HashMap<(DomainId, u32, u8, u64), V>, k: CtxKey, sizes: u64, r: &VaRange) {
+fn drop_range<V: Copy>(
+    m: &mut DirectMapped<V>,
+    dom: DomainId,
+    pasid: u32,
+    sizes: u64,
+    r: &VaRange,
+) {
     let last = r.last();
     let mut probes: u64 = 0;
     let mut s = sizes;
@@ -633,10 +651,13 @@ fn drop_range<V>(m: &mut HashMap<(DomainId, u32, u8, u64), V>, k: CtxKey, sizes:
         s &= s - 1;
         probes = probes.saturating_add((last >> log2) - (r.addr >> log2) + 1);
     }
-    if probes > m.len() as u64 {
-        m.retain(|key, _| {
-            let sh = u32::from(key.2);
-            !(key.0 == k.0 && key.1 == k.1 && key.3 >= r.addr >> sh && key.3 <= last >> sh)
+    if probes > m.capacity() as u64 {
+        m.retain(|k| {
+            let sh = u32::from(k.shift);
+            !(k.domain == dom
+                && k.pasid == pasid
+                && k.index >= r.addr >> sh
+                && k.index <= last >> sh)
         });
         return;
     }
@@ -645,7 +666,7 @@ fn drop_range<V>(m: &mut HashMap<(DomainId, u32, u8, u64), V>, k: CtxKey, sizes:
         let log2 = s.trailing_zeros();
         s &= s - 1;
         for idx in (r.addr >> log2)..=(last >> log2) {
-            m.remove(&(k.0, k.1, log2 as u8, idx));
+            m.remove(&key(dom, pasid, log2 as u8, idx));
         }
     }
 }
@@ -700,9 +721,9 @@ impl<M: GuestMemory + Send + Sync> IommuBackend for EmulatedIommu<M> {
             // A new binding starts with empty caches for its domain: a
             // domain ID reused by the guest must not see the old tables.
             let mut c = lock(&self.caches);
-            c.pasid.retain(|k, _| k.0 != binding.domain);
-            c.iotlb.retain(|k, _| k.0 != binding.domain);
-            c.pwc.retain(|k, _| k.0 != binding.domain);
+            c.pasid.retain(|k| k.domain != binding.domain);
+            c.iotlb.retain(|k| k.domain != binding.domain);
+            c.pwc.retain(|k| k.domain != binding.domain);
         }
         self.bump();
         Ok(())
