@@ -230,7 +230,7 @@ fn acked() -> u64 {
 const SLOT_SIZE: u64 = 64;
 const TAIL_OFF: u64 = 48;
 /// Entries of the harness's request queue.
-const QUEUE_SIZE: u64 = 256;
+const QUEUE_SIZE: u64 = vmm_iommu::device::REQUEST_QUEUE_SIZE as u64;
 
 fn slot(j: usize) -> GuestAddress {
     GuestAddress(layout::FREE + j as u64 * SLOT_SIZE)
