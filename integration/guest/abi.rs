@@ -99,6 +99,12 @@ pub struct BootInfo {
 pub const SCENARIO_MAP: u64 = 1;
 /// Scenario 2: bypass through config space and ATTACH_F_BYPASS.
 pub const SCENARIO_BYPASS: u64 = 2;
+/// Scenario 3: nested translation through a VT-d PASID table.
+pub const SCENARIO_NESTED_VTD: u64 = 3;
+/// Scenario 4: nested translation through an SMMUv3 CD table.
+pub const SCENARIO_NESTED_SMMUV3: u64 = 4;
+/// Scenario 5: page requests and PAGE_RESP.
+pub const SCENARIO_PAGE_REQUEST: u64 = 5;
 /// Scenario 6: a hostile driver, then scenario 1 in the same VM.
 pub const SCENARIO_HOSTILE: u64 = 6;
 
@@ -119,6 +125,20 @@ pub const MAP_DOMAIN: u32 = 1;
 pub const BYPASS_DOMAIN: u32 = 2;
 /// The domain the hostile scenario abuses.
 pub const HOSTILE_DOMAIN: u32 = 3;
+/// The table domain of the nested VT-d scenario.
+pub const NESTED_VTD_DOMAIN: u32 = 5;
+/// The table domain of the nested SMMUv3 scenario.
+pub const NESTED_SMMUV3_DOMAIN: u32 = 6;
+/// The table domain of the page-request scenario.
+pub const PAGE_REQUEST_DOMAIN: u32 = 7;
+/// PASID width the nested scenarios need (`iommu.nested.pasid_bits`): the
+/// PASIDs they tag DMA with are below `1 << NESTED_PASID_BITS`.
+pub const NESTED_PASID_BITS: u8 = 13;
+/// Log2 of the number of CDs of the nested SMMUv3 scenario's linear CD
+/// table (its SubstreamIDs are below `1 << NESTED_SMMUV3_S1CDMAX`).
+pub const NESTED_SMMUV3_S1CDMAX: u32 = 2;
+/// INVALIDATEs the nested VT-d scenario sends in one notification.
+pub const NESTED_VTD_BATCH: usize = 4;
 /// First IOVA the scenarios map.
 pub const IOVA_WINDOW_START: u64 = 0x1000_0000;
 /// Last IOVA the scenarios map (inclusive).
@@ -177,3 +197,7 @@ pub const DMA_STATUS_FAULT: u32 = 2;
 /// The last operation had an unknown op, a bad length or an unsupported
 /// PASID.
 pub const DMA_STATUS_BAD_ARGS: u32 = 3;
+/// The last operation waits for a page: the IOMMU sent a page request and
+/// the engine retries (then reports OK or FAULT) once the driver answers
+/// it with PAGE_RESP. Ringing the doorbell meanwhile abandons it.
+pub const DMA_STATUS_PAGE_WAIT: u32 = 4;

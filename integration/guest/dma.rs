@@ -64,6 +64,11 @@ impl Dma {
         }
     }
 
+    /// The status register (`abi::DMA_STATUS_*`).
+    pub fn status(&self) -> u32 {
+        rt::mmio_read32(self.base + dma_regs::STATUS)
+    }
+
     /// Copies `len` bytes from `src` to `dst`; returns the status.
     pub fn copy(&self, src: u64, dst: u64, len: u32) -> u32 {
         self.run(abi::DMA_OP_COPY, src, dst, len, 0).status

@@ -24,6 +24,11 @@ pub mod features {
     pub const MMIO: u64 = 1 << 5;
     /// `VIRTIO_IOMMU_F_BYPASS_CONFIG`.
     pub const BYPASS_CONFIG: u64 = 1 << 6;
+    /// `VIRTIO_IOMMU_F_ATTACH_TABLE` (this project's nested extension):
+    /// ATTACH_TABLE, INVALIDATE, probe properties 2-7, 40-byte fault records.
+    pub const ATTACH_TABLE: u64 = 1 << 56;
+    /// `VIRTIO_IOMMU_F_PAGE_REQUEST`: page-request events and PAGE_RESP.
+    pub const PAGE_REQUEST: u64 = 1 << 57;
 }
 
 /// Request types.
@@ -38,6 +43,72 @@ pub mod types {
     pub const UNMAP: u8 = 4;
     /// PROBE.
     pub const PROBE: u8 = 5;
+    /// ATTACH_TABLE (nested extension).
+    pub const ATTACH_TABLE: u8 = 6;
+    /// INVALIDATE (nested extension).
+    pub const INVALIDATE: u8 = 7;
+    /// PAGE_RESP (nested extension).
+    pub const PAGE_RESP: u8 = 8;
+}
+
+/// The nested extension's constants (`docs/wire.md`, "Nested extension").
+pub mod nested {
+    /// `PGTF_ARM_LPAE`.
+    pub const PGTF_ARM_LPAE: u16 = 1;
+    /// `PSTF_ARM_SMMU_V3`.
+    pub const PSTF_ARM_SMMU_V3: u16 = 2;
+    /// `PSTF_INTEL_VTD`.
+    pub const PSTF_INTEL_VTD: u16 = 3;
+    /// `PGTF_X86_64`.
+    pub const PGTF_X86_64: u16 = 4;
+    /// INVALIDATE `inv_gran`: the whole domain.
+    pub const INV_G_DOMAIN: u16 = 1;
+    /// INVALIDATE `inv_gran`: one PASID.
+    pub const INV_G_PASID: u16 = 2;
+    /// INVALIDATE `inv_gran`: a range of addresses.
+    pub const INV_G_VA: u16 = 4;
+    /// INVALIDATE `inv_type`: the IOTLB (and paging-structure caches).
+    pub const INV_T_IOTLB: u16 = 1;
+    /// INVALIDATE `inv_type`: device IOTLBs.
+    pub const INV_T_DEV_IOTLB: u16 = 2;
+    /// INVALIDATE `inv_type`: the PASID cache (PASID entries / CDs).
+    pub const INV_T_PASID: u16 = 4;
+    /// INVALIDATE `flags`: `pasid` is valid.
+    pub const INV_F_PASID: u16 = 1;
+    /// INVALIDATE `flags`: `archid` is valid.
+    pub const INV_F_ARCHID: u16 = 2;
+    /// INVALIDATE `flags`: only leaf entries changed.
+    pub const INV_F_LEAF: u16 = 4;
+    /// PAGE_RESP `flags`: `pasid` is valid.
+    pub const PAGE_RESP_F_PASID_VALID: u32 = 1;
+    /// PAGE_RESP `code`: the page is there, retry the access.
+    pub const PAGE_RESP_SUCCESS: u16 = 0;
+    /// PAGE_RESP `code`: the request was invalid.
+    pub const PAGE_RESP_INVALID: u16 = 1;
+    /// PAGE_RESP `code`: abort the access.
+    pub const PAGE_RESP_FAILURE: u16 = 2;
+    /// Probe property `PAGE_SIZE_MASK`.
+    pub const PROBE_T_PAGE_SIZE_MASK: u16 = 2;
+    /// Probe property `INPUT_RANGE`.
+    pub const PROBE_T_INPUT_RANGE: u16 = 3;
+    /// Probe property `OUTPUT_SIZE`.
+    pub const PROBE_T_OUTPUT_SIZE: u16 = 4;
+    /// Probe property `PASID_SIZE`.
+    pub const PROBE_T_PASID_SIZE: u16 = 5;
+    /// Probe property `PAGE_TABLE_FMT`.
+    pub const PROBE_T_PAGE_TABLE_FMT: u16 = 6;
+    /// Probe property `PASID_TABLE_FMT`.
+    pub const PROBE_T_PASID_TABLE_FMT: u16 = 7;
+    /// Extended fault record `flt_type`: an unrecoverable fault.
+    pub const FLT_DMA_UNRECOV: u16 = 1;
+    /// Extended fault record `flt_type`: a page request.
+    pub const FLT_PAGE_REQ: u16 = 2;
+    /// Fault flag: `pasid` is valid.
+    pub const FAULT_F_PASID: u32 = 1 << 9;
+    /// Page-request flag: the last request of its group.
+    pub const PR_F_LAST_PAGE: u32 = 1;
+    /// Size of the extended fault record.
+    pub const EXT_FAULT_SIZE: u32 = 40;
 }
 
 /// Request statuses (virtio 1.3 5.13.6).
@@ -177,9 +248,108 @@ pub mod req {
         put32(&mut b, 4, endpoint);
         b
     }
+
+    fn put16(out: &mut [u8], off: usize, v: u16) {
+        out[off..off + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// ATTACH_TABLE `endpoint` to `domain` with a `PSTF_INTEL_VTD` PASID
+    /// directory at `pasid_dir_ptr` for `pasid_bits`-wide PASIDs.
+    pub fn attach_table_vtd(
+        domain: u32,
+        endpoint: u32,
+        pasid_bits: u8,
+        pasid_dir_ptr: u64,
+    ) -> [u8; 76] {
+        let mut b = [0u8; 76];
+        head(types::ATTACH_TABLE, &mut b);
+        put32(&mut b, 4, domain);
+        put32(&mut b, 8, endpoint);
+        put16(&mut b, 12, super::nested::PSTF_INTEL_VTD);
+        b[14] = pasid_bits;
+        // b[15]: flags, none defined.
+        put64(&mut b, 16, pasid_dir_ptr);
+        b
+    }
+
+    /// ATTACH_TABLE `endpoint` to `domain` with a `PSTF_ARM_SMMU_V3` CD
+    /// table at `s1contextptr` (`s1fmt`, `s1dss`, `1 << s1cdmax` CDs).
+    pub fn attach_table_smmuv3(
+        domain: u32,
+        endpoint: u32,
+        s1fmt: u8,
+        s1dss: u8,
+        s1contextptr: u64,
+        s1cdmax: u32,
+    ) -> [u8; 76] {
+        let mut b = [0u8; 76];
+        head(types::ATTACH_TABLE, &mut b);
+        put32(&mut b, 4, domain);
+        put32(&mut b, 8, endpoint);
+        put16(&mut b, 12, super::nested::PSTF_ARM_SMMU_V3);
+        b[14] = s1fmt;
+        b[15] = s1dss;
+        put64(&mut b, 16, s1contextptr);
+        put32(&mut b, 24, s1cdmax);
+        b
+    }
+
+    /// One INVALIDATE request.
+    #[derive(Clone, Copy, Default)]
+    pub struct Invalidate {
+        /// `inv_gran`.
+        pub gran: u16,
+        /// `inv_type`.
+        pub types: u16,
+        /// `flags`.
+        pub flags: u16,
+        /// `domain`.
+        pub domain: u32,
+        /// `pasid`.
+        pub pasid: u32,
+        /// `archid`.
+        pub archid: u64,
+        /// `virt_start`.
+        pub virt_start: u64,
+        /// `nr_pages`.
+        pub nr_pages: u64,
+        /// `granule` (log2).
+        pub granule: u8,
+    }
+
+    /// INVALIDATE, as `i` says.
+    pub fn invalidate(i: &Invalidate) -> [u8; 60] {
+        let mut b = [0u8; 60];
+        head(types::INVALIDATE, &mut b);
+        put16(&mut b, 4, i.gran);
+        put16(&mut b, 6, i.types);
+        put16(&mut b, 8, i.flags);
+        put32(&mut b, 12, i.domain);
+        put32(&mut b, 16, i.pasid);
+        put64(&mut b, 24, i.archid);
+        put64(&mut b, 32, i.virt_start);
+        put64(&mut b, 40, i.nr_pages);
+        b[48] = i.granule;
+        b
+    }
+
+    /// PAGE_RESP for group `grpid` of `endpoint` (with `pasid` if any).
+    pub fn page_resp(endpoint: u32, pasid: Option<u32>, grpid: u32, code: u16) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        head(types::PAGE_RESP, &mut b);
+        put32(&mut b, 4, endpoint);
+        if let Some(p) = pasid {
+            put32(&mut b, 8, super::nested::PAGE_RESP_F_PASID_VALID);
+            put32(&mut b, 12, p);
+        }
+        put32(&mut b, 16, grpid);
+        put16(&mut b, 20, code);
+        b
+    }
 }
 
-/// A decoded fault record.
+/// A decoded fault record: the spec's 24-byte record, or the nested
+/// extension's 40-byte one (whose extra fields are zero in the former).
 #[derive(Clone, Copy, Debug)]
 pub struct Fault {
     /// `FAULT_R_*`.
@@ -190,6 +360,16 @@ pub struct Fault {
     pub endpoint: u32,
     /// The address.
     pub address: u64,
+    /// `nested::FLT_*` (extended record only).
+    pub flt_type: u16,
+    /// `nested::PR_F_*` (extended record only).
+    pub pr_evt_flags: u32,
+    /// The PASID, with `nested::FAULT_F_PASID` (extended record only).
+    pub pasid: u32,
+    /// The page-request group (extended record only).
+    pub grpid: u32,
+    /// The used length the device reported.
+    pub len: u32,
 }
 
 /// What came back for one request.
@@ -230,7 +410,17 @@ pub struct Iommu {
     pub evt_bufs: u64,
     /// `probe_size` from the config space.
     pub probe_size: u32,
+    /// The features asked for (kept for [`Iommu::restart`]).
+    pub wanted: u64,
+    /// Bytes of each posted event buffer: exactly one extended fault
+    /// record once the nested extension is negotiated, else
+    /// [`EVENT_BUFFER_SIZE`].
+    pub evt_buf_len: u32,
 }
+
+/// Most INVALIDATEs [`Iommu::invalidate_batch`] sends at once (two
+/// descriptors and 64 request bytes each).
+pub const MAX_BATCH: usize = 16;
 
 /// Features a driver of this project asks for, when offered.
 pub const WANTED: u64 = virtio::F_VERSION_1
@@ -245,13 +435,19 @@ impl Iommu {
     /// Finds the device at `base`, negotiates [`WANTED`], sets up both
     /// queues, posts the event buffers and sets DRIVER_OK.
     pub fn init(base: u64, alloc: &mut Bump) -> Self {
+        Self::init_with(base, alloc, WANTED)
+    }
+
+    /// Like [`Iommu::init`], asking for `wanted` (e.g. [`WANTED`] plus the
+    /// nested extension's bits).
+    pub fn init_with(base: u64, alloc: &mut Bump, wanted: u64) -> Self {
         let t = Transport::new(base);
         check_eq!(
             t.read(virtio::regs::DEVICE_ID),
             DEVICE_ID,
             "virtio device ID"
         );
-        let features = match t.negotiate(WANTED) {
+        let features = match t.negotiate(wanted) {
             Ok(f) => f,
             Err(e) => {
                 println!("FAIL: feature negotiation: {e}");
@@ -278,13 +474,25 @@ impl Iommu {
             resp_buf,
             evt_bufs,
             probe_size: 0,
+            wanted,
+            evt_buf_len: EVENT_BUFFER_SIZE,
         };
         dev.start();
         dev
     }
 
+    /// Whether the device writes the nested extension's 40-byte record.
+    pub fn extended_faults(&self) -> bool {
+        self.features & (features::ATTACH_TABLE | features::PAGE_REQUEST) != 0
+    }
+
     /// Programs both queues, posts every event buffer, DRIVER_OK.
     pub fn start(&mut self) {
+        self.evt_buf_len = if self.extended_faults() {
+            nested::EXT_FAULT_SIZE
+        } else {
+            EVENT_BUFFER_SIZE
+        };
         if let Err(e) = self.t.setup_queue(0, &self.req) {
             println!("FAIL: requestq set-up: {e}");
             rt::exit(line!());
@@ -310,7 +518,7 @@ impl Iommu {
     pub fn restart(&mut self) {
         self.req.rewind();
         self.evt.rewind();
-        match self.t.negotiate(WANTED) {
+        match self.t.negotiate(self.wanted) {
             Ok(f) => self.features = f,
             Err(e) => {
                 println!("FAIL: renegotiation: {e}");
@@ -324,7 +532,7 @@ impl Iommu {
         let addr = self.evt_bufs + u64::from(i) * u64::from(EVENT_BUFFER_SIZE);
         rt::zero(addr, u64::from(EVENT_BUFFER_SIZE));
         self.evt
-            .set_desc(i, addr, EVENT_BUFFER_SIZE, virtio::DESC_F_WRITE, 0);
+            .set_desc(i, addr, self.evt_buf_len, virtio::DESC_F_WRITE, 0);
         self.evt.push(i);
     }
 
@@ -438,18 +646,97 @@ impl Iommu {
             let (id, len) = self.evt.pop_used()?;
             let i = (id % u32::from(EVENT_QUEUE_SIZE)) as u16;
             let b = self.evt_bufs + u64::from(i) * u64::from(EVENT_BUFFER_SIZE);
-            let f = Fault {
-                reason: rt::peek8(b),
-                flags: rt::peek32(b + 4),
-                endpoint: rt::peek32(b + 8),
-                address: rt::peek64(b + 16),
+            let extended = self.extended_faults();
+            let f = if extended {
+                // docs/wire.md "Extended fault record (40 bytes)".
+                Fault {
+                    reason: rt::peek8(b),
+                    flt_type: rt::peek16(b + 4),
+                    flags: rt::peek32(b + 8),
+                    pr_evt_flags: rt::peek32(b + 12),
+                    endpoint: rt::peek32(b + 16),
+                    pasid: rt::peek32(b + 20),
+                    grpid: rt::peek32(b + 24),
+                    address: rt::peek64(b + 32),
+                    len,
+                }
+            } else {
+                Fault {
+                    reason: rt::peek8(b),
+                    flags: rt::peek32(b + 4),
+                    endpoint: rt::peek32(b + 8),
+                    address: rt::peek64(b + 16),
+                    flt_type: 0,
+                    pr_evt_flags: 0,
+                    pasid: 0,
+                    grpid: 0,
+                    len,
+                }
             };
             self.post_event_buffer(i);
             self.t.notify(1);
             // A buffer returned empty carries no record: look at the next.
-            if len >= FAULT_SIZE {
+            let want = if extended {
+                nested::EXT_FAULT_SIZE
+            } else {
+                FAULT_SIZE
+            };
+            if len >= want {
                 return Some(f);
             }
+        }
+    }
+
+    /// ATTACH_TABLE (built by `req::attach_table_*`).
+    pub fn attach_table(&mut self, request: &[u8; 76]) -> u8 {
+        self.request(request)
+    }
+
+    /// INVALIDATE.
+    pub fn invalidate(&mut self, i: &req::Invalidate) -> u8 {
+        self.request(&req::invalidate(i))
+    }
+
+    /// PAGE_RESP.
+    pub fn page_resp(&mut self, endpoint: u32, pasid: Option<u32>, grpid: u32, code: u16) -> u8 {
+        self.request(&req::page_resp(endpoint, pasid, grpid, code))
+    }
+
+    /// Sends the INVALIDATEs of `batch` as one chain each, all with one
+    /// notification (so the device coalesces them), and returns their
+    /// statuses in order. At most [`MAX_BATCH`] requests.
+    pub fn invalidate_batch(&mut self, batch: &[req::Invalidate], out: &mut [u8]) {
+        check!(
+            batch.len() <= MAX_BATCH && out.len() >= batch.len(),
+            "INVALIDATE batch of {} requests",
+            batch.len()
+        );
+        // Request i at req_buf + 64 i, its tail at resp_buf + 4 i; chain i
+        // in descriptors 2i and 2i + 1.
+        for (i, inv) in batch.iter().enumerate() {
+            let rq = self.req_buf + 64 * i as u64;
+            let tail = self.resp_buf + u64::from(TAIL_SIZE) * i as u64;
+            rt::write_bytes(rq, &req::invalidate(inv));
+            rt::poke32(tail, 0xa5a5_a5a5);
+            let d = (2 * i) as u16;
+            self.req.set_desc(d, rq, 60, virtio::DESC_F_NEXT, d + 1);
+            self.req
+                .set_desc(d + 1, tail, TAIL_SIZE, virtio::DESC_F_WRITE, 0);
+            self.req.push(d);
+        }
+        self.t.notify(0);
+        for _ in 0..batch.len() {
+            let Some((id, used_len)) = self.req.wait_used(WAIT_CYCLES) else {
+                println!("FAIL: no used entry for a batched INVALIDATE");
+                rt::exit(line!());
+            };
+            check!(
+                id % 2 == 0 && (id / 2) < batch.len() as u32,
+                "used id {id} of a batch"
+            );
+            check_eq!(used_len, TAIL_SIZE, "used length of a batched INVALIDATE");
+            let i = (id / 2) as usize;
+            out[i] = rt::peek8(self.resp_buf + u64::from(TAIL_SIZE) * i as u64);
         }
     }
 

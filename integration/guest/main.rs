@@ -51,6 +51,9 @@ extern "C" fn guest_main() -> ! {
     match info.scenario {
         abi::SCENARIO_MAP => scenarios::map::run(&mut ctx),
         abi::SCENARIO_BYPASS => scenarios::bypass::run(&mut ctx),
+        abi::SCENARIO_NESTED_VTD => scenarios::nested_vtd::run(&mut ctx),
+        abi::SCENARIO_NESTED_SMMUV3 => scenarios::nested_smmuv3::run(&mut ctx),
+        abi::SCENARIO_PAGE_REQUEST => scenarios::page_request::run(&mut ctx),
         abi::SCENARIO_HOSTILE => scenarios::hostile::run(&mut ctx),
         abi::SELFTEST_SPIN
         | abi::SELFTEST_PAGE_FAULT

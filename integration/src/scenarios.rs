@@ -5,9 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use vmm_iommu::config::{Scenario, VmConfig};
+use vmm_iommu::config::{Scenario, TableFormat, VmConfig};
 use vmm_iommu::wire::{
-    Status, VIRTIO_IOMMU_T_ATTACH, VIRTIO_IOMMU_T_DETACH, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_PROBE,
+    Status, VIRTIO_IOMMU_T_ATTACH, VIRTIO_IOMMU_T_ATTACH_TABLE, VIRTIO_IOMMU_T_DETACH,
+    VIRTIO_IOMMU_T_INVALIDATE, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_PAGE_RESP, VIRTIO_IOMMU_T_PROBE,
     VIRTIO_IOMMU_T_UNMAP,
 };
 
@@ -42,14 +43,42 @@ pub fn scenario_id(s: Scenario) -> u64 {
     match s {
         Scenario::Map => abi::SCENARIO_MAP,
         Scenario::Bypass => abi::SCENARIO_BYPASS,
+        Scenario::NestedVtd => abi::SCENARIO_NESTED_VTD,
+        Scenario::NestedSmmuV3 => abi::SCENARIO_NESTED_SMMUV3,
+        Scenario::PageRequest => abi::SCENARIO_PAGE_REQUEST,
         Scenario::Hostile => abi::SCENARIO_HOSTILE,
+    }
+}
+
+/// The table format, the PASID width and the domain a nested scenario
+/// needs; `None` for the others.
+fn nested_needs(s: Scenario) -> Option<(TableFormat, u8, u32)> {
+    match s {
+        Scenario::NestedVtd => Some((
+            TableFormat::IntelVtd,
+            abi::NESTED_PASID_BITS,
+            abi::NESTED_VTD_DOMAIN,
+        )),
+        Scenario::NestedSmmuV3 => Some((
+            TableFormat::ArmSmmuV3,
+            // s1cdmax ≤ PASID_SIZE; the value is at most 20.
+            abi::NESTED_SMMUV3_S1CDMAX as u8,
+            abi::NESTED_SMMUV3_DOMAIN,
+        )),
+        Scenario::PageRequest => Some((
+            TableFormat::IntelVtd,
+            abi::NESTED_PASID_BITS,
+            abi::PAGE_REQUEST_DOMAIN,
+        )),
+        Scenario::Map | Scenario::Bypass | Scenario::Hostile => None,
     }
 }
 
 /// Why `cfg` cannot run scenario `s`, if it cannot: the guest programs
 /// use 4 KiB pages, domains 1 to 4 and IOVAs in
 /// `abi::IOVA_WINDOW_START..=abi::IOVA_WINDOW_END`, and drive a DMA engine
-/// behind the vIOMMU.
+/// behind the vIOMMU; the nested ones also need `iommu.nested` with their
+/// table format, a wide enough PASID and their own domain (5, 6 or 7).
 pub fn unmet_requirement(cfg: &VmConfig, s: Scenario) -> Option<String> {
     let i = &cfg.iommu;
     let dma = match dma_slots(cfg) {
@@ -90,6 +119,29 @@ pub fn unmet_requirement(cfg: &VmConfig, s: Scenario) -> Option<String> {
         return Some(
             "needs VIRTIO_IOMMU_F_BYPASS_CONFIG, which \"legacy_bypass\": true turns off".into(),
         );
+    }
+    if let Some((format, pasid_bits, domain)) = nested_needs(s) {
+        let Some(n) = &i.nested else {
+            return Some(format!(
+                "needs the nested extension: add iommu.nested with \"{}\" in its formats",
+                format.as_str()
+            ));
+        };
+        if !n.formats.contains(&format) {
+            return Some(format!(
+                "needs \"{}\" in iommu.nested.formats",
+                format.as_str()
+            ));
+        }
+        if n.pasid_bits < pasid_bits {
+            return Some(format!(
+                "needs iommu.nested.pasid_bits of at least {pasid_bits}, got {}",
+                n.pasid_bits
+            ));
+        }
+        if !(i.domain_range.start..=i.domain_range.end).contains(&domain) {
+            return Some(format!("needs domain {domain} inside iommu.domain_range"));
+        }
     }
     None
 }
@@ -175,6 +227,12 @@ impl ScenarioRun {
     /// The guest's measurement of TSC cycles per MAP+UNMAP round trip.
     pub fn cycles_per_map_unmap(&self) -> Option<u64> {
         serial_metric(self.serial(), "cycles_per_map_unmap")
+    }
+
+    /// The guest's measurement of TSC cycles per INVALIDATE (request,
+    /// notification exit, backend call, status).
+    pub fn cycles_per_invalidate(&self) -> Option<u64> {
+        serial_metric(self.serial(), "cycles_per_invalidate")
     }
 }
 
@@ -287,6 +345,9 @@ fn host_checks(cfg: &VmConfig, s: Scenario, opts: &RunOptions, o: &RunOutcome) -
             c.check(o.final_domains == 0, "no domain left");
             c.check(o.peak_mappings == 0, "no mapping ever made");
         }
+        Scenario::NestedVtd => nested_vtd_checks(&mut c, o, n),
+        Scenario::NestedSmmuV3 => nested_smmuv3_checks(&mut c, o),
+        Scenario::PageRequest => page_request_checks(&mut c, o),
         Scenario::Hostile => {
             map_checks(&mut c, o, n);
             let st = |s: Status| o.device.statuses[s as usize];
@@ -347,6 +408,185 @@ fn host_checks(cfg: &VmConfig, s: Scenario, opts: &RunOptions, o: &RunOutcome) -
     c.0
 }
 
+/// What every nested scenario leaves behind: requests of the extension
+/// reached the device, the software IOMMU saw what the router sent it,
+/// nothing dropped, no domain left.
+fn nested_common_checks(c: &mut Checks, o: &RunOutcome, attach_tables: u64) {
+    let req = |t: u8| o.device.requests[usize::from(t)];
+    c.check(
+        req(VIRTIO_IOMMU_T_ATTACH_TABLE) == attach_tables,
+        format!(
+            "{attach_tables} ATTACH_TABLE requests, got {}",
+            req(VIRTIO_IOMMU_T_ATTACH_TABLE)
+        ),
+    );
+    let Some(e) = o.emulated else {
+        c.check(false, "the VM has the software nested IOMMU");
+        return;
+    };
+    c.check(
+        e.invalidate_calls == o.router.invalidate_calls
+            && e.invalidations == o.router.invalidations_sent,
+        format!(
+            "the software IOMMU got every invalidate call the router made ({} calls, {} invalidations; router {} and {})",
+            e.invalidate_calls,
+            e.invalidations,
+            o.router.invalidate_calls,
+            o.router.invalidations_sent
+        ),
+    );
+    c.check(o.router.rollbacks == 0, "no backend call rolled back");
+    c.check(o.final_domains == 0, "DETACH ended the table domain");
+    c.check(
+        e.walks > 0,
+        format!("the guest's tables were walked ({} walks)", e.walks),
+    );
+}
+
+/// The VMM's view of scenario 3 (`n` benchmark INVALIDATEs).
+fn nested_vtd_checks(c: &mut Checks, o: &RunOutcome, n: u64) {
+    nested_common_checks(c, o, 2);
+    let req = |t: u8| o.device.requests[usize::from(t)];
+    let batch = abi::NESTED_VTD_BATCH as u64;
+    // One VA, one PASID, the batch, the benchmark.
+    let invalidates = 2 + batch + n;
+    c.check(
+        req(VIRTIO_IOMMU_T_INVALIDATE) == invalidates && o.router.invalidations == invalidates,
+        format!(
+            "{invalidates} INVALIDATEs received, got {} requests and {} at the router",
+            req(VIRTIO_IOMMU_T_INVALIDATE),
+            o.router.invalidations
+        ),
+    );
+    // One backend call per notification: the batch is one call.
+    let calls = 3 + n;
+    c.check(
+        o.router.invalidate_calls == calls,
+        format!(
+            "{calls} backend invalidate calls (the batch of {batch} in one), got {}",
+            o.router.invalidate_calls
+        ),
+    );
+    c.check(
+        o.router.invalidations_sent < o.router.invalidations,
+        format!(
+            "the batch of adjacent pages was coalesced ({} sent for {} received)",
+            o.router.invalidations_sent, o.router.invalidations
+        ),
+    );
+    c.check(
+        o.device.statuses[Status::Range as usize] == 1,
+        "the directory outside RAM was RANGE",
+    );
+    c.check(
+        o.device.faults_delivered == 3,
+        format!(
+            "3 fault records delivered (read-only page, no RID_PASID entry, unmapped IOVA), got {}",
+            o.device.faults_delivered
+        ),
+    );
+    if let Some(e) = o.emulated {
+        c.check(
+            e.faults == 3 && e.page_requests == 0,
+            format!(
+                "3 faults, no page request, got {} and {}",
+                e.faults, e.page_requests
+            ),
+        );
+        c.check(
+            e.iotlb_hits > 0 && e.context_reads >= 2,
+            format!(
+                "the IOTLB answered ({} hits) and the PASID entry was read again after its invalidation ({} reads)",
+                e.iotlb_hits, e.context_reads
+            ),
+        );
+    }
+    let dma = &o.dma.first().cloned().unwrap_or_default();
+    c.check(
+        dma.ok == 7 && dma.faults == 3 && dma.bad_args == 1,
+        format!(
+            "7 DMAs done, 3 faulted, 1 without a translator, got {}, {} and {}",
+            dma.ok, dma.faults, dma.bad_args
+        ),
+    );
+    if n > 0 {
+        c.check(
+            serial_metric(&o.serial, "cycles_per_invalidate").is_some(),
+            "guest reported cycles per INVALIDATE",
+        );
+    }
+}
+
+/// The VMM's view of scenario 4.
+fn nested_smmuv3_checks(c: &mut Checks, o: &RunOutcome) {
+    nested_common_checks(c, o, 1);
+    let req = |t: u8| o.device.requests[usize::from(t)];
+    c.check(
+        req(VIRTIO_IOMMU_T_INVALIDATE) == 2
+            && o.router.invalidations == 2
+            && o.router.invalidate_calls == 2,
+        format!(
+            "2 INVALIDATEs, 2 backend calls, got {} requests, {} received, {} calls",
+            req(VIRTIO_IOMMU_T_INVALIDATE),
+            o.router.invalidations,
+            o.router.invalidate_calls
+        ),
+    );
+    c.check(
+        o.device.faults_delivered == 2,
+        format!(
+            "2 fault records delivered (read-only page, no SubstreamID), got {}",
+            o.device.faults_delivered
+        ),
+    );
+    let dma = &o.dma.first().cloned().unwrap_or_default();
+    c.check(
+        dma.ok == 6 && dma.faults == 2,
+        format!("6 DMAs done, 2 faulted, got {} and {}", dma.ok, dma.faults),
+    );
+}
+
+/// The VMM's view of scenario 5.
+fn page_request_checks(c: &mut Checks, o: &RunOutcome) {
+    nested_common_checks(c, o, 1);
+    let req = |t: u8| o.device.requests[usize::from(t)];
+    c.check(
+        req(VIRTIO_IOMMU_T_PAGE_RESP) == 5,
+        format!(
+            "5 PAGE_RESPs (2 SUCCESS, 1 FAILURE, 2 for no pending group), got {}",
+            req(VIRTIO_IOMMU_T_PAGE_RESP)
+        ),
+    );
+    c.check(
+        o.device.statuses[Status::NoEnt as usize] == 2,
+        "the 2 PAGE_RESPs for no pending group were NOENT",
+    );
+    c.check(
+        o.device.faults_delivered == 3,
+        format!(
+            "3 page requests delivered on the eventq, got {}",
+            o.device.faults_delivered
+        ),
+    );
+    if let Some(e) = o.emulated {
+        c.check(
+            e.page_requests == 3 && e.faults == 0,
+            format!(
+                "3 page requests, no unrecoverable fault, got {} and {}",
+                e.page_requests, e.faults
+            ),
+        );
+    }
+    let dma = &o.dma.first().cloned().unwrap_or_default();
+    c.check(
+        dma.page_waits == 3 && dma.retries == 2 && dma.ok == 2 && dma.faults == 1,
+        format!(
+            "3 waits for a page, 2 retries, 2 DMAs done, 1 failed, got {}, {}, {} and {}",
+            dma.page_waits, dma.retries, dma.ok, dma.faults
+        ),
+    );
+}
+
 /// The VMM's view of scenario 1.
 fn map_checks(c: &mut Checks, o: &RunOutcome, n: u64) {
     let req = |t: u8| o.device.requests[usize::from(t)];
@@ -395,26 +635,82 @@ mod tests {
     const DMA: &str =
         r#""devices": [{"id": "d", "kind": "emulated-dma", "endpoint": 8, "iommu": true}]"#;
 
+    const NESTED: &str = r#""nested": {"formats": ["intel-vtd", "arm-smmuv3"], "pasid_bits": 16}"#;
+
     #[test]
     fn every_scenario_runs_by_default_when_the_config_allows() {
-        let p = plan(&cfg(&format!("{{{DMA}}}"))).unwrap();
+        let p = plan(&cfg(&format!("{{\"iommu\": {{{NESTED}}}, {DMA}}}"))).unwrap();
         assert_eq!(p.run, Scenario::ALL);
         assert!(p.skipped.is_empty());
+    }
+
+    #[test]
+    fn without_the_nested_extension_the_nested_scenarios_are_skipped() {
+        let p = plan(&cfg(&format!("{{{DMA}}}"))).unwrap();
+        assert_eq!(p.run, [Scenario::Map, Scenario::Bypass, Scenario::Hostile]);
+        let skipped: Vec<Scenario> = p.skipped.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            skipped,
+            [
+                Scenario::NestedVtd,
+                Scenario::NestedSmmuV3,
+                Scenario::PageRequest
+            ]
+        );
+        assert!(p.skipped[0].1.contains("iommu.nested"), "{:?}", p.skipped);
     }
 
     #[test]
     fn without_a_dma_engine_behind_the_iommu_nothing_runs() {
         let p = plan(&cfg("{}")).unwrap();
         assert!(p.run.is_empty());
-        assert_eq!(p.skipped.len(), 3);
+        assert_eq!(p.skipped.len(), Scenario::ALL.len());
     }
 
     #[test]
     fn legacy_bypass_skips_the_bypass_scenario() {
-        let c = cfg(&format!(r#"{{"iommu": {{"legacy_bypass": true}}, {DMA}}}"#));
+        let c = cfg(&format!(
+            r#"{{"iommu": {{"legacy_bypass": true, {NESTED}}}, {DMA}}}"#
+        ));
         let p = plan(&c).unwrap();
-        assert_eq!(p.run, [Scenario::Map, Scenario::Hostile]);
+        assert_eq!(
+            p.run,
+            [
+                Scenario::Map,
+                Scenario::NestedVtd,
+                Scenario::NestedSmmuV3,
+                Scenario::PageRequest,
+                Scenario::Hostile
+            ]
+        );
         assert_eq!(p.skipped[0].0, Scenario::Bypass);
+    }
+
+    #[test]
+    fn a_nested_scenario_needs_its_format_and_pasid_width() {
+        let only_vtd = cfg(&format!(
+            r#"{{"iommu": {{"nested": {{"formats": ["intel-vtd"], "pasid_bits": 8}}}}, {DMA}}}"#
+        ));
+        let why = unmet_requirement(&only_vtd, Scenario::NestedSmmuV3).unwrap();
+        assert!(
+            why.contains("\"arm-smmuv3\" in iommu.nested.formats"),
+            "{why}"
+        );
+        let why = unmet_requirement(&only_vtd, Scenario::NestedVtd).unwrap();
+        assert!(why.contains("pasid_bits of at least 13, got 8"), "{why}");
+        let c = cfg(&format!(
+            r#"{{"iommu": {{{NESTED}}}, {DMA}, "scenarios": ["map", "page-request"]}}"#
+        ));
+        assert_eq!(
+            plan(&c).unwrap().run,
+            [Scenario::Map, Scenario::PageRequest]
+        );
+    }
+
+    #[test]
+    fn serial_metric_reads_cycles_per_invalidate() {
+        let s = "bench: invalidations=50 cycles_per_invalidate=777\n";
+        assert_eq!(serial_metric(s, "cycles_per_invalidate"), Some(777));
     }
 
     #[test]

@@ -44,15 +44,22 @@ fn viommu_vm_boots_guests_runs_every_scenario_and_reports() {
     );
     for line in [
         "transport: notify: synchronous on the MMIO exit",
-        "scenarios: map, bypass, hostile",
+        "scenarios: map, bypass, nested-vtd, nested-smmuv3, page-request, hostile",
         "== map: PASS",
         "== bypass: PASS",
+        "== nested-vtd: PASS",
+        "== nested-smmuv3: PASS",
+        "== page-request: PASS",
         "== hostile: PASS",
         "requests: ATTACH 1, DETACH 1, MAP 104, UNMAP 102, PROBE 2",
+        "requests: DETACH 1, PROBE 1, ATTACH_TABLE 2, INVALIDATE 106",
+        "router: 106 invalidations received, 103 backend invalidate calls carrying 103",
+        "requests: DETACH 1, ATTACH_TABLE 1, PAGE_RESP 5",
         "faults delivered on the eventq: 3 (dropped 0)",
         "boot to first request: ",
         "MAP+UNMAP round trip (guest rdtsc, exits included): ",
-        "scenarios: 3 of 3 passed",
+        "INVALIDATE round trip (guest rdtsc, exit and backend call included): ",
+        "scenarios: 6 of 6 passed",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }

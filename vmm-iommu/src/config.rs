@@ -121,6 +121,18 @@ pub enum Scenario {
     Map,
     /// Bypass through config-space `bypass` and `ATTACH_F_BYPASS` (JSON `"bypass"`).
     Bypass,
+    /// Nested translation through a VT-d scalable-mode PASID table and IA-32e first-stage
+    /// tables the guest builds: ATTACH_TABLE, PASID-tagged DMA, stale IOTLB and PASID cache
+    /// until INVALIDATE (JSON `"nested-vtd"`).
+    NestedVtd,
+    /// Nested translation through an SMMUv3 linear CD table and AArch64 stage-1 tables the
+    /// guest builds: ATTACH_TABLE, SubstreamID-tagged DMA, stale IOTLB until INVALIDATE
+    /// (JSON `"nested-smmuv3"`).
+    #[serde(rename = "nested-smmuv3")]
+    NestedSmmuV3,
+    /// Page requests: a DMA to a not-present page waits for the guest's PAGE_RESP, then
+    /// completes (SUCCESS) or faults (FAILURE) (JSON `"page-request"`).
+    PageRequest,
     /// Malformed chains and requests from a hostile driver, then `"map"` in the same VM
     /// (JSON `"hostile"`).
     Hostile,
@@ -128,13 +140,23 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order they run by default.
-    pub const ALL: [Scenario; 3] = [Scenario::Map, Scenario::Bypass, Scenario::Hostile];
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Map,
+        Scenario::Bypass,
+        Scenario::NestedVtd,
+        Scenario::NestedSmmuV3,
+        Scenario::PageRequest,
+        Scenario::Hostile,
+    ];
 
     /// The name of the scenario in the config JSON.
     pub fn as_str(self) -> &'static str {
         match self {
             Scenario::Map => "map",
             Scenario::Bypass => "bypass",
+            Scenario::NestedVtd => "nested-vtd",
+            Scenario::NestedSmmuV3 => "nested-smmuv3",
+            Scenario::PageRequest => "page-request",
             Scenario::Hostile => "hostile",
         }
     }
@@ -457,7 +479,7 @@ deserialize_from_string_only!(
     ReservedKind => "a region kind: \"reserved\" or \"msi\"",
     DeviceKind => "a device kind: \"emulated-dma\" or \"vfio\"",
     VfioBackend => "a VFIO backend: \"type1\" or \"iommufd\"",
-    Scenario => "a scenario: \"map\", \"bypass\" or \"hostile\"",
+    Scenario => "a scenario: \"map\", \"bypass\", \"nested-vtd\", \"nested-smmuv3\", \"page-request\" or \"hostile\"",
 );
 
 impl VmConfig {
@@ -1217,7 +1239,18 @@ mod tests {
         assert_eq!(c.iommu.input_range, AddrRange::default());
         assert_eq!(c.iommu.domain_range, DomainRange::default());
         assert!(!c.iommu.bypass);
-        assert_eq!(c.iommu.nested, None);
+        assert_eq!(
+            c.iommu.nested,
+            Some(NestedConfig {
+                formats: vec![
+                    TableFormat::IntelVtd,
+                    TableFormat::ArmSmmuV3,
+                    TableFormat::ArmLpae,
+                    TableFormat::X86_64
+                ],
+                pasid_bits: 16
+            })
+        );
         assert_eq!(
             c.iommu.reserved_regions,
             vec![ReservedRegion {
@@ -1229,6 +1262,27 @@ mod tests {
         assert_eq!(c.endpoints(), vec![8, 9]);
         assert!(c.devices.iter().all(|d| d.kind == DeviceKind::EmulatedDma));
         assert_eq!(c.scenarios, Some(Scenario::ALL.to_vec()));
+    }
+
+    #[test]
+    fn resources_vm_nested_json_names_the_nested_scenarios() {
+        let c = VmConfig::from_json_str(include_str!("../../resources/vm-nested.json")).unwrap();
+        let n = c
+            .iommu
+            .nested
+            .as_ref()
+            .expect("vm-nested.json enables the nested extension");
+        assert_eq!(n.formats.len(), 4);
+        assert_eq!(n.pasid_bits, 16);
+        assert_eq!(c.endpoints(), vec![8]);
+        assert_eq!(
+            c.scenarios,
+            Some(vec![
+                Scenario::NestedVtd,
+                Scenario::NestedSmmuV3,
+                Scenario::PageRequest
+            ])
+        );
     }
 
     #[test]
@@ -2185,7 +2239,33 @@ mod tests {
             Some(vec![Scenario::Hostile, Scenario::Map, Scenario::Bypass])
         );
         let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.as_str()).collect();
-        assert_eq!(names, ["map", "bypass", "hostile"]);
+        assert_eq!(
+            names,
+            [
+                "map",
+                "bypass",
+                "nested-vtd",
+                "nested-smmuv3",
+                "page-request",
+                "hostile"
+            ]
+        );
+    }
+
+    #[test]
+    fn nested_scenario_names_parse() {
+        let c = VmConfig::from_json_str(
+            r#"{"scenarios": ["nested-vtd", "nested-smmuv3", "page-request"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.scenarios,
+            Some(vec![
+                Scenario::NestedVtd,
+                Scenario::NestedSmmuV3,
+                Scenario::PageRequest
+            ])
+        );
     }
 
     #[test]
@@ -2193,7 +2273,8 @@ mod tests {
         assert_err(
             vm_err(r#"{"scenarios": ["map", "bypass", "nested"]}"#),
             "scenarios[2]",
-            "unknown variant `nested`, expected one of `map`, `bypass`, `hostile`",
+            "unknown variant `nested`, expected one of `map`, `bypass`, `nested-vtd`, \
+             `nested-smmuv3`, `page-request`, `hostile`",
         );
     }
 

@@ -206,9 +206,9 @@ impl VirtioIommu {
         let config = ConfigSpace {
             // spec 5.13.4.2: "The device MUST set at least one bit in
             // page_size_mask" — the config validation guarantees it.
-            page_size_mask: cfg.page_size_mask,
-            input_start: cfg.input_range.start,
-            input_end: cfg.input_range.end,
+            page_size_mask: viommu.page_size_mask(),
+            input_start: viommu.input_range().0,
+            input_end: viommu.input_range().1,
             domain_start: cfg.domain_range.start,
             domain_end: cfg.domain_range.end,
             probe_size: cfg.probe_size,

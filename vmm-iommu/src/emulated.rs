@@ -442,9 +442,18 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         if pr {
             let mut q = lock(&self.prq);
             let key = pasid.unwrap_or(NO_PASID);
-            // One outstanding request per page: a retry of the same access
-            // waits for the same group.
-            if q.groups.len() < MAX_PENDING_PAGE_REQUESTS {
+            let pending = q
+                .groups
+                .values()
+                .filter(|s| **s == PageRequestState::Pending)
+                .count();
+            // Answers a device model never collected are dropped once they
+            // pile up, so the table stays bounded (a dropped answer reads
+            // as Unknown: the access is aborted).
+            if q.groups.len() >= 4 * MAX_PENDING_PAGE_REQUESTS {
+                q.groups.retain(|_, s| *s == PageRequestState::Pending);
+            }
+            if pending < MAX_PENDING_PAGE_REQUESTS {
                 let grpid = q.next_grpid;
                 q.next_grpid = q.next_grpid.wrapping_add(1) & 0x1ff;
                 if let std::collections::hash_map::Entry::Vacant(e) =
@@ -600,6 +609,20 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
                 if iotlb {
                     c.iotlb.retain(|k| !named(k));
                     c.pwc.retain(|k| !named(k));
+                }
+            }
+            Scope::Range(r) if iotlb && r.pasid.is_none() && inv.archid.is_some() => {
+                // An ASID/DID-tagged range without a PASID (SMMUv3
+                // TLBI_NH_VA): every context of the domain may use that tag,
+                // so the range goes in all of them.
+                let last = r.last();
+                let overlaps = |k: &Key| {
+                    let sh = u32::from(k.shift);
+                    k.domain == dom && k.index >= r.addr >> sh && k.index <= last >> sh
+                };
+                c.iotlb.retain(|k| !overlaps(k));
+                if !r.leaf_only {
+                    c.pwc.retain(|k| !overlaps(k));
                 }
             }
             Scope::Range(r) if iotlb => {

@@ -41,6 +41,44 @@ pub struct Viommu {
     generation: AtomicU64,
     faults: Arc<FaultQueue>,
     router: Router,
+    page_size_mask: u64,
+    input_range: (u64, u64),
+}
+
+/// The config with `page_size_mask` and `input_range` narrowed to what
+/// the backends of `endpoints` can do. A backend that leaves nothing (no
+/// common page size, disjoint ranges) is logged and ignored for that
+/// field: the device still works, and that backend's MAPs fail instead.
+fn narrow_to_backends(cfg: &IommuConfig, endpoints: &[u32], router: &Router) -> IommuConfig {
+    let mut out = cfg.clone();
+    for &ep in endpoints {
+        let Some(caps) = router.caps(ep) else {
+            continue;
+        };
+        let mask = out.page_size_mask & caps.page_size_mask;
+        // The granule must stay at least 4 KiB (the mapping table packs
+        // flags into the low bits).
+        if mask & !0xfff != 0 {
+            out.page_size_mask = mask;
+        } else {
+            log::error!(
+                "virtio-iommu: endpoint {ep}: backend page sizes {:#x} share none with {:#x}",
+                caps.page_size_mask,
+                out.page_size_mask
+            );
+        }
+        let start = out.input_range.start.max(caps.input_range.0);
+        let end = out.input_range.end.min(caps.input_range.1);
+        if start < end {
+            out.input_range.start = start;
+            out.input_range.end = end;
+        } else {
+            log::error!(
+                "virtio-iommu: endpoint {ep}: backend input range is disjoint from the config's"
+            );
+        }
+    }
+    out
 }
 
 /// What applying a request did, beyond succeeding.
@@ -78,6 +116,7 @@ impl Viommu {
         faults: Arc<FaultQueue>,
         router: Router,
     ) -> Self {
+        let cfg = &narrow_to_backends(cfg, endpoints, &router);
         let mut state = IommuState::new(cfg, endpoints, ram);
         if let Some(nested) = &cfg.nested {
             for &ep in endpoints {
@@ -98,7 +137,22 @@ impl Viommu {
             generation: AtomicU64::new(0),
             faults,
             router,
+            page_size_mask: cfg.page_size_mask,
+            input_range: (cfg.input_range.start, cfg.input_range.end),
         }
+    }
+
+    /// The page sizes the device offers: the config's, narrowed to what
+    /// every backend can map, so the guest never asks for what the host
+    /// cannot do.
+    pub fn page_size_mask(&self) -> u64 {
+        self.page_size_mask
+    }
+
+    /// The input range the device offers, narrowed like
+    /// [`Self::page_size_mask`].
+    pub fn input_range(&self) -> (u64, u64) {
+        self.input_range
     }
 
     /// Read access to the state model.

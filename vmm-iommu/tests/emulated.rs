@@ -665,3 +665,59 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_archid_tagged_range_without_pasid_reaches_every_context_of_the_domain() {
+    // SMMUv3 TLBI_NH_VA names an ASID and an address, no SubstreamID.
+    let (mut h, emu) = rig(false);
+    let mem = h.mem.clone();
+    let mut a = TableAlloc::new(&mem, TABLES, TABLES_END);
+    let cds = CdTableBuilder::linear(&mut a, 4).unwrap();
+    let t = ArmTableBuilder::new(&mut a, arm::Granule::K4, 25).unwrap();
+    t.map(&mut a, 0x40_0000, DATA, 12, Perm::RW_USER).unwrap();
+    cds.set_ttb0(&mut a, 3, t.root(), 25, 0, 0x5a, 0xff)
+        .unwrap();
+    let desc = TableDesc::ArmSmmuV3 {
+        s1fmt: 0,
+        s1dss: 0,
+        s1contextptr: cds.table().ptr(),
+        s1cdmax: 4,
+    };
+    assert_eq!(attach_table(&mut h, 2, EP, &desc), Status::Ok);
+    assert_eq!(gpa(&emu, EP, Some(3), 0x40_0000, false), Ok(DATA));
+    t.clear_entry(&a, 0x40_0000, 3).unwrap();
+    t.map(&mut a, 0x40_0000, DATA + 0x1000, 12, Perm::RW_USER)
+        .unwrap();
+    assert_eq!(gpa(&emu, EP, Some(3), 0x40_0000, false), Ok(DATA));
+    let mut inv = va_inv(None, 0x40_0000, true);
+    inv.archid = Some(0x5a);
+    send_inv(&mut h, 2, inv);
+    assert_eq!(gpa(&emu, EP, Some(3), 0x40_0000, false), Ok(DATA + 0x1000));
+}
+
+#[test]
+fn failed_or_uncollected_page_requests_do_not_use_up_the_limit() {
+    let (mut h, emu) = rig(true);
+    let s = vtd_setup(&h.mem, TABLES, &[]);
+    attach_table(&mut h, 1, EP, &vtd_desc(&s));
+    let max = vmm_iommu::emulated::MAX_PENDING_PAGE_REQUESTS as u64;
+    for i in 0..max {
+        assert!(matches!(
+            gpa(&emu, EP, Some(PASID), i << 12, false),
+            Err(NestedError::PageRequest { .. })
+        ));
+    }
+    // The driver goes away: every pending request fails, none is collected.
+    use vmm_iommu::backend::IommuBackend;
+    emu.set_page_requests(false);
+    emu.set_page_requests(true);
+    for round in 0..8u64 {
+        for i in 0..max {
+            let va = ((round + 1) * max + i) << 12;
+            let r = gpa(&emu, EP, Some(PASID), va, false);
+            assert!(matches!(r, Err(NestedError::PageRequest { .. })), "{r:?}");
+        }
+        emu.set_page_requests(false);
+        emu.set_page_requests(true);
+    }
+}

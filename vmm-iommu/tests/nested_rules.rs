@@ -633,3 +633,41 @@ fn backend_faults_reach_the_eventq_as_extended_records() {
     );
     let _: &dyn IommuBackend = r.a.as_ref();
 }
+
+#[test]
+fn config_space_offers_only_what_every_backend_can_map() {
+    // A host IOMMU with only 2 MiB pages and a 40-bit input range from 2 MiB
+    // (as a VFIO container can report): the guest is told exactly that.
+    let narrow = Arc::new(RecordingBackend::new(
+        "host",
+        vmm_iommu::backend::BackendCaps::map_only(1 << 21, (0x20_0000, (1 << 40) - 1)),
+    ));
+    let n2 = narrow.clone();
+    let mut h = Harness::with_router(
+        &IommuConfig::default(),
+        &[EP, EP2],
+        RAM_MIB,
+        &[],
+        move |_, _| {
+            let mut r = Router::new();
+            r.add(n2, &[EP]);
+            r
+        },
+        driver_features,
+    );
+    let c = h.dev.config();
+    assert_eq!(c.page_size_mask, 1 << 21);
+    assert_eq!((c.input_start, c.input_end), (0x20_0000, (1 << 40) - 1));
+    // And the state checks MAPs against the same limits.
+    h.send(&attach(1, EP));
+    assert_eq!(
+        h.send(&map(1, 0x20_0000, 0x20_ffff, 0x20_0000)),
+        Status::Range
+    );
+    assert_eq!(h.send(&map(1, 0, 0x1f_ffff, 0x20_0000)), Status::Range);
+    assert_eq!(h.send(&map(1, 0x20_0000, 0x3f_ffff, 0x20_0000)), Status::Ok);
+    assert_eq!(
+        h.send(&map(1, 1 << 40, (1 << 40) + 0x1f_ffff, 0x20_0000)),
+        Status::Range
+    );
+}

@@ -2,8 +2,10 @@
 //! regions, the virtio-iommu on virtio-mmio, the config's DMA engines
 //! behind it — runs the guest scenarios the config names (all it allows by
 //! default), and prints a report: pass/fail per scenario, requests by type,
-//! faults delivered, boot-to-first-request time, and the guest's cycles per
-//! MAP+UNMAP round trip. Exits non-zero if any scenario fails.
+//! invalidations received and backend calls made, the software nested
+//! IOMMU's work, faults delivered, boot-to-first-request time, and the
+//! guest's cycles per MAP+UNMAP round trip and per INVALIDATE. Exits
+//! non-zero if any scenario fails.
 //!
 //! Without `/dev/kvm` it falls back, saying so, to the host-side scripted
 //! driver session (no guest runs), unless `VMM_IOMMU_REQUIRE_KVM=1`.
@@ -220,8 +222,8 @@ fn statuses_line(o: &RunOutcome) -> String {
         .join(", ")
 }
 
-fn cycles_line(run: &ScenarioRun, o: &RunOutcome) -> Option<String> {
-    let c = run.cycles_per_map_unmap()?;
+fn cycles_line(c: Option<u64>, o: &RunOutcome) -> Option<String> {
+    let c = c?;
     Some(match o.tsc_khz {
         Some(khz) if khz > 0 => format!(
             "{c} cycles ({:.1} µs at a {} MHz TSC)",
@@ -263,11 +265,40 @@ fn print_run(run: &ScenarioRun, cfg: &VmConfig, verbose: bool) {
                 "   faults delivered on the eventq: {} (dropped {})",
                 o.device.faults_delivered, o.faults_dropped
             );
+            let r = &o.router;
+            if r.invalidations + r.invalidate_calls + r.other_calls > 0 {
+                println!(
+                    "   router: {} invalidations received, {} backend invalidate calls carrying {}, {} other backend calls, {} rollbacks",
+                    r.invalidations, r.invalidate_calls, r.invalidations_sent, r.other_calls, r.rollbacks
+                );
+            }
+            if let Some(e) = &o.emulated {
+                if e.walks + e.iotlb_hits + e.invalidate_calls + e.page_requests > 0 {
+                    println!(
+                        "   software IOMMU: {} IOTLB hits, {} walks ({} resumed from the paging-structure cache), {} PASID entry/CD reads, {} invalidate calls, {} faults, {} page requests",
+                        e.iotlb_hits,
+                        e.walks,
+                        e.pwc_hits,
+                        e.context_reads,
+                        e.invalidate_calls,
+                        e.faults,
+                        e.page_requests
+                    );
+                }
+            }
             if let Ok(slots) = dma_slots(cfg) {
                 for (s, st) in slots.iter().zip(&o.dma) {
-                    if st.ok + st.faults + st.bad_args > 0 {
+                    if st.ok + st.faults + st.bad_args + st.page_waits > 0 {
+                        let waits = if st.page_waits > 0 {
+                            format!(
+                                ", {} waits for a page ({} retried)",
+                                st.page_waits, st.retries
+                            )
+                        } else {
+                            String::new()
+                        };
                         println!(
-                            "   DMA endpoint {}: {} done, {} faulted, {} bad arguments, {} bytes",
+                            "   DMA endpoint {}: {} done, {} faulted, {} bad arguments{waits}, {} bytes",
                             s.endpoint, st.ok, st.faults, st.bad_args, st.bytes
                         );
                     }
@@ -293,8 +324,13 @@ fn print_run(run: &ScenarioRun, cfg: &VmConfig, verbose: bool) {
                     run.build_time.as_secs_f64() * 1000.0
                 );
             }
-            if let Some(c) = cycles_line(run, o) {
+            if let Some(c) = cycles_line(run.cycles_per_map_unmap(), o) {
                 println!("   MAP+UNMAP round trip (guest rdtsc, exits included): {c}");
+            }
+            if let Some(c) = cycles_line(run.cycles_per_invalidate(), o) {
+                println!(
+                    "   INVALIDATE round trip (guest rdtsc, exit and backend call included): {c}"
+                );
             }
         }
     }
@@ -313,27 +349,41 @@ fn print_run(run: &ScenarioRun, cfg: &VmConfig, verbose: bool) {
 fn print_summary(runs: &[ScenarioRun]) {
     println!();
     println!(
-        "{:<9} {:<6} {:>14} {:>8} {:>18}",
-        "scenario", "result", "boot→1st req", "faults", "cycles/MAP+UNMAP"
+        "{:<14} {:<6} {:>13} {:>7} {:>13} {:>17} {:>17}",
+        "scenario",
+        "result",
+        "boot→1st req",
+        "faults",
+        "inval/calls",
+        "cycles/MAP+UNMAP",
+        "cycles/INVALIDATE"
     );
+    let dash = || "-".to_string();
     for r in runs {
-        let (boot, faults) = match &r.outcome {
+        let (boot, faults, inval) = match &r.outcome {
             Ok(o) => (
-                o.boot_to_first_request.map_or("-".to_string(), |t| {
-                    format!("{:.3} ms", t.as_secs_f64() * 1000.0)
-                }),
+                o.boot_to_first_request
+                    .map_or_else(dash, |t| format!("{:.3} ms", t.as_secs_f64() * 1000.0)),
                 o.device.faults_delivered.to_string(),
+                if o.router.invalidations > 0 {
+                    format!("{}/{}", o.router.invalidations, o.router.invalidate_calls)
+                } else {
+                    dash()
+                },
             ),
-            Err(_) => ("-".to_string(), "-".to_string()),
+            Err(_) => (dash(), dash(), dash()),
         };
         println!(
-            "{:<9} {:<6} {:>14} {:>8} {:>18}",
+            "{:<14} {:<6} {:>13} {:>7} {:>13} {:>17} {:>17}",
             r.scenario.as_str(),
             if r.passed() { "PASS" } else { "FAIL" },
             boot,
             faults,
+            inval,
             r.cycles_per_map_unmap()
-                .map_or("-".to_string(), |c| c.to_string())
+                .map_or_else(dash, |c| c.to_string()),
+            r.cycles_per_invalidate()
+                .map_or_else(dash, |c| c.to_string())
         );
     }
 }

@@ -9,11 +9,21 @@
 //! ranges that wrap, and PASIDs no translator serves end as
 //! `DMA_STATUS_BAD_ARGS`; a refused access ends as `DMA_STATUS_FAULT`
 //! (with a fault record queued by the vIOMMU when it refused).
+//!
+//! Page requests: when the nested translation sends one for a missing
+//! page, the operation ends as `DMA_STATUS_PAGE_WAIT` and is kept. The
+//! vCPU thread that runs the doorbell also serves the request queue, so
+//! nothing blocks: the VMM calls [`DmaDevice::poll_page_request`] after
+//! each request-queue notification, and once the guest's PAGE_RESP says
+//! SUCCESS the operation runs again from the start (every access is
+//! translated before any byte moves, so a waiting operation has changed
+//! nothing); FAILURE ends it as `DMA_STATUS_FAULT`.
 
 use log::debug;
+use vmm_iommu::emulated::{PageRequestState, MAX_PENDING_PAGE_REQUESTS};
 
 use crate::abi::{self, dma_regs};
-use crate::dma::DmaRouter;
+use crate::dma::{DmaError, DmaRouter};
 
 /// What the engine did, for the VMM's report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,6 +40,40 @@ pub struct DmaStats {
     pub bytes: u64,
     /// Register accesses ignored (bad width or offset).
     pub ignored: u64,
+    /// Times an operation waited for a page (one per page request).
+    pub page_waits: u64,
+    /// Operations run again after a PAGE_RESP SUCCESS.
+    pub retries: u64,
+    /// Waiting operations given up because the guest rang the doorbell
+    /// again.
+    pub abandoned: u64,
+}
+
+/// The registers of one operation, as the doorbell found them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Job {
+    op: u32,
+    src: u64,
+    dst: u64,
+    len: u32,
+    fill: u32,
+    pasid: Option<u32>,
+}
+
+/// An operation waiting for page request `grpid`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Waiting {
+    job: Job,
+    grpid: u32,
+}
+
+/// How an operation ended, short of success.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// `DMA_STATUS_BAD_ARGS` or `DMA_STATUS_FAULT`.
+    Status(u32),
+    /// Waits for page request `grpid`.
+    PageRequest(u32),
 }
 
 /// One DMA engine.
@@ -45,6 +89,12 @@ pub struct DmaDevice {
     fill: u32,
     status: u32,
     cmp: u32,
+    /// The operation waiting for a page, if any.
+    waiting: Option<Waiting>,
+    /// (PASID, group) of page requests whose operation was abandoned,
+    /// polled until answered so that the IOMMU forgets them. Bounded by
+    /// what the IOMMU keeps outstanding; past it the oldest is dropped.
+    abandoned: Vec<(Option<u32>, u32)>,
     /// Reused transfer buffers, so a doorbell does not allocate.
     a: Vec<u8>,
     b: Vec<u8>,
@@ -84,6 +134,8 @@ impl DmaDevice {
             fill: 0,
             status: abi::DMA_STATUS_IDLE,
             cmp: 0,
+            waiting: None,
+            abandoned: Vec::new(),
             a: Vec::new(),
             b: Vec::new(),
             stats: DmaStats::default(),
@@ -163,13 +215,46 @@ impl DmaDevice {
     }
 
     fn run(&mut self) {
+        if let Some(w) = self.waiting.take() {
+            debug!(
+                "dma{}: doorbell abandons the operation waiting for page request {}",
+                self.endpoint, w.grpid
+            );
+            self.stats.abandoned += 1;
+            if self.abandoned.len() >= MAX_PENDING_PAGE_REQUESTS {
+                self.abandoned.remove(0);
+            }
+            self.abandoned.push((w.job.pasid, w.grpid));
+        }
+        let pasid = (self.flags & abi::DMA_FLAGS_PASID_VALID != 0).then_some(self.pasid);
+        if pasid.is_some() {
+            self.stats.pasid_tagged += 1;
+        }
+        let job = Job {
+            op: self.op,
+            src: self.src,
+            dst: self.dst,
+            len: self.len,
+            fill: self.fill,
+            pasid,
+        };
+        self.start(job);
+    }
+
+    /// Runs `job` and sets the status it ends with.
+    fn start(&mut self, job: Job) {
         self.cmp = 0;
-        self.status = match self.execute() {
+        self.status = match self.execute(&job) {
             Ok(()) => {
                 self.stats.ok += 1;
                 abi::DMA_STATUS_OK
             }
-            Err(s) => {
+            Err(Stop::PageRequest(grpid)) => {
+                self.stats.page_waits += 1;
+                self.waiting = Some(Waiting { job, grpid });
+                abi::DMA_STATUS_PAGE_WAIT
+            }
+            Err(Stop::Status(s)) => {
                 if s == abi::DMA_STATUS_FAULT {
                     self.stats.faults += 1;
                 } else {
@@ -180,51 +265,103 @@ impl DmaDevice {
         };
     }
 
-    /// Runs the programmed operation; the error is the status to report.
-    fn execute(&mut self) -> Result<(), u32> {
-        let len = self.len;
+    /// Whether an operation waits for a page request.
+    pub fn waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// Whether [`Self::poll_page_request`] has anything to look at.
+    pub fn needs_poll(&self) -> bool {
+        self.waiting.is_some() || !self.abandoned.is_empty()
+    }
+
+    /// Looks at the page request the waiting operation (if any) waits for:
+    /// answered SUCCESS, the operation runs again (and may wait for
+    /// another page); answered otherwise, or forgotten, it ends as
+    /// `DMA_STATUS_FAULT`; still pending, nothing changes. Returns whether
+    /// the operation ran or ended (so the VMM can deliver what it raised).
+    /// Answered requests of abandoned operations are dropped on the way.
+    pub fn poll_page_request(&mut self) -> bool {
+        if !self.abandoned.is_empty() {
+            let (router, ep) = (&self.router, self.endpoint);
+            self.abandoned.retain(|&(pasid, grpid)| {
+                router.page_request_state(ep, pasid, grpid) == PageRequestState::Pending
+            });
+        }
+        let Some(w) = self.waiting else {
+            return false;
+        };
+        match self
+            .router
+            .page_request_state(self.endpoint, w.job.pasid, w.grpid)
+        {
+            PageRequestState::Pending => false,
+            PageRequestState::Success => {
+                self.waiting = None;
+                self.stats.retries += 1;
+                self.start(w.job);
+                true
+            }
+            state => {
+                debug!(
+                    "dma{}: page request {} ended {state:?}: the operation faults",
+                    self.endpoint, w.grpid
+                );
+                self.waiting = None;
+                self.stats.faults += 1;
+                self.status = abi::DMA_STATUS_FAULT;
+                true
+            }
+        }
+    }
+
+    /// Runs `job`; the error is how it stopped.
+    fn execute(&mut self, job: &Job) -> Result<(), Stop> {
+        let len = job.len;
         if len == 0 || len > abi::DMA_MAX_LEN {
             debug!("dma{}: bad length {len}", self.endpoint);
-            return Err(abi::DMA_STATUS_BAD_ARGS);
+            return Err(Stop::Status(abi::DMA_STATUS_BAD_ARGS));
         }
-        let uses_src = matches!(self.op, abi::DMA_OP_COPY | abi::DMA_OP_COMPARE);
+        let uses_src = matches!(job.op, abi::DMA_OP_COPY | abi::DMA_OP_COMPARE);
         let wraps = |a: u64| a.checked_add(u64::from(len)).is_none();
-        if wraps(self.dst) || (uses_src && wraps(self.src)) {
+        if wraps(job.dst) || (uses_src && wraps(job.src)) {
             debug!("dma{}: address range wraps", self.endpoint);
-            return Err(abi::DMA_STATUS_BAD_ARGS);
+            return Err(Stop::Status(abi::DMA_STATUS_BAD_ARGS));
         }
-        let pasid = (self.flags & abi::DMA_FLAGS_PASID_VALID != 0).then_some(self.pasid);
-        if pasid.is_some() {
-            self.stats.pasid_tagged += 1;
-        }
-        let Some(space) = self.router.route(self.endpoint, pasid) else {
-            debug!("dma{}: no translator for PASID {pasid:?}", self.endpoint);
-            return Err(abi::DMA_STATUS_BAD_ARGS);
+        let Some(space) = self.router.route(self.endpoint, job.pasid) else {
+            debug!(
+                "dma{}: no translator for PASID {:?}",
+                self.endpoint, job.pasid
+            );
+            return Err(Stop::Status(abi::DMA_STATUS_BAD_ARGS));
         };
         // Bounded by DMA_MAX_LEN above.
         let n = len as usize;
-        let fault = |e| {
+        let fault = |e: DmaError| {
             debug!("dma: {e}");
-            abi::DMA_STATUS_FAULT
+            match e {
+                DmaError::PageRequest { grpid, .. } => Stop::PageRequest(grpid),
+                _ => Stop::Status(abi::DMA_STATUS_FAULT),
+            }
         };
-        match self.op {
+        match job.op {
             abi::DMA_OP_COPY => {
                 self.a.resize(n, 0);
-                space.dma_read(self.src, &mut self.a).map_err(fault)?;
-                space.dma_write(self.dst, &self.a).map_err(fault)?;
+                space.dma_read(job.src, &mut self.a).map_err(fault)?;
+                space.dma_write(job.dst, &self.a).map_err(fault)?;
                 self.stats.bytes += 2 * u64::from(len);
             }
             abi::DMA_OP_FILL => {
                 self.a.clear();
-                self.a.resize(n, self.fill as u8);
-                space.dma_write(self.dst, &self.a).map_err(fault)?;
+                self.a.resize(n, job.fill as u8);
+                space.dma_write(job.dst, &self.a).map_err(fault)?;
                 self.stats.bytes += u64::from(len);
             }
             abi::DMA_OP_COMPARE => {
                 self.a.resize(n, 0);
                 self.b.resize(n, 0);
-                space.dma_read(self.src, &mut self.a).map_err(fault)?;
-                space.dma_read(self.dst, &mut self.b).map_err(fault)?;
+                space.dma_read(job.src, &mut self.a).map_err(fault)?;
+                space.dma_read(job.dst, &mut self.b).map_err(fault)?;
                 self.stats.bytes += 2 * u64::from(len);
                 // 1 + offset of the first difference; n ≤ DMA_MAX_LEN fits.
                 self.cmp = self
@@ -236,7 +373,7 @@ impl DmaDevice {
             }
             op => {
                 debug!("dma{}: unknown operation {op}", self.endpoint);
-                return Err(abi::DMA_STATUS_BAD_ARGS);
+                return Err(Stop::Status(abi::DMA_STATUS_BAD_ARGS));
             }
         }
         Ok(())
@@ -280,7 +417,7 @@ mod tests {
     struct Untagged(Flat);
 
     impl DmaRouter for Untagged {
-        fn route(&self, _ep: u32, pasid: Option<u32>) -> Option<&dyn DmaSpace> {
+        fn route(&mut self, _ep: u32, pasid: Option<u32>) -> Option<&dyn DmaSpace> {
             pasid.is_none().then_some(&self.0 as &dyn DmaSpace)
         }
     }
@@ -364,6 +501,108 @@ mod tests {
         );
         assert_eq!(d.stats().bad_args, 5);
         assert_eq!(d.stats().pasid_tagged, 1);
+    }
+
+    /// A space that asks for a page (group 7) on every write until the
+    /// page is "mapped", and a router reporting the group's state.
+    struct Paging {
+        flat: Flat,
+        mapped: std::sync::atomic::AtomicBool,
+        answer: Mutex<PageRequestState>,
+    }
+
+    impl DmaSpace for Paging {
+        fn dma_read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            self.flat.dma_read(addr, buf)
+        }
+        fn dma_write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
+            if !self.mapped.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(DmaError::PageRequest {
+                    iova: addr,
+                    grpid: 7,
+                });
+            }
+            self.flat.dma_write(addr, data)
+        }
+    }
+
+    struct PagingRouter(std::sync::Arc<Paging>);
+
+    impl DmaRouter for PagingRouter {
+        fn route(&mut self, _ep: u32, _pasid: Option<u32>) -> Option<&dyn DmaSpace> {
+            Some(&*self.0)
+        }
+        fn page_request_state(&self, _ep: u32, _p: Option<u32>, grpid: u32) -> PageRequestState {
+            assert_eq!(grpid, 7);
+            *self.0.answer.lock().unwrap()
+        }
+    }
+
+    fn paging_engine() -> (DmaDevice, std::sync::Arc<Paging>) {
+        let p = std::sync::Arc::new(Paging {
+            flat: Flat(Mutex::new(vec![0u8; 0x10000])),
+            mapped: false.into(),
+            answer: Mutex::new(PageRequestState::Pending),
+        });
+        (DmaDevice::new(8, Box::new(PagingRouter(p.clone()))), p)
+    }
+
+    #[test]
+    fn page_request_waits_then_success_runs_the_operation_again() {
+        let (mut d, p) = paging_engine();
+        w32(&mut d, dma_regs::FILL, 0x5a);
+        assert_eq!(
+            program(&mut d, abi::DMA_OP_FILL, 0, 0x100, 4),
+            abi::DMA_STATUS_PAGE_WAIT
+        );
+        assert!(d.waiting());
+        assert!(!d.poll_page_request(), "still pending");
+        assert_eq!(r32(&mut d, dma_regs::STATUS), abi::DMA_STATUS_PAGE_WAIT);
+        // The guest maps the page and answers SUCCESS; the registers it
+        // changed meanwhile do not matter.
+        p.mapped.store(true, std::sync::atomic::Ordering::Relaxed);
+        *p.answer.lock().unwrap() = PageRequestState::Success;
+        w32(&mut d, dma_regs::LEN, 9999);
+        assert!(d.poll_page_request());
+        assert_eq!(r32(&mut d, dma_regs::STATUS), abi::DMA_STATUS_OK);
+        assert_eq!(
+            &p.flat.0.lock().unwrap()[0x100..0x105],
+            &[0x5a, 0x5a, 0x5a, 0x5a, 0]
+        );
+        let st = d.stats();
+        assert_eq!((st.page_waits, st.retries, st.ok, st.faults), (1, 1, 1, 0));
+        assert!(!d.needs_poll());
+    }
+
+    #[test]
+    fn page_request_failure_ends_the_operation_as_a_fault() {
+        let (mut d, p) = paging_engine();
+        assert_eq!(
+            program(&mut d, abi::DMA_OP_FILL, 0, 0x100, 4),
+            abi::DMA_STATUS_PAGE_WAIT
+        );
+        *p.answer.lock().unwrap() = PageRequestState::Failed;
+        assert!(d.poll_page_request());
+        assert_eq!(r32(&mut d, dma_regs::STATUS), abi::DMA_STATUS_FAULT);
+        assert_eq!((d.stats().faults, d.stats().retries), (1, 0));
+        assert!(!d.waiting());
+    }
+
+    #[test]
+    fn doorbell_while_waiting_abandons_and_polls_the_group_until_answered() {
+        let (mut d, p) = paging_engine();
+        program(&mut d, abi::DMA_OP_FILL, 0, 0x100, 4);
+        assert_eq!(
+            program(&mut d, abi::DMA_OP_COPY, 0, 0x200, 4),
+            abi::DMA_STATUS_PAGE_WAIT
+        );
+        assert_eq!(d.stats().abandoned, 1);
+        *p.answer.lock().unwrap() = PageRequestState::Failed;
+        d.poll_page_request();
+        assert!(
+            !d.needs_poll(),
+            "the abandoned group was answered and dropped"
+        );
     }
 
     #[test]

@@ -6,7 +6,15 @@
 //! Everything the guest does arrives here as a port or MMIO exit and is
 //! served on the vCPU thread: queue notifications run the device's queue
 //! processing synchronously and the guest polls its used rings (no
-//! ioeventfd, no irqfd, no interrupt controller). A guest that faults,
+//! ioeventfd, no irqfd, no interrupt controller).
+//!
+//! With `iommu.nested` in the config the vIOMMU gets a router with the
+//! software nested IOMMU ([`vmm_iommu::emulated::EmulatedIommu`]) serving
+//! every emulated DMA engine behind it: ATTACH_TABLE binds the guest's
+//! tables there, INVALIDATE reaches its caches, and the engines translate
+//! through it while bound to a table domain. A DMA that waits for a page
+//! request is retried after the request-queue notification that carried
+//! the guest's PAGE_RESP. A guest that faults,
 //! halts, shuts down, exits unexpectedly or outlives its deadline ends the
 //! run with a [`VmError`] carrying its serial log; nothing the guest does
 //! panics the VMM.
@@ -25,6 +33,8 @@ pub mod virtio_mmio;
 pub mod watchdog;
 pub mod x86;
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
@@ -33,10 +43,15 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_iommu::config::{DeviceKind, ReservedKind, VmConfig};
-use vmm_iommu::{DeviceError, DeviceStats, VirtioIommu};
+use vmm_iommu::emulated::EmulatedStats;
+use vmm_iommu::fault::FaultQueue;
+use vmm_iommu::router::{Router, RouterCounts};
+use vmm_iommu::{DeviceError, DeviceStats, Viommu, VirtioIommu};
 
 use crate::abi::{self, BootInfo};
-use crate::dma::{DmaEngine, DmaSpace, EndpointRouter, PhysicalDma};
+use crate::dma::{
+    DmaEngine, DmaRouter, DmaSpace, Emulated, EndpointRouter, NestedRouter, PhysicalDma,
+};
 use dma_device::{DmaDevice, DmaStats};
 use elf::ElfError;
 use layout::{Layout, LayoutError};
@@ -96,6 +111,9 @@ pub enum VmError {
     /// The virtio-iommu cannot be built.
     #[error("cannot create the virtio-iommu: {0}")]
     Device(#[from] DeviceError),
+    /// The fault queue of the nested vIOMMU cannot be built.
+    #[error("cannot create the vIOMMU fault queue: {0}")]
+    FaultQueue(#[source] std::io::Error),
     /// The watchdog's signal cannot be installed.
     #[error("cannot install the watchdog signal: {0}")]
     Watchdog(#[source] std::io::Error),
@@ -209,6 +227,45 @@ pub struct ExitCounts {
     pub interrupted: u64,
 }
 
+/// A copy of the software nested IOMMU's counters
+/// ([`vmm_iommu::emulated::EmulatedStats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EmulatedCounts {
+    /// Translations answered from the IOTLB.
+    pub iotlb_hits: u64,
+    /// Table walks (IOTLB misses).
+    pub walks: u64,
+    /// Walks resumed from the paging-structure cache.
+    pub pwc_hits: u64,
+    /// PASID entries / CDs read from guest memory.
+    pub context_reads: u64,
+    /// `invalidate` calls the router made.
+    pub invalidate_calls: u64,
+    /// Generic invalidations in those calls.
+    pub invalidations: u64,
+    /// Unrecoverable faults reported.
+    pub faults: u64,
+    /// Page requests sent.
+    pub page_requests: u64,
+}
+
+impl EmulatedCounts {
+    /// Reads the counters of `s`.
+    pub fn of(s: &EmulatedStats) -> Self {
+        let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        EmulatedCounts {
+            iotlb_hits: r(&s.iotlb_hits),
+            walks: r(&s.walks),
+            pwc_hits: r(&s.pwc_hits),
+            context_reads: r(&s.context_reads),
+            invalidate_calls: r(&s.invalidate_calls),
+            invalidations: r(&s.invalidations),
+            faults: r(&s.faults),
+            page_requests: r(&s.page_requests),
+        }
+    }
+}
+
 /// A run that ended with the guest writing the done port.
 #[derive(Clone, Debug)]
 pub struct RunOutcome {
@@ -238,6 +295,12 @@ pub struct RunOutcome {
     pub exits: ExitCounts,
     /// The guest TSC frequency in kHz, if KVM reports it.
     pub tsc_khz: Option<u32>,
+    /// The router's counters: invalidations received from the guest,
+    /// backend calls made.
+    pub router: RouterCounts,
+    /// The software nested IOMMU's counters (`None` without
+    /// `iommu.nested`).
+    pub emulated: Option<EmulatedCounts>,
 }
 
 /// One DMA engine of the config.
@@ -290,6 +353,7 @@ pub fn dma_slots(cfg: &VmConfig) -> Result<Vec<DmaSlot>, VmError> {
 struct Bus {
     mem: GuestMemoryMmap,
     iommu: VirtioMmio<VirtioIommu>,
+    emulated: Option<Arc<Emulated>>,
     dmas: Vec<DmaDevice>,
     ports: Ports,
     peak_mappings: u64,
@@ -336,6 +400,16 @@ impl Bus {
                 if off == virtio_mmio::regs::QUEUE_NOTIFY {
                     let n = self.iommu.device().viommu().state().total_mappings();
                     self.peak_mappings = self.peak_mappings.max(n);
+                    // The notification may have carried the PAGE_RESP a
+                    // waiting DMA needs: retry it (or fail it) now, and
+                    // deliver what the retry raised.
+                    let mut ran = false;
+                    for d in self.dmas.iter_mut().filter(|d| d.needs_poll()) {
+                        ran |= d.poll_page_request();
+                    }
+                    if ran {
+                        self.iommu.process_pending(&self.mem);
+                    }
                 }
             }
             Some((w, off)) if w >= Self::dma_window(0) => {
@@ -411,6 +485,44 @@ fn boot_info_bytes(info: &BootInfo) -> Vec<u8> {
     b
 }
 
+/// The virtio-iommu for `cfg`, and the software nested IOMMU behind it
+/// when the config enables the nested extension: then every DMA engine
+/// behind the vIOMMU is served by it (and may send page requests).
+fn build_iommu(
+    cfg: &VmConfig,
+    slots: &[DmaSlot],
+    layout: &Layout,
+    mem: &GuestMemoryMmap,
+) -> Result<(VirtioIommu, Option<Arc<Emulated>>), VmError> {
+    let endpoints = cfg.endpoints();
+    let ram = layout.ram_inclusive();
+    let Some(nested) = &cfg.iommu.nested else {
+        return Ok((VirtioIommu::new(&cfg.iommu, &endpoints, &ram)?, None));
+    };
+    let behind: Vec<u32> = slots
+        .iter()
+        .filter(|s| s.behind_iommu)
+        .map(|s| s.endpoint)
+        .collect();
+    let faults = Arc::new(
+        FaultQueue::new(cfg.iommu.limits.max_pending_faults as usize)
+            .map_err(VmError::FaultQueue)?,
+    );
+    // The engines of this VMM can all wait for a page (PRI-capable).
+    let emu = Arc::new(Emulated::new(
+        mem.clone(),
+        Arc::clone(&faults),
+        nested.pasid_bits,
+        &behind,
+    ));
+    let mut router = Router::new();
+    router.add(emu.clone(), &behind);
+    let viommu = Arc::new(Viommu::with_router(
+        &cfg.iommu, &endpoints, &ram, faults, router,
+    ));
+    Ok((VirtioIommu::with_viommu(&cfg.iommu, viommu), Some(emu)))
+}
+
 impl Vm {
     /// Builds the VM `cfg` describes, with the guest program loaded and the
     /// vCPU at its entry point.
@@ -418,16 +530,27 @@ impl Vm {
         let layout = Layout::new(cfg.memory.size_mib)?;
         let slots = dma_slots(cfg)?;
         let mem = layout.guest_memory()?;
-        let dev = VirtioIommu::new(&cfg.iommu, &cfg.endpoints(), &layout.ram_inclusive())?;
+        let (dev, emulated) = build_iommu(cfg, &slots, &layout, &mem)?;
         let dmas = slots
             .iter()
             .map(|s| {
-                let space: Box<dyn DmaSpace> = if s.behind_iommu {
-                    Box::new(DmaEngine::new(dev.viommu(), s.endpoint, mem.clone()))
+                let router: Box<dyn DmaRouter> = if !s.behind_iommu {
+                    let space = Box::new(PhysicalDma::new(mem.clone()));
+                    Box::new(EndpointRouter::new(s.endpoint, space))
                 } else {
-                    Box::new(PhysicalDma::new(mem.clone()))
+                    let space: Box<dyn DmaSpace> =
+                        Box::new(DmaEngine::new(dev.viommu(), s.endpoint, mem.clone()));
+                    match &emulated {
+                        Some(emu) => Box::new(NestedRouter::new(
+                            s.endpoint,
+                            space,
+                            Arc::clone(emu),
+                            mem.clone(),
+                        )),
+                        None => Box::new(EndpointRouter::new(s.endpoint, space)),
+                    }
                 };
-                DmaDevice::new(s.endpoint, Box::new(EndpointRouter::new(s.endpoint, space)))
+                DmaDevice::new(s.endpoint, router)
             })
             .collect();
 
@@ -492,6 +615,7 @@ impl Vm {
             bus: Bus {
                 mem,
                 iommu: VirtioMmio::new(dev),
+                emulated,
                 dmas,
                 ports: Ports::default(),
                 peak_mappings: 0,
@@ -540,6 +664,12 @@ impl Vm {
             final_domains: st.domain_count(),
             exits: self.bus.exits,
             tsc_khz: self.tsc_khz,
+            router: dev.viommu().router().stats.snapshot(),
+            emulated: self
+                .bus
+                .emulated
+                .as_ref()
+                .map(|e| EmulatedCounts::of(&e.stats)),
         })
     }
 
