@@ -564,35 +564,51 @@ impl IommuState {
                     return Ok(false);
                 }
             }
-            None => {
-                // Creating a domain must fit the limit after the implicit
-                // DETACH below, which may end the old domain.
-                let frees_one = current
-                    .and_then(|old| self.domains.get(&old))
-                    .is_some_and(|d| d.endpoints.len() == 1);
-                let after = self.domains.len() + 1 - usize::from(frees_one);
-                if after > self.limits.max_domains as usize {
-                    return Err(RequestError::Limit("max_domains"));
-                }
-            }
+            None => self.check_new_domain(current)?,
         }
-        // spec 5.13.6.3.2: "If the endpoint is already attached to another
-        // domain, then the device SHOULD first detach it from that domain
-        // and attach it to the one identified by domain."
-        if let Some(old) = current {
-            self.detach_endpoint(r.endpoint, old);
-        }
-        let dom = self.domains.entry(r.domain).or_insert_with(|| Domain {
-            kind: if bypass {
+        self.join(r.endpoint, current, r.domain, || {
+            if bypass {
                 DomainKind::Bypass
             } else {
                 DomainKind::Mapped(MappingTable::new())
-            },
+            }
+        });
+        Ok(true)
+    }
+
+    /// Whether a new domain fits `max_domains` once the endpoint has left
+    /// `current` (which ends that domain if it was its last endpoint).
+    fn check_new_domain(&self, current: Option<u32>) -> Result<(), RequestError> {
+        let frees_one = current
+            .and_then(|old| self.domains.get(&old))
+            .is_some_and(|d| d.endpoints.len() == 1);
+        let after = self.domains.len() + 1 - usize::from(frees_one);
+        if after > self.limits.max_domains as usize {
+            return Err(RequestError::Limit("max_domains"));
+        }
+        Ok(())
+    }
+
+    /// Moves `ep` from `current` into `domain`, creating it with `kind` if
+    /// it does not exist. spec 5.13.6.3.2: "If the endpoint is already
+    /// attached to another domain, then the device SHOULD first detach it
+    /// from that domain and attach it to the one identified by domain."
+    fn join(
+        &mut self,
+        ep: u32,
+        current: Option<u32>,
+        domain: u32,
+        kind: impl FnOnce() -> DomainKind,
+    ) {
+        if let Some(old) = current {
+            self.detach_endpoint(ep, old);
+        }
+        let dom = self.domains.entry(domain).or_insert_with(|| Domain {
+            kind: kind(),
             endpoints: Vec::new(),
         });
-        dom.endpoints.push(r.endpoint);
-        self.endpoints.insert(r.endpoint, Some(r.domain));
-        Ok(true)
+        dom.endpoints.push(ep);
+        self.endpoints.insert(ep, Some(domain));
     }
 
     /// Removes `ep` from `domain`, ending the domain at its last endpoint.

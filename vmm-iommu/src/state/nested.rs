@@ -210,25 +210,9 @@ impl IommuState {
                     domain: r.domain,
                 })
             }
-            None => {
-                let frees_one = current
-                    .and_then(|old| self.domains.get(&old))
-                    .is_some_and(|d| d.endpoints.len() == 1);
-                let after = self.domains.len() + 1 - usize::from(frees_one);
-                if after > self.limits.max_domains as usize {
-                    return Err(RequestError::Limit("max_domains"));
-                }
-            }
+            None => self.check_new_domain(current)?,
         }
-        if let Some(old) = current {
-            self.detach_endpoint(r.endpoint, old);
-        }
-        let dom = self.domains.entry(r.domain).or_insert_with(|| Domain {
-            kind: DomainKind::Table(table),
-            endpoints: Vec::new(),
-        });
-        dom.endpoints.push(r.endpoint);
-        self.endpoints.insert(r.endpoint, Some(r.domain));
+        self.join(r.endpoint, current, r.domain, || DomainKind::Table(table));
         Ok((
             table,
             AttachOutcome {
