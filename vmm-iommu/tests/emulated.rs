@@ -721,3 +721,39 @@ fn failed_or_uncollected_page_requests_do_not_use_up_the_limit() {
         emu.set_page_requests(true);
     }
 }
+
+#[test]
+fn direct_arm_lpae_tables_translate_traffic_without_pasid() {
+    let (mut h, emu) = rig(false);
+    let mem = h.mem.clone();
+    let mut a = TableAlloc::new(&mem, TABLES, TABLES_END);
+    let t = ArmTableBuilder::new(&mut a, arm::Granule::K4, 25).unwrap();
+    t.map(&mut a, 0x40_0000, DATA, 12, Perm::RW_USER).unwrap();
+    t.map(&mut a, 0x40_1000, DATA + 0x1000, 12, Perm::RO_USER)
+        .unwrap();
+    // TCR_EL1: T0SZ = 25, TG0 = 4 KiB, EPD1 (no TTBR1 walks), IPS = 48 bits.
+    let tcr = 25 | (1 << 23) | (0b101 << 32);
+    let desc = TableDesc::ArmLpae {
+        asid: 3,
+        tcr,
+        ttbr0: t.root(),
+        ttbr1: 0,
+        mair: 0xff,
+    };
+    assert_eq!(attach_table(&mut h, 4, EP2, &desc), Status::Ok);
+    assert_eq!(gpa(&emu, EP2, None, 0x40_0abc, true), Ok(DATA + 0xabc));
+    assert_eq!(gpa(&emu, EP2, None, 0x40_1000, false), Ok(DATA + 0x1000));
+    assert!(matches!(
+        gpa(&emu, EP2, None, 0x40_1000, true),
+        Err(NestedError::Fault(_))
+    ));
+    // Beyond T0SZ's 39-bit input range.
+    assert!(matches!(
+        gpa(&emu, EP2, None, 1 << 40, false),
+        Err(NestedError::Fault(_))
+    ));
+    assert!(matches!(
+        gpa(&emu, EP2, Some(1), 0x40_0000, false),
+        Err(NestedError::Fault(_))
+    ));
+}
