@@ -388,8 +388,10 @@ pub const REQUEST_QUEUE_SIZE: u16 = 64;
 pub const EVENT_QUEUE_SIZE: u16 = 16;
 /// Bytes of each event buffer (a fault record with room to spare).
 pub const EVENT_BUFFER_SIZE: u32 = 64;
-/// How long to wait for a used entry: the device answers during the
-/// notify exit, so anything near this means it dropped the request.
+/// How long to wait for a used entry (or a status bit): the device
+/// answers on the notify exit or, through an ioeventfd, on its worker
+/// thread within microseconds, so anything near this means it dropped the
+/// request.
 pub const WAIT_CYCLES: u64 = 200_000_000;
 
 /// The virtio-iommu device as the driver sees it.

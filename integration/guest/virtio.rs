@@ -117,6 +117,23 @@ impl Transport {
         self.write(regs::STATUS, s | bits);
     }
 
+    /// Waits up to `max_cycles` TSC cycles for any of `bits` in the
+    /// status byte. The device may serve a notification on another thread
+    /// (ioeventfd), so what a notification did shows some time after the
+    /// notify write returns, not necessarily when it does.
+    pub fn wait_status(&self, bits: u32, max_cycles: u64) -> bool {
+        let start = rt::rdtsc();
+        loop {
+            if self.status() & bits != 0 {
+                return true;
+            }
+            if rt::rdtsc().wrapping_sub(start) > max_cycles {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
     /// Resets the device and waits for the reset to show.
     pub fn reset(&self) {
         self.write(regs::STATUS, 0);

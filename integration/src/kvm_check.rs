@@ -7,7 +7,9 @@
 
 use std::io::Write;
 
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Cap, Kvm};
+
+use crate::vm::FastPaths;
 
 /// Set to `1` to make tests fail, not skip, without KVM.
 pub const REQUIRE_KVM_ENV: &str = "VMM_IOMMU_REQUIRE_KVM";
@@ -20,6 +22,19 @@ pub fn kvm_available() -> Result<(), String> {
         12 => Ok(()),
         v if v < 0 => Err("/dev/kvm does not answer KVM_GET_API_VERSION".into()),
         v => Err(format!("/dev/kvm speaks API version {v}, not 12")),
+    }
+}
+
+/// The fast paths this host's KVM offers: ioeventfds
+/// (`KVM_CAP_IOEVENTFD`), and an in-kernel irqchip with irqfds
+/// (`KVM_CAP_IRQCHIP`, `KVM_CAP_IRQFD`). Neither without `/dev/kvm`.
+pub fn fast_paths_offered() -> FastPaths {
+    let Ok(kvm) = Kvm::new() else {
+        return FastPaths::NONE;
+    };
+    FastPaths {
+        ioeventfd: kvm.check_extension(Cap::Ioeventfd),
+        irqfd: kvm.check_extension(Cap::Irqchip) && kvm.check_extension(Cap::Irqfd),
     }
 }
 

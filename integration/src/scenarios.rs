@@ -13,7 +13,9 @@ use vmm_iommu::wire::{
 };
 
 use crate::abi;
-use crate::vm::{dma_slots, RunOutcome, Vm, VmError, VmOptions};
+use crate::vm::irq::InterruptPath;
+use crate::vm::worker::NotifyPath;
+use crate::vm::{dma_slots, FastPaths, RunOutcome, Vm, VmError, VmOptions};
 
 /// How long one scenario may run before the watchdog ends it.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -27,6 +29,8 @@ pub struct RunOptions {
     pub timeout: Duration,
     /// MAP+UNMAP round trips the guest times (0 to skip).
     pub bench_iterations: u64,
+    /// The fast paths the VMM may take (all that KVM offers by default).
+    pub fast_paths: FastPaths,
 }
 
 impl Default for RunOptions {
@@ -34,6 +38,7 @@ impl Default for RunOptions {
         RunOptions {
             timeout: DEFAULT_TIMEOUT,
             bench_iterations: DEFAULT_BENCH_ITERATIONS,
+            fast_paths: FastPaths::ALL,
         }
     }
 }
@@ -230,7 +235,7 @@ impl ScenarioRun {
     }
 
     /// The guest's measurement of TSC cycles per INVALIDATE (request,
-    /// notification exit, backend call, status).
+    /// notification, backend call, status).
     pub fn cycles_per_invalidate(&self) -> Option<u64> {
         serial_metric(self.serial(), "cycles_per_invalidate")
     }
@@ -251,6 +256,7 @@ pub fn run_scenario(cfg: &VmConfig, s: Scenario, opts: &RunOptions) -> ScenarioR
     let vm_opts = VmOptions {
         scenario: scenario_id(s),
         bench_iterations: opts.bench_iterations,
+        fast_paths: opts.fast_paths,
     };
     let start = Instant::now();
     let vm = Vm::new(cfg, &vm_opts);
@@ -293,6 +299,7 @@ fn host_checks(cfg: &VmConfig, s: Scenario, opts: &RunOptions, o: &RunOutcome) -
         format!("guest printed \"{}: PASS\"", s.as_str()),
     );
     c.check(o.faults_dropped == 0, "no fault record dropped");
+    path_checks(&mut c, opts, o);
     let primary = dma_slots(cfg)
         .ok()
         .and_then(|v| v.iter().position(|d| d.behind_iommu));
@@ -406,6 +413,66 @@ fn host_checks(cfg: &VmConfig, s: Scenario, opts: &RunOptions, o: &RunOutcome) -
         }
     }
     c.0
+}
+
+/// Whatever the scenario: the paths that ran are the ones allowed, and
+/// each ran as it should — the worker served the notifications and
+/// stopped when told, interrupts were raised on the line and reached the
+/// in-kernel irqchip; without a line none were raised.
+fn path_checks(c: &mut Checks, opts: &RunOptions, o: &RunOutcome) {
+    let p = &o.paths;
+    c.check(
+        opts.fast_paths.ioeventfd || p.notify != NotifyPath::Ioeventfd,
+        format!("notify path {} was allowed", p.notify),
+    );
+    c.check(
+        opts.fast_paths.irqfd || !matches!(p.interrupts, InterruptPath::Irqfd { .. }),
+        format!("interrupt path {} was allowed", p.interrupts),
+    );
+    match (&p.notify, &o.worker) {
+        (NotifyPath::Ioeventfd, Some(w)) => {
+            c.check(
+                w.stopped && w.error.is_none(),
+                format!("the device worker stopped when told (error: {:?})", w.error),
+            );
+            c.check(
+                w.kicks[0] > 0,
+                format!(
+                    "the device worker served the request queue ({} kicks)",
+                    w.kicks[0]
+                ),
+            );
+        }
+        (NotifyPath::Ioeventfd, None) => c.check(false, "the ioeventfd path had a worker"),
+        // A worker may have run before a registration failed.
+        (NotifyPath::MmioExit { .. }, _) => {}
+    }
+    c.check(
+        o.transport.interrupt_errors == 0,
+        format!(
+            "every interrupt raised ({} errors)",
+            o.transport.interrupt_errors
+        ),
+    );
+    match p.interrupts {
+        InterruptPath::Irqfd { .. } => {
+            c.check(
+                o.transport.interrupts > 0,
+                format!(
+                    "interrupts raised through the irqfd: {}",
+                    o.transport.interrupts
+                ),
+            );
+            c.check(
+                o.line_latched != Some(false),
+                "the in-kernel irqchip latched the line",
+            );
+        }
+        InterruptPath::Polled { .. } => c.check(
+            o.transport.interrupts == 0,
+            format!("no line, no interrupt raised ({})", o.transport.interrupts),
+        ),
+    }
 }
 
 /// What every nested scenario leaves behind: requests of the extension

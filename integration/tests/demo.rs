@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use integration::demo::run_demo;
-use integration::kvm_check::kvm_or_skip;
+use integration::kvm_check::{fast_paths_offered, kvm_or_skip};
 use vmm_iommu::config::VmConfig;
 
 fn repo() -> &'static Path {
@@ -42,8 +42,23 @@ fn viommu_vm_boots_guests_runs_every_scenario_and_reports() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The paths that ran: every fast path this host's KVM offers.
+    let offered = fast_paths_offered();
+    let transport = format!(
+        "transport: notify={}; interrupts={}",
+        if offered.ioeventfd {
+            "ioeventfd(worker thread)"
+        } else {
+            "mmio-exit"
+        },
+        if offered.irqfd {
+            "irqfd(gsi 5, in-kernel irqchip)"
+        } else {
+            "polled"
+        }
+    );
     for line in [
-        "transport: notify: synchronous on the MMIO exit",
+        &transport,
         "scenarios: map, bypass, nested-vtd, nested-smmuv3, page-request, hostile",
         "== map: PASS",
         "== bypass: PASS",
@@ -57,12 +72,38 @@ fn viommu_vm_boots_guests_runs_every_scenario_and_reports() {
         "requests: DETACH 1, ATTACH_TABLE 1, PAGE_RESP 5",
         "faults delivered on the eventq: 3 (dropped 0)",
         "boot to first request: ",
-        "MAP+UNMAP round trip (guest rdtsc, exits included): ",
-        "INVALIDATE round trip (guest rdtsc, exit and backend call included): ",
+        "MAP+UNMAP round trip (guest rdtsc, notifications included): ",
+        "INVALIDATE round trip (guest rdtsc, notification and backend call included): ",
         "scenarios: 6 of 6 passed",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
+}
+
+#[test]
+fn viommu_vm_fallback_flag_runs_on_mmio_exits_without_an_interrupt_line() {
+    if !kvm_or_skip("viommu_vm_fallback_flag") {
+        return;
+    }
+    let config = temp_config(
+        "fallback",
+        r#"{"devices": [{"id": "d", "kind": "emulated-dma", "endpoint": 8, "iommu": true}],
+            "scenarios": ["map"]}"#,
+    );
+    let out = viommu_vm(&["--fallback", "--bench", "10", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for line in [
+        "transport paths: notify by MMIO exit (forced); interrupts by none (polled) (forced)",
+        "   transport: notify=mmio-exit; interrupts=polled",
+        "      notify fallback: ioeventfd turned off by the VMM options",
+        "transport: notify=mmio-exit; interrupts=polled",
+        "scenarios: 1 of 1 passed",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("device worker:"), "{stdout}");
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
 }
 
 #[test]

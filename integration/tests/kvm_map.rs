@@ -3,11 +3,20 @@
 //! guest (one window across the two RAM regions), UNMAP, DMA blocked with
 //! a MAPPING fault the guest reads from the event queue — and the VMM's own
 //! view of the same run: requests by type, mappings, faults delivered.
+//!
+//! On both transport paths: the fast one (ioeventfds served by the device
+//! worker, interrupts through an irqfd into the in-kernel irqchip) where
+//! KVM offers it, and the fallback (notifications on the MMIO exit, no
+//! interrupt line) forced; each test checks the path that actually ran
+//! and the evidence that it did.
 
 use std::path::Path;
 
-use integration::kvm_check::kvm_or_skip;
-use integration::scenarios::{run_scenario, RunOptions};
+use integration::kvm_check::{fast_paths_offered, kvm_or_skip};
+use integration::scenarios::{run_scenario, RunOptions, ScenarioRun};
+use integration::vm::irq::InterruptPath;
+use integration::vm::worker::NotifyPath;
+use integration::vm::{FastPaths, RunOutcome};
 use vmm_iommu::config::{Scenario, VmConfig};
 use vmm_iommu::wire::{
     VIRTIO_IOMMU_T_ATTACH, VIRTIO_IOMMU_T_DETACH, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_PROBE,
@@ -21,18 +30,15 @@ fn config(name: &str) -> VmConfig {
     VmConfig::from_file(&repo.join("resources").join(name)).unwrap()
 }
 
-#[test]
-fn map_mode_dma_through_iovas_then_unmap_blocks_it_with_a_fault_on_the_eventq() {
-    if !kvm_or_skip("map_mode_dma_through_iovas") {
-        return;
-    }
+/// Scenario 1 with `fast_paths` allowed, checked as the guest and the VMM
+/// see it.
+fn run_map(fast_paths: FastPaths) -> ScenarioRun {
     let opts = RunOptions {
         bench_iterations: BENCH,
+        fast_paths,
         ..RunOptions::default()
     };
-
     let run = run_scenario(&config("vm.json"), Scenario::Map, &opts);
-
     let o = run.outcome.as_ref().unwrap_or_else(|e| panic!("{e}"));
     let serial = &o.serial;
     // The guest's side.
@@ -73,4 +79,147 @@ fn map_mode_dma_through_iovas_then_unmap_blocks_it_with_a_fault_on_the_eventq() 
     let cycles = run.cycles_per_map_unmap().expect("benchmark line");
     assert!(cycles > 0);
     assert!(o.boot_to_first_request.is_some_and(|t| t < o.run_time));
+    run
+}
+
+/// Requests the guest sent: each one a QueueNotify write.
+fn requests(o: &RunOutcome) -> u64 {
+    o.device.requests.iter().sum()
+}
+
+/// The evidence that the notification path `o` reports is the one that
+/// ran.
+fn assert_notify_path_ran(o: &RunOutcome) {
+    match &o.paths.notify {
+        NotifyPath::Ioeventfd => {
+            let w = o.worker.as_ref().expect("worker counters");
+            assert!(w.stopped && w.error.is_none(), "{w:?}");
+            assert!(w.kicks[0] > 0 && w.kicks[1] > 0, "{w:?}");
+            // The notifications never exited: fewer MMIO exits than
+            // requests (each request is one QueueNotify write).
+            assert!(
+                o.exits.mmio < requests(o),
+                "{} MMIO exits for {} requests",
+                o.exits.mmio,
+                requests(o)
+            );
+        }
+        NotifyPath::MmioExit { .. } => {
+            assert!(o.worker.is_none(), "a worker ran on the exit path");
+            assert!(o.exits.mmio >= requests(o));
+            assert!(o.transport.notifications[0] >= requests(o));
+        }
+    }
+}
+
+/// The evidence that the interrupt path `o` reports is the one that ran.
+fn assert_interrupt_path_ran(o: &RunOutcome) {
+    match &o.paths.interrupts {
+        InterruptPath::Irqfd { gsi } => {
+            assert_eq!(*gsi, 5);
+            // At most one per queue pass (a pass may complete several
+            // requests), and at least one.
+            assert!(o.transport.interrupts > 0, "{:?}", o.transport);
+            assert_eq!(o.transport.interrupt_errors, 0);
+            assert_eq!(o.line_latched, Some(true), "the PIC latched the line");
+        }
+        InterruptPath::Polled { .. } => {
+            assert_eq!(o.transport.interrupts, 0);
+            assert_eq!(o.line_latched, None);
+        }
+    }
+}
+
+#[test]
+fn map_mode_dma_through_iovas_then_unmap_blocks_it_with_a_fault_on_the_eventq() {
+    if !kvm_or_skip("map_mode_dma_through_iovas") {
+        return;
+    }
+    let offered = fast_paths_offered();
+
+    let run = run_map(FastPaths::ALL);
+
+    let o = run.outcome.as_ref().unwrap();
+    // Every fast path KVM offers ran (on this machine kind: both).
+    assert_eq!(
+        o.paths.notify == NotifyPath::Ioeventfd,
+        offered.ioeventfd,
+        "{}",
+        o.paths
+    );
+    assert_eq!(
+        matches!(o.paths.interrupts, InterruptPath::Irqfd { .. }),
+        offered.irqfd,
+        "{}",
+        o.paths
+    );
+    assert_notify_path_ran(o);
+    assert_interrupt_path_ran(o);
+}
+
+#[test]
+fn map_mode_passes_on_the_fallback_path_of_mmio_exits_and_no_interrupt_line() {
+    if !kvm_or_skip("map_mode_on_the_fallback_path") {
+        return;
+    }
+
+    let run = run_map(FastPaths::NONE);
+
+    let o = run.outcome.as_ref().unwrap();
+    assert_eq!(o.paths.to_string(), "notify=mmio-exit; interrupts=polled");
+    assert_eq!(
+        o.paths.notify.fallback_reason(),
+        Some("ioeventfd turned off by the VMM options")
+    );
+    assert_eq!(
+        o.paths.interrupts.fallback_reason(),
+        Some("irqfd turned off by the VMM options")
+    );
+    assert_notify_path_ran(o);
+    assert_interrupt_path_ran(o);
+}
+
+#[test]
+fn each_fast_path_falls_back_on_its_own() {
+    if !kvm_or_skip("each_fast_path_falls_back_on_its_own") {
+        return;
+    }
+    let offered = fast_paths_offered();
+    for allowed in [
+        FastPaths {
+            ioeventfd: true,
+            irqfd: false,
+        },
+        FastPaths {
+            ioeventfd: false,
+            irqfd: true,
+        },
+    ] {
+        let run = run_map(allowed);
+
+        let o = run.outcome.as_ref().unwrap();
+        let ran = |on: bool, fast: &str, fallback: &str| {
+            if on {
+                fast.to_string()
+            } else {
+                fallback.to_string()
+            }
+        };
+        let want = format!(
+            "notify={}; interrupts={}",
+            ran(
+                allowed.ioeventfd && offered.ioeventfd,
+                "ioeventfd(worker thread)",
+                "mmio-exit"
+            ),
+            ran(
+                allowed.irqfd && offered.irqfd,
+                "irqfd(gsi 5, in-kernel irqchip)",
+                "polled"
+            )
+        );
+        assert_eq!(o.paths.to_string(), want, "allowed {allowed:?}");
+        assert_notify_path_ran(o);
+        assert_interrupt_path_ran(o);
+    }
 }

@@ -22,7 +22,7 @@ fn config() -> VmConfig {
 fn run(scenario: u64, timeout: Duration) -> Result<RunOutcome, VmError> {
     let opts = VmOptions {
         scenario,
-        bench_iterations: 0,
+        ..VmOptions::default()
     };
     Vm::new(&config(), &opts)?.run(timeout)
 }
@@ -120,7 +120,7 @@ fn configs_the_kvm_vmm_cannot_build_are_refused_naming_the_json_path() {
     // No KVM needed: these fail before /dev/kvm is opened.
     let opts = VmOptions {
         scenario: abi::SCENARIO_MAP,
-        bench_iterations: 0,
+        ..VmOptions::default()
     };
     let small = VmConfig::from_json_str(r#"{"memory": {"size_mib": 8}}"#).unwrap();
     let e = Vm::new(&small, &opts).unwrap_err().to_string();

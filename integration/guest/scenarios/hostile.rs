@@ -464,12 +464,14 @@ fn push_one(dev: &mut Iommu, head: u16) -> Reply {
 }
 
 /// Queue states the device cannot go on from: it asks for a reset, and
-/// comes back after one.
+/// comes back after one. The notification may be served on the device's
+/// own thread, so the driver waits for DEVICE_NEEDS_RESET to show.
 fn queues(dev: &mut Iommu) {
     dev.req.push(1000);
     dev.t.notify(0);
     check!(
-        dev.t.status() & virtio::STATUS_DEVICE_NEEDS_RESET != 0,
+        dev.t
+            .wait_status(virtio::STATUS_DEVICE_NEEDS_RESET, iommu::WAIT_CYCLES),
         "head index beyond the queue: no DEVICE_NEEDS_RESET"
     );
     check!(
@@ -487,7 +489,8 @@ fn queues(dev: &mut Iommu) {
     dev.req.set_avail_idx_raw(500);
     dev.t.notify(0);
     check!(
-        dev.t.status() & virtio::STATUS_DEVICE_NEEDS_RESET != 0,
+        dev.t
+            .wait_status(virtio::STATUS_DEVICE_NEEDS_RESET, iommu::WAIT_CYCLES),
         "avail index far ahead: no DEVICE_NEEDS_RESET"
     );
     println!("hostile: avail index 500 entries ahead: DEVICE_NEEDS_RESET");

@@ -234,7 +234,8 @@ fn probe(ctx: &Ctx, dev: &mut Iommu, ep: u32) {
     );
 }
 
-/// Cycles per MAP+UNMAP round trip, each request a notification exit.
+/// Cycles per MAP+UNMAP round trip, each request one notification (an
+/// exit, or an ioeventfd kick the device worker serves).
 fn bench(ctx: &mut Ctx, dev: &mut Iommu) {
     let n = ctx.info.bench_iterations;
     if n == 0 {

@@ -183,7 +183,7 @@ pub fn expect_ext_fault(
 }
 
 /// Runs `n` INVALIDATEs of `inv` and prints the TSC cycles each took,
-/// notification exit and device work included.
+/// notification (an exit or an ioeventfd kick) and device work included.
 pub fn bench_invalidate(dev: &mut Iommu, inv: &iommu::req::Invalidate, n: u64) {
     if n == 0 {
         return;

@@ -3,14 +3,21 @@
 //! behind it — runs the guest scenarios the config names (all it allows by
 //! default), and prints a report: pass/fail per scenario, requests by type,
 //! invalidations received and backend calls made, the software nested
-//! IOMMU's work, faults delivered, boot-to-first-request time, and the
-//! guest's cycles per MAP+UNMAP round trip and per INVALIDATE. Exits
-//! non-zero if any scenario fails.
+//! IOMMU's work, faults delivered, boot-to-first-request time, the
+//! notification and interrupt paths that ran, and the guest's cycles per
+//! MAP+UNMAP round trip and per INVALIDATE. Exits non-zero if any scenario
+//! fails.
+//!
+//! Notifications go through ioeventfds and a device worker thread, and
+//! interrupts through an irqfd into KVM's in-kernel irqchip, where KVM
+//! offers them; `--no-ioeventfd` / `--no-irqfd` (or `--fallback` for both)
+//! force the fallbacks: the MMIO exit path, and no interrupt line.
 //!
 //! Without `/dev/kvm` it falls back, saying so, to the host-side scripted
 //! driver session (no guest runs), unless `VMM_IOMMU_REQUIRE_KVM=1`.
 //!
-//! Usage: `viommu-vm [--host-driver] [--verbose] [--bench N] [--timeout SECS] [CONFIG.json]`
+//! Usage: `viommu-vm [--host-driver] [--verbose] [--bench N] [--timeout SECS]
+//! [--no-ioeventfd] [--no-irqfd] [--fallback] [CONFIG.json]`
 //! (default config `resources/vm.json`).
 
 use std::path::PathBuf;
@@ -23,7 +30,7 @@ use integration::demo::run_demo;
 use integration::kvm_check::{kvm_available, kvm_required, REQUIRE_KVM_ENV};
 use integration::scenarios::{plan, run_scenario, RunOptions, ScenarioRun};
 use integration::vm::layout::Layout;
-use integration::vm::{dma_slots, RunOutcome, NOTIFY_PATH};
+use integration::vm::{dma_slots, FastPaths, RunOutcome};
 use vmm_iommu::config::VmConfig;
 use vmm_iommu::wire::Status;
 
@@ -46,6 +53,9 @@ fn parse_args() -> Result<Args> {
     while let Some(arg) = it.next() {
         match arg.to_str() {
             Some("--host-driver") => a.host_driver = true,
+            Some("--no-ioeventfd") => a.run.fast_paths.ioeventfd = false,
+            Some("--no-irqfd") => a.run.fast_paths.irqfd = false,
+            Some("--fallback") => a.run.fast_paths = FastPaths::NONE,
             Some("--verbose" | "-v") => a.verbose = true,
             Some("--bench") => {
                 let v = it.next().context("--bench needs a number of round trips")?;
@@ -64,7 +74,7 @@ fn parse_args() -> Result<Args> {
                 a.run.timeout = Duration::from_secs(secs);
             }
             Some("--help" | "-h") => {
-                println!("usage: viommu-vm [--host-driver] [--verbose] [--bench N] [--timeout SECS] [CONFIG.json]");
+                println!("usage: viommu-vm [--host-driver] [--verbose] [--bench N] [--timeout SECS] [--no-ioeventfd] [--no-irqfd] [--fallback] [CONFIG.json]");
                 std::process::exit(0);
             }
             Some(s) if s.starts_with('-') => bail!("unknown option {s}"),
@@ -99,7 +109,7 @@ fn main() -> Result<ExitCode> {
     }
     let plan = plan(&cfg).with_context(|| format!("config {}", args.config.display()))?;
     let (scenarios, skipped) = (plan.run, plan.skipped);
-    describe_vm(&cfg)?;
+    describe_vm(&cfg, args.run.fast_paths)?;
     for (s, why) in &skipped {
         println!("scenario {}: skipped, {why}", s.as_str());
     }
@@ -140,7 +150,7 @@ fn host_driver(cfg: &VmConfig) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe_vm(cfg: &VmConfig) -> Result<()> {
+fn describe_vm(cfg: &VmConfig, fast: FastPaths) -> Result<()> {
     let l = Layout::new(cfg.memory.size_mib)?;
     println!(
         "VM: 1 vCPU (64-bit, guest at CPL3), {} MiB RAM as low [0, {:#x}) + high [{:#x}, {:#x}), MMIO gap [{:#x}, {:#x})",
@@ -168,7 +178,18 @@ fn describe_vm(cfg: &VmConfig) -> Result<()> {
             }
         );
     }
-    println!("transport: {NOTIFY_PATH}");
+    let allowed = |on: bool, what: &str, fallback: &str| {
+        if on {
+            format!("{what} where KVM offers it, else {fallback}")
+        } else {
+            format!("{fallback} (forced)")
+        }
+    };
+    println!(
+        "transport paths: notify by {}; interrupts by {}; the guest polls its used rings either way",
+        allowed(fast.ioeventfd, "ioeventfd", "MMIO exit"),
+        allowed(fast.irqfd, "irqfd", "none (polled)")
+    );
     Ok(())
 }
 
@@ -308,14 +329,42 @@ fn print_run(run: &ScenarioRun, cfg: &VmConfig, verbose: bool) {
                 "   mappings: peak {}, at exit {}; domains at exit {}",
                 o.peak_mappings, o.final_mappings, o.final_domains
             );
+            println!("   transport: {}", o.paths);
+            if let Some(why) = o.paths.notify.fallback_reason() {
+                println!("      notify fallback: {why}");
+            }
+            if let Some(why) = o.paths.interrupts.fallback_reason() {
+                println!("      interrupt fallback: {why}");
+            }
             println!(
-                "   transport: {} activations, {} resets, {} DEVICE_NEEDS_RESET, {} FEATURES_OK refused, {} accesses ignored",
+                "   transport counters: {} activations, {} resets, {} DEVICE_NEEDS_RESET, {} FEATURES_OK refused, {} accesses ignored, {} interrupts raised{}",
                 o.transport.activations,
                 o.transport.resets,
                 o.transport.needs_reset,
                 o.transport.features_refused,
-                o.transport.ignored
+                o.transport.ignored,
+                o.transport.interrupts,
+                match o.line_latched {
+                    Some(true) => " (latched by the in-kernel PIC)",
+                    Some(false) => " (NOT latched by the in-kernel PIC)",
+                    None => "",
+                }
             );
+            if let Some(w) = &o.worker {
+                println!(
+                    "   device worker: {} wakeups, {} requestq and {} eventq kicks, {} fault wakeups, {} stale kicks dropped, {}",
+                    w.wakeups,
+                    w.kicks[0],
+                    w.kicks[1],
+                    w.fault_wakeups,
+                    o.transport.stale_kicks,
+                    match (&w.error, w.stopped) {
+                        (Some(e), _) => format!("ended early: {e}"),
+                        (None, true) => "stopped and joined".to_string(),
+                        (None, false) => "did not stop".to_string(),
+                    }
+                );
+            }
             println!("   exits: {} MMIO, {} port I/O", o.exits.mmio, o.exits.pio);
             if let Some(t) = o.boot_to_first_request {
                 println!(
@@ -325,11 +374,11 @@ fn print_run(run: &ScenarioRun, cfg: &VmConfig, verbose: bool) {
                 );
             }
             if let Some(c) = cycles_line(run.cycles_per_map_unmap(), o) {
-                println!("   MAP+UNMAP round trip (guest rdtsc, exits included): {c}");
+                println!("   MAP+UNMAP round trip (guest rdtsc, notifications included): {c}");
             }
             if let Some(c) = cycles_line(run.cycles_per_invalidate(), o) {
                 println!(
-                    "   INVALIDATE round trip (guest rdtsc, exit and backend call included): {c}"
+                    "   INVALIDATE round trip (guest rdtsc, notification and backend call included): {c}"
                 );
             }
         }
@@ -385,5 +434,17 @@ fn print_summary(runs: &[ScenarioRun]) {
             r.cycles_per_invalidate()
                 .map_or_else(dash, |c| c.to_string())
         );
+    }
+    let mut paths: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.outcome.as_ref().ok())
+        .map(|o| o.paths.to_string())
+        .collect();
+    paths.sort();
+    paths.dedup();
+    match paths.as_slice() {
+        [] => {}
+        [one] => println!("transport: {one}"),
+        _ => println!("transport: {} (differs by scenario)", paths.join(" / ")),
     }
 }

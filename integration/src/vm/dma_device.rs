@@ -11,13 +11,14 @@
 //! (with a fault record queued by the vIOMMU when it refused).
 //!
 //! Page requests: when the nested translation sends one for a missing
-//! page, the operation ends as `DMA_STATUS_PAGE_WAIT` and is kept. The
-//! vCPU thread that runs the doorbell also serves the request queue, so
-//! nothing blocks: the VMM calls [`DmaDevice::poll_page_request`] after
-//! each request-queue notification, and once the guest's PAGE_RESP says
-//! SUCCESS the operation runs again from the start (every access is
-//! translated before any byte moves, so a waiting operation has changed
-//! nothing); FAILURE ends it as `DMA_STATUS_FAULT`.
+//! page, the operation ends as `DMA_STATUS_PAGE_WAIT` and is kept; nothing
+//! blocks. The VMM calls [`DmaDevice::poll_page_request`] on the vCPU
+//! thread that runs the doorbell — after a request-queue notification it
+//! served on the exit, and before every access to the engine's registers
+//! (the request queue may be served on another thread) — and once the
+//! guest's PAGE_RESP says SUCCESS the operation runs again from the start
+//! (every access is translated before any byte moves, so a waiting
+//! operation has changed nothing); FAILURE ends it as `DMA_STATUS_FAULT`.
 
 use log::debug;
 use vmm_iommu::emulated::{PageRequestState, MAX_PENDING_PAGE_REQUESTS};

@@ -1,16 +1,60 @@
 //! The virtio-iommu device as a [`VirtioDevice`] of the virtio-mmio
 //! transport: queue 0 is the request queue, queue 1 the event queue, and
 //! pending fault records are delivered whenever the VMM asks for pending
-//! work (after each DMA).
+//! work (after each DMA, and when the fault eventfd fires). And the
+//! transport with its device as the vCPU thread and the device worker
+//! share it ([`SharedIommu`]).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_iommu::wire::{EVENT_QUEUE, REQUEST_QUEUE};
 use vmm_iommu::{DeviceError, VirtioInterrupt, VirtioIommu};
 
-use super::virtio_mmio::VirtioDevice;
+use super::virtio_mmio::{VirtioDevice, VirtioMmio};
+
+/// The virtio-iommu's transport behind one lock, shared by the vCPU thread
+/// (register accesses, fault delivery after a DMA) and the device worker
+/// (ioeventfd kicks, the fault eventfd). Whoever holds the lock serves one
+/// register access or one queue pass to the end, so the transport's state
+/// machine sees the accesses in some order, each whole; the DMA engines
+/// are not behind it and run without it.
+#[derive(Debug)]
+pub struct SharedIommu {
+    transport: Mutex<VirtioMmio<VirtioIommu>>,
+    peak_mappings: AtomicU64,
+}
+
+impl SharedIommu {
+    /// Shares `transport`.
+    pub fn new(transport: VirtioMmio<VirtioIommu>) -> Self {
+        SharedIommu {
+            transport: Mutex::new(transport),
+            peak_mappings: AtomicU64::new(0),
+        }
+    }
+
+    /// Locks the transport.
+    pub fn lock(&self) -> MutexGuard<'_, VirtioMmio<VirtioIommu>> {
+        // Nothing the guest does panics while holding the lock; if a bug
+        // did, the transport's state is still memory-safe and the run ends
+        // with that panic's thread, so the other side may go on to report.
+        self.transport.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Samples the number of live mappings (after a request-queue pass).
+    pub fn sample_mappings(&self, t: &VirtioMmio<VirtioIommu>) {
+        let n = t.device().viommu().state().total_mappings();
+        self.peak_mappings.fetch_max(n, Ordering::Relaxed);
+    }
+
+    /// Most mappings alive at once, as sampled.
+    pub fn peak_mappings(&self) -> u64 {
+        self.peak_mappings.load(Ordering::Relaxed)
+    }
+}
 
 impl VirtioDevice for VirtioIommu {
     fn device_type(&self) -> u32 {

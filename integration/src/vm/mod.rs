@@ -3,10 +3,27 @@
 //! one DMA engine per emulated-dma device of the config, a serial port and
 //! a done port.
 //!
-//! Everything the guest does arrives here as a port or MMIO exit and is
-//! served on the vCPU thread: queue notifications run the device's queue
-//! processing synchronously and the guest polls its used rings (no
-//! ioeventfd, no irqfd, no interrupt controller).
+//! Ports, MMIO registers and the DMA engines are served on the vCPU thread
+//! as exits. Queue notifications take the fast path where KVM offers it
+//! and the options allow it: ioeventfds served by a device worker thread
+//! ([`worker`]), and interrupts through an irqfd into KVM's in-kernel
+//! irqchip ([`irq`]); otherwise, per feature, the exit path (a QueueNotify
+//! write is served before it returns to the guest) and no line (the
+//! device records causes in InterruptStatus). The guests poll their used
+//! rings on every path. [`RunOutcome::paths`] says which paths ran.
+//!
+//! Threads: the vCPU thread, the watchdog (see [`watchdog`]) and, on the
+//! ioeventfd path, the device worker. The transport and the virtio-iommu
+//! live behind one lock ([`iommu::SharedIommu`]) that the vCPU thread
+//! takes for register accesses and for fault delivery after a DMA, and the
+//! worker for each queue pass. The DMA engines stay on the vCPU thread. A
+//! DMA waiting for a page request is settled on the vCPU thread: right
+//! after a QueueNotify exit (the exit path), and before any access to the
+//! engine's registers (both paths) — the guest learns that its PAGE_RESP
+//! completed from the used ring, which the worker publishes only after
+//! the PAGE_RESP is applied, so the engine's next register access finds
+//! it answered. The worker is stopped and joined when the run ends,
+//! however it ends.
 //!
 //! With `iommu.nested` in the config the vIOMMU gets a router with the
 //! software nested IOMMU ([`vmm_iommu::emulated::EmulatedIommu`]) serving
@@ -21,18 +38,23 @@
 //!
 //! Modules, one job each: [`layout`] (where RAM is), [`x86`] (the start
 //! state), [`elf`] (loading the program), [`pio`] (ports), [`virtio_mmio`]
-//! (the transport), [`iommu`] (the device behind it), [`dma_device`] (the
-//! DMA engine's registers), [`watchdog`] (the deadline).
+//! (the transport), [`iommu`] (the device behind it), [`worker`]
+//! (ioeventfds and the thread serving them), [`irq`] (the interrupt
+//! line), [`dma_device`] (the DMA engine's registers), [`watchdog`] (the
+//! deadline).
 
 pub mod dma_device;
 pub mod elf;
 pub mod iommu;
+pub mod irq;
 pub mod layout;
 pub mod pio;
 pub mod virtio_mmio;
 pub mod watchdog;
+pub mod worker;
 pub mod x86;
 
+use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,15 +76,62 @@ use crate::dma::{
 };
 use dma_device::{DmaDevice, DmaStats};
 use elf::ElfError;
+use iommu::SharedIommu;
+use irq::InterruptPath;
 use layout::{Layout, LayoutError};
 use pio::{PortEvent, Ports};
-use virtio_mmio::{TransportStats, VirtioMmio};
+use virtio_mmio::{Lifecycle, MmioInterrupt, TransportStats, VirtioMmio};
 use watchdog::Watch;
+use worker::{Notifier, NotifyPath, Worker, WorkerStats};
 use x86::CpuSetupError;
 
-/// The path the VMM reports for its notifications and interrupts.
-pub const NOTIFY_PATH: &str =
-    "notify: synchronous on the MMIO exit (no ioeventfd), interrupts: none, guest polls used rings";
+/// Which fast paths the VMM may take where KVM offers them; each one
+/// turned off (or missing) falls back on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPaths {
+    /// Queue notifications through ioeventfds and a device worker thread
+    /// (else on the MMIO exit).
+    pub ioeventfd: bool,
+    /// Interrupts through an irqfd into the in-kernel irqchip (else none:
+    /// InterruptStatus only).
+    pub irqfd: bool,
+}
+
+impl FastPaths {
+    /// Both, where KVM offers them (the default).
+    pub const ALL: FastPaths = FastPaths {
+        ioeventfd: true,
+        irqfd: true,
+    };
+    /// Neither: notifications on the MMIO exit, no interrupt line.
+    pub const NONE: FastPaths = FastPaths {
+        ioeventfd: false,
+        irqfd: false,
+    };
+}
+
+impl Default for FastPaths {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+/// The notification and interrupt paths a run took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportPaths {
+    /// How queue notifications reached the device.
+    pub notify: NotifyPath,
+    /// How the device's interrupts reached the guest.
+    pub interrupts: InterruptPath,
+}
+
+impl fmt::Display for TransportPaths {
+    /// `notify=ioeventfd(worker thread) | mmio-exit; interrupts=irqfd(gsi
+    /// N, in-kernel irqchip) | polled`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "notify={}; interrupts={}", self.notify, self.interrupts)
+    }
+}
 
 /// What to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +140,19 @@ pub struct VmOptions {
     pub scenario: u64,
     /// MAP+UNMAP round trips the guest benchmarks (0 to skip).
     pub bench_iterations: u64,
+    /// The fast paths allowed.
+    pub fast_paths: FastPaths,
+}
+
+impl Default for VmOptions {
+    /// Scenario 0 (none), no benchmark, every fast path KVM offers.
+    fn default() -> Self {
+        VmOptions {
+            scenario: 0,
+            bench_iterations: 0,
+            fast_paths: FastPaths::ALL,
+        }
+    }
 }
 
 /// A run that ended badly. Errors about the guest carry its serial log.
@@ -114,9 +196,12 @@ pub enum VmError {
     /// The fault queue of the nested vIOMMU cannot be built.
     #[error("cannot create the vIOMMU fault queue: {0}")]
     FaultQueue(#[source] std::io::Error),
-    /// The watchdog's signal cannot be installed.
-    #[error("cannot install the watchdog signal: {0}")]
+    /// The watchdog's signal cannot be installed or its thread started.
+    #[error("cannot start the watchdog: {0}")]
     Watchdog(#[source] std::io::Error),
+    /// The device worker thread (ioeventfd path) cannot be started.
+    #[error("cannot start the device worker thread: {0}")]
+    Worker(#[source] std::io::Error),
     /// The guest did not end in time.
     #[error("guest did not finish within {timeout:?}{}", log(.serial))]
     Timeout {
@@ -301,6 +386,14 @@ pub struct RunOutcome {
     /// The software nested IOMMU's counters (`None` without
     /// `iommu.nested`).
     pub emulated: Option<EmulatedCounts>,
+    /// The notification and interrupt paths that ran.
+    pub paths: TransportPaths,
+    /// The device worker's counters (`None` on the exit path).
+    pub worker: Option<WorkerStats>,
+    /// On the irqfd path, whether the in-kernel PIC latched an edge on
+    /// the transport's line by the end (the irqfd reached KVM's irqchip);
+    /// `None` on the polled path or if the irqchip could not be read.
+    pub line_latched: Option<bool>,
 }
 
 /// One DMA engine of the config.
@@ -352,11 +445,12 @@ pub fn dma_slots(cfg: &VmConfig) -> Result<Vec<DmaSlot>, VmError> {
 /// Devices on the MMIO and port buses.
 struct Bus {
     mem: GuestMemoryMmap,
-    iommu: VirtioMmio<VirtioIommu>,
+    iommu: Arc<SharedIommu>,
+    /// The queues' ioeventfds, on the ioeventfd path.
+    notifier: Option<Notifier>,
     emulated: Option<Arc<Emulated>>,
     dmas: Vec<DmaDevice>,
     ports: Ports,
-    peak_mappings: u64,
     unhandled_mmio: u64,
     exits: ExitCounts,
 }
@@ -373,17 +467,24 @@ impl Bus {
         ((abi::DMA_BASE - abi::MMIO_GAP_START) / abi::MMIO_WINDOW_SIZE) as usize + i
     }
 
+    /// The DMA engine of window `w`, if there is one.
+    fn dma_index(&self, w: usize) -> Option<usize> {
+        let i = w.checked_sub(Self::dma_window(0))?;
+        (i < self.dmas.len()).then_some(i)
+    }
+
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
         self.exits.mmio += 1;
         match Self::window(addr) {
-            Some((0, off)) => self.iommu.read(off, data),
-            Some((w, off)) if w >= Self::dma_window(0) => {
-                match self.dmas.get_mut(w - Self::dma_window(0)) {
-                    Some(d) => d.read(off, data),
-                    None => self.unhandled_read(data),
+            Some((0, off)) => self.iommu.lock().read(off, data),
+            Some((w, off)) => match self.dma_index(w) {
+                Some(i) => {
+                    self.settle_dma(i);
+                    self.dmas[i].read(off, data);
                 }
-            }
-            _ => self.unhandled_read(data),
+                None => self.unhandled_read(data),
+            },
+            None => self.unhandled_read(data),
         }
     }
 
@@ -392,42 +493,64 @@ impl Bus {
         data.fill(0xff);
     }
 
-    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+    fn mmio_write(&mut self, vm: &VmFd, addr: u64, data: &[u8]) {
         self.exits.mmio += 1;
         match Self::window(addr) {
-            Some((0, off)) => {
-                self.iommu.write(&self.mem, off, data);
-                if off == virtio_mmio::regs::QUEUE_NOTIFY {
-                    let n = self.iommu.device().viommu().state().total_mappings();
-                    self.peak_mappings = self.peak_mappings.max(n);
-                    // The notification may have carried the PAGE_RESP a
-                    // waiting DMA needs: retry it (or fail it) now, and
-                    // deliver what the retry raised.
-                    let mut ran = false;
-                    for d in self.dmas.iter_mut().filter(|d| d.needs_poll()) {
-                        ran |= d.poll_page_request();
-                    }
-                    if ran {
-                        self.iommu.process_pending(&self.mem);
+            Some((0, off)) => self.iommu_write(vm, off, data),
+            Some((w, off)) => match self.dma_index(w) {
+                Some(i) => {
+                    self.settle_dma(i);
+                    // Fault records the operation raised go to the event
+                    // queue before the doorbell write returns, so the
+                    // guest finds them when it reads the status.
+                    if self.dmas[i].write(off, data) {
+                        self.iommu.lock().process_pending(&self.mem);
                     }
                 }
+                None => self.unhandled_mmio += 1,
+            },
+            None => self.unhandled_mmio += 1,
+        }
+    }
+
+    /// A write to the virtio-mmio window; wires or unwires the
+    /// ioeventfds when it activated or reset the device.
+    fn iommu_write(&mut self, vm: &VmFd, off: u64, data: &[u8]) {
+        let notify = off == virtio_mmio::regs::QUEUE_NOTIFY;
+        let change = {
+            let mut t = self.iommu.lock();
+            let change = t.write(&self.mem, off, data);
+            if notify {
+                self.iommu.sample_mappings(&t);
             }
-            Some((w, off)) if w >= Self::dma_window(0) => {
-                let ran = match self.dmas.get_mut(w - Self::dma_window(0)) {
-                    Some(d) => d.write(off, data),
-                    None => {
-                        self.unhandled_mmio += 1;
-                        false
-                    }
-                };
-                // Fault records the operation raised go to the event queue
-                // before the doorbell write returns, so the guest finds them
-                // when it reads the status.
-                if ran {
-                    self.iommu.process_pending(&self.mem);
-                }
+            change
+        };
+        if let Some(n) = &mut self.notifier {
+            match change {
+                Lifecycle::Activated => n.arm(vm),
+                Lifecycle::Reset => n.disarm(vm),
+                Lifecycle::Unchanged => {}
             }
-            _ => self.unhandled_mmio += 1,
+        }
+        if notify {
+            // A notification served on this exit may have carried the
+            // PAGE_RESP a waiting DMA needs: settle it now, as before the
+            // write returns.
+            for i in 0..self.dmas.len() {
+                self.settle_dma(i);
+            }
+        }
+    }
+
+    /// Settles engine `i`'s operation waiting for a page request (retried
+    /// or failed once the guest answered it) and delivers what the retry
+    /// raised; nothing if it does not wait.
+    fn settle_dma(&mut self, i: usize) {
+        let Some(d) = self.dmas.get_mut(i) else {
+            return;
+        };
+        if d.needs_poll() && d.poll_page_request() {
+            self.iommu.lock().process_pending(&self.mem);
         }
     }
 }
@@ -448,16 +571,18 @@ pub struct Vm {
     // Declared first so they close before the guest memory they map is
     // unmapped (fields drop in declaration order).
     vcpu: VcpuFd,
-    _vm: VmFd,
+    vm: VmFd,
     _kvm: Kvm,
     bus: Bus,
     tsc_khz: Option<u32>,
+    paths: TransportPaths,
 }
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
             .field("iommu", &self.bus.iommu)
+            .field("paths", &self.paths)
             .finish()
     }
 }
@@ -572,6 +697,13 @@ impl Vm {
             unsafe { vm.set_user_memory_region(r) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
+        // The irqchip must exist before the vCPU (its local APIC).
+        let line = irq::setup(&kvm, &vm, opts.fast_paths.irqfd);
+        let (notifier, notify_path) =
+            match Notifier::new(&kvm, abi::VIRTIO_MMIO_BASE, opts.fast_paths.ioeventfd) {
+                Ok(n) => (Some(n), NotifyPath::Ioeventfd),
+                Err(fallback) => (None, fallback),
+            };
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -608,31 +740,72 @@ impl Vm {
         x86::setup_vcpu(&vcpu, &mem, layout.high_end, entry, opts.scenario)?;
         let tsc_khz = vcpu.get_tsc_khz().ok();
 
+        let interrupt = Arc::new(match line.irqfd {
+            Some(fd) => MmioInterrupt::with_irqfd(fd),
+            None => MmioInterrupt::polled(),
+        });
         Ok(Vm {
             vcpu,
-            _vm: vm,
+            vm,
             _kvm: kvm,
             bus: Bus {
                 mem,
-                iommu: VirtioMmio::new(dev),
+                iommu: Arc::new(SharedIommu::new(VirtioMmio::with_interrupt(dev, interrupt))),
+                notifier,
                 emulated,
                 dmas,
                 ports: Ports::default(),
-                peak_mappings: 0,
                 unhandled_mmio: 0,
                 exits: ExitCounts::default(),
             },
             tsc_khz,
+            paths: TransportPaths {
+                notify: notify_path,
+                interrupts: line.path,
+            },
         })
     }
 
+    /// The notification and interrupt paths this VM was built with (the
+    /// notification path may still fall back if KVM refuses to register
+    /// an ioeventfd; [`RunOutcome::paths`] says what ran).
+    pub fn paths(&self) -> &TransportPaths {
+        &self.paths
+    }
+
+    /// Starts the device worker on the ioeventfd path.
+    fn start_worker(&self) -> Result<Option<Worker>, VmError> {
+        let Some(n) = &self.bus.notifier else {
+            return Ok(None);
+        };
+        let kicks = n.kicks().map_err(VmError::Worker)?;
+        let faults = self
+            .bus
+            .iommu
+            .lock()
+            .device()
+            .fault_eventfd()
+            .try_clone()
+            .map_err(VmError::Worker)?;
+        let w = Worker::spawn(self.bus.iommu.clone(), self.bus.mem.clone(), kicks, faults)
+            .map_err(VmError::Worker)?;
+        Ok(Some(w))
+    }
+
     /// Runs the guest until it writes the done port, fails, or `timeout`
-    /// passes.
+    /// passes. The device worker (ioeventfd path) runs for as long as the
+    /// guest does and is stopped and joined before this returns, whatever
+    /// the outcome.
     pub fn run(mut self, timeout: Duration) -> Result<RunOutcome, VmError> {
+        let worker = self.start_worker()?;
         let start = Instant::now();
-        let stop = watchdog::run_with_watchdog(timeout, |w| self.run_loop(w))
-            .map_err(VmError::Watchdog)?;
+        let stop = watchdog::run_with_watchdog(timeout, |w| self.run_loop(w));
         let run_time = start.elapsed();
+        // Stopped before anything is read, so that no queue pass runs
+        // while the counters are collected (and none after the run). On
+        // the error returns below, dropping `worker` does the same.
+        let worker = worker.map(Worker::stop);
+        let stop = stop.map_err(VmError::Watchdog)?;
         let serial = self.bus.ports.serial();
         let result = match stop {
             Stop::Done(code) => code,
@@ -648,18 +821,27 @@ impl Vm {
                 })
             }
         };
-        let dev = self.bus.iommu.device();
+        let mut paths = self.paths.clone();
+        if let Some(n) = &self.bus.notifier {
+            paths.notify = n.path();
+        }
+        let line_latched = match paths.interrupts {
+            InterruptPath::Irqfd { gsi } => irq::line_latched(&self.vm, gsi),
+            InterruptPath::Polled { .. } => None,
+        };
+        let t = self.bus.iommu.lock();
+        let dev = t.device();
         let st = dev.viommu().state();
         Ok(RunOutcome {
             result,
             serial,
-            boot_to_first_request: self.bus.iommu.first_notify().map(|t| t - start),
+            boot_to_first_request: t.first_notify().map(|at| at - start),
             run_time,
             device: dev.stats().clone(),
-            transport: self.bus.iommu.stats().clone(),
+            transport: t.stats(),
             dma: self.bus.dmas.iter().map(|d| d.stats().clone()).collect(),
             faults_dropped: dev.viommu().faults().dropped(),
-            peak_mappings: self.bus.peak_mappings,
+            peak_mappings: self.bus.iommu.peak_mappings(),
             final_mappings: st.total_mappings(),
             final_domains: st.domain_count(),
             exits: self.bus.exits,
@@ -670,6 +852,9 @@ impl Vm {
                 .emulated
                 .as_ref()
                 .map(|e| EmulatedCounts::of(&e.stats)),
+            paths,
+            worker,
+            line_latched,
         })
     }
 
@@ -678,7 +863,7 @@ impl Vm {
             if watch.expired() {
                 return Stop::Timeout;
             }
-            let bus = &mut self.bus;
+            let (bus, vm) = (&mut self.bus, &self.vm);
             match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     bus.exits.pio += 1;
@@ -693,7 +878,7 @@ impl Vm {
                     bus.ports.read(port, data);
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
-                Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(vm, addr, data),
                 Ok(VcpuExit::Hlt) => return Stop::Halted,
                 Ok(VcpuExit::Shutdown) => return Stop::Shutdown,
                 Ok(other) => return Stop::Unexpected(format!("{other:?}")),

@@ -3,18 +3,26 @@
 //! state machine with FEATURES_OK and reset, the config generation, and
 //! the device's config space from offset 0x100.
 //!
-//! Notifications are handled synchronously: a QueueNotify write runs the
-//! device's queue processing before the write returns to the guest. There
-//! is no interrupt line: the device's "interrupt" sets InterruptStatus and
-//! the guest polls its used rings. A device error (for instance a guest
-//! avail index the queue refuses) puts the device in DEVICE_NEEDS_RESET
-//! until the driver resets it; the VMM keeps running.
+//! Notifications arrive one of two ways, and the transport serves both the
+//! same: a QueueNotify write on the MMIO exit path ([`VirtioMmio::write`],
+//! served before the write returns to the guest), or a kick the VMM read
+//! from an ioeventfd on another thread ([`VirtioMmio::notify_kick`]). The
+//! transport tells the VMM when the driver activated or reset the device
+//! ([`Lifecycle`]) so that the VMM can wire ioeventfds only while the
+//! device runs. Interrupts go through [`MmioInterrupt`]: it sets
+//! InterruptStatus and, when the VMM gave it an irqfd, signals that too;
+//! the guest may poll its used rings either way. A device error (for
+//! instance a guest avail index the queue refuses) puts the device in
+//! DEVICE_NEEDS_RESET until the driver resets it; the VMM keeps running.
+//!
+//! The transport is not shared by itself: a VMM that serves kicks on
+//! another thread puts it behind a lock (see `super::iommu::SharedIommu`).
 //!
 //! Every guest access is checked: registers take aligned 32-bit accesses
 //! only, queue registers only while the queue is not ready, features only
 //! between DRIVER and FEATURES_OK; anything else is ignored and counted.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +30,7 @@ use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_iommu::{DeviceError, VirtioInterrupt};
+use vmm_sys_util::eventfd::EventFd;
 
 /// "virt".
 pub const MAGIC: u32 = 0x7472_6976;
@@ -140,25 +149,85 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
-/// The "interrupt" of a polled transport: it records the cause in
-/// InterruptStatus and raises no line.
+/// The transport's interrupt: InterruptStatus, and the line behind it
+/// when the VMM wired one (an irqfd into KVM's in-kernel irqchip).
+///
+/// The cause is recorded before the line is raised, so a driver that
+/// takes the interrupt finds it in InterruptStatus. Without a line the
+/// driver polls (its used rings, or InterruptStatus).
 #[derive(Debug, Default)]
-pub struct PolledInterrupt {
+pub struct MmioInterrupt {
     status: AtomicU32,
+    irqfd: Option<EventFd>,
+    raised: AtomicU64,
+    failed: AtomicU64,
 }
 
-impl VirtioInterrupt for PolledInterrupt {
-    fn trigger(&self, _queue: u16) -> std::io::Result<()> {
-        self.status.fetch_or(INT_VRING, Ordering::AcqRel);
-        Ok(())
+impl MmioInterrupt {
+    /// An interrupt with no line: causes are only recorded in
+    /// InterruptStatus.
+    pub fn polled() -> Self {
+        Self::default()
     }
+
+    /// An interrupt that also signals `irqfd` (registered by the VMM as
+    /// the irqfd of the transport's GSI).
+    pub fn with_irqfd(irqfd: EventFd) -> Self {
+        MmioInterrupt {
+            irqfd: Some(irqfd),
+            ..Self::default()
+        }
+    }
+
+    /// Records `cause` (`INT_VRING`, `INT_CONFIG`) and raises the line.
+    fn raise(&self, cause: u32) -> std::io::Result<()> {
+        self.status.fetch_or(cause, Ordering::AcqRel);
+        let Some(fd) = &self.irqfd else {
+            return Ok(());
+        };
+        match fd.write(1) {
+            Ok(()) => {
+                self.raised.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Times the line was raised (irqfd writes that succeeded).
+    pub fn raised(&self) -> u64 {
+        self.raised.load(Ordering::Relaxed)
+    }
+}
+
+impl VirtioInterrupt for MmioInterrupt {
+    fn trigger(&self, _queue: u16) -> std::io::Result<()> {
+        self.raise(INT_VRING)
+    }
+}
+
+/// What a guest register write did to the device's life cycle: a VMM that
+/// serves notifications outside the exit path wires them on activation
+/// and unwires them on reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Nothing changed.
+    Unchanged,
+    /// The driver set DRIVER_OK and the device started on its queues.
+    Activated,
+    /// The driver reset the device (wrote 0 to Status).
+    Reset,
 }
 
 /// What the transport saw, for the VMM's report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TransportStats {
     /// Queue notifications served, by queue (0 and 1; others counted in
-    /// `ignored`).
+    /// `ignored`). On the ioeventfd path one kick may stand for several
+    /// QueueNotify writes (the eventfd counts them into one wake-up).
     pub notifications: [u64; 2],
     /// Guest accesses ignored (bad width, bad offset, wrong state).
     pub ignored: u64,
@@ -170,6 +239,13 @@ pub struct TransportStats {
     pub activations: u64,
     /// Device resets by the driver.
     pub resets: u64,
+    /// Kicks (ioeventfd notifications) that arrived after the driver had
+    /// reset the device: sent before the reset, dropped unserved.
+    pub stale_kicks: u64,
+    /// Interrupts raised on the line (irqfd writes); 0 without a line.
+    pub interrupts: u64,
+    /// Interrupts that could not be raised (irqfd write errors).
+    pub interrupt_errors: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -199,7 +275,7 @@ pub struct VirtioMmio<D: VirtioDevice> {
     driver_features: u64,
     queue_sel: u32,
     queues: Vec<QueueRegs>,
-    interrupt: Arc<PolledInterrupt>,
+    interrupt: Arc<MmioInterrupt>,
     config_generation: u32,
     first_notify: Option<Instant>,
     stats: TransportStats,
@@ -215,8 +291,14 @@ impl<D: VirtioDevice> std::fmt::Debug for VirtioMmio<D> {
 }
 
 impl<D: VirtioDevice> VirtioMmio<D> {
-    /// A transport for `dev`, in reset state.
+    /// A transport for `dev`, in reset state, without an interrupt line
+    /// (the driver polls).
     pub fn new(dev: D) -> Self {
+        Self::with_interrupt(dev, Arc::new(MmioInterrupt::polled()))
+    }
+
+    /// A transport for `dev`, in reset state, raising `interrupt`.
+    pub fn with_interrupt(dev: D, interrupt: Arc<MmioInterrupt>) -> Self {
         let queues = dev
             .queue_max_sizes()
             .into_iter()
@@ -233,7 +315,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             driver_features: 0,
             queue_sel: 0,
             queues,
-            interrupt: Arc::new(PolledInterrupt::default()),
+            interrupt,
             config_generation: 0,
             first_notify: None,
             stats: TransportStats::default(),
@@ -245,9 +327,13 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         &self.dev
     }
 
-    /// The counters.
-    pub fn stats(&self) -> &TransportStats {
-        &self.stats
+    /// The counters, with the interrupt line's.
+    pub fn stats(&self) -> TransportStats {
+        TransportStats {
+            interrupts: self.interrupt.raised(),
+            interrupt_errors: self.interrupt.failed.load(Ordering::Relaxed),
+            ..self.stats.clone()
+        }
     }
 
     /// When the first notification of queue 0 was served.
@@ -279,7 +365,11 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         }
         self.status |= STATUS_DEVICE_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
-        self.interrupt.status.fetch_or(INT_CONFIG, Ordering::AcqRel);
+        // A line that cannot be raised is counted; the driver still finds
+        // the cause in InterruptStatus and the status byte.
+        if let Err(e) = self.interrupt.raise(INT_CONFIG) {
+            warn!("virtio-mmio: cannot raise the configuration interrupt: {e}");
+        }
     }
 
     fn reset(&mut self) {
@@ -337,22 +427,23 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         data.copy_from_slice(&v.to_le_bytes());
     }
 
-    /// A guest write of `data` at `offset` in the window.
-    pub fn write(&mut self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) {
+    /// A guest write of `data` at `offset` in the window; says whether it
+    /// activated or reset the device.
+    pub fn write(&mut self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) -> Lifecycle {
         if offset >= regs::CONFIG {
             // virtio 1.3 4.2.2.2 allows config writes of any width; the
             // device decides what is writable.
             self.dev.write_config(offset - regs::CONFIG, data);
             self.config_generation = self.config_generation.wrapping_add(1);
-            return;
+            return Lifecycle::Unchanged;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             self.ignore("register write of bad width", offset);
-            return;
+            return Lifecycle::Unchanged;
         };
         if offset % 4 != 0 {
             self.ignore("unaligned register write", offset);
-            return;
+            return Lifecycle::Unchanged;
         }
         let v = u32::from_le_bytes(bytes);
         match offset {
@@ -372,9 +463,10 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             regs::INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!v, Ordering::AcqRel);
             }
-            regs::STATUS => self.write_status(mem, v),
+            regs::STATUS => return self.write_status(mem, v),
             _ => self.ignore("write of a read-only or unknown register", offset),
         }
+        Lifecycle::Unchanged
     }
 
     fn write_driver_features(&mut self, v: u32, offset: u64) {
@@ -449,6 +541,21 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         }
     }
 
+    /// Serves a kick of `queue` that the VMM read from the queue's
+    /// ioeventfd (KVM matched the QueueNotify write, so the value was
+    /// `queue` and the access 32 bits wide). A kick that finds the device
+    /// reset was sent before the reset and is dropped; otherwise it is
+    /// served exactly like a QueueNotify write on the exit path (and, like
+    /// one, ignored while the device needs a reset).
+    pub fn notify_kick(&mut self, mem: &GuestMemoryMmap, queue: u16) {
+        if self.status & STATUS_DRIVER_OK == 0 {
+            self.stats.stale_kicks += 1;
+            debug!("virtio-mmio: kick of queue {queue} after a reset dropped");
+            return;
+        }
+        self.notify(mem, u32::from(queue));
+    }
+
     /// Lets the device do pending work (fault delivery after a DMA); a
     /// no-op while the driver has not set it running.
     pub fn process_pending(&mut self, mem: &GuestMemoryMmap) {
@@ -460,16 +567,16 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         }
     }
 
-    fn write_status(&mut self, mem: &GuestMemoryMmap, v: u32) {
+    fn write_status(&mut self, mem: &GuestMemoryMmap, v: u32) -> Lifecycle {
         if v == 0 {
             self.reset();
-            return;
+            return Lifecycle::Reset;
         }
         // virtio 1.3 2.1.2: "The driver MUST NOT clear a device status
         // bit"; only a write of 0 (reset) goes back.
         if v & !DRIVER_STATUS_BITS != 0 || self.status & !v & DRIVER_STATUS_BITS != 0 {
             self.ignore("status write that clears or sets device bits", regs::STATUS);
-            return;
+            return Lifecycle::Unchanged;
         }
         let new = v & !self.status;
         if new & STATUS_FEATURES_OK != 0 {
@@ -482,26 +589,28 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 self.stats.features_refused += 1;
                 debug!("virtio-mmio: refused driver features {f:#x} (offered {offered:#x})");
                 self.status = v & !STATUS_FEATURES_OK;
-                return;
+                return Lifecycle::Unchanged;
             }
             self.dev.ack_features(f);
         }
         if new & STATUS_DRIVER_OK != 0 {
             if self.status & STATUS_FEATURES_OK == 0 && new & STATUS_FEATURES_OK == 0 {
                 self.ignore("DRIVER_OK before FEATURES_OK", regs::STATUS);
-                return;
+                return Lifecycle::Unchanged;
             }
             let needs_reset = self.status & STATUS_DEVICE_NEEDS_RESET;
             self.status = v | needs_reset;
-            if needs_reset == 0 {
-                self.activate(mem);
+            if needs_reset == 0 && self.activate(mem) {
+                return Lifecycle::Activated;
             }
-            return;
+            return Lifecycle::Unchanged;
         }
         self.status = v | (self.status & STATUS_DEVICE_NEEDS_RESET);
+        Lifecycle::Unchanged
     }
 
-    fn activate(&mut self, mem: &GuestMemoryMmap) {
+    /// Starts the device; `false` (and DEVICE_NEEDS_RESET) if it cannot.
+    fn activate(&mut self, mem: &GuestMemoryMmap) -> bool {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, r) in self.queues.iter().enumerate() {
             match Self::build_queue(r) {
@@ -511,14 +620,20 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                         queue: i as u16,
                         source,
                     });
-                    return;
+                    return false;
                 }
             }
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         match self.dev.activate(mem, queues, interrupt) {
-            Ok(()) => self.stats.activations += 1,
-            Err(e) => self.fail(&e),
+            Ok(()) => {
+                self.stats.activations += 1;
+                true
+            }
+            Err(e) => {
+                self.fail(&e);
+                false
+            }
         }
     }
 
@@ -544,10 +659,16 @@ mod tests {
     use vm_memory::GuestAddress;
     use vmm_iommu::config::IommuConfig;
     use vmm_iommu::VirtioIommu;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-    fn setup() -> (VirtioMmio<VirtioIommu>, GuestMemoryMmap) {
+    fn device_and_memory() -> (VirtioIommu, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dev = VirtioIommu::new(&IommuConfig::default(), &[1], &[(0, (1 << 20) - 1)]).unwrap();
+        (dev, mem)
+    }
+
+    fn setup() -> (VirtioMmio<VirtioIommu>, GuestMemoryMmap) {
+        let (dev, mem) = device_and_memory();
         (VirtioMmio::new(dev), mem)
     }
 
@@ -631,6 +752,104 @@ mod tests {
         assert_eq!(r(&mut t, regs::STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         assert_eq!(r(&mut t, regs::MAGIC), MAGIC);
         assert_eq!(t.stats().ignored, 4);
+    }
+
+    /// Sets both queues up: 16 entries each, rings in the first pages.
+    fn ready_queues(t: &mut VirtioMmio<VirtioIommu>, mem: &GuestMemoryMmap) {
+        for (q, base) in [(0u32, 0x1000u32), (1, 0x4000)] {
+            w(t, mem, regs::QUEUE_SEL, q);
+            w(t, mem, regs::QUEUE_NUM, 16);
+            w(t, mem, regs::QUEUE_DESC_LOW, base);
+            w(t, mem, regs::QUEUE_DRIVER_LOW, base + 0x100);
+            w(t, mem, regs::QUEUE_DEVICE_LOW, base + 0x200);
+            w(t, mem, regs::QUEUE_READY, 1);
+        }
+    }
+
+    fn set_status(t: &mut VirtioMmio<VirtioIommu>, mem: &GuestMemoryMmap, v: u32) -> Lifecycle {
+        t.write(mem, regs::STATUS, &v.to_le_bytes())
+    }
+
+    /// A transport whose interrupt signals the returned eventfd.
+    fn setup_with_line() -> (VirtioMmio<VirtioIommu>, GuestMemoryMmap, EventFd) {
+        let (dev, mem) = device_and_memory();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let line = Arc::new(MmioInterrupt::with_irqfd(evt.try_clone().unwrap()));
+        (VirtioMmio::with_interrupt(dev, line), mem, evt)
+    }
+
+    #[test]
+    fn driver_ok_reports_activation_and_a_status_of_zero_reports_reset() {
+        let (mut t, mem) = setup();
+        negotiate(&mut t, &mem, F_VERSION_1);
+        ready_queues(&mut t, &mem);
+        let s = r(&mut t, regs::STATUS);
+        assert_eq!(
+            set_status(&mut t, &mem, s | STATUS_DRIVER_OK),
+            Lifecycle::Activated
+        );
+        assert_eq!(
+            t.write(&mem, regs::QUEUE_NOTIFY, &0u32.to_le_bytes()),
+            Lifecycle::Unchanged
+        );
+        assert_eq!(set_status(&mut t, &mem, 0), Lifecycle::Reset);
+        assert_eq!((t.stats().activations, t.stats().resets), (1, 1));
+    }
+
+    #[test]
+    fn driver_ok_that_fails_to_activate_is_not_an_activation() {
+        let (mut t, mem) = setup();
+        negotiate(&mut t, &mem, F_VERSION_1);
+        let s = r(&mut t, regs::STATUS);
+        assert_eq!(
+            set_status(&mut t, &mem, s | STATUS_DRIVER_OK),
+            Lifecycle::Unchanged
+        );
+        assert_ne!(r(&mut t, regs::STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn kick_is_served_while_running_and_dropped_as_stale_after_a_reset() {
+        let (mut t, mem) = setup();
+        negotiate(&mut t, &mem, F_VERSION_1);
+        ready_queues(&mut t, &mem);
+        let s = r(&mut t, regs::STATUS);
+        set_status(&mut t, &mem, s | STATUS_DRIVER_OK);
+        t.notify_kick(&mem, 0);
+        assert_eq!(t.stats().notifications, [1, 0]);
+        set_status(&mut t, &mem, 0);
+        t.notify_kick(&mem, 1);
+        let st = t.stats();
+        assert_eq!(
+            (st.notifications, st.stale_kicks, st.ignored),
+            ([1, 0], 1, 0)
+        );
+    }
+
+    #[test]
+    fn interrupt_with_an_irqfd_records_the_cause_then_signals_the_line() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let line = MmioInterrupt::with_irqfd(evt.try_clone().unwrap());
+        line.trigger(0).unwrap();
+        line.trigger(1).unwrap();
+        assert_eq!(line.status.load(Ordering::Acquire), INT_VRING);
+        assert_eq!(evt.read().unwrap(), 2);
+        assert_eq!(line.raised(), 2);
+        let polled = MmioInterrupt::polled();
+        polled.trigger(0).unwrap();
+        assert_eq!(polled.status.load(Ordering::Acquire), INT_VRING);
+        assert_eq!(polled.raised(), 0);
+    }
+
+    #[test]
+    fn device_error_raises_the_configuration_interrupt_on_the_line() {
+        let (mut t, mem, evt) = setup_with_line();
+        negotiate(&mut t, &mem, F_VERSION_1);
+        let s = r(&mut t, regs::STATUS);
+        set_status(&mut t, &mem, s | STATUS_DRIVER_OK);
+        assert_eq!(r(&mut t, regs::INTERRUPT_STATUS), INT_CONFIG);
+        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(t.stats().interrupts, 1);
     }
 
     #[test]

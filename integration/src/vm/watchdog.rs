@@ -49,7 +49,9 @@ impl Watch {
 
 /// Runs `body` on the current thread with a watchdog that kicks it out of
 /// `KVM_RUN` once `timeout` has passed; `body` sees the expiry through the
-/// [`Watch`] it is given.
+/// [`Watch`] it is given. The watchdog thread ("viommu-watchdog") is
+/// joined before this returns. Fails, without running `body`, if the
+/// signal cannot be installed or the thread cannot be started.
 pub fn run_with_watchdog<T>(
     timeout: Duration,
     body: impl FnOnce(&Watch) -> T,
@@ -61,29 +63,30 @@ pub fn run_with_watchdog<T>(
     let vcpu_thread = unsafe { libc::pthread_self() };
     let watch = Watch::default();
     let deadline = Instant::now() + timeout;
-    let out = thread::scope(|s| {
-        let dog = s.spawn(|| {
-            while !watch.done.load(Ordering::Acquire) {
-                let now = Instant::now();
-                if now < deadline {
-                    thread::park_timeout(deadline - now);
-                    continue;
+    thread::scope(|s| {
+        let dog = thread::Builder::new()
+            .name("viommu-watchdog".into())
+            .spawn_scoped(s, || {
+                while !watch.done.load(Ordering::Acquire) {
+                    let now = Instant::now();
+                    if now < deadline {
+                        thread::park_timeout(deadline - now);
+                        continue;
+                    }
+                    watch.expired.store(true, Ordering::Release);
+                    // SAFETY: `vcpu_thread` is alive: it is blocked in this
+                    // scope until the watchdog is joined, and `done` is set
+                    // before that. The signal has a handler (installed above)
+                    // that does nothing.
+                    unsafe { libc::pthread_kill(vcpu_thread, sig) };
+                    thread::park_timeout(KICK_INTERVAL);
                 }
-                watch.expired.store(true, Ordering::Release);
-                // SAFETY: `vcpu_thread` is alive: it is blocked in this
-                // scope until the watchdog is joined, and `done` is set
-                // before that. The signal has a handler (installed above)
-                // that does nothing.
-                unsafe { libc::pthread_kill(vcpu_thread, sig) };
-                thread::park_timeout(KICK_INTERVAL);
-            }
-        });
+            })?;
         let out = body(&watch);
         watch.done.store(true, Ordering::Release);
         dog.thread().unpark();
-        out
-    });
-    Ok(out)
+        Ok(out)
+    })
 }
 
 #[cfg(test)]
