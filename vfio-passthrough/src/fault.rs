@@ -92,6 +92,7 @@ pub fn pgfault_to_backend(f: &iommu_hwpt_pgfault, endpoint: u32) -> BackendFault
         reason: VIRTIO_IOMMU_FAULT_R_MAPPING,
         access_flags: access,
         page_request: Some(f.grpid),
+        last_page: is_last_page(f),
     }
 }
 
@@ -189,6 +190,7 @@ pub fn smmu_event_to_backend(
         reason,
         access_flags: access,
         page_request: None,
+        last_page: false,
     })
 }
 

@@ -90,6 +90,9 @@ pub struct BackendFault {
     /// `Some(group)` for a page request the guest must answer with
     /// PAGE_RESP; `None` for an unrecoverable fault.
     pub page_request: Option<u32>,
+    /// For a page request: the last request of its group (the guest
+    /// answers the group once it has seen it).
+    pub last_page: bool,
 }
 
 /// The guest's answer to a page request.

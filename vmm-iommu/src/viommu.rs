@@ -598,7 +598,8 @@ impl Viommu {
             flags |= VIRTIO_IOMMU_FAULT_F_PASID;
         }
         let (flt_type, pr_evt_flags, grpid) = match f.page_request {
-            Some(g) => (VIRTIO_IOMMU_FLT_PAGE_REQ, VIRTIO_IOMMU_PR_F_LAST_PAGE, g),
+            Some(g) if f.last_page => (VIRTIO_IOMMU_FLT_PAGE_REQ, VIRTIO_IOMMU_PR_F_LAST_PAGE, g),
+            Some(g) => (VIRTIO_IOMMU_FLT_PAGE_REQ, 0, g),
             None => (VIRTIO_IOMMU_FLT_DMA_UNRECOV, 0, 0),
         };
         self.faults.push(ExtFaultRecord {

@@ -614,6 +614,7 @@ fn backend_faults_reach_the_eventq_as_extended_records() {
         reason: VIRTIO_IOMMU_FAULT_R_MAPPING,
         access_flags: VIRTIO_IOMMU_FAULT_F_WRITE,
         page_request: Some(3),
+        last_page: true,
     });
     let recs = r.h.collect_ext_faults();
     assert_eq!(
@@ -670,4 +671,33 @@ fn config_space_offers_only_what_every_backend_can_map() {
         h.send(&map(1, 1 << 40, (1 << 40) + 0x1f_ffff, 0x20_0000)),
         Status::Range
     );
+}
+
+#[test]
+fn only_the_last_page_request_of_a_group_carries_last_page() {
+    let mut r = rig();
+    r.h.add_event_buffers(4, EXT_FAULT_SIZE as u32);
+    for (address, last_page) in [(0x1000, false), (0x2000, true)] {
+        r.a.faults.lock().unwrap().push(BackendFault {
+            endpoint: EP,
+            pasid: None,
+            address,
+            reason: VIRTIO_IOMMU_FAULT_R_MAPPING,
+            access_flags: VIRTIO_IOMMU_FAULT_F_READ,
+            page_request: Some(9),
+            last_page,
+        });
+    }
+    let recs = r.h.collect_ext_faults();
+    let flags: Vec<(u64, u32, u32)> = recs
+        .iter()
+        .map(|f| (f.address, f.grpid, f.pr_evt_flags))
+        .collect();
+    assert_eq!(
+        flags,
+        vec![(0x1000, 9, 0), (0x2000, 9, VIRTIO_IOMMU_PR_F_LAST_PAGE)]
+    );
+    assert!(recs
+        .iter()
+        .all(|f| f.flags & VIRTIO_IOMMU_FAULT_F_PASID == 0));
 }
