@@ -108,6 +108,18 @@ struct Caches3 {
     leaf_sizes: u64,
     /// Bit n set: some paging-structure entry covers 2^n bytes.
     table_shifts: u64,
+    /// The table domain each bound endpoint is in: a handful of entries,
+    /// kept under the same lock as the caches so a translation takes one.
+    bindings: Vec<(EndpointId, TableBinding)>,
+}
+
+impl Caches3 {
+    fn binding(&self, ep: EndpointId) -> Option<TableBinding> {
+        self.bindings
+            .iter()
+            .find(|(e, _)| *e == ep)
+            .map(|(_, b)| *b)
+    }
 }
 
 impl Default for Caches3 {
@@ -118,6 +130,7 @@ impl Default for Caches3 {
             iotlb: DirectMapped::new(IOTLB_ENTRIES),
             leaf_sizes: 0,
             table_shifts: 0,
+            bindings: Vec::new(),
         }
     }
 }
@@ -241,7 +254,6 @@ pub struct EmulatedIommu<M> {
     /// Bumped whenever any cache entry may have been dropped, so per-thread
     /// front caches ([`NestedTranslator`]) start over.
     generation: AtomicU64,
-    bindings: RwLock<HashMap<EndpointId, TableBinding>>,
     caches: Mutex<Caches3>,
     prq: Mutex<PageRequests>,
     prq_answered: Condvar,
@@ -310,7 +322,6 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
             page_request_endpoints: page_request_endpoints.iter().copied().collect(),
             page_requests_on: AtomicBool::new(false),
             generation: AtomicU64::new(0),
-            bindings: RwLock::new(HashMap::new()),
             caches: Mutex::new(Caches3::default()),
             prq: Mutex::new(PageRequests::default()),
             prq_answered: Condvar::new(),
@@ -327,13 +338,9 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    fn bindings(&self) -> RwLockReadGuard<'_, HashMap<EndpointId, TableBinding>> {
-        self.bindings.read().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The table domain `ep` is bound to.
     pub fn binding(&self, ep: EndpointId) -> Option<TableBinding> {
-        self.bindings().get(&ep).copied()
+        lock(&self.caches).binding(ep)
     }
 
     /// Translates one access of `ep` (with `pasid` if the access carries
@@ -345,15 +352,16 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         va: u64,
         access: Access,
     ) -> Result<NestedTranslation, NestedError> {
-        let binding = self.binding(ep).ok_or(NestedError::NotNested(ep))?;
-        match self.lookup(&binding, pasid, va, access) {
-            Ok(t) => Ok(t),
-            Err(f) => Err(self.fault(ep, pasid, va, access, f)),
-        }
+        let mut c = lock(&self.caches);
+        let binding = c.binding(ep).ok_or(NestedError::NotNested(ep))?;
+        let res = self.lookup(&mut c, &binding, pasid, va, access);
+        drop(c);
+        res.map_err(|f| self.fault(ep, pasid, va, access, f))
     }
 
     fn lookup(
         &self,
+        c: &mut Caches3,
         b: &TableBinding,
         pasid: Option<u32>,
         va: u64,
@@ -365,7 +373,6 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
                 nested::Unsupported::PasidOnDirectTable,
             )));
         }
-        let mut c = lock(&self.caches);
         let key = pasid_key(&b.table, pasid);
         let ctx = match c.pasid.get(&ctx_key((dom, key))) {
             Some(ctx) => *ctx,
@@ -396,7 +403,6 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
             sizes &= sizes - 1;
             if let Some(leaf) = c.iotlb.get(&self::key(dom, key, log2, va >> log2)) {
                 let leaf = *leaf;
-                drop(c);
                 self.stats.iotlb_hits.fetch_add(1, Ordering::Relaxed);
                 s1.check(&leaf, access)?;
                 return Ok(self.done(&s1, &leaf, va, access));
@@ -439,7 +445,6 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         c.iotlb.insert(self::key(dom, key, log2, va >> log2), leaf);
         c.leaf_sizes |= 1 << log2;
         c.table_shifts |= table_shifts;
-        drop(c);
         Ok(self.done(&s1, &leaf, va, access))
     }
 
@@ -774,18 +779,18 @@ impl<M: GuestMemory + Send + Sync> IommuBackend for EmulatedIommu<M> {
     }
 
     fn bind_table(&self, ep: EndpointId, binding: &TableBinding) -> Result<(), BackendError> {
-        let mut b = self.bindings.write().unwrap_or_else(|p| p.into_inner());
-        let first = !b.values().any(|x| x.domain == binding.domain);
-        b.insert(ep, *binding);
-        drop(b);
+        let mut c = lock(&self.caches);
+        let first = !c.bindings.iter().any(|(_, x)| x.domain == binding.domain);
+        c.bindings.retain(|(e, _)| *e != ep);
+        c.bindings.push((ep, *binding));
         if first {
             // A new binding starts with empty caches for its domain: a
             // domain ID reused by the guest must not see the old tables.
-            let mut c = lock(&self.caches);
             c.pasid.retain(|k| k.domain != binding.domain);
             c.iotlb.retain(|k| k.domain != binding.domain);
             c.pwc.retain(|k| k.domain != binding.domain);
         }
+        drop(c);
         self.bump();
         Ok(())
     }
@@ -852,9 +857,11 @@ impl<M: GuestMemory + Send + Sync> IommuBackend for EmulatedIommu<M> {
 
 impl<M> EmulatedIommu<M> {
     fn unbind(&self, ep: EndpointId) {
-        let mut b = self.bindings.write().unwrap_or_else(|p| p.into_inner());
-        if b.remove(&ep).is_some() {
-            drop(b);
+        let mut c = lock(&self.caches);
+        let before = c.bindings.len();
+        c.bindings.retain(|(e, _)| *e != ep);
+        if c.bindings.len() != before {
+            drop(c);
             self.generation.fetch_add(1, Ordering::Release);
         }
     }
