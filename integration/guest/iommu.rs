@@ -294,6 +294,43 @@ pub mod req {
         b
     }
 
+    /// ATTACH_TABLE `endpoint` to `domain` with a `PGTF_X86_64` table of
+    /// `levels` levels at `root` (no PASIDs).
+    pub fn attach_table_x86(domain: u32, endpoint: u32, levels: u8, root: u64) -> [u8; 76] {
+        let mut b = [0u8; 76];
+        head(types::ATTACH_TABLE, &mut b);
+        put32(&mut b, 4, domain);
+        put32(&mut b, 8, endpoint);
+        put16(&mut b, 12, super::nested::PGTF_X86_64);
+        b[14] = levels;
+        // b[15]: flags, none defined.
+        put64(&mut b, 16, root);
+        b
+    }
+
+    /// ATTACH_TABLE `endpoint` to `domain` with a `PGTF_ARM_LPAE` regime:
+    /// `asid`, `tcr` (TCR_EL1 layout), `ttbr0`, `ttbr1`, `mair`.
+    pub fn attach_table_lpae(
+        domain: u32,
+        endpoint: u32,
+        asid: u16,
+        tcr: u64,
+        ttbr: (u64, u64),
+        mair: u64,
+    ) -> [u8; 76] {
+        let mut b = [0u8; 76];
+        head(types::ATTACH_TABLE, &mut b);
+        put32(&mut b, 4, domain);
+        put32(&mut b, 8, endpoint);
+        put16(&mut b, 12, super::nested::PGTF_ARM_LPAE);
+        put16(&mut b, 14, asid);
+        put64(&mut b, 16, tcr);
+        put64(&mut b, 24, ttbr.0);
+        put64(&mut b, 32, ttbr.1);
+        put64(&mut b, 40, mair);
+        b
+    }
+
     /// One INVALIDATE request.
     #[derive(Clone, Copy, Default)]
     pub struct Invalidate {
@@ -315,6 +352,50 @@ pub mod req {
         pub nr_pages: u64,
         /// `granule` (log2).
         pub granule: u8,
+    }
+
+    /// Copies that change one thing, for tables of cases.
+    impl Invalidate {
+        /// With `inv_gran` `gran`.
+        pub const fn gran(self, gran: u16) -> Self {
+            Invalidate { gran, ..self }
+        }
+
+        /// With `inv_type` `types`.
+        pub const fn types(self, types: u16) -> Self {
+            Invalidate { types, ..self }
+        }
+
+        /// With `flags` `flags`.
+        pub const fn flags(self, flags: u16) -> Self {
+            Invalidate { flags, ..self }
+        }
+
+        /// Naming `domain`.
+        pub const fn domain(self, domain: u32) -> Self {
+            Invalidate { domain, ..self }
+        }
+
+        /// With `pasid` `pasid` (flags unchanged).
+        pub const fn pasid(self, pasid: u32) -> Self {
+            Invalidate { pasid, ..self }
+        }
+
+        /// With `archid` `archid` (flags unchanged).
+        pub const fn archid(self, archid: u64) -> Self {
+            Invalidate { archid, ..self }
+        }
+
+        /// With the range of `nr_pages` pages of `1 << granule` bytes from
+        /// `virt_start`.
+        pub const fn range(self, virt_start: u64, nr_pages: u64, granule: u8) -> Self {
+            Invalidate {
+                virt_start,
+                nr_pages,
+                granule,
+                ..self
+            }
+        }
     }
 
     /// INVALIDATE, as `i` says.

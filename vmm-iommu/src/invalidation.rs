@@ -65,7 +65,10 @@ pub struct VaRange {
 impl VaRange {
     /// The last byte covered (the range never wraps: checked at decode).
     pub fn last(&self) -> u64 {
-        self.addr + ((self.pages << self.granule_log2) - 1)
+        // u128: a range may end exactly at 2^64 - 1 (nr_pages << granule
+        // is then 2^64, which u64 cannot hold).
+        let end = u128::from(self.addr) + (u128::from(self.pages) << self.granule_log2);
+        (end - 1) as u64
     }
 
     /// Whether `va` is in the range.
@@ -209,13 +212,12 @@ impl Invalidation {
                 if r.virt_start & ((1u64 << r.granule) - 1) != 0 {
                     return Err(E::Range("virt_start not aligned on the granule"));
                 }
-                let bytes = r
-                    .nr_pages
-                    .checked_mul(1u64 << r.granule)
-                    .ok_or(E::Range("range size overflows"))?;
-                r.virt_start
-                    .checked_add(bytes - 1)
-                    .ok_or(E::Range("range wraps past 2^64"))?;
+                // In u128, so that a range ending exactly at 2^64 - 1 is
+                // accepted and anything past it is not.
+                let end = u128::from(r.virt_start) + (u128::from(r.nr_pages) << r.granule);
+                if end > 1u128 << 64 {
+                    return Err(E::Range("range wraps past 2^64"));
+                }
                 Scope::Range(VaRange {
                     pasid,
                     addr: r.virt_start,
@@ -534,6 +536,29 @@ mod tests {
         let mut r = base;
         r.virt_start = !0xfff;
         r.nr_pages = 2;
+        assert!(matches!(
+            Invalidation::from_request(&r, 0),
+            Err(InvalidateError::Range(_))
+        ));
+    }
+
+    #[test]
+    fn a_range_may_end_exactly_at_the_top_of_the_address_space() {
+        let mut r = req(VIRTIO_IOMMU_INV_G_VA, VIRTIO_IOMMU_INV_T_IOTLB, 0);
+        r.granule = 12;
+        r.nr_pages = 1 << 52;
+        let inv = Invalidation::from_request(&r, 0).unwrap();
+        let Scope::Range(v) = inv.scope else {
+            panic!("{inv:?}")
+        };
+        assert_eq!(v.last(), u64::MAX);
+        r.virt_start = 0x1000;
+        assert!(matches!(
+            Invalidation::from_request(&r, 0),
+            Err(InvalidateError::Range(_))
+        ));
+        r.virt_start = 0;
+        r.nr_pages = (1 << 52) + 1;
         assert!(matches!(
             Invalidation::from_request(&r, 0),
             Err(InvalidateError::Range(_))

@@ -1,10 +1,12 @@
 //! Scenario 6, a hostile driver: malformed requests, abused descriptor
 //! chains, broken queues, transport misuse and bad DMA arguments. Each
 //! gets the status the spec asks for, or its buffer back unwritten, or a
-//! device that asks to be reset — and the VMM keeps running. Then the
-//! device is reset and scenario 1 passes in the same VM.
+//! device that asks to be reset — and the VMM keeps running. When the
+//! device offers the nested extension, its requests and tables are abused
+//! too ([`hostile_nested`]), and scenario 3 then passes in the same VM.
+//! Finally the device is reset and scenario 1 passes in the same VM.
 
-use super::{map, Ctx};
+use super::{hostile_nested, map, nested_vtd, probe_nested, Ctx};
 use crate::abi;
 use crate::iommu::{self, config, req, status, Iommu, Reply, MAP_F_READ, MAP_F_WRITE, TAIL_SIZE};
 use crate::rt::{self, peek8};
@@ -20,14 +22,15 @@ const DESC_F_INDIRECT: u16 = 4;
 
 /// What a hostile request should get back.
 #[derive(Clone, Copy)]
-enum Want {
+pub(super) enum Want {
     /// This status in the tail.
     Status(u8),
     /// The buffers back with used length 0 and nothing written.
     Unwritten,
 }
 
-fn expect(dev: &Iommu, name: &str, r: Reply, want: Want, writable: u32) {
+/// Checks that `r` is what `want` says, and reports the case on serial.
+pub(super) fn expect(dev: &Iommu, name: &str, r: Reply, want: Want, writable: u32) {
     match want {
         Want::Status(s) => {
             check!(
@@ -55,7 +58,9 @@ fn expect(dev: &Iommu, name: &str, r: Reply, want: Want, writable: u32) {
     println!("hostile: {name}: ok");
 }
 
-fn send(dev: &mut Iommu, name: &str, request: &[u8], writable: u32, want: Want) {
+/// Sends `request` with `writable` device-writable bytes and checks the
+/// answer against `want`.
+pub(super) fn send(dev: &mut Iommu, name: &str, request: &[u8], writable: u32, want: Want) {
     let r = dev.send(request, writable);
     expect(dev, name, r, want, writable);
 }
@@ -73,11 +78,38 @@ pub fn run(ctx: &mut Ctx) {
     transport(&mut dev);
     dma_arguments(ctx, &dma);
 
+    hostile_nested::run(ctx, &mut dev);
+    if dev.features & iommu::features::ATTACH_TABLE != 0 {
+        if nested_vtd_runs(&mut dev, ep) {
+            println!("hostile: running scenario 3 in the same VM");
+            nested_vtd::run_on(ctx, &mut dev);
+        } else {
+            println!("hostile: scenario 3 cannot run on this config: skipped");
+        }
+    }
+
     // A clean start, then the whole of scenario 1 on the same device.
+    dev.wanted = iommu::WANTED;
     dev.restart();
     println!("hostile: device reset, running scenario 1 in the same VM");
     map::run_on(ctx, &mut dev);
     println!("hostile: PASS");
+}
+
+/// Whether scenario 3 can run on `dev`: PROBE offers intel-vtd over
+/// x86-64 with PASIDs wide enough, and its domain is in `domain_range`
+/// (the VMM's requirements for it, seen from the guest).
+fn nested_vtd_runs(dev: &mut Iommu, ep: u32) -> bool {
+    let p = probe_nested(
+        dev,
+        ep,
+        iommu::nested::PSTF_INTEL_VTD,
+        iommu::nested::PGTF_X86_64,
+    );
+    let d = abi::NESTED_VTD_DOMAIN;
+    p.table_page_sizes.is_some_and(|s| s & PAGE != 0)
+        && p.pasid_bits >= abi::NESTED_PASID_BITS
+        && (dev.t.config32(config::DOMAIN_START)..=dev.t.config32(config::DOMAIN_END)).contains(&d)
 }
 
 /// Well-framed requests with bad contents.

@@ -3,6 +3,7 @@
 
 pub mod bypass;
 pub mod hostile;
+pub mod hostile_nested;
 pub mod map;
 pub mod nested_smmuv3;
 pub mod nested_vtd;
@@ -86,6 +87,16 @@ pub struct NestedProbe {
     /// The page sizes of the PASID table format asked for (its
     /// `PASID_TABLE_FMT` property), if advertised.
     pub table_page_sizes: Option<u64>,
+    /// Every table format advertised (`PAGE_TABLE_FMT` and
+    /// `PASID_TABLE_FMT`): bit `n` for format number `n` below 32.
+    pub formats: u32,
+}
+
+impl NestedProbe {
+    /// Whether PROBE advertised table format `format`.
+    pub fn has(&self, format: u16) -> bool {
+        format < 32 && self.formats & (1 << format) != 0
+    }
 }
 
 /// PROBEs `ep` and reads the nested extension's properties, looking for
@@ -98,6 +109,7 @@ pub fn probe_nested(dev: &mut Iommu, ep: u32, format: u16, pgtf: u16) -> NestedP
         pasid_bits: 0,
         output_bits: 0,
         table_page_sizes: None,
+        formats: 0,
     };
     let end = dev.resp_buf + u64::from(dev.probe_size);
     let mut at = dev.resp_buf;
@@ -117,6 +129,12 @@ pub fn probe_nested(dev: &mut Iommu, ep: u32, format: u16, pgtf: u16) -> NestedP
                 p.table_page_sizes = Some(peek64(at + 8));
             }
             _ => {}
+        }
+        if matches!(ty, n::PROBE_T_PAGE_TABLE_FMT | n::PROBE_T_PASID_TABLE_FMT) {
+            let f = peek16(at + 4);
+            if f < 32 {
+                p.formats |= 1 << f;
+            }
         }
         at += 4 + len;
     }

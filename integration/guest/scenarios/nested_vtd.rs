@@ -12,7 +12,7 @@
 use super::{all_bytes, same_bytes};
 use super::{bench_invalidate, expect_ext_fault, expect_no_fault, pattern, probe_nested, Ctx};
 use crate::abi;
-use crate::iommu::{self, nested as n, req, status};
+use crate::iommu::{self, nested as n, req, status, Iommu};
 use crate::pgtable::{x86, VtdPasidDir, X86Tables};
 use crate::rt::{self, poke64};
 
@@ -48,13 +48,26 @@ fn inv_va(va: u64, pages: u64) -> req::Invalidate {
     }
 }
 
-/// Runs the scenario.
+/// Runs the scenario on a fresh device.
 pub fn run(ctx: &mut Ctx) {
     let mut dev = ctx.nested_iommu(false);
+    run_on(ctx, &mut dev);
+}
+
+/// Runs the scenario on `dev`, which is up (DRIVER_OK) with
+/// VIRTIO_IOMMU_F_ATTACH_TABLE and without VIRTIO_IOMMU_F_PAGE_REQUEST
+/// negotiated, and has no domain.
+pub fn run_on(ctx: &mut Ctx, dev: &mut Iommu) {
+    check!(
+        dev.features & iommu::features::ATTACH_TABLE != 0
+            && dev.features & iommu::features::PAGE_REQUEST == 0,
+        "nested-vtd needs ATTACH_TABLE without PAGE_REQUEST (features {:#x})",
+        dev.features
+    );
     println!("nested-vtd: start (features {:#x})", dev.features);
     let (dma, ep) = ctx.dma();
 
-    let p = probe_nested(&mut dev, ep, n::PSTF_INTEL_VTD, n::PGTF_X86_64);
+    let p = probe_nested(dev, ep, n::PSTF_INTEL_VTD, n::PGTF_X86_64);
     let Some(sizes) = p.table_page_sizes else {
         println!("FAIL: PROBE does not offer PSTF_INTEL_VTD over PGTF_X86_64");
         rt::exit(line!());
@@ -135,14 +148,14 @@ pub fn run(ctx: &mut Ctx) {
     println!("nested-vtd: DMA copy of {LEN} bytes with PASID {PASID:#x} through the guest's tables verified");
 
     // A write to a read-only first-stage page: refused, 40-byte record.
-    expect_no_fault(&mut dev);
+    expect_no_fault(dev);
     check_eq!(
         dma.fill(IOVA_SRC, 0, 8),
         abi::DMA_STATUS_FAULT,
         "DMA write to a read-only page"
     );
     expect_ext_fault(
-        &mut dev,
+        dev,
         n::FLT_DMA_UNRECOV,
         iommu::FAULT_R_MAPPING,
         ep,
@@ -158,7 +171,7 @@ pub fn run(ctx: &mut Ctx) {
         "DMA without a PASID"
     );
     expect_ext_fault(
-        &mut dev,
+        dev,
         n::FLT_DMA_UNRECOV,
         iommu::FAULT_R_DOMAIN,
         ep,
@@ -243,7 +256,7 @@ pub fn run(ctx: &mut Ctx) {
         "DMA through the new tables to an unmapped IOVA"
     );
     expect_ext_fault(
-        &mut dev,
+        dev,
         n::FLT_DMA_UNRECOV,
         iommu::FAULT_R_MAPPING,
         ep,
@@ -266,7 +279,7 @@ pub fn run(ctx: &mut Ctx) {
     );
     println!("nested-vtd: {BATCH} INVALIDATEs of adjacent pages in one notification: all OK");
 
-    bench_invalidate(&mut dev, &inv_va(IOVA_X, 1), ctx.info.bench_iterations);
+    bench_invalidate(dev, &inv_va(IOVA_X, 1), ctx.info.bench_iterations);
 
     check_eq!(dev.detach(DOMAIN, ep), status::OK, "DETACH");
     // Out of the table domain, PASID-tagged DMA has no translator.
@@ -277,6 +290,6 @@ pub fn run(ctx: &mut Ctx) {
     );
     check!(all_bytes(page_c, 64, 0x55), "a refused DMA changed memory");
     dma.set_pasid(None);
-    expect_no_fault(&mut dev);
+    expect_no_fault(dev);
     println!("nested-vtd: PASS");
 }

@@ -278,7 +278,7 @@ fn print_run(run: &ScenarioRun, cfg: &VmConfig, verbose: bool) {
                 println!("   guest| {line}");
             }
             if cases > 0 {
-                println!("   guest| ({cases} hostile cases answered as the spec asks; --verbose lists them)");
+                println!("   guest| ({cases} hostile cases answered as the spec and docs/wire.md ask; --verbose lists them)");
             }
             println!("   requests: {}", requests_line(o));
             println!("   statuses: {}", statuses_line(o));
