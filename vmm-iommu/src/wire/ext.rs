@@ -621,6 +621,16 @@ impl ExtFaultRecord {
     }
 }
 
+// The sizes docs/wire.md gives, field by field (head and tail included
+// where the docs count them).
+const _: () = assert!(super::HEAD_SIZE + ATTACH_TABLE_BODY_SIZE + super::TAIL_SIZE == 80);
+const _: () = assert!(ATTACH_TABLE_BODY_SIZE == 4 + 4 + 2 + 62);
+const _: () = assert!(super::HEAD_SIZE + INVALIDATE_BODY_SIZE + super::TAIL_SIZE == 64);
+const _: () = assert!(INVALIDATE_BODY_SIZE == 2 + 2 + 2 + 2 + 4 + 4 + 4 + 8 + 8 + 8 + 1 + 11);
+const _: () = assert!(super::HEAD_SIZE + PAGE_RESP_BODY_SIZE + super::TAIL_SIZE == 36);
+const _: () = assert!(PAGE_RESP_BODY_SIZE == 4 + 4 + 4 + 4 + 2 + 10);
+const _: () = assert!(EXT_FAULT_SIZE == 1 + 3 + 2 + 2 + 4 + 4 + 4 + 4 + 4 + 4 + 8);
+
 #[cfg(test)]
 mod tests {
     use super::*;
