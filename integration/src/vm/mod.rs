@@ -55,7 +55,6 @@ pub mod worker;
 pub mod x86;
 
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,7 +64,7 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_iommu::config::{DeviceKind, ReservedKind, VmConfig};
-use vmm_iommu::emulated::EmulatedStats;
+use vmm_iommu::emulated::EmulatedCounts;
 use vmm_iommu::fault::FaultQueue;
 use vmm_iommu::router::{Router, RouterCounts};
 use vmm_iommu::{DeviceError, DeviceStats, Viommu, VirtioIommu};
@@ -310,45 +309,6 @@ pub struct ExitCounts {
     pub mmio: u64,
     /// `KVM_RUN` calls interrupted by a signal.
     pub interrupted: u64,
-}
-
-/// A copy of the software nested IOMMU's counters
-/// ([`vmm_iommu::emulated::EmulatedStats`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EmulatedCounts {
-    /// Translations answered from the IOTLB.
-    pub iotlb_hits: u64,
-    /// Table walks (IOTLB misses).
-    pub walks: u64,
-    /// Walks resumed from the paging-structure cache.
-    pub pwc_hits: u64,
-    /// PASID entries / CDs read from guest memory.
-    pub context_reads: u64,
-    /// `invalidate` calls the router made.
-    pub invalidate_calls: u64,
-    /// Generic invalidations in those calls.
-    pub invalidations: u64,
-    /// Unrecoverable faults reported.
-    pub faults: u64,
-    /// Page requests sent.
-    pub page_requests: u64,
-}
-
-impl EmulatedCounts {
-    /// Reads the counters of `s`.
-    pub fn of(s: &EmulatedStats) -> Self {
-        let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        EmulatedCounts {
-            iotlb_hits: r(&s.iotlb_hits),
-            walks: r(&s.walks),
-            pwc_hits: r(&s.pwc_hits),
-            context_reads: r(&s.context_reads),
-            invalidate_calls: r(&s.invalidate_calls),
-            invalidations: r(&s.invalidations),
-            faults: r(&s.faults),
-            page_requests: r(&s.page_requests),
-        }
-    }
 }
 
 /// A run that ended with the guest writing the done port.
@@ -847,11 +807,7 @@ impl Vm {
             exits: self.bus.exits,
             tsc_khz: self.tsc_khz,
             router: dev.viommu().router().stats.snapshot(),
-            emulated: self
-                .bus
-                .emulated
-                .as_ref()
-                .map(|e| EmulatedCounts::of(&e.stats)),
+            emulated: self.bus.emulated.as_ref().map(|e| e.stats.snapshot()),
             paths,
             worker,
             line_latched,
