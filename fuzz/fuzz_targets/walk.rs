@@ -1,0 +1,90 @@
+//! Any table contents, any regime parameters: the VT-d PASID-table and
+//! SMMUv3 CD-table readers and the IA-32e / AArch64 walkers never panic and
+//! never read more than `MAX_WALK_READS` page-table entries per walk.
+
+#![no_main]
+
+use std::cell::Cell;
+
+use libfuzzer_sys::fuzz_target;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_iommu::nested::{arm, smmuv3, vtd, x86, Access, Stage1, TableMemory, MAX_WALK_READS};
+
+struct Counting<'a> {
+    mem: &'a GuestMemoryMmap,
+    reads: Cell<usize>,
+}
+
+impl TableMemory for Counting<'_> {
+    fn read_u64(&self, gpa: u64) -> Option<u64> {
+        self.reads.set(self.reads.get() + 1);
+        self.mem.read_u64(gpa)
+    }
+    fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> Option<()> {
+        self.mem.read_bytes(gpa, buf)
+    }
+}
+
+fn u64_at(d: &[u8], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    for (k, x) in b.iter_mut().enumerate() {
+        *x = d.get(i + k).copied().unwrap_or(0);
+    }
+    u64::from_le_bytes(b)
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 32 {
+        return;
+    }
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    mem.write_slice(&data[32..data.len().min(32 + (1 << 20))], GuestAddress(0))
+        .unwrap();
+    let (p0, p1, va, sel) = (
+        u64_at(data, 0),
+        u64_at(data, 8),
+        u64_at(data, 16),
+        u64_at(data, 24),
+    );
+    let m = Counting {
+        mem: &mem,
+        reads: Cell::new(0),
+    };
+    let access = Access {
+        write: sel & 1 != 0,
+        exec: sel & 2 != 0,
+        privileged: sel & 4 != 0,
+    };
+    let stage1 = match sel >> 3 & 3 {
+        0 => x86::Config::new(p0 & 0xf_f000, 4 + (sel >> 5 & 1) as u8)
+            .map(Stage1::X86)
+            .ok(),
+        1 => arm::Config::from_tcr(p0, p1 & 0xf_f000, 0, p1, sel as u16)
+            .map(Stage1::Arm)
+            .ok(),
+        2 => vtd::PasidTable::new(p0 & 0xf_f000, (p1 % 21) as u8)
+            .and_then(|t| t.stage1(&m, (p1 >> 8) as u32))
+            .ok(),
+        _ => smmuv3::CdTable::new(
+            p0 & 0xf_ffc0,
+            (p1 & 3) as u8,
+            (p1 >> 2 & 31) as u32,
+            (p1 >> 7 & 3) as u8,
+        )
+        .and_then(|t| match t.resolve_ssid(Some((p1 >> 9) as u32 & 0xffff))? {
+            smmuv3::Substream::Ssid(s) => t.stage1(&m, s).map(Some),
+            smmuv3::Substream::Bypass => Ok(None),
+        })
+        .ok()
+        .flatten(),
+    };
+    if let Some(s1) = stage1 {
+        m.reads.set(0);
+        let mut steps = 0;
+        let r = s1.walk(&m, va, s1.root(), &mut |_| steps += 1);
+        assert!(m.reads.get() <= MAX_WALK_READS);
+        if let Ok(leaf) = r {
+            let _ = s1.check(&leaf, access);
+        }
+    }
+});
