@@ -9,75 +9,16 @@ use core::sync::atomic::{fence, Ordering};
 
 use crate::rt::{self, Bump};
 
-/// Register offsets of the virtio-mmio transport (virtio 1.3, 4.2.2).
-pub mod regs {
-    /// "virt".
-    pub const MAGIC: u64 = 0x000;
-    /// 2 for the modern transport.
-    pub const VERSION: u64 = 0x004;
-    /// The virtio device ID.
-    pub const DEVICE_ID: u64 = 0x008;
-    /// The vendor ID.
-    pub const VENDOR_ID: u64 = 0x00c;
-    /// 32 bits of the device's features, selected by `DEVICE_FEATURES_SEL`.
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    /// Which 32 bits `DEVICE_FEATURES` shows.
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    /// 32 bits of the driver's features, selected by `DRIVER_FEATURES_SEL`.
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    /// Which 32 bits `DRIVER_FEATURES` takes.
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    /// The queue the queue registers address.
-    pub const QUEUE_SEL: u64 = 0x030;
-    /// Largest size of the selected queue.
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    /// Size of the selected queue.
-    pub const QUEUE_NUM: u64 = 0x038;
-    /// Whether the selected queue is in use.
-    pub const QUEUE_READY: u64 = 0x044;
-    /// Queue notification: the value is the queue index.
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    /// Why the device interrupted.
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    /// Acknowledges interrupt causes.
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    /// The device status byte.
-    pub const STATUS: u64 = 0x070;
-    /// Descriptor table address, low half.
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    /// Descriptor table address, high half.
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    /// Driver (avail) ring address, low half.
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    /// Driver (avail) ring address, high half.
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    /// Device (used) ring address, low half.
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    /// Device (used) ring address, high half.
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    /// Changes whenever the config space changes.
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    /// The device-specific config space.
-    pub const CONFIG: u64 = 0x100;
-}
-
-/// Device status: the guest found the device.
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-/// Device status: the guest has a driver for it.
-pub const STATUS_DRIVER: u32 = 2;
-/// Device status: the driver is ready.
-pub const STATUS_DRIVER_OK: u32 = 4;
-/// Device status: feature negotiation is complete.
-pub const STATUS_FEATURES_OK: u32 = 8;
-/// Device status: the device needs a reset.
-pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
-/// Device status: the driver gave up.
-pub const STATUS_FAILED: u32 = 0x80;
+pub use crate::abi::virtio_mmio::{
+    regs, MAGIC, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+};
 
 /// `VIRTIO_F_VERSION_1`.
 pub const F_VERSION_1: u64 = 1 << 32;
-/// The "virt" magic.
-pub const MAGIC: u32 = 0x7472_6976;
+
+
+
 
 /// Descriptor flag: the chain continues at `next`.
 pub const DESC_F_NEXT: u16 = 1;

@@ -32,81 +32,16 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_iommu::{DeviceError, VirtioInterrupt};
 use vmm_sys_util::eventfd::EventFd;
 
-/// "virt".
-pub const MAGIC: u32 = 0x7472_6976;
+pub use crate::abi::virtio_mmio::{
+    regs, MAGIC, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FAILED, STATUS_FEATURES_OK,
+};
+
 /// The modern transport.
 pub const VERSION: u32 = 2;
 /// Vendor ID reported to the guest ("VMMI").
 pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"VMMI");
 
-/// Register offsets.
-pub mod regs {
-    /// MagicValue.
-    pub const MAGIC: u64 = 0x000;
-    /// Version.
-    pub const VERSION: u64 = 0x004;
-    /// DeviceID.
-    pub const DEVICE_ID: u64 = 0x008;
-    /// VendorID.
-    pub const VENDOR_ID: u64 = 0x00c;
-    /// DeviceFeatures.
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    /// DeviceFeaturesSel.
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    /// DriverFeatures.
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    /// DriverFeaturesSel.
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    /// QueueSel.
-    pub const QUEUE_SEL: u64 = 0x030;
-    /// QueueNumMax.
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    /// QueueNum.
-    pub const QUEUE_NUM: u64 = 0x038;
-    /// QueueReady.
-    pub const QUEUE_READY: u64 = 0x044;
-    /// QueueNotify.
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    /// InterruptStatus.
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    /// InterruptACK.
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    /// Status.
-    pub const STATUS: u64 = 0x070;
-    /// QueueDescLow.
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    /// QueueDescHigh.
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    /// QueueDriverLow.
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    /// QueueDriverHigh.
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    /// QueueDeviceLow.
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    /// QueueDeviceHigh.
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    /// SHMLenLow: no shared memory regions, so all ones.
-    pub const SHM_LEN_LOW: u64 = 0x0b0;
-    /// SHMLenHigh.
-    pub const SHM_LEN_HIGH: u64 = 0x0b4;
-    /// ConfigGeneration.
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    /// Start of the device config space.
-    pub const CONFIG: u64 = 0x100;
-}
-
-/// Status: ACKNOWLEDGE.
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-/// Status: DRIVER.
-pub const STATUS_DRIVER: u32 = 2;
-/// Status: DRIVER_OK.
-pub const STATUS_DRIVER_OK: u32 = 4;
-/// Status: FEATURES_OK.
-pub const STATUS_FEATURES_OK: u32 = 8;
-/// Status: DEVICE_NEEDS_RESET.
-pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
-/// Status: FAILED.
-pub const STATUS_FAILED: u32 = 0x80;
 /// The status bits a driver may set.
 const DRIVER_STATUS_BITS: u32 =
     STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK | STATUS_FAILED;
