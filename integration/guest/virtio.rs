@@ -17,9 +17,6 @@ pub use crate::abi::virtio_mmio::{
 /// `VIRTIO_F_VERSION_1`.
 pub const F_VERSION_1: u64 = 1 << 32;
 
-
-
-
 /// Descriptor flag: the chain continues at `next`.
 pub const DESC_F_NEXT: u16 = 1;
 /// Descriptor flag: device-writable.

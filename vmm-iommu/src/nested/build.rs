@@ -516,6 +516,23 @@ impl ArmTableBuilder {
     }
 }
 
+/// Clears the 64-byte PASID entry or CD at `slot` (nothing to do when its
+/// table does not exist). The valid/present bit, in the first word, goes
+/// first, so the entry stops being used before the rest of it changes.
+fn clear_64_byte_entry<M: GuestMemory + ?Sized>(
+    alloc: &TableAlloc<'_, M>,
+    slot: Result<u64, BuildError>,
+) -> Result<(), BuildError> {
+    match slot {
+        Ok(gpa) => {
+            alloc.write_u64(gpa, 0)?;
+            alloc.write_words(gpa, &[0; 8])
+        }
+        Err(BuildError::NoTable { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Builds a VT-d scalable-mode PASID directory and the PASID tables under
 /// it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -641,16 +658,7 @@ impl VtdPasidTableBuilder {
         alloc: &mut TableAlloc<'_, M>,
         pasid: u32,
     ) -> Result<(), BuildError> {
-        match self.entry_gpa(alloc, pasid) {
-            // Present bit first: the entry stops being used before the
-            // rest of it changes.
-            Ok(gpa) => {
-                alloc.write_u64(gpa, 0)?;
-                alloc.write_words(gpa, &[0; 8])
-            }
-            Err(BuildError::NoTable { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
+        clear_64_byte_entry(alloc, self.entry_gpa(alloc, pasid))
     }
 
     /// Overwrites the directory entry covering `pasid` with `value`.
@@ -819,15 +827,7 @@ impl CdTableBuilder {
         alloc: &mut TableAlloc<'_, M>,
         ssid: u32,
     ) -> Result<(), BuildError> {
-        match self.cd_gpa(alloc, ssid) {
-            Ok(gpa) => {
-                // V first: the CD stops being used before the rest changes.
-                alloc.write_u64(gpa, 0)?;
-                alloc.write_words(gpa, &[0; 8])
-            }
-            Err(BuildError::NoTable { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
+        clear_64_byte_entry(alloc, self.cd_gpa(alloc, ssid))
     }
 
     /// Overwrites the L1CD covering `ssid` with `value` (2-level tables).
