@@ -453,15 +453,17 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         let page_last = leaf
             .va_base
             .saturating_add(leaf.page_size().wrapping_sub(1));
-        let writable = s1
-            .check(
-                leaf,
-                Access {
-                    write: true,
-                    ..access
-                },
-            )
-            .is_ok();
+        // A write access was just checked; a read needs the write check.
+        let writable = access.write
+            || s1
+                .check(
+                    leaf,
+                    Access {
+                        write: true,
+                        ..access
+                    },
+                )
+                .is_ok();
         NestedTranslation {
             gpa: leaf.pa_base.wrapping_add(va - leaf.va_base),
             page_start,
