@@ -14,6 +14,7 @@ pub mod abi;
 pub mod demo;
 pub mod dma;
 pub mod kvm_check;
+pub mod linux;
 pub mod scenarios;
 pub mod vm;
 
