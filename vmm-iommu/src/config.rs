@@ -193,6 +193,10 @@ pub struct IommuConfig {
     pub bypass: bool,
     /// Offer the legacy `VIRTIO_IOMMU_F_BYPASS` instead of `VIRTIO_IOMMU_F_BYPASS_CONFIG`.
     pub legacy_bypass: bool,
+    /// Offer a bypass feature at all (`VIRTIO_IOMMU_F_BYPASS_CONFIG`, or `VIRTIO_IOMMU_F_BYPASS`
+    /// with `legacy_bypass`); `false` offers neither, so endpoints attached to no domain never
+    /// bypass and a driver that wants identity must build it with MAP.
+    pub offer_bypass: bool,
     /// Offer `VIRTIO_F_ACCESS_PLATFORM`.
     pub access_platform: bool,
     /// Size in bytes of the probe buffer the driver supplies (config-space `probe_size`).
@@ -213,6 +217,7 @@ impl Default for IommuConfig {
             domain_range: DomainRange::default(),
             bypass: false,
             legacy_bypass: false,
+            offer_bypass: true,
             access_platform: false,
             probe_size: DEFAULT_PROBE_SIZE,
             nested: None,
@@ -599,6 +604,18 @@ impl IommuConfig {
                     ),
                 ));
             }
+        }
+
+        if !self.offer_bypass && (self.bypass || self.legacy_bypass) {
+            let field = if self.bypass {
+                "bypass"
+            } else {
+                "legacy_bypass"
+            };
+            return Err(invalid(
+                at(field),
+                "needs a bypass feature, which \"offer_bypass\": false turns off",
+            ));
         }
 
         let d = self.domain_range;
@@ -1188,6 +1205,7 @@ mod tests {
                 },
                 bypass: false,
                 legacy_bypass: false,
+                offer_bypass: true,
                 access_platform: false,
                 probe_size: 512,
                 nested: Some(NestedConfig {

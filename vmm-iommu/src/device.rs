@@ -82,7 +82,7 @@ pub enum DeviceError {
 }
 
 /// Counters of what the device has done, for the VMM and the demo.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceStats {
     /// Requests decoded, by type (index = type byte, 1..=8).
     pub requests: [u64; 9],
@@ -100,6 +100,30 @@ pub struct DeviceStats {
     pub event_buffers_too_small: u64,
     /// Queue notifications processed.
     pub notifications: u64,
+    /// Lowest IOVA of any MAP answered OK (`u64::MAX` before the first).
+    pub mapped_iova_lowest: u64,
+    /// Highest IOVA (inclusive end) of any MAP answered OK (0 before the first).
+    pub mapped_iova_highest: u64,
+    /// ATTACH requests with `VIRTIO_IOMMU_ATTACH_F_BYPASS` answered OK.
+    pub bypass_attaches: u64,
+}
+
+impl Default for DeviceStats {
+    fn default() -> Self {
+        DeviceStats {
+            requests: [0; 9],
+            statuses: [0; 9],
+            unknown_type: 0,
+            no_tail: 0,
+            unmapped: 0,
+            faults_delivered: 0,
+            event_buffers_too_small: 0,
+            notifications: 0,
+            mapped_iova_lowest: u64::MAX,
+            mapped_iova_highest: 0,
+            bypass_attaches: 0,
+        }
+    }
 }
 
 /// The virtio-iommu device.
@@ -183,7 +207,9 @@ impl VirtioIommu {
         // spec 5.13.3.2: "New devices SHOULD NOT offer VIRTIO_IOMMU_F_BYPASS.
         // Devices SHOULD NOT offer both VIRTIO_IOMMU_F_BYPASS and
         // VIRTIO_IOMMU_F_BYPASS_CONFIG." Legacy BYPASS only on request.
-        if cfg.legacy_bypass {
+        if !cfg.offer_bypass {
+            // Neither: unattached endpoints are always blocked.
+        } else if cfg.legacy_bypass {
             avail |= bit(VIRTIO_IOMMU_F_BYPASS);
         } else {
             avail |= bit(VIRTIO_IOMMU_F_BYPASS_CONFIG);
@@ -656,6 +682,19 @@ impl VirtioIommu {
                         Ok(applied) => {
                             if let Applied::Unmapped(n) = applied {
                                 self.stats.unmapped += n as u64;
+                            }
+                            let s = &mut self.stats;
+                            match &req {
+                                Request::Map(m) => {
+                                    s.mapped_iova_lowest = s.mapped_iova_lowest.min(m.virt_start);
+                                    s.mapped_iova_highest = s.mapped_iova_highest.max(m.virt_end);
+                                }
+                                Request::Attach(a)
+                                    if a.flags & wire::VIRTIO_IOMMU_ATTACH_F_BYPASS != 0 =>
+                                {
+                                    s.bypass_attaches += 1;
+                                }
+                                _ => {}
                             }
                             Status::Ok
                         }

@@ -1222,6 +1222,46 @@ fn bypass_config_zero_unattached_endpoint_gets_domain_fault() {
 }
 
 #[test]
+fn no_bypass_feature_offered_unattached_endpoints_are_blocked() {
+    // "An endpoint is in bypass mode if: [...] the VIRTIO_IOMMU_F_BYPASS_CONFIG feature is not offered and: the VIRTIO_IOMMU_F_BYPASS feature is negotiated [...]": with neither offered ("offer_bypass": false) no endpoint is ever in bypass mode.
+    let c = IommuConfig {
+        offer_bypass: false,
+        ..cfg()
+    };
+    let h = harness_with(&c, |f| f);
+    let offered = h.dev.avail_features();
+    assert_eq!(offered & bit(VIRTIO_IOMMU_F_BYPASS_CONFIG), 0);
+    assert_eq!(offered & bit(VIRTIO_IOMMU_F_BYPASS), 0);
+    assert_eq!(xlate(&h, EP, PHYS, ACCESS_READ), Err(FaultReason::Domain));
+    // The config refuses asking for bypass without a feature to carry it.
+    let both = IommuConfig { bypass: true, ..c };
+    assert!(both
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .starts_with("iommu.bypass:"));
+}
+
+#[test]
+fn device_stats_record_the_mapped_iova_range_and_bypass_attaches() {
+    let mut h = harness_with(&cfg(), |f| f);
+    assert_eq!(h.dev.stats().mapped_iova_lowest, u64::MAX);
+    assert_eq!(h.send(&attach(1, EP)), Status::Ok);
+    assert_eq!(h.send(&map(1, 0x10_0000, 0x10_ffff, PHYS, RW)), Status::Ok);
+    assert_eq!(h.send(&map(1, 0x4000, 0x4fff, PHYS, RW)), Status::Ok);
+    assert_eq!(
+        h.send(&attach_f(2, EP2, VIRTIO_IOMMU_ATTACH_F_BYPASS)),
+        Status::Ok
+    );
+    let s = h.dev.stats();
+    assert_eq!(
+        (s.mapped_iova_lowest, s.mapped_iova_highest),
+        (0x4000, 0x10_ffff)
+    );
+    assert_eq!(s.bypass_attaches, 1);
+}
+
+#[test]
 fn config_bypass_write_needs_bypass_config_negotiated() {
     // "When the VIRTIO_IOMMU_F_BYPASS_CONFIG feature is negotiated, the driver MAY write to bypass."
     let mut h = harness_with(&cfg(), |f| f & !bit(VIRTIO_IOMMU_F_BYPASS_CONFIG));
