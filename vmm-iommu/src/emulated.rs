@@ -219,9 +219,12 @@ pub struct EmulatedStats {
 pub struct NestedTranslation {
     /// Guest-physical address of the IOVA.
     pub gpa: u64,
-    /// First IOVA of the page (or block) that contains it.
+    /// First IOVA of the page (or block) that contains it, in the caller's
+    /// address space: an Arm top-byte tag of the IOVA is kept, so
+    /// `iova - page_start` is the offset into the page.
     pub page_start: u64,
-    /// Last IOVA of that page.
+    /// Last IOVA of that page (same address space; `u64::MAX` for the last
+    /// page of the space).
     pub page_last: u64,
     /// Whether the page is writable for this kind of access.
     pub writable: bool,
@@ -395,6 +398,10 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
             }
             Regime::Tables(s1) => s1,
         };
+        // The caller's address, tag included: the page bounds handed back
+        // are in its address space, so that offsets computed from them
+        // (NestedIommu) stay consistent with the address it asked for.
+        let asked = va;
         let va = s1.untag(va);
         // IOTLB: one probe per leaf size cached under this context.
         let mut sizes = c.leaf_sizes;
@@ -405,7 +412,7 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
                 let leaf = *leaf;
                 self.stats.iotlb_hits.fetch_add(1, Ordering::Relaxed);
                 s1.check(&leaf, access)?;
-                return Ok(self.done(&s1, &leaf, va, access));
+                return Ok(self.done(&s1, &leaf, asked, va, access));
             }
         }
         // Paging-structure cache: resume from the deepest cached level.
@@ -445,14 +452,26 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         c.iotlb.insert(self::key(dom, key, log2, va >> log2), leaf);
         c.leaf_sizes |= 1 << log2;
         c.table_shifts |= table_shifts;
-        Ok(self.done(&s1, &leaf, va, access))
+        Ok(self.done(&s1, &leaf, asked, va, access))
     }
 
-    fn done(&self, s1: &Stage1, leaf: &Leaf, va: u64, access: Access) -> NestedTranslation {
-        let page_start = leaf.va_base;
-        let page_last = leaf
-            .va_base
-            .saturating_add(leaf.page_size().wrapping_sub(1));
+    /// The translation of `asked` (the caller's address) whose untagged
+    /// form `va` the walk (or IOTLB entry) `leaf` maps.
+    fn done(
+        &self,
+        s1: &Stage1,
+        leaf: &Leaf,
+        asked: u64,
+        va: u64,
+        access: Access,
+    ) -> NestedTranslation {
+        // Offset into the page, from the untagged address the leaf is
+        // expressed in; the tag only changes bits above any page (TBI
+        // clears VA[63:56], pages are at most 2^42 bytes), so the page
+        // bounds in the caller's space are `asked` minus that offset.
+        let offset = va.wrapping_sub(leaf.va_base);
+        let page_start = asked.wrapping_sub(offset);
+        let page_last = page_start.saturating_add(leaf.page_size().wrapping_sub(1));
         // A write access was just checked; a read needs the write check.
         let writable = access.write
             || s1
@@ -465,7 +484,7 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
                 )
                 .is_ok();
         NestedTranslation {
-            gpa: leaf.pa_base.wrapping_add(va - leaf.va_base),
+            gpa: leaf.pa_base.wrapping_add(offset),
             page_start,
             page_last,
             writable,
@@ -631,6 +650,7 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
             generation: AtomicU64::new(self.generation()),
             last_page_request: Mutex::new(None),
             iotlb: RwLock::new(Iotlb::new()),
+            top: RwLock::new(Iotlb::new()),
         }
     }
 
@@ -919,6 +939,15 @@ impl<M: GuestMemory + Send + Sync> NestedTranslator<M> {
 
 /// vm-memory's [`Iommu`] over the software nested IOMMU for one
 /// (endpoint, PASID).
+///
+/// vm-memory's [`Iotlb`] keys ranges by their exclusive end, which cannot
+/// express 2^64: a range that ends at the last byte of the address space
+/// overflows it. So the adaptor keeps two: `iotlb` holds every translated
+/// page (the last page of the space without its last byte), and `top`
+/// holds the pieces of accesses that end exactly at 2^64, each keyed one
+/// byte lower, so that their exclusive end is 2^64 - 1. Both map to the
+/// same guest-physical addresses, which is all the returned iterator
+/// yields.
 pub struct NestedIommu<M> {
     emu: Arc<EmulatedIommu<M>>,
     ep: EndpointId,
@@ -926,6 +955,7 @@ pub struct NestedIommu<M> {
     generation: AtomicU64,
     last_page_request: Mutex<Option<u32>>,
     iotlb: RwLock<Iotlb>,
+    top: RwLock<Iotlb>,
 }
 
 impl<M> std::fmt::Debug for NestedIommu<M> {
@@ -950,6 +980,14 @@ impl<M: GuestMemory + Send + Sync> NestedIommu<M> {
     }
 }
 
+fn write_tlb(l: &RwLock<Iotlb>) -> std::sync::RwLockWriteGuard<'_, Iotlb> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read_tlb(l: &RwLock<Iotlb>) -> RwLockReadGuard<'_, Iotlb> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
 impl<M: GuestMemory + Send + Sync> Iommu for NestedIommu<M> {
     type IotlbGuard<'a>
         = RwLockReadGuard<'a, Iotlb>
@@ -966,23 +1004,32 @@ impl<M: GuestMemory + Send + Sync> Iommu for NestedIommu<M> {
             iova_range: IovaRange { base: iova, length },
             reason,
         };
-        let Some(last) = iova
-            .0
-            .checked_add(length as u64)
-            .filter(|_| length > 0)
-            .map(|e| e - 1)
-        else {
+        let len = u64::try_from(length).map_err(|_| cannot("length above 2^64".into()))?;
+        // `last` may be u64::MAX: an access may end exactly at 2^64.
+        let Some(last) = len.checked_sub(1).and_then(|l| iova.0.checked_add(l)) else {
             return Err(cannot("empty range or range past 2^64".into()));
+        };
+        // Ends at 2^64: answered from `top`, keyed one byte lower. `iova`
+        // is at least 1 here, since `length` is below 2^64.
+        let at_top = iova.0.checked_add(len).is_none();
+        let lookup = || {
+            if at_top {
+                Iotlb::lookup(
+                    read_tlb(&self.top),
+                    GuestAddress(iova.0 - 1),
+                    length,
+                    access,
+                )
+            } else {
+                Iotlb::lookup(read_tlb(&self.iotlb), iova, length, access)
+            }
         };
         let gen = self.emu.generation();
         if self.generation.swap(gen, Ordering::AcqRel) != gen {
-            self.iotlb
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .invalidate_all();
+            write_tlb(&self.iotlb).invalidate_all();
+            write_tlb(&self.top).invalidate_all();
         }
-        let read_tlb = || self.iotlb.read().unwrap_or_else(|p| p.into_inner());
-        if let Ok(it) = Iotlb::lookup(read_tlb(), iova, length, access) {
+        if let Ok(it) = lookup() {
             return Ok(it);
         }
         let write = matches!(access, Permissions::Write | Permissions::ReadWrite);
@@ -998,30 +1045,44 @@ impl<M: GuestMemory + Send + Sync> Iommu for NestedIommu<M> {
                     return Err(cannot(format!("{e} at {cur:#x}")));
                 }
             };
-            let len = (t.page_last - t.page_start).saturating_add(1);
+            // The translation covers `cur`; anything else is a bug that
+            // must not become a panic or an endless loop.
+            if !(t.page_start <= cur && cur <= t.page_last) {
+                return Err(cannot(format!("translation of {cur:#x} does not cover it")));
+            }
             let perm = if t.writable {
                 Permissions::ReadWrite
             } else {
                 Permissions::Read
             };
-            let len = usize::try_from(len).map_err(|_| cannot("page too large".into()))?;
-            self.iotlb
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_mapping(
-                    GuestAddress(t.page_start),
-                    GuestAddress(t.gpa - (cur - t.page_start)),
-                    len,
-                    perm,
-                )
-                .map_err(|e| cannot(e.to_string()))?;
-            if t.page_last >= last {
+            let Some(page_gpa) = t.gpa.checked_sub(cur - t.page_start) else {
+                return Err(cannot(format!("page of {cur:#x} starts below address 0")));
+            };
+            // The whole page, up to (not including) the last byte of the
+            // space, which no exclusive end can reach.
+            let tlb_last = t.page_last.min(u64::MAX - 1);
+            if tlb_last >= t.page_start {
+                let n = usize::try_from(tlb_last - t.page_start + 1)
+                    .map_err(|_| cannot("page too large".into()))?;
+                write_tlb(&self.iotlb)
+                    .set_mapping(GuestAddress(t.page_start), GuestAddress(page_gpa), n, perm)
+                    .map_err(|e| cannot(e.to_string()))?;
+            }
+            let piece_last = t.page_last.min(last);
+            if at_top {
+                // The part of this page the access touches, one byte lower.
+                let n = usize::try_from(piece_last - cur + 1)
+                    .map_err(|_| cannot("page too large".into()))?;
+                write_tlb(&self.top)
+                    .set_mapping(GuestAddress(cur - 1), GuestAddress(t.gpa), n, perm)
+                    .map_err(|e| cannot(e.to_string()))?;
+            }
+            if piece_last == last {
                 break;
             }
-            cur = t.page_last + 1;
+            cur = piece_last + 1;
         }
-        Iotlb::lookup(read_tlb(), iova, length, access)
-            .map_err(|_| cannot("translation changed while filling".into()))
+        lookup().map_err(|_| cannot("translation changed while filling".into()))
     }
 }
 
