@@ -23,6 +23,8 @@ pub mod state;
 pub mod testing;
 pub mod translate;
 pub mod viommu;
+#[cfg(feature = "acpi")]
+pub mod viot;
 pub mod wire;
 
 pub use device::{DeviceError, DeviceStats, VirtioInterrupt, VirtioIommu};
