@@ -6,5 +6,6 @@
 
 pub mod acpi;
 pub mod blk;
+pub mod dma;
 pub mod layout;
 pub mod rng;
