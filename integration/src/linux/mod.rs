@@ -6,6 +6,11 @@
 
 pub mod acpi;
 pub mod blk;
+pub mod boot;
+pub mod config;
+pub mod cpu;
 pub mod dma;
 pub mod layout;
 pub mod rng;
+pub mod serial;
+pub mod vm;

@@ -106,7 +106,7 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuSetupError {
 
 /// A segment descriptor: `flags` holds the access byte (bits 0–7) and the
 /// flags nibble (bits 12–15), as in the Intel SDM's figure 3-8.
-const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+pub(crate) const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
     let base = base as u64;
     let limit = limit as u64;
     let flags = flags as u64;
@@ -118,7 +118,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// The KVM view of descriptor `entry` loaded with `selector`.
-fn segment(entry: u64, selector: u16) -> kvm_segment {
+pub(crate) fn segment(entry: u64, selector: u16) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;

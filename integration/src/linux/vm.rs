@@ -1,0 +1,708 @@
+//! The Linux VM: KVM with its in-kernel irqchip and PIT, RAM from 0, one
+//! vCPU entering the kernel through the 64-bit boot protocol, and the
+//! devices on vm-device's buses: COM1, the ACPI sleep registers (power
+//! off), the i8042 reset line (reboot), the fault test hook, and one
+//! virtio-mmio window per virtio device, the virtio-iommu first.
+//!
+//! Every device is served on the vCPU thread as its exits arrive: a
+//! QueueNotify write is processed before it returns to the guest, and
+//! after every access to a device behind the vIOMMU the fault records its
+//! DMA raised are delivered to the event queue. Interrupts go through
+//! irqfds into the IOAPIC (edge-triggered, as the DSDT says). The run ends
+//! when the guest powers off (ACPI S5) or resets, or when the watchdog's
+//! deadline passes; nothing the guest does panics the VMM.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use vm_device::bus::{
+    MmioAddress, MmioAddressOffset, MmioRange, PioAddress, PioAddressOffset, PioRange,
+};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_device::{MutDeviceMmio, MutDevicePio};
+use vm_memory::iommu::IommuMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_iommu::{DeviceError, DeviceStats, Viommu, VirtioIommu};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::acpi::{self, AcpiConfig, VirtioMmioNode};
+use super::blk::{BlkStats, VirtioBlk};
+use super::boot::{self, BootError, BootImages};
+use super::config::{LinuxDeviceKind, LinuxVmConfig};
+use super::cpu::{self, CpuError};
+use super::layout;
+use super::rng::{RngStats, VirtioRng};
+use super::serial::{Console, ConsoleLog};
+use crate::vm::virtio_mmio::{MmioInterrupt, VirtioDevice, VirtioMmio};
+use crate::vm::watchdog::run_with_watchdog;
+
+/// The command line every Linux guest gets; the caller's part follows.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
+
+/// Where KVM puts its TSS and identity-map pages (three pages below the
+/// BIOS ROM's usual place, inside the MMIO gap, outside RAM).
+const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// How the run should go.
+#[derive(Clone, Debug)]
+pub struct LinuxRunOptions {
+    /// The bzImage.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Appended to [`BASE_CMDLINE`].
+    pub append: String,
+    /// The watchdog's deadline for the whole run.
+    pub timeout: Duration,
+    /// Copy the console to stdout as it arrives.
+    pub echo_console: bool,
+}
+
+/// A run that could not start or did not end cleanly. Errors about the
+/// guest carry its console log.
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM cannot be allocated.
+    #[error("cannot allocate guest RAM: {0}")]
+    Memory(#[source] vm_memory::mmap::FromRangesError),
+    /// The kernel, initramfs or command line cannot be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The vCPU cannot be set up.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// The ACPI tables cannot be built.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// The virtio-iommu cannot be built.
+    #[error("cannot create the virtio-iommu: {0}")]
+    Device(#[from] DeviceError),
+    /// A virtio-blk disk cannot be built.
+    #[error(transparent)]
+    Blk(#[from] super::blk::BlkError),
+    /// A virtio-rng cannot be built.
+    #[error(transparent)]
+    Rng(#[from] super::rng::RngError),
+    /// An eventfd cannot be made.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// A device cannot be put on a bus.
+    #[error("cannot register {what} on the bus: {source:?}")]
+    Bus {
+        /// Which device.
+        what: String,
+        /// vm-device's error.
+        source: vm_device::bus::Error,
+    },
+    /// The watchdog cannot be started.
+    #[error("cannot start the watchdog: {0}")]
+    Watchdog(#[source] std::io::Error),
+    /// The guest did not end in time.
+    #[error("the guest did not power off within {timeout:?}; console log:\n{console}")]
+    Timeout {
+        /// The deadline.
+        timeout: Duration,
+        /// The console log.
+        console: String,
+    },
+    /// KVM reported an exit the VMM does not serve, or `KVM_RUN` failed.
+    #[error("vCPU stopped: {exit}; console log:\n{console}")]
+    VcpuStopped {
+        /// What happened.
+        exit: String,
+        /// The console log.
+        console: String,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> LinuxError {
+    move |source| LinuxError::Kvm { what, source }
+}
+
+/// How the guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinuxEnd {
+    /// ACPI S5 through the sleep control register.
+    PowerOff,
+    /// The i8042 reset line, or a triple fault.
+    Reset,
+}
+
+impl LinuxEnd {
+    /// `poweroff` or `reset`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinuxEnd::PowerOff => "poweroff",
+            LinuxEnd::Reset => "reset",
+        }
+    }
+}
+
+/// One virtio device's counters.
+#[derive(Clone, Debug)]
+pub enum DeviceCounters {
+    /// virtio-blk.
+    Blk(BlkStats),
+    /// virtio-rng.
+    Rng(RngStats),
+}
+
+/// One virtio device of the config, as it ended.
+#[derive(Clone, Debug)]
+pub struct DeviceReport {
+    /// Its config id.
+    pub id: String,
+    /// Its kind.
+    pub kind: LinuxDeviceKind,
+    /// Its endpoint ID.
+    pub endpoint: u32,
+    /// Whether it sat behind the vIOMMU.
+    pub behind_iommu: bool,
+    /// Whether its driver negotiated `VIRTIO_F_ACCESS_PLATFORM`.
+    pub access_platform: bool,
+    /// Its counters.
+    pub counters: DeviceCounters,
+}
+
+/// A run that ended with the guest powering off or resetting.
+#[derive(Clone, Debug)]
+pub struct LinuxOutcome {
+    /// How it ended.
+    pub end: LinuxEnd,
+    /// The console log.
+    pub console: String,
+    /// From the first `KVM_RUN` to the end.
+    pub wall: Duration,
+    /// The virtio-iommu's counters.
+    pub iommu: DeviceStats,
+    /// The virtio-iommu's features the driver accepted.
+    pub iommu_features: u64,
+    /// The virtio devices, in config order.
+    pub devices: Vec<DeviceReport>,
+    /// Stray DMAs the test hook issued.
+    pub test_hook_dmas: u64,
+    /// Port and MMIO accesses no device claimed.
+    pub unclaimed_accesses: u64,
+    /// Exits served.
+    pub exits: u64,
+}
+
+/// 0 running, then [`LinuxEnd`] as 1 + its index.
+#[derive(Debug, Default)]
+struct StopFlag(AtomicU8);
+
+impl StopFlag {
+    fn set(&self, end: LinuxEnd) {
+        let v = match end {
+            LinuxEnd::PowerOff => 1,
+            LinuxEnd::Reset => 2,
+        };
+        // The first end wins.
+        let _ = self
+            .0
+            .compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn get(&self) -> Option<LinuxEnd> {
+        match self.0.load(Ordering::Acquire) {
+            1 => Some(LinuxEnd::PowerOff),
+            2 => Some(LinuxEnd::Reset),
+            _ => None,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Devices keep their state consistent between accesses; a poisoned
+    // lock can only come from a panic that already ends the run.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type IommuTransport = Arc<Mutex<VirtioMmio<VirtioIommu>>>;
+
+/// A virtio-mmio window on the MMIO bus. After each write to a device
+/// behind the vIOMMU, the fault records its DMA raised go to the event
+/// queue before the write returns.
+struct Window<D: VirtioDevice> {
+    transport: VirtioMmio<D>,
+    mem: GuestMemoryMmap,
+    iommu: Option<IommuTransport>,
+}
+
+impl<D: VirtioDevice> MutDeviceMmio for Window<D> {
+    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        self.transport.read(offset, data);
+    }
+
+    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        self.transport.write(&self.mem, offset, data);
+        if let Some(i) = &self.iommu {
+            lock(i).process_pending(&self.mem);
+        }
+    }
+}
+
+/// The virtio-iommu's own window: its writes may carry a requestq or
+/// eventq notification, served on the spot.
+struct IommuWindow {
+    transport: IommuTransport,
+    mem: GuestMemoryMmap,
+}
+
+impl MutDeviceMmio for IommuWindow {
+    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        lock(&self.transport).read(offset, data);
+    }
+
+    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        let mut t = lock(&self.transport);
+        t.write(&self.mem, offset, data);
+        t.process_pending(&self.mem);
+    }
+}
+
+/// The ACPI sleep control and status registers (FADT): S5 powers off.
+struct SleepRegisters {
+    stop: Arc<StopFlag>,
+}
+
+/// `SLP_EN` in the sleep control register.
+const SLP_EN: u8 = 1 << 5;
+
+impl MutDevicePio for SleepRegisters {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        if offset == 0 && v & SLP_EN != 0 && (v >> 2) & 0x7 == layout::ACPI_S5_SLP_TYP {
+            self.stop.set(LinuxEnd::PowerOff);
+        }
+    }
+}
+
+/// The i8042's status and command ports, enough for `reboot=k`: the
+/// controller is always ready, and command 0xfe pulses the reset line.
+struct ResetLine {
+    stop: Arc<StopFlag>,
+}
+
+impl MutDevicePio for ResetLine {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn pio_write(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &[u8]) {
+        if data.first() == Some(&0xfe) {
+            self.stop.set(LinuxEnd::Reset);
+        }
+    }
+}
+
+/// The fault test hook: a 4-byte write of an endpoint ID makes that
+/// endpoint read [`layout::TEST_HOOK_IOVA`] through the vIOMMU, as a
+/// buggy device would; the fault record goes to the event queue before
+/// the write returns.
+struct TestHook {
+    viommu: Arc<Viommu>,
+    endpoints: Vec<u32>,
+    iommu: IommuTransport,
+    mem: GuestMemoryMmap,
+    dmas: Arc<AtomicU64>,
+}
+
+impl MutDevicePio for TestHook {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let Ok(b) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        let ep = u32::from_le_bytes(b);
+        if offset != 0 || !self.endpoints.contains(&ep) {
+            return;
+        }
+        let dma = IommuMemory::new(self.mem.clone(), self.viommu.endpoint_iommu(ep), true, ());
+        let refused = dma
+            .read_obj::<u32>(GuestAddress(layout::TEST_HOOK_IOVA))
+            .is_err();
+        self.dmas.fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "test hook: endpoint {ep} read IOVA {:#x}: refused={refused}",
+            layout::TEST_HOOK_IOVA
+        );
+        lock(&self.iommu).process_pending(&self.mem);
+    }
+}
+
+/// A device of the config, kept for its report.
+enum Slot {
+    Blk(Arc<Mutex<Window<VirtioBlk>>>),
+    Rng(Arc<Mutex<Window<VirtioRng>>>),
+}
+
+/// Runs `cfg` with the kernel and initramfs of `opts` until the guest
+/// powers off or resets.
+pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOutcome, LinuxError> {
+    let kvm = Kvm::new().map_err(LinuxError::KvmOpen)?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+    let ram_end = cfg.memory.size_mib << 20;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram_end as usize)])
+        .map_err(LinuxError::Memory)?;
+    map_memory(&vm, &mem)?;
+
+    let stop = Arc::new(StopFlag::default());
+    let console = ConsoleLog::default();
+    let mut io = IoManager::new();
+
+    // COM1.
+    let serial_irq = irq_line(&vm, layout::SERIAL_GSI)?;
+    let com1 = Console::new(serial_irq, console.clone(), opts.echo_console);
+    register_pio(
+        &mut io,
+        "COM1",
+        layout::SERIAL_PORT,
+        8,
+        Arc::new(Mutex::new(com1)),
+    )?;
+    register_pio(
+        &mut io,
+        "the ACPI sleep registers",
+        layout::ACPI_SLEEP_CONTROL_PORT,
+        2,
+        Arc::new(Mutex::new(SleepRegisters { stop: stop.clone() })),
+    )?;
+    let reset = Arc::new(Mutex::new(ResetLine { stop: stop.clone() }));
+    register_pio(&mut io, "the i8042 data port", 0x60, 1, reset.clone())?;
+    register_pio(&mut io, "the i8042 command port", 0x64, 1, reset)?;
+
+    // The virtio-iommu, window 0.
+    let endpoints = cfg.endpoints();
+    let dev = VirtioIommu::new(&cfg.iommu, &endpoints, &[(0, ram_end - 1)])?;
+    let viommu = dev.viommu().clone();
+    let iommu: IommuTransport = Arc::new(Mutex::new(VirtioMmio::with_interrupt(
+        dev,
+        Arc::new(MmioInterrupt::with_irqfd(irq_line(
+            &vm,
+            layout::virtio_gsi(0),
+        )?)),
+    )));
+    register_mmio(
+        &mut io,
+        "the virtio-iommu",
+        layout::virtio_mmio_base(0),
+        Arc::new(Mutex::new(IommuWindow {
+            transport: iommu.clone(),
+            mem: mem.clone(),
+        })),
+    )?;
+    let mut nodes = vec![VirtioMmioNode {
+        base: layout::virtio_mmio_base(0),
+        size: layout::VIRTIO_MMIO_SIZE,
+        gsi: layout::virtio_gsi(0),
+        endpoint: None,
+    }];
+
+    // The virtio devices, windows 1.. in config order.
+    let mut slots = Vec::new();
+    for (i, d) in cfg.devices.iter().enumerate() {
+        let w = i + 1;
+        let interrupt = Arc::new(MmioInterrupt::with_irqfd(irq_line(
+            &vm,
+            layout::virtio_gsi(w),
+        )?));
+        let ep_iommu = d.iommu.then(|| viommu.endpoint_iommu(d.endpoint));
+        let behind = d.iommu.then(|| iommu.clone());
+        let what = format!("{} ({})", d.id, d.kind.as_str());
+        let base = layout::virtio_mmio_base(w);
+        match d.kind {
+            LinuxDeviceKind::VirtioBlk => {
+                let blk = VirtioBlk::new(d.disk_bytes(), ep_iommu)?;
+                let win = Arc::new(Mutex::new(Window {
+                    transport: VirtioMmio::with_interrupt(blk, interrupt),
+                    mem: mem.clone(),
+                    iommu: behind,
+                }));
+                register_mmio(&mut io, &what, base, win.clone())?;
+                slots.push(Slot::Blk(win));
+            }
+            LinuxDeviceKind::VirtioRng => {
+                let rng = VirtioRng::new(ep_iommu)?;
+                let win = Arc::new(Mutex::new(Window {
+                    transport: VirtioMmio::with_interrupt(rng, interrupt),
+                    mem: mem.clone(),
+                    iommu: behind,
+                }));
+                register_mmio(&mut io, &what, base, win.clone())?;
+                slots.push(Slot::Rng(win));
+            }
+        }
+        nodes.push(VirtioMmioNode {
+            base,
+            size: layout::VIRTIO_MMIO_SIZE,
+            gsi: layout::virtio_gsi(w),
+            endpoint: d.iommu.then_some(d.endpoint),
+        });
+    }
+
+    let test_hook_dmas = Arc::new(AtomicU64::new(0));
+    register_pio(
+        &mut io,
+        "the test hook",
+        layout::TEST_HOOK_PORT,
+        4,
+        Arc::new(Mutex::new(TestHook {
+            viommu: viommu.clone(),
+            endpoints: endpoints.clone(),
+            iommu: iommu.clone(),
+            mem: mem.clone(),
+            dmas: test_hook_dmas.clone(),
+        })),
+    )?;
+
+    let rsdp = acpi::write_acpi_tables(
+        &mem,
+        &AcpiConfig {
+            vcpus: 1,
+            iommu: Some(layout::virtio_mmio_base(0)),
+            devices: nodes,
+        },
+    )?;
+    let cmdline = if opts.append.is_empty() {
+        BASE_CMDLINE.to_string()
+    } else {
+        format!("{BASE_CMDLINE} {}", opts.append)
+    };
+    let loaded = boot::load(
+        &mem,
+        ram_end,
+        &BootImages {
+            kernel: &opts.kernel,
+            initrd: opts.initrd.as_deref(),
+            cmdline: &cmdline,
+        },
+        rsdp.0,
+    )?;
+    cpu::write_boot_structures(&mem)?;
+    let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    cpu::setup_vcpu(&kvm, &vcpu, 0, loaded.entry)?;
+
+    let start = Instant::now();
+    let mut exits = 0u64;
+    let mut unclaimed = 0u64;
+    let ended = run_with_watchdog(opts.timeout, |watch| -> Result<LinuxEnd, String> {
+        loop {
+            if let Some(end) = stop.get() {
+                return Ok(end);
+            }
+            if watch.expired() {
+                return Err(String::new());
+            }
+            let exit = vcpu.run();
+            exits += 1;
+            match exit {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if io.pio_write(PioAddress(port), data).is_err() {
+                        unclaimed += 1;
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if io.pio_read(PioAddress(port), data).is_err() {
+                        unclaimed += 1;
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if io.mmio_read(MmioAddress(addr), data).is_err() {
+                        unclaimed += 1;
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if io.mmio_write(MmioAddress(addr), data).is_err() {
+                        unclaimed += 1;
+                    }
+                }
+                Ok(VcpuExit::Shutdown) => return Ok(LinuxEnd::Reset),
+                Ok(VcpuExit::Hlt) => {
+                    // With the in-kernel irqchip KVM waits in HLT itself;
+                    // an exit here means interrupts are off for good.
+                    return Err("the guest halted with interrupts off".into());
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    return Ok(if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
+                        LinuxEnd::PowerOff
+                    } else {
+                        LinuxEnd::Reset
+                    });
+                }
+                Ok(other) => return Err(format!("unexpected exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    vcpu.set_kvm_immediate_exit(0);
+                }
+                Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+            }
+        }
+    })
+    .map_err(LinuxError::Watchdog)?;
+    let wall = start.elapsed();
+
+    let end = match ended {
+        Ok(end) => end,
+        Err(why) if why.is_empty() => {
+            return Err(LinuxError::Timeout {
+                timeout: opts.timeout,
+                console: console.text(),
+            })
+        }
+        Err(exit) => {
+            return Err(LinuxError::VcpuStopped {
+                exit,
+                console: console.text(),
+            })
+        }
+    };
+
+    let (iommu_stats, iommu_features) = {
+        let t = lock(&iommu);
+        (t.device().stats().clone(), t.device().acked_features())
+    };
+    let devices = cfg
+        .devices
+        .iter()
+        .zip(&slots)
+        .map(|(d, s)| {
+            let (counters, access_platform) = match s {
+                Slot::Blk(w) => {
+                    let w = lock(w);
+                    (
+                        DeviceCounters::Blk(w.transport.device().stats()),
+                        w.transport.device().access_platform(),
+                    )
+                }
+                Slot::Rng(w) => {
+                    let w = lock(w);
+                    (
+                        DeviceCounters::Rng(w.transport.device().stats()),
+                        w.transport.device().access_platform(),
+                    )
+                }
+            };
+            DeviceReport {
+                id: d.id.clone(),
+                kind: d.kind,
+                endpoint: d.endpoint,
+                behind_iommu: d.iommu,
+                access_platform,
+                counters,
+            }
+        })
+        .collect();
+    Ok(LinuxOutcome {
+        end,
+        console: console.text(),
+        wall,
+        iommu: iommu_stats,
+        iommu_features,
+        devices,
+        test_hook_dmas: test_hook_dmas.load(Ordering::Relaxed),
+        unclaimed_accesses: unclaimed,
+        exits,
+    })
+}
+
+/// Hands guest RAM to KVM.
+fn map_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), LinuxError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: `userspace_addr..+memory_size` is a live anonymous
+        // mapping of `region`; `run_linux` keeps `mem` (and so the
+        // mapping) alive until after the VM's last vCPU run, and the VmFd
+        // is dropped no later than `mem`, both being locals of
+        // `run_linux` that outlive every `KVM_RUN`.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// An eventfd registered as the irqfd of `gsi`.
+fn irq_line(vm: &VmFd, gsi: u32) -> Result<EventFd, LinuxError> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(LinuxError::EventFd)?;
+    vm.register_irqfd(&fd, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(fd)
+}
+
+fn register_pio<D: MutDevicePio + Send + 'static>(
+    io: &mut IoManager,
+    what: &str,
+    port: u16,
+    len: u16,
+    dev: Arc<Mutex<D>>,
+) -> Result<(), LinuxError> {
+    let range = PioRange::new(PioAddress(port), len).map_err(|source| LinuxError::Bus {
+        what: what.into(),
+        source,
+    })?;
+    io.register_pio(range, dev)
+        .map_err(|source| LinuxError::Bus {
+            what: what.into(),
+            source,
+        })
+}
+
+fn register_mmio<D: MutDeviceMmio + Send + 'static>(
+    io: &mut IoManager,
+    what: &str,
+    base: u64,
+    dev: Arc<Mutex<D>>,
+) -> Result<(), LinuxError> {
+    let range = MmioRange::new(MmioAddress(base), layout::VIRTIO_MMIO_SIZE).map_err(|source| {
+        LinuxError::Bus {
+            what: what.into(),
+            source,
+        }
+    })?;
+    io.register_mmio(range, dev)
+        .map_err(|source| LinuxError::Bus {
+            what: what.into(),
+            source,
+        })
+}
