@@ -312,7 +312,8 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
             caps: BackendCaps {
                 page_size_mask: !0xfff,
                 input_range: (0, u64::MAX),
-                output_bits: 52,
+                // What PROBE advertises is what the walkers accept.
+                output_bits: nested::OUTPUT_BITS,
                 pasid_bits,
                 table_formats: vec![
                     VIRTIO_IOMMU_PGTF_ARM_LPAE,

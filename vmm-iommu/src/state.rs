@@ -208,6 +208,15 @@ pub enum RequestError {
         /// Its required alignment.
         align: u64,
     },
+    /// A translation table base at or above the output size its regime
+    /// selects (Arm TTBR0 beyond IPS): no walk could read it.
+    #[error("ATTACH_TABLE table pointer {ptr:#x} is beyond the {oa_bits}-bit output size")]
+    TablePointerBeyondOutput {
+        /// The table base the walker would use.
+        ptr: u64,
+        /// The output size.
+        oa_bits: u8,
+    },
     /// A second endpoint's table differs from the domain's.
     #[error("ATTACH_TABLE table differs from the one bound to domain {0}")]
     IncompatibleTable(u32),
@@ -256,7 +265,7 @@ impl RequestError {
             | IncompatibleTable(_)
             | PageRespCode(_) => Status::Inval,
             UnsupportedFormat { .. } => Status::Unsupp,
-            TablePointer { .. } => Status::Range,
+            TablePointer { .. } | TablePointerBeyondOutput { .. } => Status::Range,
             Invalidate(InvalidateError::PasidOutOfRange { .. }) => Status::Range,
             Invalidate(_) => Status::Inval,
             Backend { status, .. } => *status,

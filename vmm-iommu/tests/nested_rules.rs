@@ -322,6 +322,44 @@ fn table_pointers_outside_guest_ram_or_misaligned_are_range() {
 }
 
 #[test]
+fn issue10_lpae_ttbr0_is_checked_as_the_walker_uses_it_and_unusable_is_range() {
+    // Arm ARM D8.2.3: the TTBR0 base is aligned to the start table's size
+    // (at least 64 bytes), not to 4 KiB; a base beyond the output size
+    // (IPS) or a start table outside guest RAM cannot be walked: RANGE.
+    let mut r = rig();
+    // TCR_EL1: TG0 4 KiB, EPD1 (bit 23), IPS (bits 34:32).
+    let lpae = |t0sz: u64, ips: u64, ttbr0: u64| TableDesc::ArmLpae {
+        asid: 1,
+        tcr: t0sz | (1 << 23) | (ips << 32),
+        ttbr0,
+        ttbr1: 0,
+        mair: 0,
+    };
+    // A 4-entry top table (T0SZ 32) 0x40 into a page.
+    assert_eq!(
+        r.h.send(&attach_table(1, EP, &lpae(32, 5, ROOT + 0x40))),
+        Status::Ok
+    );
+    // Beyond a 40-bit IPS.
+    assert_eq!(
+        r.h.send(&attach_table(2, EP2, &lpae(32, 2, 1 << 41))),
+        Status::Range
+    );
+    // A 512-entry top table (T0SZ 16) past the end of RAM.
+    let end = RAM_MIB << 20;
+    assert_eq!(
+        r.h.send(&attach_table(2, EP2, &lpae(16, 5, end))),
+        Status::Range
+    );
+    // 0x800 below the end: bits below the 4 KiB table's alignment are not
+    // address bits, so the table is the last page of RAM.
+    assert_eq!(
+        r.h.send(&attach_table(2, EP2, &lpae(16, 5, end - 0x800))),
+        Status::Ok
+    );
+}
+
+#[test]
 fn reserved_fields_and_bad_parameters_are_inval() {
     let mut r = rig();
     let mut req = AttachTableReq::new(1, EP, &vtd(DIR));

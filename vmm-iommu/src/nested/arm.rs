@@ -20,10 +20,22 @@
 //! - The TTB1 half (`VA[55]` = 1): with EPD1 = 1 the architecture's
 //!   translation fault ([`WalkFaultKind::WalkDisabled`]); with EPD1 = 0
 //!   [`WalkFaultKind::Ttbr1Unsupported`]. IOVA spaces live in TTB0.
-//! - 52-bit input or output addresses (LVA, LPA, DS): output addresses are
-//!   at most 48 bits (IPS is capped there, as the SMMU caps it at its OAS);
-//!   descriptor bits that would carry `OA[51:48]` must be zero (an
-//!   address-size fault otherwise).
+//! - 52-bit input addresses (LVA) and 52-bit output with the 4 KiB / 16 KiB
+//!   granules (LPA2, TCR.DS): not implemented; DS = 1 is refused, and
+//!   IPS = 52 bits means 48 with those granules, as without FEAT_LPA2.
+//!   52-bit output with the 64 KiB granule (FEAT_LPA) is walked: descriptor
+//!   bits 15:12 carry `OA[51:48]`, TTBR bits 5:2 `BADDR[51:48]`. The output
+//!   size is capped at [`MAX_OA_BITS`], the OUTPUT_SIZE the software IOMMU
+//!   advertises ([`super::OUTPUT_BITS`]).
+//!
+//! Translation table base (TTBR0 of the direct format, TTB0 of an SMMUv3
+//! CD), one rule for both ([`Config::new`]): the base is aligned to the
+//! size of the start-level table, at least 64 bytes (Arm ARM D8.2.3: "more
+//! low-order TTBR_ELx bits are used to hold the translation table base
+//! address" when the table is smaller than a granule); lower bits are not
+//! address bits (RES0; the CONSTRAINED UNPREDICTABLE choice "treated as 0").
+//! A base at or above the output size is an address-size fault at the start
+//! level, and the direct format's ATTACH_TABLE refuses it with RANGE.
 //! - Hierarchical permission disable (HPD/HAD): not implemented; the
 //!   controls are ignored, as they are when the feature is absent.
 
@@ -86,13 +98,25 @@ pub const TABLE_AP_RDONLY: u64 = 1 << 62;
 /// are cleared per granule).
 // io-pgtable-arm.c: ARM_LPAE_PTE_ADDR_MASK GENMASK_ULL(47,12)
 pub const DESC_ADDR_MASK: u64 = 0x0000_ffff_ffff_f000;
-/// Bits 49:48: `OA[49:48]` with FEAT_LPA2/DS, RES0 otherwise. Non-zero means an
-/// address this walker cannot output: address-size fault.
+/// Bits 49:48: `OA[49:48]` with FEAT_LPA2/DS, RES0 otherwise (and RES0 with
+/// the 64 KiB granule). Non-zero means an address this walker cannot
+/// output: address-size fault.
 // pgtable-hwdef.h: PTE_ADDR_LOW covers bits 49:PAGE_SHIFT with 52-bit PA
 pub const DESC_OA_HIGH_LPA2: u64 = 0x0003_0000_0000_0000;
-/// 64 KiB granule, bits 15:12: `OA[51:48]` with FEAT_LPA, RES0 otherwise.
-// pgtable-hwdef.h: PTE_ADDR_HIGH (0xf << 12) for 64K pages
+/// 64 KiB granule, bits 15:12: `OA[51:48]` (FEAT_LPA); an output address
+/// above the output size faults as any other.
+// pgtable-hwdef.h: PTE_ADDR_HIGH (0xf << 12) for 64K pages; io-pgtable-arm.c: ARM_LPAE_PTE_ADDR_MASK with 52-bit PA
 pub const DESC_OA_HIGH_64K: u64 = 0xf000;
+/// Shift from descriptor bits 15:12 to `OA[51:48]`.
+const OA_HIGH_64K_SHIFT: u32 = 36;
+/// TTBR_ELx `BADDR[47:1]` (bit 0 is CnP; bits 63:48 the ASID, which the
+/// direct format carries in its own field).
+// Arm ARM D19 TTBR0_EL1: BADDR bits [47:1], CnP bit [0], ASID bits [63:48]
+pub const TTBR_BADDR_MASK: u64 = 0x0000_ffff_ffff_fffe;
+/// TTBR_ELx bits 5:2: `BADDR[51:48]` with the 64 KiB granule and a 52-bit
+/// output size (FEAT_LPA).
+// Arm ARM D8.2.3 / pgtable-hwdef.h: TTBR_BADDR_MASK_52 GENMASK_ULL(47, 2), phys_to_ttbr
+pub const TTBR_BADDR_HIGH_52: u64 = 0x3c;
 
 /// TCR_EL1.T0SZ, bits 5:0.
 // pgtable-hwdef.h: TCR_T0SZ_OFFSET 0, TCR_TxSZ_WIDTH 6
@@ -132,8 +156,13 @@ pub const TG0_64K: u8 = 1;
 // io-pgtable-arm.h: ARM_LPAE_TCR_TG0_16K 2; SMMUv3 CD.TG0 0b10
 pub const TG0_16K: u8 = 2;
 
-/// Largest output address this walker produces.
-pub const MAX_OA_BITS: u8 = 48;
+/// Largest output address this walker produces: the software IOMMU's
+/// output size (52 bits, with the 64 KiB granule only).
+pub const MAX_OA_BITS: u8 = super::OUTPUT_BITS;
+
+/// Largest output address without FEAT_LPA2 for the 4 KiB and 16 KiB
+/// granules.
+const MAX_OA_BITS_SMALL_GRANULE: u8 = 48;
 
 /// A translation granule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -199,8 +228,10 @@ impl Granule {
 
 /// Output address width an IPS/PS field selects, capped at [`MAX_OA_BITS`]
 /// (SMMUv3 CD.IPS: "eff_IPS = MIN(CD.IPS, SMMU_IDR5.OAS)"; this device's
-/// OAS is 48 bits).
-// io-pgtable-arm.h: ARM_LPAE_TCR_PS_32_BIT 0 .. ARM_LPAE_TCR_PS_52_BIT 6
+/// OAS is [`MAX_OA_BITS`]). The reserved 0b111 is taken as the largest.
+/// [`Config::with_ips`] further caps it at 48 bits for the 4 KiB and
+/// 16 KiB granules.
+// io-pgtable-arm.h: ARM_LPAE_TCR_PS_32_BIT 0 .. ARM_LPAE_TCR_PS_48_BIT 5, ARM_LPAE_TCR_PS_52_BIT 6
 pub const fn ips_bits(ips: u8) -> u8 {
     match ips & 7 {
         0 => 32,
@@ -208,7 +239,21 @@ pub const fn ips_bits(ips: u8) -> u8 {
         2 => 40,
         3 => 42,
         4 => 44,
+        5 => 48,
         _ => MAX_OA_BITS,
+    }
+}
+
+/// The output size IPS selects with `granule`: without FEAT_LPA2 (TCR.DS)
+/// a 52-bit IPS gives 48 bits with the 4 KiB and 16 KiB granules (Arm ARM
+/// D8.2: "if the PA size is 52 bits and the 4KB or 16KB granule is used
+/// with DS = 0, the PA size is 48 bits").
+const fn effective_oa_bits(ips: u8, granule: Granule) -> u8 {
+    let bits = ips_bits(ips);
+    match granule {
+        Granule::K64 => bits,
+        _ if bits > MAX_OA_BITS_SMALL_GRANULE => MAX_OA_BITS_SMALL_GRANULE,
+        _ => bits,
     }
 }
 
@@ -234,10 +279,16 @@ pub struct Config {
 }
 
 impl Config {
-    /// The TTB0 regime with tables at `ttb0` (aligned down to the start
-    /// table), granule `granule` and input size `64 - t0sz`, where `t0sz`
-    /// is 16..=48 (16..=47 for 64 KiB). Defaults: 48-bit output, EPD1 = 1
-    /// (no TTB1), TBI0, AFFD, PAN and WXN clear, ASID 0, MAIR 0.
+    /// The TTB0 regime with tables at `ttb0`, granule `granule` and input
+    /// size `64 - t0sz`, where `t0sz` is 16..=48 (16..=47 for 64 KiB).
+    /// Defaults: 48-bit output (IPS 0b101), EPD1 = 1 (no TTB1), TBI0, AFFD,
+    /// PAN and WXN clear, ASID 0, MAIR 0.
+    ///
+    /// `ttb0` is the table base address (an SMMUv3 CD's TTB0, or what
+    /// [`ttbr_baddr`] decodes from a TTBR): the one base rule of this
+    /// module keeps it aligned to the size of the start-level table, at
+    /// least 64 bytes, not to the granule (Arm ARM D8.2.3); lower bits are
+    /// dropped.
     pub fn new(ttb0: u64, granule: Granule, t0sz: u8) -> Result<Self, WalkFault> {
         if !(16..=granule.max_t0sz()).contains(&t0sz) {
             return Err(WalkFault::new(WalkFaultKind::UnsupportedConfig(
@@ -258,7 +309,7 @@ impl Config {
             ia_bits,
             start_level,
             ips: 5,
-            oa_bits: ips_bits(5),
+            oa_bits: effective_oa_bits(5, granule),
             epd0: false,
             epd1: true,
             tbi0: false,
@@ -274,9 +325,12 @@ impl Config {
 
     /// A regime from the direct Arm LPAE format's registers: `tcr` in the
     /// TCR_EL1 layout (T0SZ, EPD0, TG0, EPD1, IPS, TBI0, HA, HD, DS are
-    /// used; TTB1 fields are only used to decide EPD1), `ttbr0` (BADDR;
-    /// bit 0 CnP and the table-alignment bits are ignored), `ttbr1` (kept,
-    /// never walked), `mair`, and the ASID the guest tags invalidations with.
+    /// used; TTB1 fields are only used to decide EPD1), `ttbr0` in the
+    /// TTBR0_EL1 layout ([`ttbr_baddr`]: BADDR, with `BADDR[51:48]` in bits
+    /// 5:2 for the 64 KiB granule with a 52-bit output size; CnP, the ASID
+    /// bits and bits below the start table's alignment are not address
+    /// bits), `ttbr1` (kept, never walked), `mair`, and the ASID the guest
+    /// tags invalidations with.
     pub fn from_tcr(
         tcr: u64,
         ttbr0: u64,
@@ -308,7 +362,8 @@ impl Config {
             t0sz
         };
         let ips = ((tcr >> TCR_IPS_SHIFT) & 7) as u8;
-        Ok(Config::new(ttbr0 & DESC_ADDR_MASK, granule, t0sz)?
+        let base = ttbr_baddr(ttbr0, granule, effective_oa_bits(ips, granule));
+        Ok(Config::new(base, granule, t0sz)?
             .with_epd0(epd0)
             .with_epd1(tcr & TCR_EPD1 != 0)
             .with_ips(ips)
@@ -317,10 +372,11 @@ impl Config {
             .with_asid(asid))
     }
 
-    /// The same regime with output size field IPS = `ips` (3 bits).
+    /// The same regime with output size field IPS = `ips` (3 bits); the
+    /// output size is what IPS selects for the regime's granule.
     pub fn with_ips(mut self, ips: u8) -> Self {
         self.ips = ips & 7;
-        self.oa_bits = ips_bits(ips);
+        self.oa_bits = effective_oa_bits(ips, self.granule);
         self
     }
 
@@ -402,9 +458,18 @@ impl Config {
         self.ips
     }
 
-    /// Output address bits (IPS, capped at 48).
+    /// Output address bits (IPS, capped at [`MAX_OA_BITS`], and at 48 for
+    /// the 4 KiB and 16 KiB granules).
     pub fn oa_bits(&self) -> u8 {
         self.oa_bits
+    }
+
+    /// Bytes of the start-level table (at least the 64 of its alignment):
+    /// what must be guest RAM at [`ttb0`](Self::ttb0).
+    pub fn start_table_bytes(&self) -> u64 {
+        let level = self.start_level;
+        let bits = self.index_bits(level, self.level_shift(level)) + 3;
+        1u64 << bits.max(6)
     }
 
     /// EPD0.
@@ -492,21 +557,25 @@ impl Config {
         !((1u64 << bits.max(6)) - 1)
     }
 
-    /// Address-size check of an address field: extra OA bits this walker
-    /// does not support, or bits above the output size.
+    /// The output (or next-table) address of descriptor `desc`, whose low
+    /// `low_bits` are not address bits, checked against the output size:
+    /// bits 47:low_bits, plus `OA[51:48]` from bits 15:12 with the 64 KiB
+    /// granule (FEAT_LPA). Bits 49:48 (`OA[49:48]` only with FEAT_LPA2) or
+    /// an address at or above the output size: address-size fault.
     #[inline]
-    fn check_oa(&self, desc: u64, addr: u64, level: u8) -> Result<(), WalkFault> {
-        let mut high = desc & DESC_OA_HIGH_LPA2;
+    fn output_address(&self, desc: u64, low_bits: u32, level: u8) -> Result<u64, WalkFault> {
+        let mut addr = desc & DESC_ADDR_MASK & !((1u64 << low_bits) - 1);
         if self.granule == Granule::K64 {
-            high |= desc & DESC_OA_HIGH_64K;
+            addr |= (desc & DESC_OA_HIGH_64K) << OA_HIGH_64K_SHIFT;
         }
-        if high != 0 || addr >> self.oa_bits != 0 {
+        let lpa2 = desc & DESC_OA_HIGH_LPA2;
+        if lpa2 != 0 || addr >> self.oa_bits != 0 {
             return Err(WalkFault::at(
-                WalkFaultKind::AddressSize { addr: addr | high },
+                WalkFaultKind::AddressSize { addr: addr | lpa2 },
                 level,
             ));
         }
-        Ok(())
+        Ok(addr)
     }
 
     /// Walks from `start` to the leaf mapping `va`. See [`super::Stage1::walk`].
@@ -541,6 +610,16 @@ impl Config {
         if start.level < self.start_level || start.level > 3 {
             return Err(WalkFault::new(WalkFaultKind::InvalidStart));
         }
+        // Arm ARM D8.2.3 / SMMUv3 §5.4 TTB0: a table base above the output
+        // size is an address-size fault at the level it would be read at.
+        // (Next-table addresses were checked when read; this catches the
+        // root.)
+        if start.table >> self.oa_bits != 0 {
+            return Err(WalkFault::at(
+                WalkFaultKind::AddressSize { addr: start.table },
+                start.level,
+            ));
+        }
         let mut table = start.table;
         let mut perm = start.perm;
         // Bounded: one descriptor per level, from start.level (≥ 0) to 3.
@@ -558,8 +637,7 @@ impl Config {
             let kind = desc & 0b11;
             let page_mask = (1u64 << shift) - 1;
             if level < 3 && kind == DESC_TYPE_TABLE {
-                let next = desc & DESC_ADDR_MASK & !((1u64 << self.granule.shift()) - 1);
-                self.check_oa(desc, next, level)?;
+                let next = self.output_address(desc, self.granule.shift(), level)?;
                 perm = perm.intersect(table_perm(desc));
                 let step_next = WalkStart {
                     table: next,
@@ -583,8 +661,7 @@ impl Config {
             {
                 return Err(WalkFault::at(WalkFaultKind::BadDescriptor { desc }, level));
             }
-            let oa = desc & DESC_ADDR_MASK & !page_mask;
-            self.check_oa(desc, oa, level)?;
+            let oa = self.output_address(desc, shift, level)?;
             // SMMUv3 CD.AFFD: with HA = 0, "An Access flag fault occurs"
             // unless AFFD = 1 (then "The TTD.AF bit is considered to be always 1").
             if desc & DESC_AF == 0 && !self.affd {
@@ -602,9 +679,11 @@ impl Config {
     }
 
     /// Whether `perm` permits `access` under the EL1&0 stage-1 rules:
-    /// - unprivileged: needs `AP[1]` (and no `APTable[0]`); writes need `AP[2]`
-    ///   clear (and no `APTable[1]`); instruction fetches need UXN/UXNTable
-    ///   clear, and are refused from writable pages when WXN = 1;
+    /// - unprivileged: data accesses need `AP[1]` (and no `APTable[0]`);
+    ///   writes need `AP[2]` clear (and no `APTable[1]`); instruction
+    ///   fetches need UXN/UXNTable clear only, so execute-only pages
+    ///   (`AP[2:1]` = 00 or 10) execute (Arm ARM Table D8-65), and are
+    ///   refused from writable pages when WXN = 1;
     /// - privileged: writes need `AP[2]` clear; data accesses to a page EL0
     ///   can access are refused when PAN = 1; instruction fetches need
     ///   PXN/PXNTable clear and are refused from pages EL0 can write ("all
@@ -625,7 +704,12 @@ impl Config {
                 return deny(Denied::Write);
             }
         } else {
-            if !perm.user {
+            // Arm ARM Table D8-65: EL0 execute depends on UXN (and WXN)
+            // alone; Table D8-64: APTable[0] removes EL0 read and write,
+            // not execute. SMMUv3 §13.7: "A normal (non-ATS) transaction
+            // for Exe == 1 will succeed to an XO translation."
+            let data = !access.exec || access.write;
+            if data && !perm.user {
                 return deny(Denied::User);
             }
             if access.write && !perm.write {
@@ -636,6 +720,20 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// The table base address a TTBR_ELx value holds (Arm ARM D8.2.3):
+/// `BADDR[47:1]` in bits 47:1, and with the 64 KiB granule and a 52-bit
+/// output size (`oa_bits`) `BADDR[51:48]` in bits 5:2 (the table is then
+/// at least 64-byte aligned, so those bits are free). Bit 0 (CnP) and bits
+/// 63:48 (the ASID) are not address bits. [`Config::new`] then aligns the
+/// result to the start table's size.
+pub fn ttbr_baddr(ttbr: u64, granule: Granule, oa_bits: u8) -> u64 {
+    if granule == Granule::K64 && oa_bits > 48 {
+        (ttbr & TTBR_BADDR_MASK & !0x3f) | ((ttbr & TTBR_BADDR_HIGH_52) << 46)
+    } else {
+        ttbr & TTBR_BADDR_MASK
     }
 }
 
@@ -709,6 +807,196 @@ mod tests {
 
     fn walk(c: &Config, m: &GuestMemoryMmap<()>, va: u64) -> Result<Leaf, WalkFault> {
         c.walk(m, va, c.root_start(), &mut |_| {})
+    }
+
+    /// Writes hand-encoded descriptors (address, value) into `m`.
+    fn poke(m: &GuestMemoryMmap<()>, words: &[(u64, u64)]) {
+        use vm_memory::Bytes;
+        for &(gpa, v) in words {
+            m.write_obj(v, GuestAddress(gpa)).unwrap();
+        }
+    }
+
+    // Descriptor encodings straight from the Arm ARM (D8.3), not from this
+    // module's constants: bits 1:0 = 0b11 table/page, AF bit 10, AP[2:1]
+    // bits 7:6, PXN 53, UXN 54, APTable 62:61.
+    const HW_TABLE: u64 = 0b11;
+    const HW_PAGE: u64 = 0b11 | (1 << 10);
+    const HW_AP_EL0: u64 = 0b01 << 6;
+    const HW_AP_RO: u64 = 0b10 << 6;
+    const HW_PXN: u64 = 1 << 53;
+    const HW_UXN: u64 = 1 << 54;
+    const HW_APTABLE_NO_EL0: u64 = 0b01 << 61;
+    /// TCR_EL1: EPD1 (bit 23), IPS (bits 34:32), TG0 (bits 15:14).
+    const fn hw_tcr(t0sz: u64, tg0: u64, ips: u64) -> u64 {
+        t0sz | (tg0 << 14) | (1 << 23) | (ips << 32)
+    }
+
+    #[test]
+    fn issue10_lpae_ttbr0_small_top_table_uses_the_low_order_bits() {
+        // Arm ARM D8.2.3: with T0SZ = 32 and a 4 KiB granule the walk
+        // starts at level 1 with a 4-entry (32-byte) table, aligned to
+        // 64 bytes, not 4 KiB: "more low-order TTBR_ELx bits are used to
+        // hold the translation table base address".
+        let m = mem();
+        let va = 0x40_0123u64;
+        poke(
+            &m,
+            &[
+                // A decoy where a 4 KiB-rounded TTBR0 would point: an
+                // invalid entry 0.
+                (0x1_0000, 0),
+                // The real top table, 0x40 into the page: entry 0.
+                (0x1_0040, 0x1_1000 | HW_TABLE),
+                // Level 2: index (va >> 21) & 511 = 2.
+                (0x1_1000 + 2 * 8, 0x1_2000 | HW_TABLE),
+                // Level 3: index (va >> 12) & 511 = 0.
+                (0x1_2000, 0x30_0000 | HW_PAGE | HW_AP_EL0),
+            ],
+        );
+        let c = Config::from_tcr(hw_tcr(32, 0, 5), 0x1_0040, 0, 0, 1).unwrap();
+        assert_eq!(c.start_level(), 1);
+        assert_eq!(c.ttb0(), 0x1_0040);
+        assert_eq!(walk(&c, &m, va).unwrap().translate(va), Some(0x30_0123));
+        // The same rule as the SMMUv3 CD's TTB0: one base, one walk.
+        let cd = Config::new(0x1_0040, Granule::K4, 32).unwrap();
+        assert_eq!(cd.ttb0(), c.ttb0());
+        assert_eq!(walk(&cd, &m, va), walk(&c, &m, va));
+        // Bits below the table's own alignment are not address bits.
+        let c = Config::from_tcr(hw_tcr(32, 0, 5), 0x1_0058, 0, 0, 1).unwrap();
+        assert_eq!(c.ttb0(), 0x1_0040);
+        // CnP (bit 0) is not an address bit either.
+        let c = Config::from_tcr(hw_tcr(32, 0, 5), 0x1_0041, 0, 0, 1).unwrap();
+        assert_eq!(c.ttb0(), 0x1_0040);
+    }
+
+    #[test]
+    fn issue10_table_base_beyond_the_output_size_is_an_address_size_fault() {
+        // Arm ARM D8.2.3 / SMMUv3 §5.4 TTB0: a base address above the
+        // output size faults at the start level, whichever path gave it.
+        let m = mem();
+        let c = Config::from_tcr(hw_tcr(25, 0, 2), 1 << 41, 0, 0, 1).unwrap();
+        assert_eq!(
+            walk(&c, &m, 0x1000),
+            Err(WalkFault::at(
+                WalkFaultKind::AddressSize { addr: 1 << 41 },
+                c.start_level()
+            ))
+        );
+        let cd = Config::new(1 << 41, Granule::K4, 25).unwrap().with_ips(2);
+        assert_eq!(walk(&cd, &m, 0x1000), walk(&c, &m, 0x1000));
+    }
+
+    #[test]
+    fn issue10_unprivileged_execute_of_execute_only_pages_is_permitted() {
+        // Arm ARM Table D8-65: UXN = 0 with AP[2:1] = 00 or 10 gives EL0
+        // execute without EL0 read or write (execute-only); Table D8-64:
+        // APTable[0] removes EL0 read and write only; SMMUv3 §13.7: "A
+        // normal (non-ATS) transaction for Exe == 1 will succeed to an XO
+        // translation."
+        let m = mem();
+        let l1 = 0x1_0000u64;
+        let l2 = 0x1_1000u64;
+        let l3 = 0x1_2000u64;
+        let l3_noel0 = 0x1_3000u64;
+        poke(
+            &m,
+            &[
+                // T0SZ 32: level 1, index (va >> 30) & 3.
+                (l1, l2 | HW_TABLE),
+                // va 0x0000_0000..: level 2 index 0 -> l3;
+                (l2, l3 | HW_TABLE),
+                // level 2 index 1 (va 0x20_0000..) -> l3_noel0 under APTable[0].
+                (l2 + 8, l3_noel0 | HW_TABLE | HW_APTABLE_NO_EL0),
+                // AP = 00, UXN = 0: EL0 execute-only.
+                (l3, 0x30_0000 | HW_PAGE | HW_PXN),
+                // AP = 10, UXN = 0: EL0 execute-only, EL1 read-only.
+                (l3 + 8, 0x30_1000 | HW_PAGE | HW_AP_RO),
+                // AP = 00, UXN = 1: no EL0 access at all.
+                (l3 + 16, 0x30_2000 | HW_PAGE | HW_UXN),
+                // AP = 01 (EL0 RW), UXN = 0, under APTable[0].
+                (l3_noel0, 0x30_3000 | HW_PAGE | HW_AP_EL0 | HW_PXN),
+            ],
+        );
+        let c = Config::from_tcr(hw_tcr(32, 0, 5), l1, 0, 0, 1).unwrap();
+        let usr_x = Access {
+            write: false,
+            exec: true,
+            privileged: false,
+        };
+        let verdict = |va: u64, a: Access| {
+            let leaf = walk(&c, &m, va).unwrap();
+            c.check(&leaf.perm, a).map_err(|f| f.kind)
+        };
+        let denied = |d| Err(WalkFaultKind::Permission(d));
+        for va in [0x0, 0x1000, 0x20_0000] {
+            assert_eq!(verdict(va, usr_x), Ok(()), "EL0 execute at {va:#x}");
+            assert_eq!(verdict(va, Access::READ), denied(Denied::User), "{va:#x}");
+            assert_eq!(verdict(va, Access::WRITE), denied(Denied::User), "{va:#x}");
+        }
+        assert_eq!(verdict(0x2000, usr_x), denied(Denied::Execute));
+    }
+
+    #[test]
+    fn issue10_64k_granule_with_52_bit_ips_outputs_oa_51_48_from_bits_15_12() {
+        // Arm ARM D8.3 (FEAT_LPA): with the 64 KiB granule and a 52-bit
+        // output size, descriptor bits 15:12 hold OA[51:48], in table and
+        // block/page descriptors alike.
+        let m = mem();
+        let va = 0x1_0000u64;
+        let oa_low = 0x0000_1234_5678_0000u64; // OA[47:16]
+        poke(
+            &m,
+            &[
+                // T0SZ 16, 64 KiB: start level 1 (64 entries, shift 42).
+                (0x1_0000, 0x2_0000 | HW_TABLE),
+                // Level 2 (shift 29) index 0.
+                (0x2_0000, 0x3_0000 | HW_TABLE),
+                // Level 3 (shift 16) index 1: OA[51:48] = 0xa.
+                (0x3_0008, oa_low | (0xa << 12) | HW_PAGE | HW_AP_EL0),
+                // Level 3 index 2: a page at OA 0x1_0000 with OA[51:48] = 0.
+                (0x3_0010, 0x1_0000 | HW_PAGE | HW_AP_EL0),
+                // Level 2 index 1 (va 0x2000_0000): a next table above 2^48.
+                (0x2_0008, 0x5_0000 | (0x3 << 12) | HW_TABLE),
+            ],
+        );
+        let c52 = Config::from_tcr(hw_tcr(16, 1, 6), 0x1_0000, 0, 0, 1).unwrap();
+        assert_eq!(c52.oa_bits(), 52);
+        let leaf = walk(&c52, &m, va).unwrap();
+        assert_eq!(leaf.pa_base, 0x000a_1234_5678_0000);
+        assert_eq!(walk(&c52, &m, 0x2_0000).unwrap().pa_base, 0x1_0000);
+        assert_eq!(
+            walk(&c52, &m, 0x2000_0000),
+            Err(WalkFault::at(
+                WalkFaultKind::TableOutsideRam {
+                    gpa: 0x0003_0000_0005_0000
+                },
+                3
+            ))
+        );
+        // With a 48-bit output size the same bits are an address-size fault.
+        let c48 = Config::from_tcr(hw_tcr(16, 1, 5), 0x1_0000, 0, 0, 1).unwrap();
+        assert!(matches!(
+            walk(&c48, &m, va),
+            Err(WalkFault {
+                kind: WalkFaultKind::AddressSize { .. },
+                level: Some(3)
+            })
+        ));
+        // 4 KiB / 16 KiB granules reach 52 bits only with DS (FEAT_LPA2),
+        // which this device does not have: IPS = 52 means 48 there.
+        let c4 = Config::from_tcr(hw_tcr(16, 0, 6), 0x1_0000, 0, 0, 1).unwrap();
+        assert_eq!(c4.oa_bits(), 48);
+    }
+
+    #[test]
+    fn issue10_52_bit_ttbr0_carries_baddr_51_48_in_bits_5_2() {
+        // Arm ARM D8.2.3 (FEAT_LPA, 64 KiB granule, 52-bit output):
+        // TTBR_ELx bits 5:2 hold BADDR[51:48].
+        let c = Config::from_tcr(hw_tcr(16, 1, 6), 0x1_0000 | (0x5 << 2), 0, 0, 1).unwrap();
+        assert_eq!(c.ttb0(), 0x0005_0000_0001_0000);
+        let c = Config::from_tcr(hw_tcr(16, 1, 5), 0x1_0000 | (0x5 << 2), 0, 0, 1).unwrap();
+        assert_eq!(c.ttb0(), 0x1_0000);
     }
 
     #[test]

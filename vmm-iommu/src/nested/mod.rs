@@ -34,6 +34,12 @@ pub mod x86;
 pub use fault::{Denied, Unsupported, WalkFault, WalkFaultKind};
 pub use memory::TableMemory;
 
+/// Output address size of the software nested IOMMU: what it advertises
+/// in PROBE (OUTPUT_SIZE) and what every walker accepts. IA-32e / VT-d
+/// first-stage entries reserve only bits 51:`OUTPUT_BITS` (none); AArch64
+/// reaches it with the 64 KiB granule (FEAT_LPA), 48 bits otherwise.
+pub const OUTPUT_BITS: u8 = 52;
+
 /// Most page-table entries one walk reads: 5-level IA-32e paging. A walk
 /// never revisits a level, so a guest cannot make one walk longer than this
 /// however it links its tables (loops included).
@@ -57,8 +63,9 @@ pub struct Perm {
     /// Privileged instruction fetches are not disabled by the tables:
     /// IA-32e XD clear at every level; AArch64 PXN and PXNTable clear.
     pub exec: bool,
-    /// Unprivileged (user) access: IA-32e U/S set at every level; AArch64
-    /// `AP[1]` set and no `APTable[0]` above.
+    /// Unprivileged (user) data access: IA-32e U/S set at every level;
+    /// AArch64 `AP[1]` set and no `APTable[0]` above (which does not
+    /// govern AArch64 unprivileged execute: `user_exec` does).
     pub user: bool,
     /// Unprivileged instruction fetches are not disabled by the tables:
     /// IA-32e XD clear at every level; AArch64 UXN and UXNTable clear.

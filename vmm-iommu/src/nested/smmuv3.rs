@@ -11,9 +11,11 @@
 //!
 //! This device implements SMMUv3.0-style stage 1 with: AArch64 tables only
 //! (CD.AA64 = 0 is refused), little-endian tables only (ENDI = 1 refused),
-//! 4 KiB/16 KiB/64 KiB granules, STT (T0SZ up to 48/47), a 48-bit OAS, no
-//! HTTU (HA/HD refused), no E0PD, HAD, PBHA, MPAM, permission indirection or
-//! 52-bit features. Fields that depend on absent features are RES0 and a CD
+//! 4 KiB/16 KiB/64 KiB granules, STT (T0SZ up to 48/47), a 52-bit OAS
+//! (reached with the 64 KiB granule; 48 bits with the others, as without
+//! LPA2), no HTTU (HA/HD refused), no E0PD, HAD, PBHA, MPAM, permission
+//! indirection, 52-bit input addresses or DS. CD.TTB0 follows the table
+//! base rule of [`arm::Config::new`]. Fields that depend on absent features are RES0 and a CD
 //! that sets them is refused as having reserved bits; fields the spec makes
 //! IGNORED without the feature (NSCFGx, HADx, HWUxx) are ignored.
 

@@ -69,8 +69,11 @@ pub const PDE_2M_RSVD: u64 = 0x001f_e000;
 pub const PDPTE_1G_RSVD: u64 = 0x3fff_e000;
 
 /// Output address width a [`Config`] assumes unless told otherwise: the
-/// 48 bits of a 4-level VT-d host address width.
-pub const DEFAULT_OUTPUT_BITS: u8 = 48;
+/// software IOMMU's own ([`super::OUTPUT_BITS`], 52), which PROBE
+/// advertises as OUTPUT_SIZE. The SDM (4.5, MAXPHYADDR) and VT-d (9.9,
+/// HAW) reserve address bits 51:width only, so with 52 no address bit is
+/// reserved.
+pub const DEFAULT_OUTPUT_BITS: u8 = super::OUTPUT_BITS;
 
 /// Bits each level translates.
 const LEVEL_BITS: u32 = 9;
@@ -582,13 +585,52 @@ mod tests {
         let gpa = b.entry_gpa(&a, 0x1000, 3).unwrap();
         let e = a.read_u64(gpa).unwrap();
         a.write_u64(gpa, e | (1 << 51)).unwrap();
+        let c48 = b.config().with_output_bits(48).unwrap();
         assert_eq!(
-            walk(&b.config(), &m, 0x1000),
+            walk(&c48, &m, 0x1000),
             Err(WalkFault::at(
                 WalkFaultKind::ReservedBits { bits: 1 << 51 },
                 3
             ))
         );
+    }
+
+    #[test]
+    fn issue10_first_stage_output_bits_51_48_are_addresses_at_the_advertised_output_size() {
+        // SDM 4.5 / VT-d 9.9: only address bits 51:HAW are reserved. The
+        // software IOMMU advertises OUTPUT_SIZE 52, so none are: a leaf
+        // with bits 51:48 set translates, through the direct format and a
+        // PASID entry alike. Entries hand-encoded from the SDM: P bit 0,
+        // R/W 1, U/S 2, A 5, D 6; address bits 51:12.
+        use vm_memory::Bytes;
+        assert_eq!(DEFAULT_OUTPUT_BITS, crate::nested::OUTPUT_BITS);
+        assert_eq!(crate::nested::OUTPUT_BITS, 52);
+        let m = mem();
+        let flags = 0b110_0111u64;
+        let pa = 0x000f_8000_0000_3000u64;
+        for (gpa, v) in [
+            (0x1_0000u64, 0x1_1000 | flags),
+            (0x1_1000, 0x1_2000 | flags),
+            (0x1_2000, 0x1_3000 | flags),
+            (0x1_3000 + 8, pa | flags),
+        ] {
+            m.write_obj(v, GuestAddress(gpa)).unwrap();
+        }
+        let c = Config::new(0x1_0000, 4).unwrap();
+        assert_eq!(c.output_bits(), 52);
+        let leaf = walk(&c, &m, 0x1123).unwrap();
+        assert_eq!(leaf.translate(0x1123), Some(0x000f_8000_0000_3123));
+        let vtd = crate::nested::vtd::VtdPasidEntry::first_stage(0x1_0000, 4, 7, Flags::default());
+        let s1 = vtd.stage1().unwrap();
+        assert_eq!(s1.walk_from_root(&m, 0x1123), Ok(leaf));
+        // A narrower host width still reserves them.
+        assert!(matches!(
+            walk(&c.with_output_bits(48).unwrap(), &m, 0x1123),
+            Err(WalkFault {
+                kind: WalkFaultKind::ReservedBits { .. },
+                level: Some(1)
+            })
+        ));
     }
 
     #[test]
