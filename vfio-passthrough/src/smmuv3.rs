@@ -13,6 +13,7 @@
 use iommufd_bindings::iommufd::{iommu_hwpt_arm_smmuv3, iommu_viommu_arm_smmuv3_invalidate};
 use vmm_iommu::backend::BackendError;
 use vmm_iommu::invalidation::{Caches, Invalidation, Scope, VaRange};
+use vmm_iommu::nested::smmuv3::{S1Dss, S1Fmt};
 use vmm_iommu::wire::TableDesc;
 
 use crate::ram::GuestRam;
@@ -192,8 +193,9 @@ impl SmmuHw {
 }
 
 /// Builds the STE words that bind a guest CD table (SMMUv3 5.2), after
-/// checking every guest value: INVAL for a malformed format, S1DSS or
-/// pointer alignment; UNSUPP for a two-level table the host cannot walk or
+/// checking every guest value: INVAL for an S1Fmt or S1DSS beyond its
+/// 2-bit field (the reserved 0b11 is written as the 0b00 it behaves as) or
+/// a misaligned pointer; UNSUPP for a two-level table the host cannot walk or
 /// a table format this binding does not carry; RANGE for more CDs than the
 /// host's SubstreamIDs or a table outside guest RAM. Only fields in
 /// `STRTAB_STE_{0,1}_NESTING_ALLOWED` are set.
@@ -215,21 +217,25 @@ pub fn ste_for_table(
         )));
     };
     // STE.S1Fmt: 0 linear, 1 two-level with 4 KiB leaves (64 CDs), 2 with
-    // 64 KiB leaves (1024 CDs); 3 is reserved.
-    let leaf_split: u32 = match s1fmt {
-        0 => 0,
-        1 => 6,
-        2 => 10,
-        f => return Err(BackendError::Invalid(format!("S1Fmt {f} is reserved"))),
+    // 64 KiB leaves (1024 CDs); STE.S1DSS: 0 terminate, 1 bypass, 2 SSID 0.
+    // SMMUv3 §5.2: the reserved 0b11 of both "behaves as 0b00". Decoded by
+    // the software IOMMU's own decoder (one verdict for every backend),
+    // and the STE carries the decoded encoding, so the host SMMU is handed
+    // 0b00 and behaves exactly like the software IOMMU.
+    let Some(fmt) = S1Fmt::from_raw(s1fmt) else {
+        return Err(BackendError::Invalid(format!(
+            "S1Fmt {s1fmt} does not fit the 2-bit field"
+        )));
     };
-    if s1fmt != 0 && !hw.cd2l() {
+    let Some(dss) = S1Dss::from_raw(s1dss) else {
+        return Err(BackendError::Invalid(format!(
+            "S1DSS {s1dss} does not fit the 2-bit field"
+        )));
+    };
+    if fmt != S1Fmt::Linear && !hw.cd2l() {
         return Err(BackendError::Unsupported(
             "two-level CD table: the host SMMU lacks CD2L".into(),
         ));
-    }
-    // STE.S1DSS: 0 terminate, 1 bypass, 2 SSID 0; 3 is reserved.
-    if s1dss > 2 {
-        return Err(BackendError::Invalid(format!("S1DSS {s1dss} is reserved")));
     }
     if s1cdmax > u32::from(hw.ssid_bits()) {
         return Err(BackendError::Range(format!(
@@ -249,10 +255,9 @@ pub fn ste_for_table(
     }
     // The first table the SMMU fetches: 2^S1CDMax CDs of 64 bytes, or, for
     // two-level tables, 2^(S1CDMax - split) L1 descriptors of 8 bytes.
-    let first_table_bytes: u64 = if s1fmt == 0 {
-        64u64 << s1cdmax
-    } else {
-        8u64 << s1cdmax.saturating_sub(leaf_split)
+    let first_table_bytes: u64 = match fmt.split() {
+        None => 64u64 << s1cdmax,
+        Some(leaf_split) => 8u64 << s1cdmax.saturating_sub(leaf_split),
     };
     if !ram.covers(s1contextptr, first_table_bytes) {
         return Err(BackendError::Range(format!(
@@ -261,12 +266,12 @@ pub fn ste_for_table(
     }
     let w0 = STE_0_V
         | field_prep(STE_0_CFG, STE_0_CFG_S1_TRANS)
-        | field_prep(STE_0_S1FMT, u64::from(s1fmt))
+        | field_prep(STE_0_S1FMT, u64::from(fmt.raw()))
         | (s1contextptr & STE_0_S1CTXPTR_MASK)
         | field_prep(STE_0_S1CDMAX, u64::from(s1cdmax));
     // CD fetches cacheable and inner shareable, as arm_smmu_make_cdtable_ste
     // does; EATS stays 0 (ATS off), S1STALLD 0.
-    let w1 = field_prep(STE_1_S1DSS, u64::from(s1dss))
+    let w1 = field_prep(STE_1_S1DSS, u64::from(dss.raw()))
         | field_prep(STE_1_S1CIR, STE_1_S1C_CACHE_WBRA)
         | field_prep(STE_1_S1COR, STE_1_S1C_CACHE_WBRA)
         | field_prep(STE_1_S1CSH, SH_ISH);
@@ -573,10 +578,10 @@ mod tests {
     fn bad_guest_values_are_refused_before_the_kernel() {
         type Check = fn(&BackendError) -> bool;
         let cases: [(TableDesc, Check); 7] = [
-            (cd(3, 0, 0x4_0000, 0), |e| {
+            (cd(4, 0, 0x4_0000, 0), |e| {
                 matches!(e, BackendError::Invalid(_))
             }),
-            (cd(0, 3, 0x4_0000, 0), |e| {
+            (cd(0, 4, 0x4_0000, 0), |e| {
                 matches!(e, BackendError::Invalid(_))
             }),
             (cd(0, 0, 0x4_0020, 0), |e| {
@@ -606,6 +611,26 @@ mod tests {
             ste_for_table(&cd(1, 0, 0x4_0000, 8), &no_cd2l, &ram()),
             Err(BackendError::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn issue10_reserved_s1fmt_and_s1dss_0b11_bind_as_0b00_like_the_software_iommu() {
+        // SMMUv3 §5.2: S1Fmt and S1DSS "0b11 Reserved (behaves as 0b00)".
+        // The STE the host gets says 0b00, so the host SMMU does what the
+        // software IOMMU does (CdTable decodes 0b11 the same way).
+        let reserved = ste_for_table(&cd(3, 3, 0x4_0000, 4), &hw(), &ram()).unwrap();
+        let plain = ste_for_table(&cd(0, 0, 0x4_0000, 4), &hw(), &ram()).unwrap();
+        assert_eq!(reserved.ste, plain.ste);
+        assert_eq!(reserved.ste[0] >> 4 & 3, 0);
+        assert_eq!(reserved.ste[1] & 3, 0);
+        let soft = vmm_iommu::nested::smmuv3::CdTable::new(0x4_0000, 3, 4, 3).unwrap();
+        assert_eq!(soft.fmt().raw(), 0);
+        assert_eq!(soft.s1dss().raw(), 0);
+        // A linear table needs no CD2L, whatever the reserved encoding.
+        let no_cd2l = SmmuHw {
+            idr: [0, 20 << 6, 0, 0, 0, 0],
+        };
+        assert!(ste_for_table(&cd(3, 3, 0x4_0000, 4), &no_cd2l, &ram()).is_ok());
     }
 
     fn range(

@@ -209,8 +209,9 @@ fn bad_ste_fields_are_refused_before_any_ioctl() {
     let n = rec.len();
     for (t, s) in [
         (
+            // Beyond the 2-bit field (0b11 is accepted as 0b00).
             TableDesc::ArmSmmuV3 {
-                s1fmt: 3,
+                s1fmt: 4,
                 s1dss: 0,
                 s1contextptr: CD_TABLE,
                 s1cdmax: 0,

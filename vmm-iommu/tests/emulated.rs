@@ -898,3 +898,28 @@ fn issue10_lpae_small_top_table_0x40_into_a_page_translates_through_the_emulated
     assert_eq!(attach_table(&mut h, 3, EP2, &desc), Status::Ok);
     assert_eq!(gpa(&emu, EP2, None, 0x40_0abc, true), Ok(DATA + 0xabc));
 }
+
+#[test]
+fn issue10_reserved_s1fmt_and_s1dss_0b11_translate_as_linear_and_terminate() {
+    // SMMUv3 §5.2: S1Fmt 0b11 behaves as 0b00 (a linear CD table) and
+    // S1DSS 0b11 as 0b00 (traffic without a SubstreamID is terminated).
+    let (mut h, emu) = rig(false);
+    let mem = h.mem.clone();
+    let mut a = TableAlloc::new(&mem, TABLES, TABLES_END);
+    let cds = CdTableBuilder::linear(&mut a, 4).unwrap();
+    let t = ArmTableBuilder::new(&mut a, arm::Granule::K4, 25).unwrap();
+    t.map(&mut a, 0x40_0000, DATA, 12, Perm::RW_USER).unwrap();
+    cds.set_ttb0(&mut a, 3, t.root(), 25, 0, 7, 0xff).unwrap();
+    let desc = TableDesc::ArmSmmuV3 {
+        s1fmt: 3,
+        s1dss: 3,
+        s1contextptr: cds.table().ptr(),
+        s1cdmax: 4,
+    };
+    assert_eq!(attach_table(&mut h, 5, EP, &desc), Status::Ok);
+    assert_eq!(gpa(&emu, EP, Some(3), 0x40_0123, false), Ok(DATA + 0x123));
+    assert!(matches!(
+        gpa(&emu, EP, None, 0x40_0123, false),
+        Err(NestedError::Fault(f)) if f.kind == vmm_iommu::nested::WalkFaultKind::SubstreamRequired
+    ));
+}

@@ -360,6 +360,30 @@ fn issue10_lpae_ttbr0_is_checked_as_the_walker_uses_it_and_unusable_is_range() {
 }
 
 #[test]
+fn issue10_reserved_s1fmt_and_s1dss_0b11_are_accepted_and_behave_as_0b00() {
+    // SMMUv3 §5.2: S1Fmt and S1DSS "0b11 Reserved (behaves as 0b00)":
+    // ATTACH_TABLE takes them; the first table is checked as a linear CD
+    // table (16 CDs of 64 bytes must be RAM, no two-level minimum).
+    let mut r = rig();
+    let cd = |s1fmt, s1dss, ptr| TableDesc::ArmSmmuV3 {
+        s1fmt,
+        s1dss,
+        s1contextptr: ptr,
+        s1cdmax: 4,
+    };
+    assert_eq!(r.h.send(&attach_table(1, EP, &cd(3, 3, DIR))), Status::Ok);
+    let end = RAM_MIB << 20;
+    assert_eq!(
+        r.h.send(&attach_table(2, EP2, &cd(3, 0, end - 0x200))),
+        Status::Range
+    );
+    assert_eq!(
+        r.h.send(&attach_table(2, EP2, &cd(3, 0, end - 0x400))),
+        Status::Ok
+    );
+}
+
+#[test]
 fn reserved_fields_and_bad_parameters_are_inval() {
     let mut r = rig();
     let mut req = AttachTableReq::new(1, EP, &vtd(DIR));
@@ -379,14 +403,14 @@ fn reserved_fields_and_bad_parameters_are_inval() {
             pasid_dir_ptr: DIR,
         },
         TableDesc::ArmSmmuV3 {
-            s1fmt: 3,
+            s1fmt: 4,
             s1dss: 0,
             s1contextptr: DIR,
             s1cdmax: 4,
         },
         TableDesc::ArmSmmuV3 {
             s1fmt: 0,
-            s1dss: 3,
+            s1dss: 4,
             s1contextptr: DIR,
             s1cdmax: 4,
         },

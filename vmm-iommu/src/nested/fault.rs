@@ -349,11 +349,12 @@ pub enum Unsupported {
     /// Arm 52-bit addresses with 4 KiB/16 KiB granules (TCR.DS).
     #[error("52-bit addresses (DS = 1) not supported")]
     Lpa2,
-    /// SMMUv3 S1Fmt other than 0 (linear), 1 (2-level, 4 KiB leaves) or
-    /// 2 (2-level, 64 KiB leaves).
+    /// An SMMUv3 S1Fmt value that does not fit the 2-bit field (the
+    /// reserved 0b11 behaves as 0b00, linear).
     #[error("unsupported S1Fmt {0}")]
     S1Fmt(u8),
-    /// SMMUv3 S1DSS reserved value 0b11.
+    /// An SMMUv3 S1DSS value that does not fit the 2-bit field (the
+    /// reserved 0b11 behaves as 0b00, terminate).
     #[error("unsupported S1DSS {0}")]
     S1Dss(u8),
     /// SMMUv3 S1CDMax above 20 (SubstreamIDs are 20 bits).

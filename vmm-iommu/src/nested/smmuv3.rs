@@ -159,10 +159,14 @@ pub enum S1Fmt {
 }
 
 impl S1Fmt {
-    /// The format an S1Fmt field selects; `None` for the reserved 0b11.
+    /// The format an S1Fmt field selects, as the SMMU acts on it: the
+    /// reserved 0b11 is linear (SMMUv3 §5.2 S1Fmt: "0b11 Reserved (behaves
+    /// as 0b00)"); `None` for values that do not fit the 2-bit field. The
+    /// software IOMMU, ATTACH_TABLE's check and the vfio SMMUv3 backend all
+    /// decode through this, so every backend behaves alike.
     pub const fn from_raw(v: u8) -> Option<S1Fmt> {
         match v {
-            0 => Some(S1Fmt::Linear),
+            0 | 3 => Some(S1Fmt::Linear),
             1 => Some(S1Fmt::TwoLevel4K),
             2 => Some(S1Fmt::TwoLevel64K),
             _ => None,
@@ -205,10 +209,13 @@ pub enum S1Dss {
 }
 
 impl S1Dss {
-    /// The behaviour an S1DSS field selects; `None` for the reserved 0b11.
+    /// The behaviour an S1DSS field selects, as the SMMU acts on it: the
+    /// reserved 0b11 terminates (SMMUv3 §5.2 S1DSS: "0b11 Reserved
+    /// (behaves as 0b00)"); `None` for values that do not fit the 2-bit
+    /// field.
     pub const fn from_raw(v: u8) -> Option<S1Dss> {
         match v {
-            0 => Some(S1Dss::Terminate),
+            0 | 3 => Some(S1Dss::Terminate),
             1 => Some(S1Dss::Bypass),
             2 => Some(S1Dss::Ssid0),
             _ => None,
@@ -1047,9 +1054,24 @@ mod tests {
     #[test]
     fn table_config_refuses_reserved_encodings() {
         let cfg = |u| Err(WalkFault::new(WalkFaultKind::UnsupportedConfig(u)));
-        assert_eq!(CdTable::new(0, 3, 4, 0), cfg(Unsupported::S1Fmt(3)));
-        assert_eq!(CdTable::new(0, 0, 4, 3), cfg(Unsupported::S1Dss(3)));
+        assert_eq!(CdTable::new(0, 4, 4, 0), cfg(Unsupported::S1Fmt(4)));
+        assert_eq!(CdTable::new(0, 0, 4, 4), cfg(Unsupported::S1Dss(4)));
         assert_eq!(CdTable::new(0, 0, 21, 0), cfg(Unsupported::S1CdMax(21)));
+    }
+
+    #[test]
+    fn issue10_reserved_s1fmt_and_s1dss_0b11_behave_as_0b00() {
+        // SMMUv3 §5.2: S1Fmt "0b11 Reserved (behaves as 0b00)", S1DSS
+        // "0b11 Reserved (behaves as 0b00)".
+        let reserved = CdTable::new(0x4_0000, 3, 4, 3).unwrap();
+        assert_eq!(reserved, CdTable::new(0x4_0000, 0, 4, 0).unwrap());
+        assert_eq!(reserved.fmt(), S1Fmt::Linear);
+        assert_eq!(reserved.s1dss(), S1Dss::Terminate);
+        assert_eq!(
+            reserved.resolve_ssid(None),
+            Err(WalkFault::new(WalkFaultKind::SubstreamRequired))
+        );
+        assert_eq!(reserved.resolve_ssid(Some(9)), Ok(Substream::Ssid(9)));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use super::{feature, phys_in_ram, Domain, DomainKind, IommuState, RequestError};
 use crate::invalidation::Invalidation;
 use crate::nested::arm;
+use crate::nested::smmuv3::{S1Dss, S1Fmt};
 use crate::wire::{
     AttachTableReq, InvalidateReq, PageRespReq, TableDesc, TableDescError,
     VIRTIO_IOMMU_F_ATTACH_TABLE, VIRTIO_IOMMU_F_PAGE_REQUEST, VIRTIO_IOMMU_PAGE_RESP_FAILURE,
@@ -35,13 +36,13 @@ fn first_table_bytes(t: &TableDesc) -> u64 {
         // One directory entry per 64 PASIDs (VT-d 9.4), 8 bytes each.
         TableDesc::IntelVtd { pasid_bits, .. } => (1u64 << pasid_bits.saturating_sub(6)) * 8,
         // Linear: one 64-byte CD per SSID; 2-level: one 8-byte L1
-        // descriptor per leaf table (SMMUv3 5.4.1).
-        TableDesc::ArmSmmuV3 {
-            s1fmt: 0, s1cdmax, ..
-        } => 64u64 << s1cdmax.min(20),
+        // descriptor per leaf table (SMMUv3 5.4.1). The format as the
+        // shared decoder reads it (0b11 is linear).
         TableDesc::ArmSmmuV3 { s1fmt, s1cdmax, .. } => {
-            let leaf_bits = if s1fmt == 1 { 6 } else { 10 };
-            8u64 << s1cdmax.min(20).saturating_sub(leaf_bits)
+            match S1Fmt::from_raw(s1fmt).and_then(S1Fmt::split) {
+                None => 64u64 << s1cdmax.min(20),
+                Some(leaf_bits) => 8u64 << s1cdmax.min(20).saturating_sub(leaf_bits),
+            }
         }
         TableDesc::ArmLpae { .. } => 64,
         TableDesc::X86_64 { .. } => 4096,
@@ -116,16 +117,20 @@ impl IommuState {
                 s1cdmax,
                 ..
             } => {
-                if s1fmt > 2 {
-                    return Err(RequestError::TableParam("s1fmt is not 0, 1 or 2"));
-                }
-                if s1dss > 2 {
-                    return Err(RequestError::TableParam("s1dss is not 0, 1 or 2"));
+                // SMMUv3 §5.2: the reserved 0b11 of both fields "behaves
+                // as 0b00", and is accepted as such (the shared decoder
+                // says how); only values beyond the 2-bit fields are
+                // refused.
+                let Some(fmt) = S1Fmt::from_raw(s1fmt) else {
+                    return Err(RequestError::TableParam("s1fmt is not a 2-bit value"));
+                };
+                if S1Dss::from_raw(s1dss).is_none() {
+                    return Err(RequestError::TableParam("s1dss is not a 2-bit value"));
                 }
                 if s1cdmax > bits {
                     return Err(RequestError::TableParam("s1cdmax beyond PASID_SIZE"));
                 }
-                if s1fmt != 0 && s1cdmax <= if s1fmt == 1 { 6 } else { 10 } {
+                if fmt.split().is_some_and(|leaf_bits| s1cdmax <= leaf_bits) {
                     // SMMUv3 5.4: a 2-level table needs more SSIDs than
                     // one leaf table holds.
                     return Err(RequestError::TableParam(
