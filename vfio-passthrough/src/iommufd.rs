@@ -60,7 +60,7 @@ use crate::fault::{
 };
 use crate::host::{bytes_of, slice_bytes, Handle, HostIommu, Ioctl, Open};
 use crate::ram::GuestRam;
-use crate::smmuv3::{lower_smmuv3, ste_for_table, SmmuHw, SmmuInvTarget};
+use crate::smmuv3::{lower_smmuv3_with, ste_for_table, SmmuHw, SmmuInvTarget};
 use crate::type1::host_err;
 use crate::vtd::{
     check_directory, lower_vtd, read_pasid_entry, scan_pasid_table, PasidBinding, PasidRefresh,
@@ -124,6 +124,8 @@ enum Mode {
         domain: DomainId,
         hwpt: u32,
         ssid_bits: u8,
+        /// The bound CD table, read for the granule of a range's CD.
+        table: TableDesc,
     },
 }
 
@@ -759,6 +761,7 @@ impl IommufdBackend {
                 domain: dom,
                 hwpt,
                 ssid_bits,
+                table: *t,
             },
             &[hwpt],
         )
@@ -932,7 +935,9 @@ impl IommufdBackend {
             return Ok(());
         };
         let (
-            Mode::Smmu { ssid_bits, .. },
+            Mode::Smmu {
+                ssid_bits, table, ..
+            },
             HwKind::ArmSmmuV3(hw),
             Some(Nesting {
                 smmu: Some(SmmuObjects { viommu, .. }),
@@ -951,7 +956,8 @@ impl IommufdBackend {
             ats: false,
         };
         let mut cmds: Vec<iommu_viommu_arm_smmuv3_invalidate> = Vec::new();
-        lower_smmuv3(batch, &t, &mut cmds)?;
+        let granule = |pasid| cd_granule_log2(&self.ram, table, pasid);
+        lower_smmuv3_with(batch, &t, &granule, &mut cmds)?;
         if cmds.is_empty() {
             return Ok(());
         }
@@ -975,6 +981,38 @@ impl IommufdBackend {
                 }
             }
         }
+    }
+}
+
+/// Log2 of the translation granule (TG0) of the CD that traffic with
+/// `pasid` uses under the bound CD `table`, read from guest RAM now, with
+/// the software IOMMU's decoder. `None` when no single CD is known: traffic
+/// without a PASID while substreams are enabled (an ASID-tagged range may
+/// reach several CDs), a bypassed or terminated substream, or a CD that is
+/// invalid or unreadable. The lowering then uses TG = 0 commands, which are
+/// right for every granule.
+fn cd_granule_log2(ram: &GuestRam, table: &TableDesc, pasid: Option<u32>) -> Option<u8> {
+    use vmm_iommu::nested::smmuv3::{CdTable, Substream};
+    use vmm_iommu::nested::Stage1;
+    let TableDesc::ArmSmmuV3 {
+        s1fmt,
+        s1dss,
+        s1contextptr,
+        s1cdmax,
+    } = *table
+    else {
+        return None;
+    };
+    let t = CdTable::new(s1contextptr, s1fmt, s1cdmax, s1dss).ok()?;
+    if pasid.is_none() && t.s1cdmax() != 0 {
+        return None;
+    }
+    let Ok(Substream::Ssid(ssid)) = t.resolve_ssid(pasid) else {
+        return None;
+    };
+    match t.stage1(ram.memory(), ssid).ok()? {
+        Stage1::Arm(c) => u8::try_from(c.granule().shift()).ok(),
+        Stage1::X86(_) => None,
     }
 }
 

@@ -119,6 +119,12 @@ impl GuestRam {
         &self.regions
     }
 
+    /// Guest memory, for reading guest tables with the software IOMMU's
+    /// decoders (which take a `vmm_iommu::nested::TableMemory`).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Whether `[gpa, gpa + len)` is all guest RAM.
     pub fn covers(&self, gpa: u64, len: u64) -> bool {
         covers(&self.regions, gpa, len)

@@ -22,7 +22,20 @@ const EP: u32 = 0x20;
 const CD_TABLE: u64 = 0x30_0000;
 
 fn fixture(ril: bool) -> (Arc<RecordingHost>, IommufdBackend) {
-    let (rec, host, _mem, ram) = setup(RecordingHost::new(FakeIommu::smmuv3(ril)));
+    fixture_with_cd_tg0(ril, 0)
+}
+
+/// A fixture whose CD table holds a valid CD for SubstreamID 1 with
+/// granule `tg0` (CD dword 0 bits 7:6: 0 = 4 KiB, 1 = 64 KiB, 2 = 16 KiB).
+fn fixture_with_cd_tg0(ril: bool, tg0: u64) -> (Arc<RecordingHost>, IommufdBackend) {
+    use vm_memory::{Bytes, GuestAddress};
+    let (rec, host, mem, ram) = setup(RecordingHost::new(FakeIommu::smmuv3(ril)));
+    // SMMUv3 §5.4, hand-encoded: T0SZ 25 (bits 5:0), TG0 (7:6), EPD1 (30),
+    // V (31), IPS 48-bit (34:32), AA64 (41), ASID 0x42 (63:48); TTB0.
+    let w0 = 25 | tg0 << 6 | 1 << 30 | 1 << 31 | 5 << 32 | 1 << 41 | 0x42 << 48;
+    mem.write_obj(w0, GuestAddress(CD_TABLE + 64)).unwrap();
+    mem.write_obj(0x40_0000u64, GuestAddress(CD_TABLE + 64 + 8))
+        .unwrap();
     let b = IommufdBackend::new(host, ram).expect("backend");
     b.add_endpoint(EP, Path::new(DEV)).expect("add");
     (rec, b)
@@ -148,9 +161,43 @@ fn with_range_invalidation_the_burst_is_one_command() {
     b.invalidate(7, &burst()).unwrap();
     let c = &rec.calls_of(Op::HwptInvalidate)[0];
     assert_eq!(le32(&c.arg, 24), 1);
-    // NUM 0, SCALE 9 (512 pages); TG 4K (1), TTL 3, LEAF.
+    // NUM 0, SCALE 9 (512 pages); TG 4K (1) from the CD, TTL 0, LEAF.
     assert_eq!(le64(&c.payload, 0), 0x12 | 0x42 << 48 | 9 << 20);
-    assert_eq!(le64(&c.payload, 8), 0x4000_0000 | 1 | 3 << 8 | 1 << 10);
+    assert_eq!(le64(&c.payload, 8), 0x4000_0000 | 1 | 1 << 10);
+}
+
+#[test]
+fn issue10_tlbi_tg_comes_from_the_bound_cds_granule_and_ttl_is_zero() {
+    // The SMMU need only invalidate entries whose granule matches TG (and,
+    // with TTL != 0, whose level matches TTL): TG is the CD's TG0, whatever
+    // granule the guest counted its range in, and TTL stays 0.
+    let (rec, b) = fixture_with_cd_tg0(true, 1); // 64 KiB tables
+    bind(&b).unwrap();
+    // 16 pages of 4 KiB at 0x4000_0000: one 64 KiB page of the table.
+    let mut inv = page(0x4000_0000);
+    if let Scope::Range(v) = &mut inv.scope {
+        v.pages = 16;
+    }
+    b.invalidate(7, &[inv]).unwrap();
+    let c = &rec.calls_of(Op::HwptInvalidate)[0];
+    let cmds = le32(&c.arg, 24) as usize;
+    for i in 0..cmds {
+        let w1 = le64(&c.payload, 16 * i + 8);
+        assert_eq!(w1 >> 10 & 3, 3, "TG 64 KiB, command {i}");
+        assert_eq!(w1 >> 8 & 3, 0, "TTL 0, command {i}");
+    }
+    // The 64 KiB page (NUM 0 SCALE 1: bumped past the reserved 1-page
+    // TTL-0 encoding) at 0x4000_0000.
+    assert_eq!(le64(&c.payload, 0), 0x12 | 0x42 << 48 | 1 << 20);
+    assert_eq!(le64(&c.payload, 8), 0x4000_0000 | 1 | 3 << 10);
+    // A CD the backend cannot read (SubstreamID 2 is invalid): TG 0.
+    let mut inv = page(0x4000_0000);
+    if let Scope::Range(v) = &mut inv.scope {
+        v.pasid = Some(2);
+    }
+    b.invalidate(7, &[inv]).unwrap();
+    let c = &rec.calls_of(Op::HwptInvalidate)[1];
+    assert_eq!(le64(&c.payload, 8) >> 8 & 0xf, 0);
 }
 
 #[test]
