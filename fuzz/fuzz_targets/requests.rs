@@ -1,14 +1,18 @@
 //! A hostile driver: the input is a stream of requests (any type byte,
 //! any body, any writable size) sent through a real virtqueue to a device
 //! with the nested extension and the software nested IOMMU behind it,
-//! interleaved with DMA translations. Nothing may panic; every chain gets a
-//! status or an unwritten buffer.
+//! interleaved with DMA translations, through `EmulatedIommu::translate`,
+//! a `NestedTranslator` and the vm-memory adaptor (`NestedIommu` behind an
+//! `IommuMemory`), at plain, Arm top-byte tagged and top-of-space
+//! addresses (accesses that end exactly at 2^64). Nothing may panic; every
+//! chain gets a status or an unwritten buffer.
 
 #![no_main]
 
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
+use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
 use vmm_iommu::emulated::EmulatedIommu;
@@ -63,7 +67,13 @@ fuzz_target!(|data: &[u8]| {
     while rest.len() >= 3 && sent < 64 {
         let len = usize::from(rest[0]) % 96;
         let wlen = u32::from(rest[1]) % 64;
-        let translate_va = u64::from(rest[2]) << 12;
+        let sel = rest[2];
+        // Plain, tagged (a tag byte over a low address) or top of the space.
+        let translate_va = match sel & 3 {
+            0 | 1 => u64::from(sel) << 12,
+            2 => (u64::from(sel) << 56) | (u64::from(sel) << 12) | 0x123,
+            _ => u64::MAX - (u64::from(sel) << 4),
+        };
         rest = &rest[3..];
         let body = &rest[..len.min(rest.len())];
         rest = &rest[body.len()..];
@@ -75,6 +85,20 @@ fuzz_target!(|data: &[u8]| {
         for ep in EPS {
             for pasid in [None, Some(u32::from(rest.first().copied().unwrap_or(0)))] {
                 let _ = emu.translate(ep, pasid, translate_va, Access::WRITE);
+                let _ = emu
+                    .translator(ep, pasid)
+                    .translate(translate_va, sel & 4 != 0);
+                // The vm-memory adaptor, with a length that may end the
+                // access exactly at 2^64 (never past it).
+                let dma = IommuMemory::new(h.mem.clone(), emu.endpoint_iommu(ep, pasid), true, ());
+                let room = u64::MAX - translate_va + 1;
+                let len = (u64::from(sel) * 37 % 0x2100 + 1).min(room) as usize;
+                let mut buf = vec![0u8; len];
+                if sel & 4 != 0 {
+                    let _ = dma.write_slice(&buf, GuestAddress(translate_va));
+                } else {
+                    let _ = dma.read_slice(&mut buf, GuestAddress(translate_va));
+                }
             }
         }
         let n = h.collect_ext_faults().len();

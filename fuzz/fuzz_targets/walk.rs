@@ -1,14 +1,25 @@
 //! Any table contents, any regime parameters: the VT-d PASID-table and
 //! SMMUv3 CD-table readers and the IA-32e / AArch64 walkers never panic and
-//! never read more than `MAX_WALK_READS` page-table entries per walk.
+//! never read more than `MAX_WALK_READS` page-table entries per walk; and
+//! the same table, bound to the software nested IOMMU, answers through all
+//! three entry points (`EmulatedIommu::translate`, `NestedTranslator`, the
+//! vm-memory adaptor) at the input address, its Arm top-byte tagged form
+//! and the top of the address space, without panicking.
 
 #![no_main]
 
 use std::cell::Cell;
 
+use std::sync::Arc;
+
 use libfuzzer_sys::fuzz_target;
+use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_iommu::backend::{IommuBackend, TableBinding};
+use vmm_iommu::emulated::EmulatedIommu;
+use vmm_iommu::fault::FaultQueue;
 use vmm_iommu::nested::{arm, smmuv3, vtd, x86, Access, Stage1, TableMemory, MAX_WALK_READS};
+use vmm_iommu::wire::TableDesc;
 
 struct Counting<'a> {
     mem: &'a GuestMemoryMmap,
@@ -85,6 +96,56 @@ fuzz_target!(|data: &[u8]| {
         assert!(m.reads.get() <= MAX_WALK_READS);
         if let Ok(leaf) = r {
             let _ = s1.check(&leaf, access);
+        }
+    }
+    // The same parameters as a binding of the software nested IOMMU
+    // (unchecked, as a buggy caller could bind them).
+    let table = match sel >> 3 & 3 {
+        0 => TableDesc::X86_64 {
+            levels: 4 + (sel >> 5 & 1) as u8,
+            root: p0 & 0xf_f000,
+        },
+        1 => TableDesc::ArmLpae {
+            asid: sel as u16,
+            tcr: p0,
+            ttbr0: p1 & 0xf_ffff,
+            ttbr1: 0,
+            mair: p1,
+        },
+        2 => TableDesc::IntelVtd {
+            pasid_bits: (p1 % 21) as u8,
+            pasid_dir_ptr: p0 & 0xf_f000,
+        },
+        _ => TableDesc::ArmSmmuV3 {
+            s1fmt: (p1 & 3) as u8,
+            s1dss: (p1 >> 7 & 3) as u8,
+            s1contextptr: p0 & 0xf_ffc0,
+            s1cdmax: (p1 >> 2 & 31) as u32,
+        },
+    };
+    let faults = Arc::new(FaultQueue::new(16).unwrap());
+    let emu = Arc::new(EmulatedIommu::new(mem.clone(), faults, 20, &[]));
+    if emu
+        .bind_table(8, &TableBinding { domain: 1, table })
+        .is_err()
+    {
+        return;
+    }
+    let pasid = (sel & (1 << 6) != 0).then_some((p1 >> 9) as u32 & 0xffff);
+    let tagged = (va & 0x00ff_ffff_ffff_ffff) | ((sel >> 8) << 56);
+    let top = u64::MAX - (sel >> 16 & 0x1fff);
+    let dma = IommuMemory::new(mem.clone(), emu.endpoint_iommu(8, pasid), true, ());
+    let mut front = emu.translator(8, pasid);
+    for addr in [va, tagged, top] {
+        let _ = emu.translate(8, pasid, addr, access);
+        let _ = front.translate(addr, access.write);
+        // Up to two pages, never past 2^64 (an access may end exactly there).
+        let len = ((sel >> 32 & 0x1fff) + 1).min(u64::MAX - addr + 1) as usize;
+        let mut buf = vec![0u8; len];
+        if access.write {
+            let _ = dma.write_slice(&buf, GuestAddress(addr));
+        } else {
+            let _ = dma.read_slice(&mut buf, GuestAddress(addr));
         }
     }
 });
