@@ -28,7 +28,7 @@
 # Environment: VMM_IOMMU_CACHE, LINUX_GUEST_REFRESH=1 (look for newer
 # kernel packages even when some are cached), LINUX_GUEST_TIMEOUT (seconds
 # for the whole run, default 540), LINUX_GUEST_CASE_TIMEOUT (seconds per
-# L2 boot, default 90), LINUX_GUEST_L1_SMP (default 2), LINUX_GUEST_VM (a
+# L2 boot, default 60), LINUX_GUEST_L1_SMP (default 2), LINUX_GUEST_VM (a
 # linux-vm binary to use instead of building target/release/linux-vm).
 #
 # Closing line: `linux-guest: N passed, M failed`; exit status 0 only when
@@ -410,7 +410,7 @@ fi
 # ---------------------------------------------------------------- run
 LOG=$OUT/run.log
 RUN_TIMEOUT=${LINUX_GUEST_TIMEOUT:-540}
-CASE_TIMEOUT=${LINUX_GUEST_CASE_TIMEOUT:-90}
+CASE_TIMEOUT=${LINUX_GUEST_CASE_TIMEOUT:-60}
 CASE_LIST=$(
     IFS=,
     echo "${CASES[*]}"
@@ -500,7 +500,7 @@ done
 
 echo
 say "checks:"
-declare -A VIOMMU BLK FIG
+declare -A VIOMMU BLK FIG VMEND
 for c in "${CASES[@]}"; do
     sec=$(section "$c")
     if [ -z "$sec" ] && ! grep -qx "L1-CASE-START $c" "$LOG"; then
@@ -509,6 +509,7 @@ for c in "${CASES[@]}"; do
     fi
     end=$(echo "$sec" | grep -E '^L1-CASE-END ' | tail -1 || true)
     vmend=$(echo "$sec" | grep -E '^linux-vm: end=' | tail -1 || true)
+    VMEND[$c]=$vmend
     VIOMMU[$c]=$(echo "$sec" | grep -E '^linux-vm: viommu ' | tail -1 || true)
     BLK[$c]=$(echo "$sec" | grep -E '^linux-vm: device blk0 ' | tail -1 || true)
     FIG[$c]=$(echo "$sec" | grep -E '^L2-FIG ' | tail -1 || true)
@@ -590,7 +591,7 @@ per_mib() { # VIOMMU-LINE BLK-LINE KEY
 }
 LAZY_NOTE=
 if [ "$MODE" != standin ] && [[ " ${CASES[*]} " == *" strict "* ]] && [[ " ${CASES[*]} " == *" lazy "* ]]; then
-    LAZY_NOTE="per MiB of disk I/O: UNMAP strict $(per_mib "${VIOMMU[strict]}" "${BLK[strict]}" unmap) lazy $(per_mib "${VIOMMU[lazy]}" "${BLK[lazy]}" unmap); request-queue kicks strict $(per_mib "${VIOMMU[strict]}" "${BLK[strict]}" kicks) lazy $(per_mib "${VIOMMU[lazy]}" "${BLK[lazy]}" kicks)"
+    LAZY_NOTE="per MiB of disk I/O: UNMAP strict $(per_mib "${VIOMMU[strict]}" "${BLK[strict]}" unmap) lazy $(per_mib "${VIOMMU[lazy]}" "${BLK[lazy]}" unmap); request-queue kicks strict $(per_mib "${VIOMMU[strict]}" "${BLK[strict]}" kicks) lazy $(per_mib "${VIOMMU[lazy]}" "${BLK[lazy]}" kicks); VM exits in the whole boot strict $(field "${VMEND[strict]}" exits) lazy $(field "${VMEND[lazy]}" exits)"
     if [ -z "$(field "${VIOMMU[lazy]}" kicks)" ]; then
         record "lazy.fewer_kicks_than_strict" FAIL "(the linux-vm viommu line has no kicks=N, the request-queue notifications; ${LAZY_NOTE})"
     else

@@ -65,7 +65,7 @@ case ${1:-} in
     ;;
 --direct)
     run_cases "$VMMTEST_VM" "$VMMTEST_KERNEL" "$VMMTEST_INITRD" "$VMMTEST_CASES_DIR" \
-        "${VMMTEST_CASES:-$(echo "$ALL_CASES" | tr ' ' ',')}" "${VMMTEST_TIMEOUT:-90}"
+        "${VMMTEST_CASES:-$(echo "$ALL_CASES" | tr ' ' ',')}" "${VMMTEST_TIMEOUT:-60}"
     exit 0
     ;;
 esac
@@ -89,6 +89,6 @@ fi
 cases=$(sed -n 's/.*vmmtest\.cases=\([^ ]*\).*/\1/p' /proc/cmdline)
 timeout=$(sed -n 's/.*vmmtest\.timeout=\([0-9]*\).*/\1/p' /proc/cmdline)
 run_cases /opt/linux-vm /opt/vmlinuz /opt/initrd.gz /opt/cases \
-    "${cases:-$(echo "$ALL_CASES" | tr ' ' ',')}" "${timeout:-90}"
+    "${cases:-$(echo "$ALL_CASES" | tr ' ' ',')}" "${timeout:-60}"
 sync
 poweroff -f

@@ -247,7 +247,7 @@ granule64k)
 esac
 
 # ---- what Linux said about the IOMMU
-dmesg | grep -iE 'virtio_iommu|iommu group|iommu:|viot|fault|granule' | grep -v 'Command line' | head -40 |
+dmesg | grep -iE 'virtio_iommu|iommu group|iommu:|viot| fault|granule|WARNING:.*iommu' | grep -v 'Command line' | head -40 |
     sed 's/^\[[^]]*\] //; s/^/L2-LOG /'
 awk -v c="$CASE" -v b="$BOOT_S" -v w="$W_MS" -v r="$R_MS" -v i="$IOPS" 'BEGIN {
     printf "L2-FIG %s boot_s=%s", c, b
