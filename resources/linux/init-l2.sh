@@ -227,7 +227,7 @@ fault)
         if wait_for 5 dmesg_has 'fault from EP 8 at 0xdeadb000'; then
             pass fault_reported "($(dmesg | grep -m1 'fault from EP 8 at 0xdeadb000' | sed 's/^\[[^]]*\] //'))"
         else
-            fail fault_reported "(no 'fault from EP 8 at 0xdeadb000' in dmesg; $(dmesg | grep -i fault | tail -2 | tr '\n' ' '))"
+            fail fault_reported "(no 'fault from EP 8 at 0xdeadb000' in dmesg; $(dmesg | grep ' fault' | tail -2 | tr '\n' ' '))"
         fi
     fi
     # The endpoint still works after its stray access.
