@@ -86,9 +86,13 @@ pub fn split_range(
 }
 
 /// The pieces of a virtio-iommu mapping. UNSUPP for an MMIO mapping (there
-/// is no host memory behind device MMIO to pin); RANGE for memory outside
-/// guest RAM. A mapping that grants neither read nor write has no pieces:
-/// the device may not access it, which is what an absent mapping gives.
+/// is no host memory behind device MMIO to pin); RANGE for a range that
+/// wraps. A memory mapping may name guest-physical addresses that are not
+/// RAM (Linux's identity domains map the whole input range one to one):
+/// only its RAM parts become host maps, so the device's DMA to the rest
+/// faults in the host IOMMU, as an emulated device's fails on the bus. A
+/// mapping that grants neither read nor write has no pieces: the device may
+/// not access it, which is what an absent mapping gives.
 pub fn mapping_pieces(regions: &[RamRegion], m: &Mapping) -> Result<Vec<DmaPiece>, BackendError> {
     if m.flags & VIRTIO_IOMMU_MAP_F_MMIO != 0 {
         return Err(BackendError::Unsupported(format!(
@@ -96,26 +100,35 @@ pub fn mapping_pieces(regions: &[RamRegion], m: &Mapping) -> Result<Vec<DmaPiece
             m.start
         )));
     }
-    // Inclusive end: `end - start + 1` overflows only for the full 2^64.
-    let len = m
-        .end
-        .checked_sub(m.start)
-        .and_then(|d| d.checked_add(1))
-        .ok_or_else(|| {
-            BackendError::Range(format!(
-                "mapping {:#x}..={:#x} is empty or 2^64 bytes",
-                m.start, m.end
-            ))
-        })?;
+    let wraps = || {
+        BackendError::Range(format!(
+            "mapping {:#x}..={:#x} at {:#x} is empty or wraps past 2^64",
+            m.start, m.end, m.phys
+        ))
+    };
+    let span = m.end.checked_sub(m.start).ok_or_else(wraps)?;
+    let phys_last = m.phys.checked_add(span).ok_or_else(wraps)?;
     let read = m.flags & VIRTIO_IOMMU_MAP_F_READ != 0;
     let write = m.flags & VIRTIO_IOMMU_MAP_F_WRITE != 0;
     if !read && !write {
-        // Still check the range: the guest named it, and a later change of
-        // flags is a new MAP.
-        split_range(regions, m.start, m.phys, len, false, false)?;
         return Ok(Vec::new());
     }
-    split_range(regions, m.start, m.phys, len, read, write)
+    // The RAM regions are sorted and disjoint: each overlap is one piece.
+    Ok(regions
+        .iter()
+        .filter(|r| r.gpa <= phys_last && r.last() >= m.phys)
+        .map(|r| {
+            let lo = r.gpa.max(m.phys);
+            let hi = r.last().min(phys_last);
+            DmaPiece {
+                iova: m.start + (lo - m.phys),
+                hva: r.hva + (lo - r.gpa),
+                len: hi - lo + 1,
+                read,
+                write,
+            }
+        })
+        .collect())
 }
 
 /// The identity pieces of all guest RAM (IOVA = GPA), for a bypass domain.
@@ -280,18 +293,27 @@ mod tests {
     }
 
     #[test]
-    fn mapping_outside_ram_or_over_a_hole_is_range() {
-        for m in [
-            rw(0, 0xfff, 0x30_0000),
-            rw(0, 0x10_0fff, 0x2f_f000),
-            rw(0, 0xfff, !0xfff),
-            rw(0, u64::MAX, 0),
-        ] {
-            assert!(
-                matches!(mapping_pieces(&ram(), &m), Err(BackendError::Range(_))),
-                "{m:?}"
-            );
-        }
+    fn mapping_beyond_ram_maps_only_its_ram_parts_and_a_wrap_is_range() {
+        // Entirely outside RAM: nothing to pin.
+        assert_eq!(
+            mapping_pieces(&ram(), &rw(0, 0xfff, 0x30_0000)).unwrap(),
+            vec![]
+        );
+        assert_eq!(
+            mapping_pieces(&ram(), &rw(0, 0xfff, !0xfff)).unwrap(),
+            vec![]
+        );
+        // Over a hole: the RAM page before it only.
+        let p = mapping_pieces(&ram(), &rw(0, 0x10_0fff, 0x2f_f000)).unwrap();
+        assert!(p.iter().all(|x| x.iova == 0 && x.len == 0x1000), "{p:?}");
+        // The whole space one to one: every region, at IOVA = GPA.
+        let p = mapping_pieces(&ram(), &rw(0, u64::MAX - 0xfff, 0)).unwrap();
+        assert_eq!(p, identity_pieces(&ram()));
+        // A wrap is RANGE.
+        assert!(matches!(
+            mapping_pieces(&ram(), &rw(0x1000, 0x2fff, u64::MAX - 0xfff)),
+            Err(BackendError::Range(_))
+        ));
     }
 
     #[test]
@@ -309,7 +331,8 @@ mod tests {
         let mut m = rw(0, 0xfff, 0);
         m.flags = 0;
         assert_eq!(mapping_pieces(&ram(), &m).unwrap(), vec![]);
-        m.phys = 0x30_0000;
+        m.phys = u64::MAX - 0xfff;
+        m.end = 0x1fff;
         assert!(mapping_pieces(&ram(), &m).is_err());
     }
 

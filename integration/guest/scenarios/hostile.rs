@@ -205,33 +205,64 @@ fn requests(ctx: &mut Ctx, dev: &mut Iommu, ep: u32) {
     let map = |virt: u64, pages: u64, phys: u64, flags: u32| {
         req::map(DOMAIN, virt, virt + pages * PAGE - 1, phys, flags)
     };
+    // A memory MAP may name guest-physical addresses that are not RAM
+    // (Linux's identity domains map the whole input range one to one):
+    // accepted; a DMA there fails when it happens. Only a wrap is RANGE.
     send(
         dev,
         "MAP of the hole between the RAM regions",
         &map(iova, 1, info.low_ram_end, rw),
         TAIL_SIZE,
-        st(status::RANGE),
+        st(status::OK),
+    );
+    send(
+        dev,
+        "UNMAP of it",
+        &req::unmap(DOMAIN, iova, iova + 1 * PAGE - 1),
+        TAIL_SIZE,
+        st(status::OK),
     );
     send(
         dev,
         "MAP across the end of low RAM",
         &map(iova, 2, info.low_ram_end - PAGE, rw),
         TAIL_SIZE,
-        st(status::RANGE),
+        st(status::OK),
+    );
+    send(
+        dev,
+        "UNMAP of it",
+        &req::unmap(DOMAIN, iova, iova + 2 * PAGE - 1),
+        TAIL_SIZE,
+        st(status::OK),
     );
     send(
         dev,
         "MAP past the end of high RAM",
         &map(iova, 2, info.high_ram_end - PAGE, rw),
         TAIL_SIZE,
-        st(status::RANGE),
+        st(status::OK),
+    );
+    send(
+        dev,
+        "UNMAP of it",
+        &req::unmap(DOMAIN, iova, iova + 2 * PAGE - 1),
+        TAIL_SIZE,
+        st(status::OK),
     );
     send(
         dev,
         "MAP of MMIO without the MMIO flag",
         &map(iova, 1, abi::VIRTIO_MMIO_BASE, rw),
         TAIL_SIZE,
-        st(status::RANGE),
+        st(status::OK),
+    );
+    send(
+        dev,
+        "UNMAP of it",
+        &req::unmap(DOMAIN, iova, iova + 1 * PAGE - 1),
+        TAIL_SIZE,
+        st(status::OK),
     );
     send(
         dev,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use integration::linux::config::LinuxVmConfig;
-use integration::linux::vm::{run_linux, DeviceCounters, LinuxOutcome, LinuxRunOptions};
+use integration::linux::vm::{run_linux, DeviceCounters, LinuxEnd, LinuxOutcome, LinuxRunOptions};
 use vmm_iommu::wire::Status;
 
 /// Request types by their wire number.
@@ -82,6 +82,9 @@ fn report(o: &LinuxOutcome) {
     } else {
         (0, 0)
     };
+    if let LinuxEnd::Stopped(why) = &o.end {
+        println!("linux-vm: vCPU stopped: {why}");
+    }
     println!(
         "linux-vm: end={} wall_ms={} exits={} unclaimed={}",
         o.end.as_str(),
@@ -91,7 +94,7 @@ fn report(o: &LinuxOutcome) {
     );
     println!(
         "linux-vm: viommu attach={} detach={} map={} unmap={} probe={} ok={ok} err={err} \
-         faults_delivered={} bypass_attach={} iova_lo={lo:#x} iova_hi={hi:#x} features={:#x} test_hook={}",
+         faults_delivered={} bypass_attach={} iova_lo={lo:#x} iova_hi={hi:#x} features={:#x} test_hook={} kicks={}",
         s.requests[T_ATTACH],
         s.requests[T_DETACH],
         s.requests[T_MAP],
@@ -101,6 +104,7 @@ fn report(o: &LinuxOutcome) {
         s.bypass_attaches,
         o.iommu_features,
         o.test_hook_dmas,
+        s.notifications,
     );
     for d in &o.devices {
         let head = format!(
@@ -135,7 +139,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(o) => {
             report(&o);
-            if o.end == integration::linux::vm::LinuxEnd::PowerOff {
+            if o.end == LinuxEnd::PowerOff {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

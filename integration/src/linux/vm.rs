@@ -114,22 +114,6 @@ pub enum LinuxError {
     /// The watchdog cannot be started.
     #[error("cannot start the watchdog: {0}")]
     Watchdog(#[source] std::io::Error),
-    /// The guest did not end in time.
-    #[error("the guest did not power off within {timeout:?}; console log:\n{console}")]
-    Timeout {
-        /// The deadline.
-        timeout: Duration,
-        /// The console log.
-        console: String,
-    },
-    /// KVM reported an exit the VMM does not serve, or `KVM_RUN` failed.
-    #[error("vCPU stopped: {exit}; console log:\n{console}")]
-    VcpuStopped {
-        /// What happened.
-        exit: String,
-        /// The console log.
-        console: String,
-    },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> LinuxError {
@@ -137,20 +121,27 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> LinuxError {
 }
 
 /// How the guest ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinuxEnd {
     /// ACPI S5 through the sleep control register.
     PowerOff,
     /// The i8042 reset line, or a triple fault.
     Reset,
+    /// The watchdog's deadline passed first.
+    Timeout,
+    /// The vCPU stopped: an exit the VMM does not serve, or `KVM_RUN`
+    /// failed.
+    Stopped(String),
 }
 
 impl LinuxEnd {
-    /// `poweroff` or `reset`.
-    pub fn as_str(self) -> &'static str {
+    /// `poweroff`, `reset`, `timeout` or `error`.
+    pub fn as_str(&self) -> &'static str {
         match self {
             LinuxEnd::PowerOff => "poweroff",
             LinuxEnd::Reset => "reset",
+            LinuxEnd::Timeout => "timeout",
+            LinuxEnd::Stopped(_) => "error",
         }
     }
 }
@@ -181,7 +172,8 @@ pub struct DeviceReport {
     pub counters: DeviceCounters,
 }
 
-/// A run that ended with the guest powering off or resetting.
+/// A run that started: how it ended (a clean power-off, or not) and what
+/// the VMM counted up to then.
 #[derive(Clone, Debug)]
 pub struct LinuxOutcome {
     /// How it ended.
@@ -212,7 +204,7 @@ impl StopFlag {
     fn set(&self, end: LinuxEnd) {
         let v = match end {
             LinuxEnd::PowerOff => 1,
-            LinuxEnd::Reset => 2,
+            _ => 2,
         };
         // The first end wins.
         let _ = self
@@ -327,19 +319,13 @@ struct TestHook {
     iommu: IommuTransport,
     mem: GuestMemoryMmap,
     dmas: Arc<AtomicU64>,
+    latch: [u8; 4],
 }
 
-impl MutDevicePio for TestHook {
-    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
-        data.fill(0);
-    }
-
-    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
-        let Ok(b) = <[u8; 4]>::try_from(data) else {
-            return;
-        };
-        let ep = u32::from_le_bytes(b);
-        if offset != 0 || !self.endpoints.contains(&ep) {
+impl TestHook {
+    fn fire(&mut self, ep: u32) {
+        if !self.endpoints.contains(&ep) {
+            log::info!("test hook: endpoint {ep} is not behind the vIOMMU");
             return;
         }
         let dma = IommuMemory::new(self.mem.clone(), self.viommu.endpoint_iommu(ep), true, ());
@@ -352,6 +338,29 @@ impl MutDevicePio for TestHook {
             layout::TEST_HOOK_IOVA
         );
         lock(&self.iommu).process_pending(&self.mem);
+    }
+}
+
+impl MutDevicePio for TestHook {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    /// Bytes land in a 4-byte little-endian latch (the guest may write
+    /// them one at a time, as `/dev/port` does); the write that fills its
+    /// last byte fires the DMA.
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let at = usize::from(offset);
+        for (i, b) in data.iter().enumerate() {
+            if let Some(slot) = self.latch.get_mut(at + i) {
+                *slot = *b;
+            }
+        }
+        if at + data.len() == self.latch.len() {
+            let ep = u32::from_le_bytes(self.latch);
+            self.latch = [0; 4];
+            self.fire(ep);
+        }
     }
 }
 
@@ -489,6 +498,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
             iommu: iommu.clone(),
             mem: mem.clone(),
             dmas: test_hook_dmas.clone(),
+            latch: [0; 4],
         })),
     )?;
 
@@ -522,13 +532,13 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
     let start = Instant::now();
     let mut exits = 0u64;
     let mut unclaimed = 0u64;
-    let ended = run_with_watchdog(opts.timeout, |watch| -> Result<LinuxEnd, String> {
+    let end = run_with_watchdog(opts.timeout, |watch| -> LinuxEnd {
         loop {
             if let Some(end) = stop.get() {
-                return Ok(end);
+                return end;
             }
             if watch.expired() {
-                return Err(String::new());
+                return LinuxEnd::Timeout;
             }
             let exit = vcpu.run();
             exits += 1;
@@ -555,45 +565,29 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
                         unclaimed += 1;
                     }
                 }
-                Ok(VcpuExit::Shutdown) => return Ok(LinuxEnd::Reset),
+                Ok(VcpuExit::Shutdown) => return LinuxEnd::Reset,
                 Ok(VcpuExit::Hlt) => {
                     // With the in-kernel irqchip KVM waits in HLT itself;
                     // an exit here means interrupts are off for good.
-                    return Err("the guest halted with interrupts off".into());
+                    return LinuxEnd::Stopped("the guest halted with interrupts off".into());
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    return Ok(if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
+                    return if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
                         LinuxEnd::PowerOff
                     } else {
                         LinuxEnd::Reset
-                    });
+                    };
                 }
-                Ok(other) => return Err(format!("unexpected exit {other:?}")),
+                Ok(other) => return LinuxEnd::Stopped(format!("unexpected exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     vcpu.set_kvm_immediate_exit(0);
                 }
-                Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+                Err(e) => return LinuxEnd::Stopped(format!("KVM_RUN failed: {e}")),
             }
         }
     })
     .map_err(LinuxError::Watchdog)?;
     let wall = start.elapsed();
-
-    let end = match ended {
-        Ok(end) => end,
-        Err(why) if why.is_empty() => {
-            return Err(LinuxError::Timeout {
-                timeout: opts.timeout,
-                console: console.text(),
-            })
-        }
-        Err(exit) => {
-            return Err(LinuxError::VcpuStopped {
-                exit,
-                console: console.text(),
-            })
-        }
-    };
 
     let (iommu_stats, iommu_features) = {
         let t = lock(&iommu);
@@ -705,4 +699,59 @@ fn register_mmio<D: MutDeviceMmio + Send + 'static>(
             what: what.into(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_iommu::config::IommuConfig;
+
+    fn hook() -> TestHook {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dev = VirtioIommu::new(&IommuConfig::default(), &[8], &[(0, (1 << 20) - 1)]).unwrap();
+        TestHook {
+            viommu: dev.viommu().clone(),
+            endpoints: vec![8],
+            iommu: Arc::new(Mutex::new(VirtioMmio::new(dev))),
+            mem,
+            dmas: Arc::new(AtomicU64::new(0)),
+            latch: [0; 4],
+        }
+    }
+
+    #[test]
+    fn test_hook_fires_on_the_byte_that_completes_the_endpoint_id() {
+        let mut h = hook();
+        let base = PioAddress(layout::TEST_HOOK_PORT);
+        // One byte at a time, as /dev/port writes.
+        for (i, b) in 8u32.to_le_bytes().iter().enumerate() {
+            assert_eq!(h.dmas.load(Ordering::Relaxed), 0);
+            h.pio_write(base, i as u16, &[*b]);
+        }
+        assert_eq!(h.dmas.load(Ordering::Relaxed), 1);
+        // One 4-byte write.
+        h.pio_write(base, 0, &8u32.to_le_bytes());
+        assert_eq!(h.dmas.load(Ordering::Relaxed), 2);
+        // The stray read was refused and left a fault record for endpoint 8.
+        let f = h.viommu.faults().pop().expect("a fault record");
+        assert_eq!((f.endpoint, f.address), (8, layout::TEST_HOOK_IOVA));
+        // An endpoint not behind the vIOMMU does nothing.
+        h.pio_write(base, 0, &9u32.to_le_bytes());
+        assert_eq!(h.dmas.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn sleep_register_powers_off_on_s5_only() {
+        let stop = Arc::new(StopFlag::default());
+        let mut r = SleepRegisters { stop: stop.clone() };
+        let base = PioAddress(layout::ACPI_SLEEP_CONTROL_PORT);
+        r.pio_write(base, 0, &[3 << 2 | SLP_EN]); // S3: not ours
+        r.pio_write(base, 0, &[layout::ACPI_S5_SLP_TYP << 2]); // no SLP_EN
+        assert_eq!(stop.get(), None);
+        r.pio_write(base, 0, &[layout::ACPI_S5_SLP_TYP << 2 | SLP_EN]);
+        assert_eq!(stop.get(), Some(LinuxEnd::PowerOff));
+        // The first end wins.
+        stop.set(LinuxEnd::Reset);
+        assert_eq!(stop.get(), Some(LinuxEnd::PowerOff));
+    }
 }
