@@ -116,6 +116,37 @@ impl fmt::Write for Serial {
     }
 }
 
+/// Fault-record flags printed by name (`READ|WRITE|EXEC|PRIV|ADDRESS|PASID`), any
+/// other bits in hex after them.
+pub struct FlagNames(pub u32);
+
+impl fmt::Display for FlagNames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const NAMES: [(u32, &str); 6] = [
+            (1, "READ"),
+            (2, "WRITE"),
+            (4, "EXEC"),
+            (8, "PRIV"),
+            (0x100, "ADDRESS"),
+            (0x200, "PASID"),
+        ];
+        let mut rest = self.0;
+        let mut first = true;
+        for (bit, name) in NAMES {
+            if rest & bit != 0 {
+                f.write_str(if first { "" } else { "|" })?;
+                f.write_str(name)?;
+                rest &= !bit;
+                first = false;
+            }
+        }
+        if rest != 0 || first {
+            write!(f, "{}{rest:#x}", if first { "" } else { "|" })?;
+        }
+        Ok(())
+    }
+}
+
 /// Prints to the serial port.
 #[macro_export]
 macro_rules! print {

@@ -47,10 +47,10 @@ fn run_map(fast_paths: FastPaths) -> ScenarioRun {
         "map: PROBE reports the MSI region [0xfee00000, 0xfeefffff]",
         "map: DMA copy of 12411 bytes through IOVAs verified",
         "map: DMA across the low/high RAM boundary verified",
-        "eventq: fault reason=2 endpoint=8 address=0x10000000 flags=0x102",
-        "eventq: fault reason=2 endpoint=8 address=0x10100000 flags=0x102",
+        "eventq: fault reason=MAPPING endpoint=8 address=0x10000000 flags=WRITE|ADDRESS",
+        "eventq: fault reason=MAPPING endpoint=8 address=0x10100000 flags=WRITE|ADDRESS",
         "map: DMA after UNMAP blocked, MAPPING fault read from the eventq",
-        "eventq: fault reason=1 endpoint=8 address=0x10000000 flags=0x101",
+        "eventq: fault reason=DOMAIN endpoint=8 address=0x10000000 flags=READ|ADDRESS",
         "map: PASS",
     ] {
         assert!(serial.contains(line), "missing {line:?} in:\n{serial}");

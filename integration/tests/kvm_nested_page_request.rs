@@ -35,10 +35,10 @@ fn dma_to_missing_pages_waits_for_page_resp_then_completes_or_faults() {
     for line in [
         "page-request: start (features 0x300000100000077)",
         "page-request: DMA to 2 not-present pages waits for a page",
-        "eventq: page request reason=2 endpoint=8 pasid=0x77 grpid=0 address=0x555500400000 flags=0x302 pr_flags=0x1 len=40",
-        "eventq: page request reason=2 endpoint=8 pasid=0x77 grpid=1 address=0x555500401000 flags=0x302 pr_flags=0x1 len=40",
+        "eventq: page request reason=MAPPING endpoint=8 pasid=0x77 grpid=0 address=0x555500400000 flags=WRITE|ADDRESS|PASID pr_flags=0x1 len=40",
+        "eventq: page request reason=MAPPING endpoint=8 pasid=0x77 grpid=1 address=0x555500401000 flags=WRITE|ADDRESS|PASID pr_flags=0x1 len=40",
         "page-request: 2 page requests answered SUCCESS, the DMA completed and the data is right",
-        "eventq: page request reason=2 endpoint=8 pasid=0x77 grpid=2 address=0x555500800000 flags=0x302 pr_flags=0x1 len=40",
+        "eventq: page request reason=MAPPING endpoint=8 pasid=0x77 grpid=2 address=0x555500800000 flags=WRITE|ADDRESS|PASID pr_flags=0x1 len=40",
         "page-request: PAGE_RESP FAILURE ends the DMA with a fault status",
         "page-request: PAGE_RESP for groups not pending: NOENT",
         "page-request: PASS",

@@ -34,8 +34,8 @@ fn smmuv3_cd_table_dma_then_stale_tlb_until_invalidate() {
     for line in [
         "nested-smmuv3: PROBE: PASID_SIZE 16, PASID_TABLE_FMT arm-smmuv3 over arm-lpae",
         "nested-smmuv3: DMA copy of 8269 bytes with SSID 3 through the AArch64 tables verified",
-        "eventq: fault reason=2 endpoint=8 pasid=0x3 grpid=0 address=0x7f1234501000 flags=0x302 pr_flags=0x0 len=40",
-        "eventq: fault reason=1 endpoint=8 pasid=0x0 grpid=0 address=0x7f1234500000 flags=0x101 pr_flags=0x0 len=40",
+        "eventq: fault reason=MAPPING endpoint=8 pasid=0x3 grpid=0 address=0x7f1234501000 flags=WRITE|ADDRESS|PASID pr_flags=0x0 len=40",
+        "eventq: fault reason=DOMAIN endpoint=8 pasid=0x0 grpid=0 address=0x7f1234500000 flags=READ|ADDRESS pr_flags=0x0 len=40",
         "nested-smmuv3: page descriptor repointed without INVALIDATE: DMA still reaches the old page",
         "nested-smmuv3: after INVALIDATE (VA, IOTLB, SSID + ASID, LEAF) the DMA reaches the new page",
         "stale until INVALIDATE (PASID, CD cache + TLB), then used",

@@ -43,8 +43,8 @@ fn vtd_pasid_table_dma_then_stale_iotlb_and_pasid_cache_until_invalidate() {
     for line in [
         "nested-vtd: PROBE: PASID_SIZE 16, OUTPUT_SIZE 52, PASID_TABLE_FMT intel-vtd over x86-64",
         "nested-vtd: DMA copy of 8513 bytes with PASID 0x1234 through the guest's tables verified",
-        "eventq: fault reason=2 endpoint=8 pasid=0x1234 grpid=0 address=0x7f1234500000 flags=0x302 pr_flags=0x0 len=40",
-        "eventq: fault reason=1 endpoint=8 pasid=0x0 grpid=0 address=0x7f1234500000 flags=0x101 pr_flags=0x0 len=40",
+        "eventq: fault reason=MAPPING endpoint=8 pasid=0x1234 grpid=0 address=0x7f1234500000 flags=WRITE|ADDRESS|PASID pr_flags=0x0 len=40",
+        "eventq: fault reason=DOMAIN endpoint=8 pasid=0x0 grpid=0 address=0x7f1234500000 flags=READ|ADDRESS pr_flags=0x0 len=40",
         "nested-vtd: leaf repointed without INVALIDATE: DMA still reaches the old page (stale IOTLB)",
         "nested-vtd: after INVALIDATE (VA, IOTLB, PASID, LEAF) the DMA reaches the new page",
         "old tables still used (stale PASID cache)",

@@ -74,14 +74,14 @@ pub enum ConfigError {
         /// The rule that was broken, in words.
         rule: String,
     },
-    /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    /// The config file could not be read. The reason is in the message,
+    /// not also a `source()`, so an error chain names it once.
+    #[error("cannot read config file {path}: {reason}")]
     Io {
         /// The file that could not be read.
         path: String,
         /// Why it could not be read.
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 }
 
@@ -497,9 +497,9 @@ impl VmConfig {
 
     /// Reads, parses and validates a VM config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Io {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         Self::from_json_str(&text)
     }

@@ -169,14 +169,14 @@ pub fn expect_ext_fault(
         crate::rt::exit(line!());
     };
     println!(
-        "  eventq: {} reason={} endpoint={} pasid={:#x} grpid={} address={:#x} flags={:#x} pr_flags={:#x} len={}",
+        "  eventq: {} reason={} endpoint={} pasid={:#x} grpid={} address={:#x} flags={} pr_flags={:#x} len={}",
         if f.flt_type == n::FLT_PAGE_REQ { "page request" } else { "fault" },
-        f.reason,
+        reason_name(f.reason),
         f.endpoint,
         f.pasid,
         f.grpid,
         f.address,
-        f.flags,
+        flag_names(f.flags),
         f.pr_evt_flags,
         f.len
     );
@@ -248,6 +248,22 @@ pub fn all_bytes(a: u64, len: u64, v: u8) -> bool {
     (0..len).all(|i| crate::rt::peek8(a + i) == v)
 }
 
+/// The spec's name of a fault reason (`VIRTIO_IOMMU_FAULT_R_*`).
+fn reason_name(r: u8) -> &'static str {
+    match r {
+        0 => "UNKNOWN",
+        1 => "DOMAIN",
+        2 => "MAPPING",
+        _ => "reserved",
+    }
+}
+
+/// The fault flags by name (`VIRTIO_IOMMU_FAULT_F_*`: READ 1, WRITE 2,
+/// EXEC 4, ADDRESS 0x100), `|`-joined, any other bits in hex.
+fn flag_names(f: u32) -> crate::rt::FlagNames {
+    crate::rt::FlagNames(f)
+}
+
 /// Checks the next fault record: its reason, endpoint, address and flags.
 pub fn expect_fault(dev: &mut Iommu, reason: u8, endpoint: u32, address: u64, flags: u32) {
     let Some(f) = dev.next_fault() else {
@@ -255,8 +271,11 @@ pub fn expect_fault(dev: &mut Iommu, reason: u8, endpoint: u32, address: u64, fl
         crate::rt::exit(line!());
     };
     println!(
-        "  eventq: fault reason={} endpoint={} address={:#x} flags={:#x}",
-        f.reason, f.endpoint, f.address, f.flags
+        "  eventq: fault reason={} endpoint={} address={:#x} flags={}",
+        reason_name(f.reason),
+        f.endpoint,
+        f.address,
+        flag_names(f.flags)
     );
     check_eq!(f.reason, reason, "fault reason");
     check_eq!(f.endpoint, endpoint, "fault endpoint");

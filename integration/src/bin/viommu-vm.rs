@@ -14,7 +14,9 @@
 //! force the fallbacks: the MMIO exit path, and no interrupt line.
 //!
 //! Without `/dev/kvm` it falls back, saying so, to the host-side scripted
-//! driver session (no guest runs), unless `VMM_IOMMU_REQUIRE_KVM=1`.
+//! driver session (no guest runs) and exits 3 even when that session
+//! passes, unless `VMM_IOMMU_REQUIRE_KVM=1` (then it fails); a bad flag or
+//! config exits 2 with the error chain.
 //!
 //! Usage: `viommu-vm [--host-driver] [--verbose] [--bench N] [--timeout SECS]
 //! [--no-ioeventfd] [--no-irqfd] [--fallback] [CONFIG.json]`
@@ -91,7 +93,23 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
-fn main() -> Result<ExitCode> {
+/// Exit status when no guest could run and the host-side session ran in
+/// its place: it passed, but it is not the main job passing.
+const EXIT_FELL_BACK: u8 = 3;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            // The error chain only: a backtrace helps nobody with a bad
+            // flag or config.
+            eprintln!("viommu-vm: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
     let args = parse_args()?;
     let cfg = VmConfig::from_file(&args.config)
         .with_context(|| format!("config {}", args.config.display()))?;
@@ -105,7 +123,12 @@ fn main() -> Result<ExitCode> {
         }
         println!("KVM: {why}");
         println!("FALLBACK: no guest can run here; running the host-side scripted driver session instead");
-        return host_driver(&cfg);
+        host_driver(&cfg)?;
+        println!(
+            "FALLBACK: the host-side session passed, but no guest ran: exit status {EXIT_FELL_BACK} \
+             (--host-driver asks for that session alone and exits 0)"
+        );
+        return Ok(ExitCode::from(EXIT_FELL_BACK));
     }
     let plan = plan(&cfg).with_context(|| format!("config {}", args.config.display()))?;
     let (scenarios, skipped) = (plan.run, plan.skipped);

@@ -28,14 +28,14 @@ pub const MAX_DISK_MIB: u64 = 1024;
 /// A config that cannot be used, with the JSON path and the rule.
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxConfigError {
-    /// The file cannot be read.
-    #[error("cannot read {path}: {source}")]
+    /// The file cannot be read (the reason is in the message only, so an
+    /// error chain names it once).
+    #[error("cannot read {path}: {reason}")]
     Io {
         /// The file.
         path: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
+        /// Why.
+        reason: std::io::Error,
     },
     /// Not JSON of the right shape.
     #[error("{0}")]
@@ -150,9 +150,9 @@ impl LinuxVmConfig {
 
     /// Reads, parses and checks a config file.
     pub fn from_file(path: &Path) -> Result<Self, LinuxConfigError> {
-        let s = std::fs::read_to_string(path).map_err(|source| LinuxConfigError::Io {
+        let s = std::fs::read_to_string(path).map_err(|reason| LinuxConfigError::Io {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         Self::from_json_str(&s)
     }
