@@ -2,9 +2,16 @@
 # Prints the figures the issues ask for.
 #   scripts/bench.sh            everything (about 3 minutes)
 #   scripts/bench.sh --quick    a fast pass of everything
-#   scripts/bench.sh peer       one part: peer | walk | nested | lowering
+#   scripts/bench.sh peer       one part: peer | dma | index | walk | nested | lowering
 # peer:     the peer request stream (docs/BENCH.md) beside the cloud-hypervisor
 #           and crosvm figures: pairs/s, heap per mapping, translations
+#           (peer includes dma and index)
+# dma:      an emulated device's memory access through the vIOMMU (issue 14
+#           part 1): read_obj hot and random over 10,000 mappings, 4 KiB
+#           copies; DmaMemory and IommuMemory beside plain GuestMemoryMmap and
+#           the Translator alone, as same-run ratios
+# index:    random translation over 1,000,000 mappings beside a plain
+#           BTreeMap<u64, _> lookup over the same mappings (issue 14 part 2)
 # walk:     stage-1 walk latency per format, from the root and from the
 #           paging-structure cache
 # nested:   the software nested IOMMU (front-TLB hit, IOTLB hit, warm and cold
@@ -29,9 +36,10 @@ for p in "${parts[@]}"; do
     echo "=== $p ==="
     case "$p" in
         peer) cargo bench -q -p vmm-iommu --bench peer_stream -- "${quick[@]}" ;;
+        dma|index) cargo bench -q -p vmm-iommu --bench peer_stream -- "${quick[@]}" "$p" ;;
         walk) cargo bench -q -p vmm-iommu --bench walk -- "${quick[@]}" ;;
         nested) cargo bench -q -p vmm-iommu --bench nested -- "${quick[@]}" 2>&1 | grep -vE '^(Benchmarking|Warming|Collecting|Analyzing)|^\s*$|change:|No change|Change within|Performance has' ;;
         lowering) cargo bench -q -p vfio-passthrough --bench lowering -- "${quick[@]}" 2>&1 | grep -vE '^(Benchmarking|Warming|Collecting|Analyzing)|^\s*$|change:|No change|Change within|Performance has' ;;
-        *) echo "unknown part $p (peer | walk | nested | lowering)" >&2; exit 2 ;;
+        *) echo "unknown part $p (peer | dma | index | walk | nested | lowering)" >&2; exit 2 ;;
     esac
 done

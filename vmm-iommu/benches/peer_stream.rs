@@ -398,11 +398,13 @@ impl Opts {
                         .and_then(|s| Duration::try_from_secs_f64(s).ok())
                         .unwrap_or_default()
                 }
-                s @ ("memory" | "device" | "state" | "translate") => o.sections.push(s.into()),
+                s @ ("memory" | "device" | "state" | "translate" | "dma" | "index") => {
+                    o.sections.push(s.into())
+                }
                 _ => {
                     eprintln!(
                         "usage: peer_stream [--quick] [--runs N] [--secs S] \
-                         [memory|device|state|translate]..."
+                         [memory|device|state|translate|dma|index]..."
                     );
                     std::process::exit(2);
                 }
@@ -858,40 +860,263 @@ fn translate_section(o: &Opts) {
         );
         print(&peers(row(&name, Kind::Latency, &st)));
     }
+}
 
-    // vm-memory's IommuMemory over EndpointIommu: read_obj::<u64>, N = 10,000,
-    // over real memory at the mapped guest-physical pages, every 64-byte
-    // slot holding its own guest-physical address.
+/// Like [`measure`] for two workloads that are compared: their runs
+/// alternate (`base`, `ours`, `base`, ...) so that both see the same
+/// machine, and the ratio is the median of the per-run ratios of
+/// ops/s (`ours / base`).
+fn measure_vs(
+    o: &Opts,
+    mut base: impl FnMut() -> (Duration, u64),
+    mut ours: impl FnMut() -> (Duration, u64),
+) -> (Stats, Stats, f64) {
+    fn run(step: &mut impl FnMut() -> (Duration, u64), target: Duration) -> f64 {
+        let (mut t, mut n) = (Duration::ZERO, 0u64);
+        while t < target {
+            let (d, k) = step();
+            t += d;
+            n += k;
+        }
+        n as f64 / t.as_secs_f64()
+    }
+    run(&mut base, o.run_time / 5);
+    run(&mut ours, o.run_time / 5);
+    let (mut b, mut u, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..o.runs {
+        let x = run(&mut base, o.run_time);
+        let y = run(&mut ours, o.run_time);
+        b.push(x);
+        u.push(y);
+        r.push(y / x);
+    }
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let m = v.len();
+        let median = if m % 2 == 1 {
+            v[m / 2]
+        } else {
+            (v[m / 2 - 1] + v[m / 2]) / 2.0
+        };
+        Stats {
+            median,
+            spread: (v[m - 1] - v[0]) / median,
+        }
+    };
+    let ratio = stats(r).median;
+    (stats(b), stats(u), ratio)
+}
+
+/// Prints a same-run ratio and whether it meets `target` (`<=` for
+/// costs, `>=` for bandwidth).
+fn print_ratio(what: &str, ratio: f64, target: f64, at_most: bool) {
+    let ok = if at_most {
+        ratio <= target
+    } else {
+        ratio >= target
+    };
+    println!(
+        "  {what} = {ratio:.2} (target {} {target:.2}) {}",
+        if at_most { "<=" } else { ">=" },
+        if ok { "MET" } else { "MISSED" }
+    );
+    let _ = std::io::stdout().flush();
+}
+
+/// `reps` reads of a `u64` by `read` at each address of `at`; every value
+/// read is checked against the guest-physical address the slot holds.
+fn read_u64s<E>(
+    read: impl Fn(GuestAddress) -> Result<u64, E>,
+    at: &[(u64, u64)],
+    reps: usize,
+) -> (Duration, u64) {
+    let mut bad = 0u64;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        for &(a, expect) in at {
+            match read(GuestAddress(black_box(a))) {
+                Ok(x) => bad += u64::from(x != expect),
+                Err(_) => bad += 1,
+            }
+        }
+    }
+    let dt = t0.elapsed();
+    assert_eq!(bad, 0, "wrong bytes read");
+    (dt, (at.len() * reps) as u64)
+}
+
+/// `reps` rounds of 4 KiB copies by `copy` from each page of `at` into a
+/// buffer; the first `u64` of each copy is checked. Counts bytes.
+fn copy_pages<E>(
+    copy: impl Fn(&mut [u8], GuestAddress) -> Result<(), E>,
+    at: &[(u64, u64)],
+    reps: usize,
+) -> (Duration, u64) {
+    let mut buf = vec![0u8; PAGE as usize];
+    let mut bad = 0u64;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        for &(a, expect) in at {
+            match copy(&mut buf, GuestAddress(black_box(a))) {
+                Ok(()) => {
+                    let first = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                    bad += u64::from(first != expect);
+                }
+                Err(_) => bad += 1,
+            }
+        }
+    }
+    let dt = t0.elapsed();
+    assert_eq!(bad, 0, "wrong bytes copied");
+    (dt, (at.len() * reps) as u64 * PAGE)
+}
+
+/// The emulated device's memory access through the vIOMMU (issue 14,
+/// part 1), each figure beside its same-run baseline: plain
+/// `GuestMemoryMmap` at the guest-physical address, the `Translator`
+/// alone, [`vmm_iommu::dma_memory::DmaMemory`] and vm-memory's
+/// `IommuMemory` over `EndpointIommu`.
+fn dma_section(o: &Opts) {
+    use vmm_iommu::dma_memory::DmaMemory;
     const N: u64 = 10_000;
+    let v = state_viommu(N);
+    // Real memory at the mapped guest-physical pages, every 64-byte slot
+    // holding its own guest-physical address.
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(PHYS_BASE), (N * PAGE) as usize)])
         .expect("guest memory");
     for a in (PHYS_BASE..PHYS_BASE + N * PAGE).step_by(64) {
         mem.write_obj(a, GuestAddress(a)).unwrap();
     }
-    let im = IommuMemory::new(mem, v.endpoint_iommu(EP), true, ());
+    let dma: DmaMemory<GuestMemoryMmap> = v.dma_memory(EP, mem.clone());
+    let im = IommuMemory::new(mem.clone(), v.endpoint_iommu(EP), true, ());
     let lk = lookups(N);
-    let st = measure(o, || {
-        let mut bad = 0u64;
-        let t0 = Instant::now();
-        for l in &lk {
-            match im.read_obj::<u64>(GuestAddress(l.iova)) {
-                Ok(x) => bad += u64::from(x != l.gpa),
-                Err(_) => bad += 1,
-            }
-        }
-        let dt = t0.elapsed();
-        assert_eq!(bad, 0);
-        (dt, lk.len() as u64)
-    });
+    let phys: Vec<(u64, u64)> = lk.iter().map(|l| (l.gpa, l.gpa)).collect();
+    let virt: Vec<(u64, u64)> = lk.iter().map(|l| (l.iova, l.gpa)).collect();
+    let lat = |name: &str, st: &Stats| print(&row(name, Kind::Latency, st));
+    // The three ways a device model reads: plain memory at the
+    // guest-physical address (the baseline), DmaMemory's own methods, and
+    // the generic `Bytes` trait (what virtio-queue and generic device code
+    // use) over DmaMemory and over IommuMemory.
+    let plain = |a: GuestAddress| mem.read_obj::<u64>(a);
+    let own = |a: GuestAddress| dma.read_obj::<u64>(a);
+    let generic = |a: GuestAddress| <DmaMemory<_> as Bytes<GuestAddress>>::read_obj::<u64>(&dma, a);
+    let iommu_mem = |a: GuestAddress| im.read_obj::<u64>(a);
+
+    // IOTLB hit: one hot address, repeated.
+    const REPS: usize = 100_000;
+    let one_p = [phys[0]];
+    let one_v = [virt[0]];
+    for (label, f) in [
+        ("DmaMemory::read_obj", &own as &dyn Fn(GuestAddress) -> _),
+        ("DmaMemory via Bytes trait", &generic),
+    ] {
+        let (b, d, r) = measure_vs(
+            o,
+            || read_u64s(plain, &one_p, REPS),
+            || read_u64s(f, &one_v, REPS),
+        );
+        lat("read_obj u64, hot, plain GuestMemoryMmap", &b);
+        lat(&format!("read_obj u64, hot (IOTLB hit), {label}"), &d);
+        print_ratio(&format!("{label} / plain, hot"), 1.0 / r, 2.0, true);
+    }
+    let (b, d, r) = measure_vs(
+        o,
+        || read_u64s(plain, &one_p, REPS),
+        || read_u64s(iommu_mem, &one_v, REPS),
+    );
+    lat("read_obj u64, hot, plain GuestMemoryMmap", &b);
+    lat("read_obj u64, hot, IommuMemory+EndpointIommu", &d);
+    print_ratio("IommuMemory / plain, hot", 1.0 / r, 2.0, true);
+
+    // Random over the 10,000 mappings: against the Translator alone.
+    let mut tr = v.translator(EP);
+    for (label, f) in [
+        ("DmaMemory::read_obj", &own as &dyn Fn(GuestAddress) -> _),
+        ("DmaMemory via Bytes trait", &generic),
+    ] {
+        let (b, d, r) = measure_vs(
+            o,
+            || translate_independent(&mut tr, &lk),
+            || read_u64s(f, &virt, 1),
+        );
+        lat("translate 64 B, random, N=10,000, Translator", &b);
+        lat(&format!("read_obj u64, random, N=10,000, {label}"), &d);
+        print_ratio(&format!("{label} / Translator, random"), 1.0 / r, 1.3, true);
+    }
+    let (hits, misses) = dma.hit_miss();
+    println!(
+        "  (DmaMemory IOTLB: {} entries, hit rate over all the above {:.1}%)",
+        vmm_iommu::dma_memory::DMA_TLB_ENTRIES,
+        100.0 * hits as f64 / (hits + misses).max(1) as f64
+    );
+    let (b, d, r) = measure_vs(
+        o,
+        || translate_independent(&mut tr, &lk),
+        || read_u64s(iommu_mem, &virt, 1),
+    );
+    lat("translate 64 B, random, N=10,000, Translator", &b);
     print(&Fig {
         ch: Some(126.0),
         crosvm: Some(82.0),
         ..row(
             "read_obj u64, random, N=10,000, IommuMemory+EndpointIommu",
             Kind::Latency,
-            &st,
+            &d,
         )
     });
+    print_ratio("IommuMemory / Translator, random", 1.0 / r, 1.3, true);
+    let (b, d, r) = measure_vs(
+        o,
+        || read_u64s(plain, &phys, 1),
+        || read_u64s(own, &virt, 1),
+    );
+    lat("read_obj u64, random, N=10,000, plain GuestMemoryMmap", &b);
+    lat("read_obj u64, random, N=10,000, DmaMemory::read_obj", &d);
+    println!("  DmaMemory / plain, random = {:.2} (information)", 1.0 / r);
+
+    // 4 KiB copies: 64 hot pages, then pages at random over the 10,000
+    // mappings.
+    let page = |x: &(u64, u64)| (x.0 & !(PAGE - 1), x.1 & !(PAGE - 1));
+    let gbps = |s: &Stats| format!("{:.2} GB/s", s.median / 1e9);
+    let plain_copy = |b: &mut [u8], a: GuestAddress| mem.read_slice(b, a);
+    let own_copy = |b: &mut [u8], a: GuestAddress| dma.read_slice(b, a);
+    let generic_copy = |b: &mut [u8], a: GuestAddress| {
+        <DmaMemory<_> as Bytes<GuestAddress>>::read_slice(&dma, b, a)
+    };
+    for (label, count) in [
+        ("64 hot pages", 64usize),
+        ("random, N=10,000", lk.len() / 4),
+    ] {
+        let pp: Vec<(u64, u64)> = phys[..count].iter().map(page).collect();
+        let vp: Vec<(u64, u64)> = virt[..count].iter().map(page).collect();
+        let reps = (lk.len() / 4 / count).max(1);
+        for (how, f) in [
+            (
+                "DmaMemory::read_slice",
+                &own_copy as &dyn Fn(&mut [u8], GuestAddress) -> _,
+            ),
+            ("DmaMemory via Bytes trait", &generic_copy),
+        ] {
+            let (b, d, r) = measure_vs(
+                o,
+                || copy_pages(plain_copy, &pp, reps),
+                || copy_pages(f, &vp, reps),
+            );
+            println!(
+                "{:<54} {:>24} {:>5.0}%",
+                format!("copy 4 KiB, {label}, plain GuestMemoryMmap"),
+                gbps(&b),
+                b.spread * 100.0
+            );
+            println!(
+                "{:<54} {:>24} {:>5.0}%",
+                format!("copy 4 KiB, {label}, {how}"),
+                gbps(&d),
+                d.spread * 100.0
+            );
+            print_ratio(&format!("{how} / plain bandwidth, {label}"), r, 0.9, false);
+        }
+    }
 }
 
 fn main() {
@@ -915,5 +1140,8 @@ fn main() {
     }
     if o.wants("translate") {
         translate_section(&o);
+    }
+    if o.wants("dma") {
+        dma_section(&o);
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Layout: [`wire`] knows bytes, [`config`] knows the VM config, [`mapping`]
 //! and [`state`] know the spec's rules, [`viommu`] shares the state with
-//! translators, [`translate`] knows caches, [`device`] knows queues.
+//! translators, [`translate`] and [`dma_memory`] know caches, [`device`]
+//! knows queues.
 //! [`testing`] is a driver-side helper for tests, benchmarks and the demo.
 
 #![deny(missing_docs)]
@@ -13,6 +14,7 @@
 pub mod backend;
 pub mod config;
 pub mod device;
+pub mod dma_memory;
 pub mod emulated;
 pub mod fault;
 pub mod invalidation;

@@ -13,6 +13,7 @@ use crate::backend::{
     BackendError, BackendFault, DomainView, IommuBackend, PageResponse, TableBinding,
 };
 use crate::config::IommuConfig;
+use crate::dma_memory::DmaMemory;
 use crate::fault::FaultQueue;
 use crate::invalidation::{coalesce, Invalidation, WIDEN_THRESHOLD_PAGES};
 use crate::mapping::Mapping;
@@ -628,6 +629,18 @@ impl Viommu {
     /// emulated device thread.
     pub fn translator(self: &Arc<Self>, ep: u32) -> Translator {
         Translator::new(Arc::clone(self), ep)
+    }
+
+    /// Guest memory `mem` as endpoint `ep` sees it through this vIOMMU, with
+    /// an IOTLB of its own: the fast path for one emulated device thread,
+    /// usable wherever vm-memory and virtio-queue take a
+    /// [`vm_memory::GuestMemory`].
+    pub fn dma_memory<M: vm_memory::GuestMemoryBackend>(
+        self: &Arc<Self>,
+        ep: u32,
+        mem: M,
+    ) -> DmaMemory<M> {
+        DmaMemory::new(Arc::clone(self), ep, mem)
     }
 
     /// A vm-memory [`vm_memory::Iommu`] for endpoint `ep`, to wrap guest

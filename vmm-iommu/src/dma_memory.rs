@@ -1,0 +1,739 @@
+//! Guest memory as an emulated device behind the vIOMMU sees it: a
+//! [`vm_memory::GuestMemory`] (the IOVA-aware trait that virtio-queue's
+//! `Queue` methods and vm-memory's `Bytes` accept) that translates every
+//! access through one endpoint's domain, with a per-thread IOTLB in front.
+//!
+//! This is the fast path for device models; vm-memory's `IommuMemory` over
+//! [`crate::translate::EndpointIommu`] stays available for those who want
+//! vm-memory's own `Iommu` interface. The differences that make this one
+//! cheap: a hit is a generation load and one direct-mapped entry compare
+//! (no lock, no range-map search), an entry covers the whole mapping its
+//! page lies in (so a buffer inside one mapping is one slice however long
+//! it is), and a miss takes the vIOMMU's read lock once and nothing else.
+//!
+//! It owns the cache only. It never decides what is mapped (the state model
+//! does) and never touches memory outside what the domain grants; whether a
+//! granted address is guest RAM is checked by the underlying
+//! [`GuestMemoryBackend`]. The cache is dropped whenever the vIOMMU's
+//! generation moves, which happens before an UNMAP or DETACH status is
+//! written, so every access that starts after that status sees the change.
+//!
+//! One `DmaMemory` per device thread: the cache uses `Cell`s, so the type is
+//! `Send` but not `Sync`. Cloning gives an independent, empty cache over the
+//! same memory and endpoint.
+//!
+//! Dirty tracking goes to the underlying memory's bitmaps (guest-physical
+//! pages, what live migration copies), unlike `IommuMemory`, which logs
+//! IOVA pages in a bitmap of its own.
+
+use std::cell::Cell;
+use std::fmt;
+use std::iter::FusedIterator;
+use std::sync::Arc;
+
+use vm_memory::bitmap::{BS, MS};
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::iommu::{Error as IommuError, IovaRange};
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
+    GuestMemoryRegion, GuestMemoryResult, Permissions, VolatileSlice,
+};
+
+use crate::state::{ACCESS_READ, ACCESS_WRITE};
+use crate::translate::TranslateError;
+use crate::viommu::Viommu;
+
+/// Entries in a [`DmaMemory`]'s IOTLB by default (32 bytes each, 512 KiB):
+/// enough for a device's working set of a few thousand mappings, so that
+/// random access over them mostly hits. Each entry is one 4 KiB IOVA page
+/// tagged with the mapping window it lies in.
+pub const DMA_TLB_ENTRIES: usize = 16384;
+const PAGE_SHIFT: u32 = 12;
+const PAGE_MASK: u64 = (1 << PAGE_SHIFT) - 1;
+/// Permission bits packed into the low bits of an entry's page address.
+const PERM_MASK: u64 = (ACCESS_READ | ACCESS_WRITE) as u64;
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    /// IOVA page number.
+    tag: u64,
+    /// Guest-physical address of the page (4 KiB-aligned), with the
+    /// permitted accesses (`ACCESS_READ` / `ACCESS_WRITE`) in its low bits.
+    phys_perm: u64,
+    /// Last IOVA (inclusive) of the mapping window the page lies in: every
+    /// byte up to it translates linearly from the page's address.
+    last: u64,
+    /// The vIOMMU generation the entry was filled under, plus one (0: never
+    /// filled). An entry of an older generation is dead, so moving the
+    /// generation empties the cache without touching it.
+    generation: u64,
+}
+
+const EMPTY: Entry = Entry {
+    tag: 0,
+    phys_perm: 0,
+    last: 0,
+    generation: 0,
+};
+
+/// Guest memory seen through one vIOMMU endpoint, for one device thread.
+pub struct DmaMemory<M: GuestMemoryBackend> {
+    mem: M,
+    viommu: Arc<Viommu>,
+    endpoint: u32,
+    tlb: Box<[Cell<Entry>]>,
+    /// `log2(tlb.len())`.
+    tlb_bits: u32,
+    hits: Cell<u64>,
+    misses: Cell<u64>,
+}
+
+impl<M: GuestMemoryBackend> fmt::Debug for DmaMemory<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaMemory")
+            .field("endpoint", &self.endpoint)
+            .field("tlb_entries", &self.tlb.len())
+            .field("hits", &self.hits.get())
+            .field("misses", &self.misses.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: GuestMemoryBackend + Clone> Clone for DmaMemory<M> {
+    /// The same memory and endpoint with an empty cache of its own (for
+    /// another device thread).
+    fn clone(&self) -> Self {
+        DmaMemory::with_tlb_entries(
+            Arc::clone(&self.viommu),
+            self.endpoint,
+            self.mem.clone(),
+            self.tlb.len(),
+        )
+    }
+}
+
+fn access_bits(p: Permissions) -> u32 {
+    match p {
+        Permissions::No => 0,
+        Permissions::Read => ACCESS_READ,
+        Permissions::Write => ACCESS_WRITE,
+        Permissions::ReadWrite => ACCESS_READ | ACCESS_WRITE,
+    }
+}
+
+impl<M: GuestMemoryBackend> DmaMemory<M> {
+    /// `mem` (guest-physical memory) as endpoint `endpoint` of `viommu`
+    /// sees it, with an IOTLB of [`DMA_TLB_ENTRIES`]. See also
+    /// [`Viommu::dma_memory`].
+    pub fn new(viommu: Arc<Viommu>, endpoint: u32, mem: M) -> Self {
+        Self::with_tlb_entries(viommu, endpoint, mem, DMA_TLB_ENTRIES)
+    }
+
+    /// As [`Self::new`] with an IOTLB of `entries` (rounded up to a power
+    /// of two, at least 1).
+    pub fn with_tlb_entries(viommu: Arc<Viommu>, endpoint: u32, mem: M, entries: usize) -> Self {
+        let entries = entries.max(1).next_power_of_two();
+        DmaMemory {
+            mem,
+            viommu,
+            endpoint,
+            tlb: vec![Cell::new(EMPTY); entries].into_boxed_slice(),
+            tlb_bits: entries.trailing_zeros(),
+            hits: Cell::new(0),
+            misses: Cell::new(0),
+        }
+    }
+
+    /// The endpoint whose accesses this memory makes.
+    pub fn endpoint(&self) -> u32 {
+        self.endpoint
+    }
+
+    /// The guest-physical memory underneath.
+    pub fn physical(&self) -> &M {
+        &self.mem
+    }
+
+    /// IOTLB hits and misses so far.
+    pub fn hit_miss(&self) -> (u64, u64) {
+        (self.hits.get(), self.misses.get())
+    }
+
+    /// The IOTLB slot of IOVA page `page`: a multiplicative hash, so that
+    /// strided layouts (every other page mapped, say) use every slot.
+    #[inline(always)]
+    fn slot(&self, page: u64) -> &Cell<Entry> {
+        let h = page.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // `tlb_bits <= 63`; for a one-entry IOTLB the shift is 64 bits,
+        // which `checked_shr` turns into slot 0.
+        let i = h.checked_shr(64 - self.tlb_bits).unwrap_or(0) as usize;
+        &self.tlb[i & (self.tlb.len() - 1)]
+    }
+
+    /// Translates `iova` for `access` (`ACCESS_READ` and/or `ACCESS_WRITE`
+    /// bits). Returns the guest-physical address and how many bytes from
+    /// `iova` on translate linearly with the same permissions (to the end
+    /// of the mapping; saturated at `u64::MAX`). A refusal queues a fault
+    /// record for the driver.
+    #[inline(always)]
+    pub fn translate(&self, iova: u64, access: u32) -> Result<(u64, u64), TranslateError> {
+        // Loaded before the lookup: a translation an UNMAP revokes after
+        // this point is filled under the old generation and is dead at the
+        // next access.
+        let generation = self.viommu.generation().wrapping_add(1);
+        let page = iova >> PAGE_SHIFT;
+        let e = self.slot(page).get();
+        if e.tag == page
+            && e.generation == generation
+            && u64::from(access) & !e.phys_perm & PERM_MASK == 0
+        {
+            self.hits.set(self.hits.get() + 1);
+            let phys = e.phys_perm & !PAGE_MASK;
+            return Ok((phys | (iova & PAGE_MASK), span(iova, e.last)));
+        }
+        self.miss(iova, access, generation)
+    }
+
+    #[inline(never)]
+    fn miss(&self, iova: u64, access: u32, generation: u64) -> Result<(u64, u64), TranslateError> {
+        self.misses.set(self.misses.get() + 1);
+        match self.viommu.translate(self.endpoint, iova, access) {
+            Ok(t) => {
+                let page = iova >> PAGE_SHIFT;
+                let page_start = iova & !PAGE_MASK;
+                let phys = t.gpa(page_start);
+                // Mappings are granule-aligned (granule >= 4 KiB), so the
+                // page lies inside the window and its address is aligned;
+                // cache only if that holds.
+                if page_start >= t.iova_start && phys & PAGE_MASK == 0 {
+                    self.slot(page).set(Entry {
+                        tag: page,
+                        phys_perm: phys | (u64::from(t.perm) & PERM_MASK),
+                        last: t.iova_last,
+                        generation,
+                    });
+                }
+                Ok((t.gpa(iova), span(iova, t.iova_last)))
+            }
+            Err(reason) => {
+                self.viommu
+                    .report_fault(self.endpoint, iova, access, reason);
+                Err(TranslateError {
+                    endpoint: self.endpoint,
+                    iova,
+                    access,
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Reads an object at `addr`, as `Bytes::read_obj` does, taking a
+    /// shortcut when the object lies in one translated window: one
+    /// translation, then the plain guest-physical read. Generic code that
+    /// goes through `Bytes` / `GuestMemory` gets the same result, a little
+    /// slower.
+    #[inline]
+    pub fn read_obj<T: ByteValued>(&self, addr: GuestAddress) -> GuestMemoryResult<T> {
+        match self.direct(addr, size_of::<T>(), ACCESS_READ)? {
+            Some(gpa) => self.mem.read_obj(gpa),
+            None => <Self as Bytes<GuestAddress>>::read_obj(self, addr),
+        }
+    }
+
+    /// Writes an object at `addr`, as `Bytes::write_obj` does, with the
+    /// shortcut of [`Self::read_obj`].
+    #[inline]
+    pub fn write_obj<T: ByteValued>(&self, val: T, addr: GuestAddress) -> GuestMemoryResult<()> {
+        match self.direct(addr, size_of::<T>(), ACCESS_WRITE)? {
+            Some(gpa) => self.mem.write_obj(val, gpa),
+            None => <Self as Bytes<GuestAddress>>::write_obj(self, val, addr),
+        }
+    }
+
+    /// Fills `buf` from `addr`, as `Bytes::read_slice` does, with the
+    /// shortcut of [`Self::read_obj`].
+    #[inline]
+    pub fn read_slice(&self, buf: &mut [u8], addr: GuestAddress) -> GuestMemoryResult<()> {
+        match self.direct(addr, buf.len(), ACCESS_READ)? {
+            Some(gpa) => self.mem.read_slice(buf, gpa),
+            None => <Self as Bytes<GuestAddress>>::read_slice(self, buf, addr),
+        }
+    }
+
+    /// Writes all of `buf` at `addr`, as `Bytes::write_slice` does, with
+    /// the shortcut of [`Self::read_obj`].
+    #[inline]
+    pub fn write_slice(&self, buf: &[u8], addr: GuestAddress) -> GuestMemoryResult<()> {
+        match self.direct(addr, buf.len(), ACCESS_WRITE)? {
+            Some(gpa) => self.mem.write_slice(buf, gpa),
+            None => <Self as Bytes<GuestAddress>>::write_slice(self, buf, addr),
+        }
+    }
+
+    /// The guest-physical address of `[addr, addr + len)` if one window
+    /// translates all of it; `None` if it is empty or spans windows (the
+    /// caller takes the general path); the error if its first byte is
+    /// refused (reported once, here).
+    #[inline(always)]
+    fn direct(
+        &self,
+        addr: GuestAddress,
+        len: usize,
+        access: u32,
+    ) -> GuestMemoryResult<Option<GuestAddress>> {
+        if len == 0 {
+            return Ok(None);
+        }
+        match self.translate(addr.0, access) {
+            Ok((gpa, span)) if span >= len as u64 => Ok(Some(GuestAddress(gpa))),
+            Ok(_) => Ok(None),
+            Err(e) => Err(self.refused(&e, len)),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn refused(&self, e: &TranslateError, length: usize) -> GuestMemoryError {
+        GuestMemoryError::IommuError(IommuError::CannotResolve {
+            iova_range: IovaRange {
+                base: GuestAddress(e.iova),
+                length,
+            },
+            reason: format!(
+                "endpoint {}: {:?} fault at {:#x}",
+                e.endpoint, e.reason, e.iova
+            ),
+        })
+    }
+}
+
+/// Bytes from `iova` to `last` inclusive, saturated (`[0, u64::MAX]` has
+/// 2^64).
+#[inline]
+fn span(iova: u64, last: u64) -> u64 {
+    (last - iova).saturating_add(1)
+}
+
+impl<M: GuestMemoryBackend> GuestMemory for DmaMemory<M> {
+    type PhysicalMemory = M;
+    type Bitmap = <M::R as GuestMemoryRegion>::B;
+
+    /// Whether every byte of `[addr, addr + count)` translates for `access`
+    /// and lands in guest memory (an empty range is trivially accessible).
+    /// A refused translation queues a fault record.
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        let bits = access_bits(access);
+        let (mut iova, mut left) = (addr.0, count as u64);
+        while left > 0 {
+            let Ok((gpa, span)) = self.translate(iova, bits) else {
+                return false;
+            };
+            let n = span.min(left);
+            // `n <= left <= usize::MAX`.
+            if !self.mem.check_range(GuestAddress(gpa), n as usize) {
+                return false;
+            }
+            left -= n;
+            match iova.checked_add(n) {
+                Some(next) => iova = next,
+                // Reached the end of the address space exactly.
+                None => return left == 0,
+            }
+        }
+        true
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, Self::Bitmap>>> {
+        let mut it = DmaSlices {
+            dma: self,
+            iova: addr.0,
+            left: count,
+            gpa: 0,
+            window: 0,
+            access: access_bits(access),
+            state: State::Going,
+        };
+        // Translate the first window now, so that an access refused at its
+        // first byte fails here, as `IommuMemory` does.
+        if count > 0 {
+            it.advance()?;
+        }
+        Ok(it)
+    }
+
+    // `physical_memory()` stays `None`: addresses given to this memory are
+    // IOVAs, never guest-physical.
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Going,
+    /// The translated part ends exactly at 2^64 with bytes still to go.
+    Wrapped,
+    /// An error was returned, or everything was.
+    Done,
+}
+
+/// The slices of one access through a [`DmaMemory`], translated a mapping
+/// window at a time as the iteration reaches it.
+///
+/// Kept small and flat (no nested iterator): it is built and consumed on
+/// every access of a device model, often for 8 bytes.
+pub struct DmaSlices<'a, M: GuestMemoryBackend> {
+    dma: &'a DmaMemory<M>,
+    /// Next IOVA to translate.
+    iova: u64,
+    /// Bytes not yet translated.
+    left: usize,
+    /// Next guest-physical address of the current window.
+    gpa: u64,
+    /// Bytes left in the current window.
+    window: usize,
+    access: u32,
+    state: State,
+}
+
+impl<M: GuestMemoryBackend> fmt::Debug for DmaSlices<'_, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaSlices")
+            .field("iova", &self.iova)
+            .field("left", &self.left)
+            .field("gpa", &self.gpa)
+            .field("window", &self.window)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, M: GuestMemoryBackend> DmaSlices<'a, M> {
+    /// Ends the iteration with a refused translation, or (`None`) with an
+    /// access that runs past the end of the address space after the part
+    /// that fits was served.
+    #[cold]
+    #[inline(never)]
+    fn fail(&mut self, refused: Option<TranslateError>) -> GuestMemoryError {
+        self.state = State::Done;
+        match refused {
+            Some(e) => self.dma.refused(&e, self.left),
+            None => GuestMemoryError::GuestAddressOverflow,
+        }
+    }
+
+    /// Moves to the next window once the current one is used up; returns
+    /// what `next()` returns if there is none. Kept out of line: the first
+    /// window is translated in `get_slices`, so most accesses never get
+    /// here, and a small `next()` lets vm-memory's `Bytes` inline it.
+    #[inline(never)]
+    fn next_window(&mut self) -> Option<Option<GuestMemoryResult<VolatileSlice<'a, MS<'a, M>>>>> {
+        if self.left == 0 && self.state == State::Going {
+            self.state = State::Done;
+            return Some(None);
+        }
+        match self.advance() {
+            Ok(()) => None,
+            Err(e) => Some(Some(Err(e))),
+        }
+    }
+
+    /// Translates the next window and makes it current.
+    #[inline(always)]
+    fn advance(&mut self) -> GuestMemoryResult<()> {
+        if self.state == State::Wrapped {
+            return Err(self.fail(None));
+        }
+        let (gpa, span) = match self.dma.translate(self.iova, self.access) {
+            Ok(t) => t,
+            Err(e) => return Err(self.fail(Some(e))),
+        };
+        // `n <= left`, a usize.
+        let n = span.min(self.left as u64) as usize;
+        self.gpa = gpa;
+        self.window = n;
+        self.left -= n;
+        match self.iova.checked_add(n as u64) {
+            Some(next) => self.iova = next,
+            None if self.left > 0 => self.state = State::Wrapped,
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+impl<'a, M: GuestMemoryBackend> Iterator for DmaSlices<'a, M> {
+    type Item = GuestMemoryResult<VolatileSlice<'a, MS<'a, M>>>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.state == State::Done {
+            return None;
+        }
+        if self.window == 0 {
+            if let Some(end) = self.next_window() {
+                return end;
+            }
+        }
+        let dma: &'a DmaMemory<M> = self.dma;
+        let addr = GuestAddress(self.gpa);
+        let Some((region, start)) = dma.mem.to_region_addr(addr) else {
+            self.state = State::Done;
+            return Some(Err(GuestMemoryError::InvalidGuestAddress(addr)));
+        };
+        // A window may span guest-memory regions: one slice per region.
+        let cap = region.len() - start.0;
+        let len = cap.min(self.window as u64) as usize;
+        match region.get_slice(start, len) {
+            Ok(s) => {
+                self.window -= len;
+                // Wraps only when the window ends exactly at 2^64, and
+                // then the window is finished.
+                self.gpa = self.gpa.wrapping_add(len as u64);
+                Some(Ok(s))
+            }
+            Err(e) => {
+                self.state = State::Done;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Once it has returned `None` or an error, it returns `None`.
+impl<M: GuestMemoryBackend> FusedIterator for DmaSlices<'_, M> {}
+
+impl<'a, M: GuestMemoryBackend> GuestMemorySliceIterator<'a, MS<'a, M>> for DmaSlices<'a, M> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IommuConfig;
+    use crate::state::FaultReason;
+    use crate::viommu::Applied;
+    use crate::wire::{
+        AttachReq, DetachReq, MapReq, Request, UnmapReq, VIRTIO_F_VERSION_1,
+        VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
+    };
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    const EP: u32 = 3;
+    const DOM: u32 = 1;
+    const PAGE: u64 = 0x1000;
+    const RAM: u64 = 0x10_0000;
+    const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+
+    fn setup() -> (Arc<Viommu>, DmaMemory<GuestMemoryMmap>) {
+        let v = Arc::new(Viommu::new(&IommuConfig::default(), &[EP], &[(0, RAM - 1)]).unwrap());
+        v.set_acked_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_IOMMU_F_MAP_UNMAP));
+        let attach = AttachReq {
+            domain: DOM,
+            endpoint: EP,
+            flags: 0,
+            reserved: [0; 4],
+        };
+        assert_eq!(v.apply(&Request::Attach(attach)), Ok(Applied::Done));
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let dma = v.dma_memory(EP, mem);
+        (v, dma)
+    }
+
+    fn map(v: &Viommu, iova: u64, pages: u64, phys: u64, flags: u32) {
+        let r = MapReq {
+            domain: DOM,
+            virt_start: iova,
+            virt_end: iova + pages * PAGE - 1,
+            phys_start: phys,
+            flags,
+        };
+        assert_eq!(v.apply(&Request::Map(r)), Ok(Applied::Done));
+    }
+
+    fn unmap(v: &Viommu, iova: u64, pages: u64) {
+        let r = UnmapReq {
+            domain: DOM,
+            virt_start: iova,
+            virt_end: iova + pages * PAGE - 1,
+            reserved: [0; 4],
+        };
+        assert_eq!(v.apply(&Request::Unmap(r)), Ok(Applied::Unmapped(1)));
+    }
+
+    #[test]
+    fn access_reaches_the_mapped_guest_physical_bytes() {
+        let (v, dma) = setup();
+        map(&v, 0x10_0000, 4, 0x4000, RW);
+        dma.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x10_1008))
+            .unwrap();
+        let phys: u64 = dma.physical().read_obj(GuestAddress(0x5008)).unwrap();
+        assert_eq!(phys, 0x1122_3344_5566_7788);
+        assert_eq!(dma.read_obj::<u64>(GuestAddress(0x10_1008)).unwrap(), phys);
+        // One miss filled the page's entry; the second access hit it.
+        assert_eq!(dma.hit_miss(), (1, 1));
+    }
+
+    #[test]
+    fn window_covers_the_whole_mapping() {
+        let (v, dma) = setup();
+        map(&v, 0x10_0000, 4, 0x4000, RW);
+        assert_eq!(
+            dma.translate(0x10_1008, ACCESS_READ).unwrap(),
+            (0x5008, 3 * PAGE - 8)
+        );
+    }
+
+    #[test]
+    fn access_across_mappings_is_split_at_the_mapping_boundary() {
+        let (v, dma) = setup();
+        // Two adjacent IOVA pages onto non-adjacent guest-physical pages.
+        map(&v, 0x20_0000, 1, 0x9000, RW);
+        map(&v, 0x20_1000, 1, 0x3000, RW);
+        let data: Vec<u8> = (0..64).collect();
+        dma.write_slice(&data, GuestAddress(0x20_0fe0)).unwrap();
+        let mut lo = [0u8; 32];
+        let mut hi = [0u8; 32];
+        dma.physical()
+            .read_slice(&mut lo, GuestAddress(0x9fe0))
+            .unwrap();
+        dma.physical()
+            .read_slice(&mut hi, GuestAddress(0x3000))
+            .unwrap();
+        assert_eq!(&lo[..], &data[..32]);
+        assert_eq!(&hi[..], &data[32..]);
+        let n = dma
+            .get_slices(GuestAddress(0x20_0fe0), 64, Permissions::Read)
+            .unwrap()
+            .count();
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn unmapped_access_is_refused_and_queues_a_fault() {
+        let (v, dma) = setup();
+        assert!(dma.read_obj::<u32>(GuestAddress(0x30_0000)).is_err());
+        assert!(!dma.check_range(GuestAddress(0x30_0000), 4, Permissions::Read));
+        assert_eq!(v.faults().len(), 2);
+    }
+
+    #[test]
+    fn write_to_read_only_mapping_is_refused() {
+        let (v, dma) = setup();
+        map(&v, 0x10_0000, 1, 0x4000, VIRTIO_IOMMU_MAP_F_READ);
+        assert!(dma.read_obj::<u32>(GuestAddress(0x10_0000)).is_ok());
+        // A cached read-only entry must not serve a write.
+        assert!(dma.write_obj(1u32, GuestAddress(0x10_0000)).is_err());
+        assert!(dma.check_range(GuestAddress(0x10_0000), 4, Permissions::Read));
+        assert!(!dma.check_range(GuestAddress(0x10_0000), 4, Permissions::ReadWrite));
+    }
+
+    #[test]
+    fn access_running_past_the_mapping_fails_after_the_mapped_part() {
+        let (v, dma) = setup();
+        map(&v, 0x10_0000, 1, 0x4000, RW);
+        let mut buf = [0u8; 16];
+        // Bytes::read serves what is mapped, read_slice wants it all.
+        assert_eq!(dma.read(&mut buf, GuestAddress(0x10_0ff8)).unwrap(), 8);
+        assert!(dma.read_slice(&mut buf, GuestAddress(0x10_0ff8)).is_err());
+        assert!(!dma.check_range(GuestAddress(0x10_0ff8), 16, Permissions::Read));
+    }
+
+    #[test]
+    fn translation_after_unmap_ok_fails_even_when_cached() {
+        let (v, dma) = setup();
+        map(&v, 0x10_0000, 1, 0x4000, RW);
+        assert!(dma.read_obj::<u64>(GuestAddress(0x10_0000)).is_ok());
+        assert!(dma.translate(0x10_0000, ACCESS_READ).is_ok());
+        // `apply` returns before the device writes UNMAP's status.
+        unmap(&v, 0x10_0000, 1);
+        let e = dma.translate(0x10_0000, ACCESS_READ).unwrap_err();
+        assert_eq!(e.reason, FaultReason::Mapping);
+        assert!(dma.read_obj::<u64>(GuestAddress(0x10_0000)).is_err());
+        assert!(!dma.check_range(GuestAddress(0x10_0000), 8, Permissions::Read));
+    }
+
+    #[test]
+    fn translation_after_detach_ok_fails_even_when_cached() {
+        let (v, dma) = setup();
+        map(&v, 0x10_0000, 1, 0x4000, RW);
+        assert!(dma.read_obj::<u64>(GuestAddress(0x10_0000)).is_ok());
+        let d = DetachReq {
+            domain: DOM,
+            endpoint: EP,
+        };
+        assert_eq!(v.apply(&Request::Detach(d)), Ok(Applied::Done));
+        let e = dma.translate(0x10_0000, ACCESS_READ).unwrap_err();
+        assert_eq!(e.reason, FaultReason::Domain);
+    }
+
+    #[test]
+    fn clone_has_its_own_empty_cache() {
+        let (v, dma) = setup();
+        map(&v, 0x10_0000, 1, 0x4000, RW);
+        assert!(dma.read_obj::<u64>(GuestAddress(0x10_0000)).is_ok());
+        let other = dma.clone();
+        assert_eq!(other.hit_miss(), (0, 0));
+        assert!(other.read_obj::<u64>(GuestAddress(0x10_0000)).is_ok());
+        assert_eq!(other.endpoint(), EP);
+    }
+
+    #[test]
+    fn bypass_reaches_the_end_of_the_address_space_without_overflow() {
+        let (v, dma) = setup();
+        let d = DetachReq {
+            domain: DOM,
+            endpoint: EP,
+        };
+        assert_eq!(v.apply(&Request::Detach(d)), Ok(Applied::Done));
+        v.set_unattached_bypass(true);
+        assert_eq!(dma.translate(0, ACCESS_READ).unwrap(), (0, u64::MAX));
+        assert_eq!(dma.translate(u64::MAX, ACCESS_READ).unwrap(), (u64::MAX, 1));
+        // Identity onto guest RAM works; past the top of the address
+        // space is an error, not a wrap to 0.
+        dma.write_obj(7u32, GuestAddress(0x100)).unwrap();
+        assert_eq!(
+            dma.physical().read_obj::<u32>(GuestAddress(0x100)).unwrap(),
+            7
+        );
+        let mut buf = [0u8; 16];
+        assert!(dma
+            .read_slice(&mut buf, GuestAddress(u64::MAX - 7))
+            .is_err());
+        assert!(!dma.check_range(GuestAddress(u64::MAX - 7), 16, Permissions::Read));
+        assert!(dma
+            .get_slices(GuestAddress(5), 0, Permissions::Read)
+            .unwrap()
+            .next()
+            .is_none());
+    }
+
+    #[test]
+    fn generic_bytes_path_translates_and_sees_unmap() {
+        let (v, dma) = setup();
+        map(&v, 0x20_0000, 1, 0x9000, RW);
+        map(&v, 0x20_1000, 1, 0x3000, RW);
+        let via_trait =
+            |a: u64| <DmaMemory<_> as Bytes<GuestAddress>>::read_obj::<u64>(&dma, GuestAddress(a));
+        dma.physical()
+            .write_obj(0xabcdu64, GuestAddress(0x3010))
+            .unwrap();
+        assert_eq!(via_trait(0x20_1010).unwrap(), 0xabcd);
+        // Straddling the two mappings: two windows.
+        let data = [0x5au8; 16];
+        <DmaMemory<_> as Bytes<GuestAddress>>::write_slice(&dma, &data, GuestAddress(0x20_0ff8))
+            .unwrap();
+        assert_eq!(
+            dma.physical()
+                .read_obj::<u64>(GuestAddress(0x3000))
+                .unwrap(),
+            0x5a5a_5a5a_5a5a_5a5a
+        );
+        unmap(&v, 0x20_1000, 1);
+        assert!(via_trait(0x20_1010).is_err());
+        assert!(dma
+            .get_slices(GuestAddress(0x20_1010), 8, Permissions::Read)
+            .is_err());
+    }
+}
