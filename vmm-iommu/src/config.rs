@@ -874,6 +874,15 @@ fn validate_devices(devices: &[DeviceConfig]) -> Result<(), ConfigError> {
 /// Deserializes `s` as `T`, turning serde errors into [`ConfigError::Invalid`] at a JSON path
 /// that starts with `prefix`.
 fn parse_json<T: serde::de::DeserializeOwned>(s: &str, prefix: &str) -> Result<T, ConfigError> {
+    // Editors on some systems save JSON with a byte-order mark; it is not
+    // JSON, but what the user meant is clear.
+    let s = s.strip_prefix('\u{feff}').unwrap_or(s);
+    if s.trim().is_empty() {
+        return Err(invalid(
+            root_or(prefix),
+            "the config is empty: write a JSON object, at least {}",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_str(s);
     let value: T =
         serde_path_to_error::deserialize(&mut de).map_err(|e| from_serde_error(&e, prefix))?;
@@ -919,7 +928,22 @@ fn from_serde_error(
     // keep theirs, since the path of a half-read document says little.
     let rule = if inner.classify() == serde_json::error::Category::Data {
         let position = format!(" at line {} column {}", inner.line(), inner.column());
-        text.strip_suffix(&position).unwrap_or(&text).to_owned()
+        let rule = text.strip_suffix(&position).unwrap_or(&text);
+        // serde names Rust types; the config's reader thinks in JSON.
+        match rule.strip_prefix("invalid type: string ") {
+            Some(rest) if rest.ends_with("expected u64") || rest.ends_with("expected u32") => {
+                let value = rest.split(", expected").next().unwrap_or(rest);
+                let digits = value.trim_matches('"');
+                if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                    format!(
+                        "expected a whole number, got the string {value}: write it without quotes"
+                    )
+                } else {
+                    format!("expected a whole number, got the string {value}")
+                }
+            }
+            _ => rule.to_owned(),
+        }
     } else {
         text
     };
@@ -1443,6 +1467,25 @@ mod tests {
     // ---- syntax, types and unknown fields ----
 
     #[test]
+    fn empty_file_and_byte_order_mark_get_plain_answers() {
+        let e = VmConfig::from_json_str("  \n").unwrap_err().to_string();
+        assert!(e.contains("the config is empty"), "{e}");
+        let c = VmConfig::from_json_str("\u{feff}{\"memory\": {\"size_mib\": 64}}").unwrap();
+        assert_eq!(c.memory.size_mib, 64);
+    }
+
+    #[test]
+    fn a_quoted_number_says_to_drop_the_quotes() {
+        let e = VmConfig::from_json_str(r#"{"memory": {"size_mib": "256"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "memory.size_mib: expected a whole number, got the string \"256\": write it without quotes"
+        );
+    }
+
+    #[test]
     fn syntax_error_keeps_line_and_column() {
         let (path, rule) = vm_err("{\n  \"memory\": {\"size_mib\": 1,}\n}");
         assert_eq!(path, "memory");
@@ -1503,7 +1546,7 @@ mod tests {
         assert_err(
             iommu_err(r#"{"limits": {"max_domains": "x"}}"#),
             "iommu.limits.max_domains",
-            "invalid type: string \"x\", expected u32",
+            "expected a whole number, got the string \"x\"",
         );
         assert_err(
             iommu_err(r#"{"domain_range": {"start": 2, "end": 1}}"#),
@@ -1517,7 +1560,11 @@ mod tests {
         let json = r#"{"devices": [
             {"id": "a", "kind": "emulated-dma", "endpoint": 1},
             {"id": "b", "kind": "emulated-dma", "endpoint": "two"}]}"#;
-        assert_err(vm_err(json), "devices[1].endpoint", "expected u32");
+        assert_err(
+            vm_err(json),
+            "devices[1].endpoint",
+            "expected a whole number, got the string \"two\"",
+        );
     }
 
     #[test]
