@@ -79,7 +79,7 @@ fn hostile_driver_gets_documented_statuses_the_vmm_survives_and_nested_and_map_m
         "hostile: ATTACH_TABLE of a second endpoint with another directory: ok",
         "hostile: INVALIDATE granule 43: ok",
         "hostile: INVALIDATE PASID beyond the directory's width: ok",
-        "hostile: INVALIDATE of 2^40 pages answered OK at once: ok",
+        "hostile: INVALIDATE of 2^40 pages answered OK: ok",
         "hostile: 16 INVALIDATEs in one notification, valid and invalid mixed, each with its status: ok",
         "hostile: untagged DMA through a self-referencing directory: ok",
         "hostile: PASID DMA write through a self-referencing read-only first-stage root: ok",
@@ -91,7 +91,7 @@ fn hostile_driver_gets_documented_statuses_the_vmm_survives_and_nested_and_map_m
         "hostile: PAGE_RESP code 3: ok",
         "hostile: PAGE_RESP of the other endpoint for the group: ok",
         "hostile: device reset while a DMA waits for a page: the DMA faults: ok",
-        "hostile: nested: 187 cases answered as documented, 37 DMAs through hostile tables faulted",
+        "hostile: nested: 186 cases answered as documented, 37 DMAs through hostile tables faulted",
         "hostile: running scenario 3 in the same VM",
         "nested-vtd: PASS",
     ];
@@ -117,8 +117,8 @@ fn hostile_driver_gets_documented_statuses_the_vmm_survives_and_nested_and_map_m
     );
     assert_eq!(
         st(Status::Range),
-        10 + 20 + 1,
-        "outside RAM, domain_range, input_range, MSI; table pointers, PASIDs beyond the width; scenario 3's directory outside RAM"
+        6 + 19 + 1,
+        "wraps, domain_range, input_range, MSI; table pointers, PASIDs beyond the width; scenario 3's directory outside RAM"
     );
     assert_eq!(
         st(Status::NoEnt),
@@ -128,7 +128,7 @@ fn hostile_driver_gets_documented_statuses_the_vmm_survives_and_nested_and_map_m
     assert_eq!(st(Status::DevErr), 0);
     assert_eq!(st(Status::NoMem), 0);
     let req = |t: u8| o.device.requests[usize::from(t)];
-    assert_eq!(req(VIRTIO_IOMMU_T_ATTACH_TABLE), 63 + 2);
+    assert_eq!(req(VIRTIO_IOMMU_T_ATTACH_TABLE), 62 + 2);
     assert_eq!(req(VIRTIO_IOMMU_T_INVALIDATE), 56 + 6 + BENCH);
     assert_eq!(req(VIRTIO_IOMMU_T_PAGE_RESP), 17);
     assert_eq!(o.device.unknown_type, 2);
@@ -181,7 +181,7 @@ fn without_the_nested_extension_the_hostile_driver_gets_the_spec_part_only() {
             st(Status::Range),
             st(Status::NoEnt)
         ],
-        [8, 0, 8, 10, 8]
+        [8, 0, 8, 6, 8]
     );
     assert_eq!(
         o.device.requests[usize::from(VIRTIO_IOMMU_T_ATTACH_TABLE)],
