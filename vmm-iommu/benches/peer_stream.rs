@@ -8,10 +8,16 @@
 //! - translate: 64-byte lookups through the IOTLB translator, the slow
 //!   path and vm-memory's `IommuMemory`;
 //! - memory: heap bytes and RSS per mapping after 1,000,000 MAPs through
-//!   the queue (a counting global allocator).
+//!   the queue (a counting global allocator);
+//! - dma: an emulated device's memory access through the vIOMMU
+//!   (`DmaMemory`, `IommuMemory`) beside plain memory and the Translator
+//!   alone, runs alternating, as ratios (issue 14 part 1);
+//! - index: random translation over 1,000,000 mappings beside a plain
+//!   `BTreeMap` lookup over the same mappings (issue 14 part 2).
 //!
 //! Usage: `scripts/bench.sh [--quick] [--runs N] [--secs S] [SECTION...]`,
-//! SECTION among `memory`, `device`, `state`, `translate` (default: all).
+//! SECTION among `memory`, `device`, `state`, `translate`, `dma`, `index`
+//! (default: all).
 //! Each figure is the median of `--runs` runs (7) of at least `--secs`
 //! seconds (1) of timed work; `--quick` is 3 runs of 0.2 s.
 
@@ -1119,6 +1125,95 @@ fn dma_section(o: &Opts) {
     }
 }
 
+/// Random translation over 1,000,000 mappings (issue 14, part 2) beside
+/// a plain `BTreeMap<u64, _>` lookup over the same mappings, runs
+/// alternating: the `Translator` (every lookup misses its IOTLB and takes
+/// the slow path) and the mapping table alone.
+fn index_section(o: &Opts) {
+    use std::collections::BTreeMap;
+    use vmm_iommu::mapping::{Mapping, MappingTable};
+    const N: u64 = 1_000_000;
+    let v = state_viommu(N);
+    let lk = lookups(N);
+    let mut plain: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    let mut table = MappingTable::new();
+    for i in 0..N {
+        let m = populate_map(i);
+        plain.insert(m.virt_start, (m.virt_end, m.phys_start));
+        table.insert(Mapping {
+            start: m.virt_start,
+            end: m.virt_end,
+            phys: m.phys_start,
+            flags: m.flags,
+        });
+    }
+    let btree = || {
+        let mut bad = 0u64;
+        let t0 = Instant::now();
+        for l in &lk {
+            match plain.range(..=black_box(l.iova)).next_back() {
+                Some((&s, &(e, p))) if l.iova <= e => bad += u64::from(p + (l.iova - s) != l.gpa),
+                _ => bad += 1,
+            }
+        }
+        let dt = t0.elapsed();
+        assert_eq!(bad, 0);
+        (dt, lk.len() as u64)
+    };
+    let mut tr = v.translator(EP);
+    let (b, t, r) = measure_vs(o, btree, || translate_independent(&mut tr, &lk));
+    print(&row(
+        "lookup 64 B, random, N=1,000,000, plain BTreeMap<u64,_>",
+        Kind::Latency,
+        &b,
+    ));
+    print(&with_peers(
+        row(
+            "translate 64 B, random, N=1,000,000, Translator",
+            Kind::Latency,
+            &t,
+        ),
+        477.0,
+        489.0,
+        Some((250.0, "")),
+    ));
+    print_ratio("Translator / BTreeMap, random", 1.0 / r, 0.6, true);
+    let (b, t, r) = measure_vs(o, btree, || {
+        let mut bad = 0u64;
+        let t0 = Instant::now();
+        for l in &lk {
+            match table.find(black_box(l.iova)) {
+                Some(m) => bad += u64::from(m.phys + (l.iova - m.start) != l.gpa),
+                None => bad += 1,
+            }
+        }
+        let dt = t0.elapsed();
+        assert_eq!(bad, 0);
+        (dt, lk.len() as u64)
+    });
+    print(&row(
+        "lookup 64 B, random, N=1,000,000, plain BTreeMap<u64,_>",
+        Kind::Latency,
+        &b,
+    ));
+    print(&row(
+        "lookup 64 B, random, N=1,000,000, MappingTable::find",
+        Kind::Latency,
+        &t,
+    ));
+    print_ratio("MappingTable / BTreeMap, random", 1.0 / r, 0.6, true);
+    print(&Fig {
+        ..row(
+            "  table arrays per mapping (heap total: section memory)",
+            Kind::Bytes,
+            &Stats {
+                median: v.state().mapping_bytes() as f64 / N as f64,
+                spread: 0.0,
+            },
+        )
+    });
+}
+
 fn main() {
     let o = Opts::parse();
     println!(
@@ -1143,5 +1238,8 @@ fn main() {
     }
     if o.wants("dma") {
         dma_section(&o);
+    }
+    if o.wants("index") {
+        index_section(&o);
     }
 }

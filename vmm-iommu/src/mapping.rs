@@ -11,7 +11,7 @@
 //! chunk a sorted vector of at most [`CHUNK_CAPACITY`] 24-byte entries. A
 //! plain `BTreeMap<u64, Mapping>` costs about 48 bytes per mapping; the
 //! chunks bring that to about 26, and keep a lookup to a short tree descent
-//! plus a binary search within one cache-friendly array.
+//! plus a branch-free count over one cache-friendly array.
 
 use std::collections::BTreeMap;
 
