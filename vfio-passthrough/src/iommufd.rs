@@ -11,7 +11,8 @@
 //! - VT-d nested (per-PASID shadowing): the guest PASID table is read; each
 //!   present first-stage entry gets a nested HWPT (`IOMMU_HWPT_DATA_VTD_S1`,
 //!   shared by PASIDs with equal entries) attached to that PASID (PASID 0 is
-//!   the device itself); pass-through entries attach the nest parent. A
+//!   the device itself); entries are decoded by the software IOMMU's
+//!   decoder, so a table the software IOMMU refuses is refused here too. A
 //!   PASID-cache invalidation re-reads the entry and replaces, or detaches,
 //!   the HWPT; IOTLB invalidations become one `IOMMU_HWPT_INVALIDATE` per
 //!   HWPT and batch.
@@ -99,17 +100,12 @@ struct SmmuObjects {
     veventq: Option<(u32, Handle)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
-    Nested(VtdS1),
-    PassThrough,
-}
-
 #[derive(Debug, Clone, Default)]
 struct VtdBinding {
     dir: u64,
     pasid_bits: u8,
-    slots: BTreeMap<u32, Slot>,
+    /// The first-stage data of each bound PASID.
+    slots: BTreeMap<u32, VtdS1>,
     /// Nested HWPTs by their data, with the number of PASIDs using each.
     hwpts: HashMap<VtdS1, (u32, usize)>,
 }
@@ -359,8 +355,8 @@ impl IommufdBackend {
     ) -> Result<Nesting, BackendError> {
         let mut flags = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT;
         if matches!(hw, HwKind::IntelVtd(_)) && caps.pasid_bits > 0 {
-            // PASIDs attached to the parent (pass-through entries) need a
-            // PASID-capable domain (iommufd.h IOMMU_HWPT_ALLOC_PASID).
+            // A PASID-capable parent (iommufd.h IOMMU_HWPT_ALLOC_PASID),
+            // like the nested HWPTs on it that attach to PASIDs.
             flags |= iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID;
         }
         let mut a = args::hwpt_alloc(
@@ -678,12 +674,8 @@ impl IommufdBackend {
         for (pasid, binding) in entries {
             let pt = match binding {
                 PasidBinding::Absent => continue,
-                PasidBinding::PassThrough => {
-                    b.slots.insert(pasid, Slot::PassThrough);
-                    n.parent
-                }
                 PasidBinding::FirstStage(s1) => {
-                    b.slots.insert(pasid, Slot::Nested(s1));
+                    b.slots.insert(pasid, s1);
                     let id = match b.hwpts.get(&s1).or_else(|| old.get(&s1)) {
                         Some((id, _)) => *id,
                         None => {
@@ -834,8 +826,8 @@ impl IommufdBackend {
         else {
             return Ok(());
         };
-        // Entries per nested HWPT, in batch order; pass-through and absent
-        // PASIDs have no stage-1 caches to forget.
+        // Entries per nested HWPT, in batch order; absent PASIDs have no
+        // stage-1 caches to forget.
         let mut per_hwpt: BTreeMap<u32, Vec<iommu_hwpt_vtd_s1_invalidate>> = BTreeMap::new();
         for (target, entry) in entries {
             match target {
@@ -845,7 +837,7 @@ impl IommufdBackend {
                     }
                 }
                 VtdTarget::Pasid(p) => {
-                    if let Some(Slot::Nested(s1)) = b.slots.get(&p) {
+                    if let Some(s1) = b.slots.get(&p) {
                         if let Some((id, _)) = b.hwpts.get(s1) {
                             per_hwpt.entry(*id).or_default().push(entry);
                         }
@@ -898,15 +890,7 @@ impl IommufdBackend {
             let mut now: BTreeMap<u32, PasidBinding> = b
                 .slots
                 .iter()
-                .map(|(p, s)| {
-                    (
-                        *p,
-                        match s {
-                            Slot::Nested(s1) => PasidBinding::FirstStage(*s1),
-                            Slot::PassThrough => PasidBinding::PassThrough,
-                        },
-                    )
-                })
+                .map(|(p, s1)| (*p, PasidBinding::FirstStage(*s1)))
                 .collect();
             for r in what {
                 if let PasidRefresh::Pasid(p) = r {

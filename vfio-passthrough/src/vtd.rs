@@ -4,12 +4,18 @@
 //! stage-2 parent), and generic invalidations become
 //! `iommu_hwpt_vtd_s1_invalidate` entries.
 //!
-//! Pure functions and a minimal, checked PASID-entry reader; no ioctl.
-//! Layouts: VT-d spec 9.4 (PASID directory entry) and 9.6 (scalable-mode
-//! PASID table entry), as Linux encodes them in drivers/iommu/intel/pasid.h
-//! (`pasid_set_flptr`, `pasid_set_flpm`, `pasid_set_sre`, `pasid_set_wpe`,
-//! `pasid_set_eafe`, `pasid_pte_get_pgtt`), and capability bits from
-//! drivers/iommu/intel/iommu.h (`cap_*`, `ecap_*`).
+//! Pure functions; no ioctl. The guest's directory and PASID entries are
+//! decoded by the software IOMMU's own decoder
+//! ([`vmm_iommu::nested::vtd::decode_dir_entry`],
+//! [`VtdPasidEntry::validate_bytes`]), so a table gets the same verdict
+//! here as in the software IOMMU: only first-stage entries (PGTT 1) with 4-
+//! or 5-level tables and no reserved bit set are accepted; pass-through,
+//! second-stage, nested and reserved PGTTs are UNSUPP, reserved bits INVAL
+//! (`docs/wire.md`, "One verdict per guest table"). On top of that verdict
+//! this module refuses only what the host unit lacks. Layouts: VT-d spec
+//! 9.4 (PASID directory entry) and 9.6 (scalable-mode PASID table entry), as
+//! Linux encodes them in drivers/iommu/intel/pasid.h, and capability bits
+//! from drivers/iommu/intel/iommu.h (`cap_*`, `ecap_*`).
 
 use iommufd_bindings::iommufd::{
     iommu_hwpt_vtd_s1, iommu_hwpt_vtd_s1_flags_IOMMU_VTD_S1_EAFE,
@@ -18,6 +24,8 @@ use iommufd_bindings::iommufd::{
 };
 use vmm_iommu::backend::BackendError;
 use vmm_iommu::invalidation::{Caches, Invalidation, Scope};
+use vmm_iommu::nested::vtd::{decode_dir_entry, VtdPasidEntry};
+use vmm_iommu::nested::{FaultClass, WalkFault};
 
 use crate::ram::GuestRam;
 
@@ -34,28 +42,15 @@ pub const PASID_ENTRY_SIZE: u64 = 64;
 /// (`IOMMU_NO_PASID`, formerly `PASID_RID2PASID`).
 pub const RID_PASID: u32 = 0;
 
-/// Present bit of directory and table entries (`PASID_PTE_PRESENT`).
-const PTE_PRESENT: u64 = 1 << 0;
-/// Entry address bits 63:12 (`PDE_PFN_MASK` = `PAGE_MASK`, `VTD_PAGE_MASK`).
-const PAGE_MASK: u64 = !0xfff;
-/// `pasid_pte_get_pgtt`: val[0] bits 8:6.
-const PGTT_SHIFT: u32 = 6;
-/// PGTT: first-stage only (`PASID_ENTRY_PGTT_FL_ONLY`).
+/// PGTT: first-stage only (`PASID_ENTRY_PGTT_FL_ONLY`), the only type
+/// accepted.
 pub const PGTT_FL_ONLY: u64 = 1;
-/// PGTT: second-stage only.
+/// PGTT: second-stage only (UNSUPP).
 pub const PGTT_SL_ONLY: u64 = 2;
-/// PGTT: nested.
+/// PGTT: nested (UNSUPP).
 pub const PGTT_NESTED: u64 = 3;
-/// PGTT: pass-through.
+/// PGTT: pass-through (UNSUPP, as in the software IOMMU).
 pub const PGTT_PT: u64 = 4;
-/// val[2] bit 0 (entry bit 128): supervisor requests enable (`pasid_set_sre`).
-const VAL2_SRE: u64 = 1 << 0;
-/// val[2] bits 3:2 (entry bits 131:130): first-stage paging mode (`pasid_set_flpm`).
-const VAL2_FLPM_SHIFT: u32 = 2;
-/// val[2] bit 4 (entry bit 132): write protect enable (`pasid_set_wpe`).
-const VAL2_WPE: u64 = 1 << 4;
-/// val[2] bit 7 (entry bit 135): extended access flag enable (`pasid_set_eafe`).
-const VAL2_EAFE: u64 = 1 << 7;
 
 /// 4-level first-stage tables translate 48-bit addresses.
 pub const ADDR_WIDTH_4LEVEL: u32 = 48;
@@ -118,12 +113,11 @@ impl VtdHw {
 /// What one guest PASID entry asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PasidBinding {
-    /// Not present: DMA with this PASID is blocked.
+    /// Not present (entry or directory entry): DMA with this PASID is
+    /// blocked.
     Absent,
     /// First-stage translation through the guest's table.
     FirstStage(VtdS1),
-    /// Pass-through: guest-physical addresses, stage 2 only.
-    PassThrough,
 }
 
 /// The `iommu_hwpt_vtd_s1` of one first-stage entry, as a comparable key
@@ -150,54 +144,48 @@ impl VtdS1 {
     }
 }
 
-/// Decodes one 64-byte scalable-mode PASID entry. Every field the host
-/// would refuse is refused here: UNSUPP for what the host unit lacks or a
-/// translation type a first-stage-only vIOMMU does not offer, INVAL for
-/// reserved encodings, RANGE for a root table outside guest RAM.
+/// The error a backend gives for a verdict of the shared decoder, by its
+/// class (`FaultClass::refusal_status`): reserved bits INVAL, what the
+/// device does not implement UNSUPP, outside RAM or beyond the table RANGE.
+pub fn refusal(f: WalkFault) -> BackendError {
+    match f.class() {
+        FaultClass::Unsupported => BackendError::Unsupported(f.to_string()),
+        FaultClass::OutOfRange => BackendError::Range(f.to_string()),
+        // Reserved, and (never passed here) NotPresent / Translation.
+        FaultClass::Reserved | FaultClass::NotPresent | FaultClass::Translation => {
+            BackendError::Invalid(f.to_string())
+        }
+    }
+}
+
+/// Decodes the 64-byte scalable-mode PASID entry of `pasid` with the
+/// software IOMMU's decoder (not present → [`PasidBinding::Absent`];
+/// reserved bits INVAL; PGTT other than first-stage, FSPM 2/3 UNSUPP),
+/// then refuses what the host unit lacks (UNSUPP: 5-level tables without
+/// FL5LP, SRE without SRS, EAFE without EAFS) and a first-stage root
+/// outside guest RAM (RANGE).
 pub fn decode_pasid_entry(
+    pasid: u32,
     entry: &[u8; 64],
     hw: &VtdHw,
     ram: &GuestRam,
 ) -> Result<PasidBinding, BackendError> {
-    let word = |i: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&entry[i * 8..i * 8 + 8]);
-        u64::from_le_bytes(b)
+    let e = match VtdPasidEntry::validate_bytes(pasid, entry) {
+        Ok(e) => e,
+        Err(f) if f.class() == FaultClass::NotPresent => return Ok(PasidBinding::Absent),
+        Err(f) => return Err(refusal(f)),
     };
-    let (w0, w2) = (word(0), word(2));
-    if w0 & PTE_PRESENT == 0 {
-        return Ok(PasidBinding::Absent);
-    }
-    match w0 >> PGTT_SHIFT & 0x7 {
-        PGTT_FL_ONLY => {}
-        PGTT_PT => return Ok(PasidBinding::PassThrough),
-        t @ (PGTT_SL_ONLY | PGTT_NESTED) => {
-            return Err(BackendError::Unsupported(format!(
-                "PASID entry translation type {t}: the vIOMMU offers first-stage tables only"
-            )))
-        }
-        t => {
-            return Err(BackendError::Invalid(format!(
-                "PASID entry translation type {t} is reserved"
-            )))
-        }
-    }
-    let addr_width = match w2 >> VAL2_FLPM_SHIFT & 0x3 {
-        0 => ADDR_WIDTH_4LEVEL,
-        1 if hw.fl5lp() => ADDR_WIDTH_5LEVEL,
-        1 => {
+    let addr_width = match e.levels() {
+        5 if hw.fl5lp() => ADDR_WIDTH_5LEVEL,
+        5 => {
             return Err(BackendError::Unsupported(
                 "5-level first-stage table: the host unit lacks FL5LP".into(),
             ))
         }
-        m => {
-            return Err(BackendError::Invalid(format!(
-                "PASID entry first-stage paging mode {m} is reserved"
-            )))
-        }
+        _ => ADDR_WIDTH_4LEVEL,
     };
     let mut flags = 0u64;
-    if w2 & VAL2_SRE != 0 {
+    if e.sre {
         if !hw.srs() {
             return Err(BackendError::Unsupported(
                 "supervisor requests: the host unit lacks SRS".into(),
@@ -205,11 +193,11 @@ pub fn decode_pasid_entry(
         }
         flags |= u64::from(iommu_hwpt_vtd_s1_flags_IOMMU_VTD_S1_SRE);
         // WPE only means something with SRE (pasid.c applies it under SRE).
-        if w2 & VAL2_WPE != 0 {
+        if e.wpe {
             flags |= u64::from(iommu_hwpt_vtd_s1_flags_IOMMU_VTD_S1_WPE);
         }
     }
-    if w2 & VAL2_EAFE != 0 {
+    if e.eafe {
         if !hw.eafs() {
             return Err(BackendError::Unsupported(
                 "extended accessed flag: the host unit lacks EAFS".into(),
@@ -217,7 +205,7 @@ pub fn decode_pasid_entry(
         }
         flags |= u64::from(iommu_hwpt_vtd_s1_flags_IOMMU_VTD_S1_EAFE);
     }
-    let pgtbl_addr = w2 & PAGE_MASK;
+    let pgtbl_addr = e.fsptptr;
     // The hardware walks the root table through stage 2; a root outside
     // guest RAM would fault on every access, so the guest is told at once.
     if !ram.covers(pgtbl_addr, 1 << VTD_PAGE_SHIFT) {
@@ -230,6 +218,16 @@ pub fn decode_pasid_entry(
         pgtbl_addr,
         addr_width,
     }))
+}
+
+/// The PASID table a directory entry points at, through the shared
+/// decoder: `None` when not present, INVAL for reserved bits.
+fn dir_entry_table(pasid: u32, de: u64) -> Result<Option<u64>, BackendError> {
+    match decode_dir_entry(pasid, de) {
+        Ok(table) => Ok(Some(table)),
+        Err(f) if f.class() == FaultClass::NotPresent => Ok(None),
+        Err(f) => Err(refusal(f)),
+    }
 }
 
 /// Checks a PASID directory binding: width within `max_bits` (what the
@@ -283,10 +281,10 @@ pub fn read_pasid_entry(
     }
     let dir_index = u64::from(pasid >> PASID_PDE_SHIFT);
     let de = ram.read_u64(pasid_dir_ptr + dir_index * 8, "PASID directory entry")?;
-    if de & PTE_PRESENT == 0 {
-        return Ok(PasidBinding::Absent);
+    match dir_entry_table(pasid, de)? {
+        None => Ok(PasidBinding::Absent),
+        Some(table) => read_table_entry(ram, table, pasid, hw),
     }
-    read_table_entry(ram, de & PAGE_MASK, pasid, hw)
 }
 
 /// Reads entry `pasid & 63` of the PASID table at `table`.
@@ -303,7 +301,7 @@ fn read_table_entry(
         &mut e,
         "PASID table entry",
     )?;
-    decode_pasid_entry(&e, hw, ram)
+    decode_pasid_entry(pasid, &e, hw, ram)
 }
 
 /// Reads every present entry of the guest's PASID table, in PASID order,
@@ -322,10 +320,10 @@ pub fn scan_pasid_table(
     let mut out = Vec::new();
     for d in 0..dir_entries {
         let de = ram.read_u64(pasid_dir_ptr + d * 8, "PASID directory entry")?;
-        if de & PTE_PRESENT == 0 {
+        // d < 2^14: the first PASID of the table fits.
+        let Some(table) = dir_entry_table((d as u32) << PASID_PDE_SHIFT, de)? else {
             continue;
-        }
-        let table = de & PAGE_MASK;
+        };
         let mut buf = vec![0u8; (PASID_ENTRY_SIZE as usize) << PASID_PDE_SHIFT];
         ram.read(table, &mut buf, "PASID table")?;
         for i in 0..per_table {
@@ -336,9 +334,9 @@ pub fn scan_pasid_table(
             let at = i as usize * PASID_ENTRY_SIZE as usize;
             let mut e = [0u8; 64];
             e.copy_from_slice(&buf[at..at + 64]);
-            match decode_pasid_entry(&e, hw, ram)? {
+            match decode_pasid_entry(pasid, &e, hw, ram)? {
                 PasidBinding::Absent => {}
-                b => {
+                b @ PasidBinding::FirstStage(_) => {
                     if out.len() >= max_present {
                         return Err(BackendError::NoMemory(format!(
                             "more than {max_present} present PASID entries"
@@ -474,6 +472,13 @@ mod tests {
         (mem, ram)
     }
 
+    // Hand-encoded from VT-d §9.6 (not the decoder's constants): qword 2
+    // bit 0 SRE, bits 3:2 FSPM, bit 4 WPE, bit 7 EAFE.
+    const SRE: u64 = 1 << 0;
+    const FSPM_SHIFT: u32 = 2;
+    const WPE: u64 = 1 << 4;
+    const EAFE: u64 = 1 << 7;
+
     fn entry(w0: u64, w2: u64) -> [u8; 64] {
         let mut e = [0u8; 64];
         e[0..8].copy_from_slice(&w0.to_le_bytes());
@@ -485,10 +490,14 @@ mod tests {
         entry(1 | PGTT_FL_ONLY << 6, root)
     }
 
+    fn decode(e: &[u8; 64], hw: &VtdHw, ram: &GuestRam) -> Result<PasidBinding, BackendError> {
+        decode_pasid_entry(7, e, hw, ram)
+    }
+
     #[test]
     fn first_stage_entry_becomes_vtd_s1() {
         let (_, ram) = ram();
-        let got = decode_pasid_entry(&fl(ROOT | VAL2_SRE | VAL2_WPE | VAL2_EAFE), &hw(), &ram);
+        let got = decode(&fl(ROOT | SRE | WPE | EAFE), &hw(), &ram);
         assert_eq!(
             got.unwrap(),
             PasidBinding::FirstStage(VtdS1 {
@@ -497,14 +506,14 @@ mod tests {
                 addr_width: 48
             })
         );
-        let got = decode_pasid_entry(&fl(ROOT | 1 << VAL2_FLPM_SHIFT), &hw(), &ram).unwrap();
+        let got = decode(&fl(ROOT | 1 << FSPM_SHIFT), &hw(), &ram).unwrap();
         assert!(matches!(got, PasidBinding::FirstStage(s) if s.addr_width == 57 && s.flags == 0));
     }
 
     #[test]
     fn wpe_without_sre_is_dropped() {
         let (_, ram) = ram();
-        let got = decode_pasid_entry(&fl(ROOT | VAL2_WPE), &hw(), &ram).unwrap();
+        let got = decode(&fl(ROOT | WPE), &hw(), &ram).unwrap();
         assert!(matches!(got, PasidBinding::FirstStage(s) if s.flags == 0));
     }
 
@@ -528,40 +537,121 @@ mod tests {
     }
 
     #[test]
-    fn absent_and_pass_through_entries() {
+    fn issue11_not_present_entries_are_absent_whatever_else_they_hold() {
+        // VT-d §9.6: P = 0 makes the rest of the entry don't-care; the
+        // shared decoder checks P before anything else.
         let (_, ram) = ram();
-        assert_eq!(
-            decode_pasid_entry(&entry(0, ROOT), &hw(), &ram).unwrap(),
-            PasidBinding::Absent
-        );
-        assert_eq!(
-            decode_pasid_entry(&entry(1 | PGTT_PT << 6, 0), &hw(), &ram).unwrap(),
-            PasidBinding::PassThrough
-        );
+        for e in [entry(0, ROOT), entry(PGTT_PT << 6 | 0xc00, !0), [0xfe; 64]] {
+            assert_eq!(decode(&e, &hw(), &ram).unwrap(), PasidBinding::Absent);
+        }
+    }
+
+    #[test]
+    fn issue11_pgtt_other_than_first_stage_is_unsupp_like_the_software_iommu() {
+        // One decoder: pass-through (4) is refused as the software IOMMU
+        // refuses it, and so are second-stage, nested and the reserved
+        // types.
+        let (_, ram) = ram();
+        for pgtt in [0, PGTT_SL_ONLY, PGTT_NESTED, PGTT_PT, 5, 6, 7] {
+            let err = decode(&entry(1 | pgtt << 6, ROOT), &hw(), &ram).unwrap_err();
+            assert!(
+                matches!(err, BackendError::Unsupported(_)),
+                "{pgtt}: {err:?}"
+            );
+            assert!(err.to_string().contains("PGTT"), "{err}");
+        }
     }
 
     #[test]
     fn bad_entries_are_refused_with_the_right_error() {
         let (_, ram) = ram();
         type Check = fn(&BackendError) -> bool;
-        let cases: [([u8; 64], Check); 6] = [
-            (entry(1 | PGTT_SL_ONLY << 6, 0), |e| {
+        let cases: [([u8; 64], Check); 5] = [
+            // FSPM 2 and 3 are reserved paging modes: UNSUPP, as the
+            // software IOMMU's decoder classes them.
+            (fl(ROOT | 2 << FSPM_SHIFT), |e| {
                 matches!(e, BackendError::Unsupported(_))
             }),
-            (entry(1 | 7 << 6, 0), |e| {
-                matches!(e, BackendError::Invalid(_))
-            }),
-            (entry(1, 0), |e| matches!(e, BackendError::Invalid(_))),
-            (fl(ROOT | 2 << VAL2_FLPM_SHIFT), |e| {
-                matches!(e, BackendError::Invalid(_))
+            (fl(ROOT | 3 << FSPM_SHIFT), |e| {
+                matches!(e, BackendError::Unsupported(_))
             }),
             (fl(0x20_0000), |e| matches!(e, BackendError::Range(_))),
-            (fl(PAGE_MASK), |e| matches!(e, BackendError::Range(_))),
+            // FSPTPTR bits above 52 are reserved: INVAL, not RANGE.
+            (fl(!0xfff), |e| matches!(e, BackendError::Invalid(_))),
+            (fl(1 << 52 | ROOT), |e| {
+                matches!(e, BackendError::Invalid(_))
+            }),
         ];
         for (e, ok) in cases {
-            let err = decode_pasid_entry(&e, &hw(), &ram).unwrap_err();
+            let err = decode(&e, &hw(), &ram).unwrap_err();
             assert!(ok(&err), "{err:?}");
         }
+    }
+
+    #[test]
+    fn issue11_reserved_bits_of_the_entry_are_inval() {
+        // VT-d §9.6 reserved fields: qword 0 bits 11:10, qword 1 bits 22:16
+        // (entry bits 86:80), qword 2 bits 11:8, qwords 3..=7 entirely.
+        let (_, ram) = ram();
+        for (qword, bit) in [
+            (0usize, 10u32),
+            (0, 11),
+            (1, 16),
+            (1, 22),
+            (2, 8),
+            (2, 11),
+            (3, 0),
+            (5, 40),
+            (7, 63),
+        ] {
+            let mut e = fl(ROOT);
+            let at = qword * 8;
+            let mut w = u64::from_le_bytes(e[at..at + 8].try_into().unwrap());
+            w |= 1 << bit;
+            e[at..at + 8].copy_from_slice(&w.to_le_bytes());
+            let err = decode(&e, &hw(), &ram).unwrap_err();
+            assert!(
+                matches!(err, BackendError::Invalid(_)),
+                "qword {qword} bit {bit}: {err:?}"
+            );
+        }
+        // Fields that only matter for other PGTTs (AW, SSEE, SSADE, SSPTPTR
+        // in qword 0), DID and the snoop bits are not reserved.
+        let mut e = fl(ROOT);
+        e[0..8].copy_from_slice(
+            &(1u64 | 1 << 6 | 0b111 << 2 | 1 << 5 | 1 << 9 | 0xabc_d000).to_le_bytes(),
+        );
+        e[8..16].copy_from_slice(&(0xffffu64 | 1 << 23 | 1 << 24).to_le_bytes());
+        assert!(matches!(
+            decode(&e, &hw(), &ram),
+            Ok(PasidBinding::FirstStage(_))
+        ));
+    }
+
+    #[test]
+    fn issue11_reserved_bits_of_a_directory_entry_are_inval_in_reads_and_scans() {
+        // VT-d §9.5: directory entry bits 11:2 are reserved.
+        let (mem, ram) = ram();
+        mem.write_obj(TBL | 1 | 1 << 5, GuestAddress(DIR)).unwrap();
+        mem.write_slice(&fl(ROOT), GuestAddress(TBL + 3 * 64))
+            .unwrap();
+        assert!(matches!(
+            read_pasid_entry(&ram, DIR, 6, 3, &hw()),
+            Err(BackendError::Invalid(_))
+        ));
+        assert!(matches!(
+            scan_pasid_table(&ram, DIR, 6, &hw(), 16),
+            Err(BackendError::Invalid(_))
+        ));
+        // Not present: the reserved bits are don't-care.
+        mem.write_obj(TBL | 1 << 5, GuestAddress(DIR)).unwrap();
+        assert_eq!(
+            read_pasid_entry(&ram, DIR, 6, 3, &hw()).unwrap(),
+            PasidBinding::Absent
+        );
+        assert!(scan_pasid_table(&ram, DIR, 6, &hw(), 16)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -572,9 +662,9 @@ mod tests {
             ecap: 1 << 40 | 19 << 35,
             flags: 0,
         };
-        for e in [fl(ROOT | 1 << 2), fl(ROOT | VAL2_SRE), fl(ROOT | VAL2_EAFE)] {
+        for e in [fl(ROOT | 1 << FSPM_SHIFT), fl(ROOT | SRE), fl(ROOT | EAFE)] {
             assert!(matches!(
-                decode_pasid_entry(&e, &bare, &ram),
+                decode(&e, &bare, &ram),
                 Err(BackendError::Unsupported(_))
             ));
         }

@@ -111,7 +111,6 @@ fn bind_shadows_each_present_pasid_entry() {
     write_fl_entry(&f.mem, 0, Some(ROOT_A));
     write_fl_entry(&f.mem, 5, Some(ROOT_B));
     write_fl_entry(&f.mem, 6, Some(ROOT_A));
-    write_pt_entry(&f.mem, 7);
     let from = f.rec.len();
     bind(&f).unwrap();
     // Two distinct first-stage tables: two nested HWPTs (PASID 6 shares A).
@@ -149,7 +148,7 @@ fn bind_shadows_each_present_pasid_entry() {
     assert_eq!(f.rec.attached(dev, 0), Some(a));
     assert_eq!(f.rec.attached(dev, 5), Some(b));
     assert_eq!(f.rec.attached(dev, 6), Some(a));
-    assert_eq!(f.rec.attached(dev, 7), Some(parent));
+    assert_eq!(f.rec.attached(dev, 7), None);
     // The device itself first (no PASID flag), then the PASIDs.
     let attaches = f.rec.calls_of(Op::AttachPt);
     assert_eq!(le32(&attaches[0].arg, 4), 0);
@@ -370,6 +369,18 @@ fn bad_guest_tables_are_refused_before_any_ioctl() {
         .status(),
         Status::Unsupp
     );
+    assert_eq!(f.rec.len(), n);
+}
+
+#[test]
+fn issue11_a_pass_through_entry_is_refused_unsupp_before_any_ioctl() {
+    // One decoder with the software IOMMU: PGTT 4 (pass-through) is not a
+    // first-stage table, so the binding is refused as a whole, UNSUPP.
+    let f = fixture(RecordingHost::default());
+    write_fl_entry(&f.mem, 0, Some(ROOT_A));
+    write_pt_entry(&f.mem, 7);
+    let n = f.rec.len();
+    assert_eq!(bind(&f).unwrap_err().status(), Status::Unsupp);
     assert_eq!(f.rec.len(), n);
 }
 

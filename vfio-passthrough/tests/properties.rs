@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use vfio_passthrough::smmuv3::{lower_smmuv3, SmmuInvTarget};
-use vfio_passthrough::vtd::{decode_pasid_entry, vtd_entry, VtdHw, VtdTarget};
+use vfio_passthrough::vtd::{decode_pasid_entry, vtd_entry, PasidBinding, VtdHw, VtdTarget};
 use vfio_passthrough::GuestRam;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_iommu::invalidation::{Caches, Invalidation, Scope, VaRange};
@@ -91,7 +91,59 @@ proptest! {
         let ram = GuestRam::new(mem).unwrap();
         let mut e = [0u8; 64];
         e.copy_from_slice(&bytes);
-        let _ = decode_pasid_entry(&e, &VtdHw { cap, ecap, flags: 0 }, &ram);
+        let _ = decode_pasid_entry(3, &e, &VtdHw { cap, ecap, flags: 0 }, &ram);
+    }
+
+    /// Issue 11, one decoder per guest format: whatever the 64 bytes, the
+    /// iommufd backend's verdict on a VT-d PASID entry is the software
+    /// IOMMU decoder's (not present → absent, reserved bits → INVAL,
+    /// unimplemented PGTT / FSPM → UNSUPP); only an entry that decoder
+    /// accepts can still be refused for what the host lacks (UNSUPP) or a
+    /// root outside RAM (RANGE).
+    #[test]
+    fn issue11_pasid_entry_verdict_is_the_shared_decoders(
+        words in proptest::array::uniform8(any::<u64>()),
+        present: bool,
+        pgtt in 0u64..8,
+        clear_rsvd: bool,
+        cap: u64,
+        ecap: u64,
+    ) {
+        use vmm_iommu::backend::BackendError;
+        use vmm_iommu::nested::vtd::VtdPasidEntry;
+        use vmm_iommu::nested::FaultClass;
+        let mut words = words;
+        // Steer half the cases towards plausible entries.
+        words[0] = (words[0] & !0x1c1) | u64::from(present) | pgtt << 6;
+        if clear_rsvd {
+            words[0] &= !0xc00;
+            words[1] &= !0x007f_0000;
+            words[2] &= 0x000f_ffff_ffff_f0ff;
+            words[3..].fill(0);
+        }
+        let mut e = [0u8; 64];
+        for (i, w) in words.iter().enumerate() {
+            e[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let ram = GuestRam::new(mem).unwrap();
+        let got = decode_pasid_entry(3, &e, &VtdHw { cap, ecap, flags: 0 }, &ram);
+        match VtdPasidEntry::validate_bytes(3, &e) {
+            Err(f) => match f.class() {
+                FaultClass::NotPresent => prop_assert!(matches!(got, Ok(PasidBinding::Absent)), "{:?}", got),
+                FaultClass::Reserved => prop_assert!(matches!(got, Err(BackendError::Invalid(_))), "{:?}", got),
+                FaultClass::Unsupported => prop_assert!(matches!(got, Err(BackendError::Unsupported(_))), "{:?}", got),
+                c => prop_assert!(false, "unexpected class {:?}", c),
+            },
+            Ok(d) => match got {
+                Ok(PasidBinding::FirstStage(s1)) => {
+                    prop_assert_eq!(s1.pgtbl_addr, d.fsptptr);
+                    prop_assert_eq!(s1.addr_width, if d.levels() == 5 { 57 } else { 48 });
+                }
+                Err(BackendError::Unsupported(_)) | Err(BackendError::Range(_)) => {}
+                other => prop_assert!(false, "accepted entry got {:?}", other),
+            },
+        }
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub fn write_fl_entry(mem: &GuestMemoryMmap, pasid: u64, root: Option<u64>) {
         .expect("entry");
 }
 
-/// A pass-through entry.
+/// A pass-through entry (PGTT 4), which every backend refuses.
 pub fn write_pt_entry(mem: &GuestMemoryMmap, pasid: u64) {
     let mut e = [0u8; 64];
     e[0..8].copy_from_slice(&(1u64 | 4 << 6).to_le_bytes());

@@ -13,7 +13,7 @@
 use std::fmt;
 
 use crate::wire::{
-    VIRTIO_IOMMU_FAULT_R_DOMAIN, VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_FAULT_R_UNKNOWN,
+    Status, VIRTIO_IOMMU_FAULT_R_DOMAIN, VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_FAULT_R_UNKNOWN,
 };
 
 /// A failed stage-1 lookup.
@@ -118,6 +118,87 @@ impl WalkFault {
             | K::SubstreamRequired
             | K::UnsupportedConfig(_) => VIRTIO_IOMMU_FAULT_R_DOMAIN,
             K::InvalidStart | K::Ttbr1Unsupported => VIRTIO_IOMMU_FAULT_R_UNKNOWN,
+        }
+    }
+}
+
+/// The kind of verdict a fault is, the same for every backend that reads
+/// the guest's structures through this crate's decoders (the software
+/// IOMMU at DMA time, a shadowing backend when it binds the table or
+/// re-reads an entry): what the guest did wrong, without the detail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultClass {
+    /// A PASID directory entry, PASID entry, L1 CD descriptor or CD that
+    /// is not present / not valid, or traffic S1DSS terminates: nothing
+    /// translates, and nothing is wrong with what is there. A shadowing
+    /// backend blocks the PASID.
+    NotPresent,
+    /// Reserved bits set in a PASID directory entry, PASID entry, L1 CD
+    /// descriptor or CD (INVAL for a backend that refuses a binding).
+    Reserved,
+    /// A translation type, paging mode or regime feature this device does
+    /// not implement, including the architecture's reserved encodings of
+    /// those fields (UNSUPP).
+    Unsupported,
+    /// A structure outside guest RAM, or a PASID / SubstreamID beyond the
+    /// table (RANGE).
+    OutOfRange,
+    /// A fault of the page tables themselves (not present, permission,
+    /// access flag, reserved bits in a table entry, address size, input
+    /// address): a verdict on one address, not on the binding.
+    Translation,
+}
+
+impl FaultClass {
+    /// The status a backend that refuses a binding (or a PASID-cache
+    /// invalidation that re-reads an entry) gives for this class: `INVAL`
+    /// for reserved bits, `UNSUPP` for what this device does not implement,
+    /// `RANGE` for outside RAM or beyond the table. `None` for
+    /// [`NotPresent`](Self::NotPresent) (the PASID is blocked, nothing is
+    /// refused) and [`Translation`](Self::Translation) (a verdict on one
+    /// address, given at DMA time).
+    pub fn refusal_status(self) -> Option<Status> {
+        match self {
+            FaultClass::Reserved => Some(Status::Inval),
+            FaultClass::Unsupported => Some(Status::Unsupp),
+            FaultClass::OutOfRange => Some(Status::Range),
+            FaultClass::NotPresent | FaultClass::Translation => None,
+        }
+    }
+}
+
+impl WalkFault {
+    /// The class of this fault (see [`FaultClass`]). A table or entry
+    /// outside guest RAM is [`FaultClass::OutOfRange`] at any level.
+    pub fn class(&self) -> FaultClass {
+        use WalkFaultKind as K;
+        match self.kind {
+            K::PasidDirNotPresent { .. }
+            | K::PasidEntryNotPresent { .. }
+            | K::CdL1Invalid { .. }
+            | K::CdInvalid { .. }
+            | K::SubstreamRequired => FaultClass::NotPresent,
+            K::PasidDirReserved { .. }
+            | K::PasidEntryReserved { .. }
+            | K::CdL1Reserved { .. }
+            | K::CdReserved { .. } => FaultClass::Reserved,
+            K::UnsupportedPasidEntry { .. }
+            | K::UnsupportedCd { .. }
+            | K::UnsupportedConfig(_)
+            | K::Ttbr1Unsupported => FaultClass::Unsupported,
+            K::TableOutsideRam { .. } | K::PasidOutOfRange { .. } | K::CdOutOfRange { .. } => {
+                FaultClass::OutOfRange
+            }
+            K::NotPresent
+            | K::Permission(_)
+            | K::AccessFlag
+            | K::ReservedBits { .. }
+            | K::AddressSize { .. }
+            | K::InputOutOfRange { .. }
+            | K::NonCanonical { .. }
+            | K::WalkDisabled
+            | K::BadDescriptor { .. }
+            | K::InvalidStart => FaultClass::Translation,
         }
     }
 }
@@ -413,6 +494,61 @@ mod tests {
         assert_eq!(
             WalkFault::new(WalkFaultKind::InvalidStart).virtio_reason(),
             VIRTIO_IOMMU_FAULT_R_UNKNOWN
+        );
+    }
+
+    #[test]
+    fn class_groups_structure_verdicts_apart_from_translation_faults() {
+        let cases = [
+            (
+                WalkFaultKind::PasidEntryNotPresent { pasid: 1 },
+                FaultClass::NotPresent,
+            ),
+            (
+                WalkFaultKind::PasidDirNotPresent { pasid: 1 },
+                FaultClass::NotPresent,
+            ),
+            (WalkFaultKind::CdInvalid { ssid: 1 }, FaultClass::NotPresent),
+            (
+                WalkFaultKind::PasidDirReserved { pasid: 1, bits: 4 },
+                FaultClass::Reserved,
+            ),
+            (
+                WalkFaultKind::PasidEntryReserved {
+                    pasid: 1,
+                    qword: 3,
+                    bits: 1,
+                },
+                FaultClass::Reserved,
+            ),
+            (
+                WalkFaultKind::UnsupportedPasidEntry {
+                    pasid: 1,
+                    what: Unsupported::Pgtt(4),
+                },
+                FaultClass::Unsupported,
+            ),
+            (
+                WalkFaultKind::TableOutsideRam { gpa: 1 << 40 },
+                FaultClass::OutOfRange,
+            ),
+            (
+                WalkFaultKind::PasidOutOfRange { pasid: 9 },
+                FaultClass::OutOfRange,
+            ),
+            (WalkFaultKind::NotPresent, FaultClass::Translation),
+            (
+                WalkFaultKind::ReservedBits { bits: 0x80 },
+                FaultClass::Translation,
+            ),
+        ];
+        for (kind, class) in cases {
+            assert_eq!(WalkFault::new(kind).class(), class, "{kind}");
+        }
+        // Outside RAM is OutOfRange at any level.
+        assert_eq!(
+            WalkFault::at(WalkFaultKind::TableOutsideRam { gpa: 1 << 40 }, 4).class(),
+            FaultClass::OutOfRange
         );
     }
 

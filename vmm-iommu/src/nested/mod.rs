@@ -31,7 +31,7 @@ pub mod smmuv3;
 pub mod vtd;
 pub mod x86;
 
-pub use fault::{Denied, Unsupported, WalkFault, WalkFaultKind};
+pub use fault::{Denied, FaultClass, Unsupported, WalkFault, WalkFaultKind};
 pub use memory::TableMemory;
 
 /// Output address size of the software nested IOMMU: what it advertises

@@ -18,6 +18,18 @@
 //! Bit positions are from the VT-d spec's "Scalable-Mode PASID Table Entry"
 //! (§9.6), as Linux `pasid.h` programs them and QEMU
 //! `hw/i386/intel_iommu_internal.h` decodes them.
+//!
+//! **One decoder for every backend.** [`decode_dir_entry`] and
+//! [`VtdPasidEntry::validate`] (or [`VtdPasidEntry::validate_bytes`]) are the
+//! only readers of these structures: the software IOMMU walks through them,
+//! and a backend that shadows the guest's table into a host IOMMU (the vfio
+//! iommufd backend) decodes each entry with them too, so the same guest
+//! table gets the same verdict — accepted, not present, reserved bits set
+//! (a [`FaultClass::Reserved`](super::fault::FaultClass::Reserved)), or a
+//! translation type or paging mode this device does not implement
+//! ([`FaultClass::Unsupported`](super::fault::FaultClass::Unsupported)) —
+//! wherever it is bound. What a backend adds on top is only what its host
+//! lacks (a 5-level table on a unit without FL5LP, say).
 
 use super::fault::{Unsupported, WalkFault, WalkFaultKind};
 use super::memory::TableMemory;
@@ -217,8 +229,17 @@ impl VtdPasidEntry {
         [w0, w1, w2, 0, 0, 0, 0, 0]
     }
 
+    /// Checks the 64 bytes of an entry as they sit in guest memory
+    /// (little-endian qwords): [`validate`](Self::validate) of
+    /// [`entry_words`]`(bytes)`.
+    pub fn validate_bytes(pasid: u32, bytes: &[u8; 64]) -> Result<Self, WalkFault> {
+        Self::validate(pasid, &entry_words(bytes))
+    }
+
     /// Checks a raw entry for PASID `pasid`: present, no reserved bit set,
-    /// first-stage PGTT, 4- or 5-level FSPM.
+    /// first-stage PGTT, 4- or 5-level FSPM. The order of the checks is the
+    /// verdict every backend gives: not present first (a non-present entry
+    /// may hold anything), then reserved bits, then PGTT, then FSPM.
     pub fn validate(pasid: u32, words: &[u64; 8]) -> Result<Self, WalkFault> {
         let e = Self::decode(words);
         if !e.present {
@@ -284,6 +305,34 @@ impl VtdPasidEntry {
     }
 }
 
+/// The eight little-endian qwords of a 64-byte PASID entry.
+pub fn entry_words(bytes: &[u8; 64]) -> [u64; 8] {
+    let mut words = [0u64; 8];
+    for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *w = u64::from_le_bytes(b);
+    }
+    words
+}
+
+/// Decodes the PASID directory entry `pde` that covers `pasid`: the
+/// guest-physical address of its PASID table, or the fault every backend
+/// gives it — [`WalkFaultKind::PasidDirNotPresent`] for P = 0 (whatever
+/// the other bits hold), [`WalkFaultKind::PasidDirReserved`] for bits 11:2.
+pub fn decode_dir_entry(pasid: u32, pde: u64) -> Result<u64, WalkFault> {
+    if pde & PDE_P == 0 {
+        return Err(WalkFault::new(WalkFaultKind::PasidDirNotPresent { pasid }));
+    }
+    if pde & PDE_RSVD != 0 {
+        return Err(WalkFault::new(WalkFaultKind::PasidDirReserved {
+            pasid,
+            bits: pde & PDE_RSVD,
+        }));
+    }
+    Ok(pde & PDE_TABLE_MASK)
+}
+
 /// A scalable-mode PASID directory as an ATTACH_TABLE (PSTF_INTEL_VTD)
 /// binds it: pointer and PASID width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -347,18 +396,10 @@ impl PasidTable {
         let pde = mem
             .read_u64(gpa)
             .ok_or(WalkFault::new(WalkFaultKind::TableOutsideRam { gpa }))?;
-        if pde & PDE_P == 0 {
-            return Err(WalkFault::new(WalkFaultKind::PasidDirNotPresent { pasid }));
-        }
-        if pde & PDE_RSVD != 0 {
-            return Err(WalkFault::new(WalkFaultKind::PasidDirReserved {
-                pasid,
-                bits: pde & PDE_RSVD,
-            }));
-        }
+        let table = decode_dir_entry(pasid, pde)?;
         let index = u64::from(pasid) & (PASID_TABLE_ENTRIES - 1);
         // The table is 4 KiB aligned and index * 64 < 4 KiB: no carry.
-        Ok((pde & PDE_TABLE_MASK) | (index * PASID_ENTRY_SIZE))
+        Ok(table | (index * PASID_ENTRY_SIZE))
     }
 
     /// Reads, checks and decodes the PASID entry for `pasid`.
@@ -371,13 +412,7 @@ impl PasidTable {
         let mut bytes = [0u8; PASID_ENTRY_SIZE as usize];
         mem.read_bytes(gpa, &mut bytes)
             .ok_or(WalkFault::new(WalkFaultKind::TableOutsideRam { gpa }))?;
-        let mut words = [0u64; 8];
-        for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            *w = u64::from_le_bytes(b);
-        }
-        VtdPasidEntry::validate(pasid, &words)
+        VtdPasidEntry::validate_bytes(pasid, &bytes)
     }
 
     /// The first-stage regime of `pasid`.
@@ -443,6 +478,49 @@ mod tests {
         t.set_entry(&mut a, 0x12345, &e).unwrap();
         assert_eq!(t.table().entry(&m, 0x12345), Ok(e));
         assert_eq!(pasid_entry(&m, t.dir_ptr(), 20, 0x12345), Ok(e));
+    }
+
+    #[test]
+    fn issue11_directory_entry_decoder_checks_present_before_reserved_bits() {
+        // VT-d §9.5: P bit 0, FPD bit 1, bits 11:2 reserved, table 63:12.
+        assert_eq!(decode_dir_entry(7, 0x5000 | 1), Ok(0x5000));
+        assert_eq!(decode_dir_entry(7, 0x5000 | 0b11), Ok(0x5000));
+        assert_eq!(
+            decode_dir_entry(7, 0x5000 | 1 << 11 | 1),
+            Err(WalkFault::new(WalkFaultKind::PasidDirReserved {
+                pasid: 7,
+                bits: 1 << 11
+            }))
+        );
+        assert_eq!(
+            decode_dir_entry(7, 0x5000 | 0xffc),
+            Err(WalkFault::new(WalkFaultKind::PasidDirNotPresent {
+                pasid: 7
+            }))
+        );
+    }
+
+    #[test]
+    fn issue11_validate_bytes_reads_little_endian_qwords() {
+        // Hand-encoded bytes: qword 0 = P | PGTT 1 (0x41), qword 1 = DID
+        // 0x1234, qword 2 = FSPTPTR 0x7000 | FSPM 1 (bit 2).
+        let mut b = [0u8; 64];
+        b[0] = 0x41;
+        b[8] = 0x34;
+        b[9] = 0x12;
+        b[16] = 0x04;
+        b[17] = 0x70;
+        let e = VtdPasidEntry::validate_bytes(3, &b).unwrap();
+        assert_eq!((e.did, e.fsptptr, e.levels()), (0x1234, 0x7000, 5));
+        b[63] = 0x80;
+        assert_eq!(
+            VtdPasidEntry::validate_bytes(3, &b),
+            fault(WalkFaultKind::PasidEntryReserved {
+                pasid: 3,
+                qword: 7,
+                bits: 1 << 63
+            })
+        );
     }
 
     #[test]
