@@ -22,8 +22,8 @@ use vmm_iommu::translate::EndpointIommu;
 use vmm_iommu::{DeviceError, VirtioInterrupt};
 
 use super::dma::{
-    available_chains, chain_buffers, total_len, ChainBuffers, DmaError, DmaMemory, DmaPath,
-    Segment, F_ACCESS_PLATFORM, F_VERSION_1,
+    available_chains, chain_buffers, total_len, ActiveQueue, ChainBuffers, DmaError, DmaMemory,
+    DmaPath, Segment, F_ACCESS_PLATFORM, F_VERSION_1,
 };
 use crate::vm::virtio_mmio::VirtioDevice;
 
@@ -184,20 +184,13 @@ impl Outcome {
     }
 }
 
-/// The running state: the memory view chosen at activation and the queue.
-struct Active {
-    mem: DmaMemory,
-    queue: Queue,
-    interrupt: Arc<dyn VirtioInterrupt>,
-}
-
 /// A virtio-blk device over an in-memory disk.
 pub struct VirtioBlk {
     disk: Disk,
     dma: DmaPath,
     acked: u64,
     access_platform: bool,
-    active: Option<Active>,
+    active: Option<ActiveQueue>,
     stats: BlkStats,
 }
 
@@ -544,21 +537,9 @@ impl VirtioDevice for VirtioBlk {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), DeviceError> {
-        let Some(queue) = queues.into_iter().next() else {
-            return Err(DeviceError::InvalidQueue(0));
-        };
-        let mem = self.dma.memory(mem, self.acked);
-        // Untranslated rings can be checked now. Translated ones are not:
-        // a check would translate (and fault) on the driver's behalf, and
-        // a ring the vIOMMU refuses later is handled per notification.
-        if !queue.ready() || (!mem.translated() && !queue.is_valid(mem.memory())) {
-            return Err(DeviceError::InvalidQueue(0));
-        }
-        self.active = Some(Active {
-            mem,
-            queue,
-            interrupt,
-        });
+        self.active = Some(ActiveQueue::activate(
+            &self.dma, mem, self.acked, queues, interrupt,
+        )?);
         Ok(())
     }
 

@@ -769,3 +769,42 @@ mod tests {
         assert!(m.read_from(&segs, 2, &mut b).is_err());
     }
 }
+
+/// A single-queue device's running state: its memory view, its queue and
+/// its interrupt, from the driver's DRIVER_OK on.
+pub struct ActiveQueue {
+    /// The memory view the driver's features chose.
+    pub mem: DmaMemory,
+    /// The one queue.
+    pub queue: Queue,
+    /// The interrupt to raise after a batch.
+    pub interrupt: Arc<dyn vmm_iommu::VirtioInterrupt>,
+}
+
+impl ActiveQueue {
+    /// Starts a single-queue device on the queues the driver set up:
+    /// its memory view from `acked`, queue 0 checked where it can be.
+    pub fn activate(
+        dma: &DmaPath,
+        mem: &GuestMemoryMmap,
+        acked: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn vmm_iommu::VirtioInterrupt>,
+    ) -> Result<Self, vmm_iommu::DeviceError> {
+        let Some(queue) = queues.into_iter().next() else {
+            return Err(vmm_iommu::DeviceError::InvalidQueue(0));
+        };
+        let mem = dma.memory(mem, acked);
+        // Untranslated rings can be checked now. Translated ones are not:
+        // a check would translate (and fault) on the driver's behalf, and
+        // a ring the vIOMMU refuses later is handled per notification.
+        if !queue.ready() || (!mem.translated() && !queue.is_valid(mem.memory())) {
+            return Err(vmm_iommu::DeviceError::InvalidQueue(0));
+        }
+        Ok(ActiveQueue {
+            mem,
+            queue,
+            interrupt,
+        })
+    }
+}

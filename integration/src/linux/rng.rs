@@ -21,7 +21,8 @@ use vmm_iommu::translate::EndpointIommu;
 use vmm_iommu::{DeviceError, VirtioInterrupt};
 
 use super::dma::{
-    available_chains, chain_buffers, DmaError, DmaMemory, DmaPath, F_ACCESS_PLATFORM, F_VERSION_1,
+    available_chains, chain_buffers, ActiveQueue, DmaError, DmaMemory, DmaPath, F_ACCESS_PLATFORM,
+    F_VERSION_1,
 };
 use crate::vm::virtio_mmio::VirtioDevice;
 
@@ -56,20 +57,13 @@ pub struct RngStats {
     pub dma_refused: u64,
 }
 
-/// The running state: the memory view chosen at activation and the queue.
-struct Active {
-    mem: DmaMemory,
-    queue: Queue,
-    interrupt: Arc<dyn VirtioInterrupt>,
-}
-
 /// A virtio-rng device.
 pub struct VirtioRng {
     source: Box<dyn Read + Send>,
     dma: DmaPath,
     acked: u64,
     access_platform: bool,
-    active: Option<Active>,
+    active: Option<ActiveQueue>,
     stats: RngStats,
     /// Reused for every chain, so serving a request allocates nothing.
     buf: Vec<u8>,
@@ -276,21 +270,9 @@ impl VirtioDevice for VirtioRng {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), DeviceError> {
-        let Some(queue) = queues.into_iter().next() else {
-            return Err(DeviceError::InvalidQueue(0));
-        };
-        let mem = self.dma.memory(mem, self.acked);
-        // Untranslated rings can be checked now. Translated ones are not:
-        // a check would translate (and fault) on the driver's behalf, and
-        // a ring the vIOMMU refuses later is handled per notification.
-        if !queue.ready() || (!mem.translated() && !queue.is_valid(mem.memory())) {
-            return Err(DeviceError::InvalidQueue(0));
-        }
-        self.active = Some(Active {
-            mem,
-            queue,
-            interrupt,
-        });
+        self.active = Some(ActiveQueue::activate(
+            &self.dma, mem, self.acked, queues, interrupt,
+        )?);
         Ok(())
     }
 
