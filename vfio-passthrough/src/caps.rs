@@ -226,6 +226,21 @@ pub fn caps_from_hw(kind: &HwKind, device_pasid_bits: u8) -> BackendCaps {
     }
 }
 
+/// Why `kind` offers no nested table format, for the log line a VMM
+/// operator reads when the guest sees no ATTACH_TABLE format.
+pub fn no_nesting_reason(kind: &HwKind) -> String {
+    match kind {
+        HwKind::IntelVtd(h) => format!(
+            "VT-d ecap {:#x}: nested translation (bit 26) {}, first-stage translation (bit 47) {}",
+            h.ecap,
+            u8::from(h.nest()),
+            u8::from(h.flts())
+        ),
+        HwKind::ArmSmmuV3(_) => "SMMUv3 nesting was refused by the host".into(),
+        HwKind::Other(t) => format!("IOMMU hardware type {t} has no nested table format here"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +367,22 @@ mod tests {
             &[1, 2],
         );
         assert_eq!(kind, HwKind::IntelVtd(VtdHw::default()));
+    }
+
+    #[test]
+    fn no_nesting_reason_names_the_vtd_bits() {
+        // QEMU 7.2's intel-iommu: ecap 0xf00f4a, no NEST, no FLTS.
+        let kind = HwKind::IntelVtd(VtdHw {
+            flags: 0,
+            cap: 0xd2_008c_2226_0286,
+            ecap: 0xf0_0f4a,
+        });
+        assert!(caps_from_hw(&kind, 0).table_formats.is_empty());
+        let why = no_nesting_reason(&kind);
+        assert!(
+            why.contains("0xf00f4a") && why.contains("(bit 26) 0"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ use iommufd_bindings::iommufd::{
     iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID,
     iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID,
 };
-use log::{error, warn};
+use log::{error, info, warn};
 use vmm_iommu::backend::{
     BackendCaps, BackendError, BackendFault, DomainId, DomainView, EndpointId, IommuBackend,
     PageResponse, TableBinding,
@@ -51,7 +51,9 @@ use vmm_iommu::mapping::Mapping;
 use vmm_iommu::wire::TableDesc;
 
 use crate::args;
-use crate::caps::{caps_from_hw, hw_info_request, parse_hw_info, HwKind, HW_INFO_DATA_LEN};
+use crate::caps::{
+    caps_from_hw, hw_info_request, no_nesting_reason, parse_hw_info, HwKind, HW_INFO_DATA_LEN,
+};
 use crate::dma::{
     check_alignment, identity_pieces, ioas_map, ioas_unmap, mapping_pieces, DmaPiece,
 };
@@ -320,7 +322,12 @@ impl IommufdBackend {
         let hw = parse_hw_info(&info, &data);
         let mut caps = caps_from_hw(&hw, info.out_max_pasid_log2);
         let mut nesting = None;
-        if !caps.table_formats.is_empty() {
+        if caps.table_formats.is_empty() {
+            info!(
+                "iommufd: endpoint {ep}: no nested translation ({}); MAP and bypass only",
+                no_nesting_reason(&hw)
+            );
+        } else {
             match self.setup_nesting(&mut st, ep, dev_id, &hw, &caps) {
                 Ok(n) => nesting = Some(n),
                 Err(e) => {

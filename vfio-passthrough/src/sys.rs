@@ -11,13 +11,26 @@
 //! Opening a cdev goes through `VfioIommufd`, whose constructor wants an
 //! IOAS; the host allocates one per iommufd for it and never maps it (the
 //! backends allocate their own through [`Ioctl::IoasAlloc`]).
+//!
+//! A VMM that already owns the VFIO objects (its PCI passthrough code needs
+//! the same device for BARs and interrupts, and a cdev binds to one iommufd
+//! only) hands them over with [`VfioHost::adopt_type1`],
+//! [`VfioHost::adopt_iommufd`] and [`VfioHost::adopt_cdev`]: the next
+//! [`HostIommu::open`] of that device (or of `/dev/iommu`) returns the
+//! adopted object instead of opening a new one, and closing it drops only
+//! the host's reference.
+//!
+//! - `IOMMU_IOAS_IOVA_RANGES` — not wrapped; [`ioas_iova_ranges`] reads the
+//!   kernel's allowed IOVA ranges of an IOAS (for diagnostics and tests).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use iommufd_bindings::iommufd::{iommu_ioas_iova_ranges, iommu_iova_range};
 use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_info, VFIO_DEVICE_ATTACH_PASID, VFIO_DEVICE_DETACH_PASID,
@@ -29,7 +42,9 @@ use crate::host::{Handle, HostIommu, Ioctl, Open, Opened};
 
 /// The ioctl numbers `vfio-ioctls` / `iommufd-ioctls` do not export.
 mod nr {
-    use iommufd_bindings::iommufd::{IOMMUFD_CMD_FAULT_QUEUE_ALLOC, IOMMUFD_TYPE};
+    use iommufd_bindings::iommufd::{
+        IOMMUFD_CMD_FAULT_QUEUE_ALLOC, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_TYPE,
+    };
     use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
     // include/uapi/linux/vfio.h: _IO(VFIO_TYPE, VFIO_BASE + 12..13).
     vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 12);
@@ -40,8 +55,20 @@ mod nr {
         IOMMUFD_TYPE as u32,
         IOMMUFD_CMD_FAULT_QUEUE_ALLOC
     );
+    // include/uapi/linux/iommufd.h: _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_IOVA_RANGES).
+    vmm_sys_util::ioctl_io_nr!(
+        IOMMU_IOAS_IOVA_RANGES,
+        IOMMUFD_TYPE as u32,
+        IOMMUFD_CMD_IOAS_IOVA_RANGES
+    );
 }
-use nr::{IOMMU_FAULT_QUEUE_ALLOC, VFIO_IOMMU_GET_INFO, VFIO_IOMMU_MAP_DMA};
+use nr::{
+    IOMMU_FAULT_QUEUE_ALLOC, IOMMU_IOAS_IOVA_RANGES, VFIO_IOMMU_GET_INFO, VFIO_IOMMU_MAP_DMA,
+};
+
+/// At most this many allowed ranges are read from `IOMMU_IOAS_IOVA_RANGES`
+/// (x86 reports two or three; the kernel says how many it has).
+const MAX_IOAS_RANGES: u32 = 1024;
 
 enum Object {
     Type1 {
@@ -57,10 +84,20 @@ enum Object {
     Queue(Arc<Mutex<File>>),
 }
 
+/// Objects the VMM opened itself and handed over, waiting for the
+/// [`HostIommu::open`] that asks for them.
+#[derive(Default)]
+struct Adopted {
+    type1: HashMap<PathBuf, (Arc<VfioContainer>, Arc<VfioDevice>)>,
+    iommufd: Option<(Arc<IommuFd>, Arc<VfioIommufd>)>,
+    cdev: HashMap<PathBuf, Arc<VfioDevice>>,
+}
+
 /// The kernel's VFIO and iommufd, through `vfio-ioctls` and `iommufd-ioctls`.
 #[derive(Default)]
 pub struct VfioHost {
     objects: Mutex<HashMap<i32, Object>>,
+    adopted: Mutex<Adopted>,
 }
 
 impl std::fmt::Debug for VfioHost {
@@ -140,6 +177,33 @@ impl VfioHost {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<i32, Object>> {
         self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn adopted(&self) -> MutexGuard<'_, Adopted> {
+        self.adopted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands over a type1 container the VMM opened and the device at
+    /// `device` (its sysfs path) that it opened in it: the next
+    /// `open(Open::Type1 { device })` returns this container. The VMM keeps
+    /// its own references; the backend's close drops only the host's.
+    pub fn adopt_type1(&self, device: &Path, container: Arc<VfioContainer>, dev: Arc<VfioDevice>) {
+        self.adopted()
+            .type1
+            .insert(device.to_path_buf(), (container, dev));
+    }
+
+    /// Hands over the VMM's iommufd and the `VfioIommufd` it opens its
+    /// cdevs through: the next `open(Open::Iommufd)` returns it.
+    pub fn adopt_iommufd(&self, fd: Arc<IommuFd>, vfio: Arc<VfioIommufd>) {
+        self.adopted().iommufd = Some((fd, vfio));
+    }
+
+    /// Hands over a device cdev the VMM opened and bound to the iommufd it
+    /// adopted with [`Self::adopt_iommufd`]: the next
+    /// `open(Open::Cdev { device, .. })` returns it with its device ID.
+    pub fn adopt_cdev(&self, device: &Path, dev: Arc<VfioDevice>) {
+        self.adopted().cdev.insert(device.to_path_buf(), dev);
     }
 
     fn container(&self, h: Handle) -> io::Result<Arc<VfioContainer>> {
@@ -256,15 +320,22 @@ impl HostIommu for VfioHost {
     fn open(&self, what: Open<'_>) -> io::Result<Opened> {
         match what {
             Open::Type1 { device } => {
-                let container = Arc::new(VfioContainer::new(None).map_err(vfio_err)?);
-                let ops: Arc<dyn VfioOps> = container.clone();
-                let dev = VfioDevice::new(device, ops, false).map_err(vfio_err)?;
+                let adopted = self.adopted().type1.remove(device);
+                let (container, dev) = match adopted {
+                    Some(pair) => pair,
+                    None => {
+                        let container = Arc::new(VfioContainer::new(None).map_err(vfio_err)?);
+                        let ops: Arc<dyn VfioOps> = container.clone();
+                        let dev = VfioDevice::new(device, ops, false).map_err(vfio_err)?;
+                        (container, Arc::new(dev))
+                    }
+                };
                 let raw = container.as_raw_fd();
                 self.lock().insert(
                     raw,
                     Object::Type1 {
                         container,
-                        _device: Arc::new(dev),
+                        _device: dev,
                     },
                 );
                 Ok(Opened {
@@ -273,10 +344,16 @@ impl HostIommu for VfioHost {
                 })
             }
             Open::Iommufd => {
-                let fd = Arc::new(IommuFd::new().map_err(iommufd_err)?);
-                let ioas = Arc::new(IommufdIoas::new(fd.clone()).map_err(iommufd_err)?);
-                let vfio =
-                    Arc::new(VfioIommufd::new(fd.clone(), Some(ioas), None).map_err(vfio_err)?);
+                let adopted = self.adopted().iommufd.take();
+                let (fd, vfio) = match adopted {
+                    Some(pair) => pair,
+                    None => {
+                        let fd = Arc::new(IommuFd::new().map_err(iommufd_err)?);
+                        let ioas = Arc::new(IommufdIoas::new(fd.clone()).map_err(iommufd_err)?);
+                        let vfio = VfioIommufd::new(fd.clone(), Some(ioas), None);
+                        (fd, Arc::new(vfio.map_err(vfio_err)?))
+                    }
+                };
                 let raw = fd.as_raw_fd();
                 self.lock().insert(raw, Object::Iommufd { fd, vfio });
                 Ok(Opened {
@@ -286,11 +363,17 @@ impl HostIommu for VfioHost {
             }
             Open::Cdev { device, iommufd } => {
                 let (_, vfio) = self.iommufd(iommufd)?;
-                let ops: Arc<dyn VfioOps> = vfio;
-                let dev = VfioDevice::new(device, ops, false).map_err(vfio_err)?;
+                let adopted = self.adopted().cdev.remove(device);
+                let dev = match adopted {
+                    Some(dev) => dev,
+                    None => {
+                        let ops: Arc<dyn VfioOps> = vfio;
+                        Arc::new(VfioDevice::new(device, ops, false).map_err(vfio_err)?)
+                    }
+                };
                 let dev_id = dev.iommufd_dev_id();
                 let raw = dev.as_raw_fd();
-                self.lock().insert(raw, Object::Cdev(Arc::new(dev)));
+                self.lock().insert(raw, Object::Cdev(dev));
                 Ok(Opened {
                     handle: Handle(raw),
                     dev_id,
@@ -383,6 +466,44 @@ impl HostIommu for VfioHost {
     }
 }
 
+/// The kernel's allowed IOVA ranges of IOAS `ioas` on `fd`
+/// (`IOMMU_IOAS_IOVA_RANGES`), inclusive, and the IOVA alignment it wants:
+/// the reserved regions of the devices attached to it are the holes. Asks
+/// again with the number of ranges the kernel reports (EMSGSIZE).
+pub fn ioas_iova_ranges(fd: &IommuFd, ioas: u32) -> io::Result<(Vec<(u64, u64)>, u64)> {
+    let mut ranges = vec![iommu_iova_range::default(); 4];
+    loop {
+        let mut arg = iommu_ioas_iova_ranges {
+            size: std::mem::size_of::<iommu_ioas_iova_ranges>() as u32,
+            ioas_id: ioas,
+            num_iovas: ranges.len() as u32,
+            allowed_iovas: ranges.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: `fd` is an open iommufd; `arg` is an exclusively borrowed,
+        // initialised argument whose `size` bounds what the kernel reads and
+        // writes of it, and whose `allowed_iovas` points at `ranges`, a live
+        // exclusively borrowed array of `num_iovas` entries (the kernel
+        // writes at most that many); the result is checked.
+        let r = unsafe { ioctl_with_mut_ref(fd, IOMMU_IOAS_IOVA_RANGES(), &mut arg) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            let want = arg.num_iovas;
+            if e.raw_os_error() == Some(libc::EMSGSIZE)
+                && want as usize > ranges.len()
+                && want <= MAX_IOAS_RANGES
+            {
+                ranges.resize(want as usize, iommu_iova_range::default());
+                continue;
+            }
+            return Err(e);
+        }
+        let n = (arg.num_iovas as usize).min(ranges.len());
+        let out = ranges[..n].iter().map(|r| (r.start, r.last)).collect();
+        return Ok((out, arg.out_iova_alignment));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +514,7 @@ mod tests {
         assert_eq!(VFIO_IOMMU_GET_INFO(), 0x3b70);
         assert_eq!(VFIO_IOMMU_MAP_DMA(), 0x3b71);
         assert_eq!(IOMMU_FAULT_QUEUE_ALLOC(), 0x3b8e);
+        assert_eq!(IOMMU_IOAS_IOVA_RANGES(), 0x3b84);
     }
 
     #[test]
