@@ -68,11 +68,14 @@ fn parse_args() -> Result<Args> {
             }
             Some("--timeout") => {
                 let v = it.next().context("--timeout needs seconds")?;
+                let shown = v.to_string_lossy().into_owned();
                 let secs: u64 = v
                     .to_str()
                     .and_then(|s| s.parse().ok())
                     .filter(|&s| s > 0)
-                    .context("--timeout needs a positive number of seconds")?;
+                    .with_context(|| {
+                        format!("--timeout {shown}: give a whole number of seconds, 1 or more")
+                    })?;
                 a.run.timeout = Duration::from_secs(secs);
             }
             Some("--help" | "-h") => {
