@@ -108,6 +108,42 @@ pub struct PageResponse {
     pub code: u16,
 }
 
+/// Where one page request stands, as a snapshot carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SavedPageRequestState {
+    /// Sent to the guest, waiting for PAGE_RESP.
+    Pending,
+    /// Answered SUCCESS; the device model has not collected the answer.
+    Success,
+    /// Answered INVALID or FAILURE (or failed by a reset); not collected.
+    Failed,
+}
+
+/// One page request a backend holds for the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedPageRequest {
+    /// Endpoint that sent it.
+    pub endpoint: EndpointId,
+    /// PASID it carried, if any.
+    pub pasid: Option<u32>,
+    /// Page-request group the guest answers.
+    pub grpid: u32,
+    /// Where it stands.
+    pub state: SavedPageRequestState,
+}
+
+/// The page requests of one backend, for a snapshot: what the guest
+/// already saw in fault records (group IDs) and may still answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedPageRequests {
+    /// Group ID the next page request gets (the guest sees the sequence).
+    pub next_grpid: u32,
+    /// Outstanding and answered-but-uncollected requests.
+    pub groups: Vec<SavedPageRequest>,
+}
+
 /// A backend failure. Guest-caused ones map to the status the guest
 /// would get from a real IOMMU; host failures become DEVERR.
 #[derive(Debug, thiserror::Error)]
@@ -198,4 +234,29 @@ pub trait IommuBackend: Send + Sync {
     /// Whether the driver accepted page requests: without it, a fault
     /// that could have been a page request is reported as unrecoverable.
     fn set_page_requests(&self, _enabled: bool) {}
+
+    /// The page requests this backend holds, for a snapshot; `None` for a
+    /// backend that never holds any (the default).
+    fn save_page_requests(&self) -> Option<SavedPageRequests> {
+        None
+    }
+
+    /// Replaces the backend's page requests with `saved` (restore, or its
+    /// undo with an empty set). The backend validates them (group IDs,
+    /// endpoints that may send page requests, its own bounds): a snapshot
+    /// is untrusted input. The default accepts only an empty set.
+    fn restore_page_requests(&self, saved: &SavedPageRequests) -> Result<(), BackendError> {
+        if saved.groups.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::Unsupported(format!(
+                "backend {} holds no page requests",
+                self.name()
+            )))
+        }
+    }
+
+    /// `ep` was unplugged (after any detach): forget everything about it,
+    /// its page requests and faults included. Default: nothing to forget.
+    fn remove_endpoint(&self, _ep: EndpointId) {}
 }

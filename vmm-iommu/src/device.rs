@@ -10,6 +10,8 @@
 
 use std::sync::Arc;
 
+mod lifecycle;
+
 use log::debug;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};

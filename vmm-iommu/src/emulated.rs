@@ -34,7 +34,7 @@ use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use crate::backend::{
     BackendCaps, BackendError, BackendFault, DomainId, DomainView, EndpointId, IommuBackend,
-    PageResponse, TableBinding,
+    PageResponse, SavedPageRequest, SavedPageRequestState, SavedPageRequests, TableBinding,
 };
 use crate::fault::FaultQueue;
 use crate::invalidation::{Caches, Invalidation, Scope, VaRange};
@@ -61,6 +61,8 @@ pub const MAX_PENDING_PAGE_REQUESTS: usize = 64;
 
 /// The PASID key of traffic without a PASID in a format without PASIDs.
 const NO_PASID: u32 = u32::MAX;
+/// Page-request group IDs are 9 bits (PCIe PRG index).
+const GRPID_MASK: u32 = 0x1ff;
 
 /// What one (domain, PASID) resolves to.
 #[derive(Clone, Copy, Debug)]
@@ -520,7 +522,7 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
             }
             if pending < MAX_PENDING_PAGE_REQUESTS {
                 let grpid = q.next_grpid;
-                q.next_grpid = q.next_grpid.wrapping_add(1) & 0x1ff;
+                q.next_grpid = q.next_grpid.wrapping_add(1) & GRPID_MASK;
                 if let std::collections::hash_map::Entry::Vacant(e) =
                     q.groups.entry((ep, key, grpid))
                 {
@@ -860,6 +862,93 @@ impl<M: GuestMemory + Send + Sync> IommuBackend for EmulatedIommu<M> {
 
     fn drain_faults(&self, _out: &mut Vec<BackendFault>) {
         // Faults go straight into the vIOMMU's queue.
+    }
+
+    fn save_page_requests(&self) -> Option<SavedPageRequests> {
+        let q = lock(&self.prq);
+        let mut groups: Vec<SavedPageRequest> = q
+            .groups
+            .iter()
+            .filter_map(|(&(endpoint, key, grpid), &s)| {
+                let state = match s {
+                    PageRequestState::Pending => SavedPageRequestState::Pending,
+                    PageRequestState::Success => SavedPageRequestState::Success,
+                    PageRequestState::Failed => SavedPageRequestState::Failed,
+                    PageRequestState::Unknown => return None,
+                };
+                Some(SavedPageRequest {
+                    endpoint,
+                    pasid: (key != NO_PASID).then_some(key),
+                    grpid,
+                    state,
+                })
+            })
+            .collect();
+        groups.sort_unstable_by_key(|g| (g.endpoint, g.pasid, g.grpid));
+        Some(SavedPageRequests {
+            next_grpid: q.next_grpid,
+            groups,
+        })
+    }
+
+    fn restore_page_requests(&self, saved: &SavedPageRequests) -> Result<(), BackendError> {
+        // A snapshot is untrusted: every value must be one this backend
+        // could have produced, and the table stays within its bounds.
+        let bad = |what: String| Err(BackendError::Invalid(format!("page requests: {what}")));
+        if saved.next_grpid > GRPID_MASK {
+            return bad(format!("next group {} beyond 9 bits", saved.next_grpid));
+        }
+        if saved.groups.len() > 4 * MAX_PENDING_PAGE_REQUESTS {
+            return bad(format!("{} groups held", saved.groups.len()));
+        }
+        let mut groups = HashMap::with_capacity(saved.groups.len());
+        let mut pending = 0;
+        for g in &saved.groups {
+            if !self.page_request_endpoints.contains(&g.endpoint) {
+                return bad(format!("endpoint {} sends no page requests", g.endpoint));
+            }
+            if g.grpid > GRPID_MASK {
+                return bad(format!("group {} beyond 9 bits", g.grpid));
+            }
+            let key = match g.pasid {
+                None => NO_PASID,
+                Some(p) if u64::from(p) >> self.caps.pasid_bits == 0 => p,
+                Some(p) => return bad(format!("PASID {p:#x} beyond the PASID width")),
+            };
+            let state = match g.state {
+                SavedPageRequestState::Pending => {
+                    pending += 1;
+                    PageRequestState::Pending
+                }
+                SavedPageRequestState::Success => PageRequestState::Success,
+                SavedPageRequestState::Failed => PageRequestState::Failed,
+            };
+            if groups.insert((g.endpoint, key, g.grpid), state).is_some() {
+                return bad(format!(
+                    "group {} of endpoint {} listed twice",
+                    g.grpid, g.endpoint
+                ));
+            }
+        }
+        if pending > MAX_PENDING_PAGE_REQUESTS {
+            return bad(format!("{pending} pending"));
+        }
+        let mut q = lock(&self.prq);
+        q.next_grpid = saved.next_grpid;
+        q.groups = groups;
+        drop(q);
+        self.prq_answered.notify_all();
+        Ok(())
+    }
+
+    fn remove_endpoint(&self, ep: EndpointId) {
+        self.unbind(ep);
+        let mut q = lock(&self.prq);
+        q.groups.retain(|k, _| k.0 != ep);
+        drop(q);
+        // A device thread waiting for an answer to the gone endpoint's
+        // request wakes up and sees it unknown: the access is aborted.
+        self.prq_answered.notify_all();
     }
 
     fn set_page_requests(&self, enabled: bool) {

@@ -85,6 +85,26 @@ impl FaultQueue {
         self.lock().clear();
     }
 
+    /// The most records the queue holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// A copy of the waiting records, oldest first (for a snapshot).
+    pub fn records(&self) -> Vec<FaultRecord> {
+        self.lock().iter().copied().collect()
+    }
+
+    /// Drops the waiting records `keep` refuses (an unplugged endpoint's).
+    pub fn retain(&self, keep: impl FnMut(&FaultRecord) -> bool) {
+        self.lock().retain(keep);
+    }
+
+    /// Sets the drop counter (restore of a snapshot).
+    pub fn set_dropped(&self, dropped: u64) {
+        self.dropped.store(dropped, Ordering::Relaxed);
+    }
+
     /// Readable when records were queued; the VMM then calls
     /// `VirtioIommu::process_eventq`.
     pub fn eventfd(&self) -> &EventFd {

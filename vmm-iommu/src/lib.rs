@@ -21,6 +21,7 @@ pub mod invalidation;
 pub mod mapping;
 pub mod nested;
 pub mod router;
+pub mod snapshot;
 pub mod state;
 pub mod testing;
 pub mod translate;

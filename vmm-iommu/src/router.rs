@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::backend::{BackendCaps, BackendError, EndpointId, IommuBackend};
 use crate::state::RequestError;
@@ -55,21 +55,31 @@ pub struct RouterCounts {
     pub rollbacks: u64,
 }
 
+/// Which backend serves which endpoint. Behind a lock because endpoints
+/// are plugged and unplugged while the device runs; the vIOMMU only
+/// changes it under its state's write lock, so a request sees one
+/// routing from start to end.
+#[derive(Default)]
+struct Routes {
+    backends: Vec<Arc<dyn IommuBackend>>,
+    by_endpoint: HashMap<EndpointId, usize>,
+}
+
 /// The backends of one vIOMMU and the endpoints each serves.
 #[derive(Default)]
 pub struct Router {
-    backends: Vec<Arc<dyn IommuBackend>>,
-    by_endpoint: HashMap<EndpointId, usize>,
+    routes: RwLock<Routes>,
     /// Work counters.
     pub stats: RouterStats,
 }
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self.backends.iter().map(|b| b.name()).collect();
+        let r = self.read();
+        let names: Vec<&str> = r.backends.iter().map(|b| b.name()).collect();
         f.debug_struct("Router")
             .field("backends", &names)
-            .field("endpoints", &self.by_endpoint.len())
+            .field("endpoints", &r.by_endpoint.len())
             .finish()
     }
 }
@@ -81,24 +91,58 @@ impl Router {
         Router::default()
     }
 
+    fn read(&self) -> RwLockReadGuard<'_, Routes> {
+        // Every update below leaves the routes whole, so a poisoned lock
+        // still holds a usable table.
+        self.routes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Routes> {
+        self.routes.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Makes `backend` serve `endpoints` (replacing any earlier choice for
     /// them).
     pub fn add(&mut self, backend: Arc<dyn IommuBackend>, endpoints: &[EndpointId]) {
-        let idx = self.backends.len();
-        self.backends.push(backend);
+        let r = self.routes.get_mut().unwrap_or_else(|p| p.into_inner());
+        let idx = r.backends.len();
+        r.backends.push(backend);
         for &ep in endpoints {
-            self.by_endpoint.insert(ep, idx);
+            r.by_endpoint.insert(ep, idx);
         }
+    }
+
+    /// Makes `backend` serve the hot-plugged `ep`; a backend already
+    /// registered (the same `Arc`) is reused rather than listed twice.
+    pub(crate) fn plug(&self, ep: EndpointId, backend: Arc<dyn IommuBackend>) {
+        let mut r = self.write();
+        let idx = match r.backends.iter().position(|b| Arc::ptr_eq(b, &backend)) {
+            Some(i) => i,
+            None => {
+                r.backends.push(backend);
+                r.backends.len() - 1
+            }
+        };
+        r.by_endpoint.insert(ep, idx);
+    }
+
+    /// Forgets the unplugged `ep`; returns the backend that served it. The
+    /// backend stays registered (its index is what other endpoints use).
+    pub(crate) fn unplug(&self, ep: EndpointId) -> Option<Arc<dyn IommuBackend>> {
+        let mut r = self.write();
+        let idx = r.by_endpoint.remove(&ep)?;
+        r.backends.get(idx).cloned()
     }
 
     /// Whether no backend is registered (the MAP-mode fast path).
     pub fn is_empty(&self) -> bool {
-        self.backends.is_empty()
+        self.read().backends.is_empty()
     }
 
     /// The backend serving `ep`.
-    pub fn backend(&self, ep: EndpointId) -> Option<&Arc<dyn IommuBackend>> {
-        self.by_endpoint.get(&ep).map(|&i| &self.backends[i])
+    pub fn backend(&self, ep: EndpointId) -> Option<Arc<dyn IommuBackend>> {
+        let r = self.read();
+        r.by_endpoint.get(&ep).map(|&i| Arc::clone(&r.backends[i]))
     }
 
     /// What `ep`'s backend offers, if it has one.
@@ -107,19 +151,40 @@ impl Router {
     }
 
     /// The distinct backends serving `endpoints`, in registration order.
-    pub fn backends_of(&self, endpoints: &[EndpointId]) -> Vec<&Arc<dyn IommuBackend>> {
+    pub fn backends_of(&self, endpoints: &[EndpointId]) -> Vec<Arc<dyn IommuBackend>> {
+        let r = self.read();
         let mut idx: Vec<usize> = endpoints
             .iter()
-            .filter_map(|ep| self.by_endpoint.get(ep).copied())
+            .filter_map(|ep| r.by_endpoint.get(ep).copied())
             .collect();
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| &self.backends[i]).collect()
+        idx.into_iter()
+            .map(|i| Arc::clone(&r.backends[i]))
+            .collect()
     }
 
     /// Every backend.
-    pub fn all(&self) -> &[Arc<dyn IommuBackend>] {
-        &self.backends
+    pub fn all(&self) -> Vec<Arc<dyn IommuBackend>> {
+        self.read().backends.clone()
+    }
+
+    /// Every backend with the endpoints it serves now (sorted), in
+    /// registration order.
+    pub fn all_with_endpoints(&self) -> Vec<(Arc<dyn IommuBackend>, Vec<EndpointId>)> {
+        let r = self.read();
+        let mut out: Vec<(Arc<dyn IommuBackend>, Vec<EndpointId>)> = r
+            .backends
+            .iter()
+            .map(|b| (Arc::clone(b), Vec::new()))
+            .collect();
+        for (&ep, &i) in &r.by_endpoint {
+            out[i].1.push(ep);
+        }
+        for (_, eps) in &mut out {
+            eps.sort_unstable();
+        }
+        out
     }
 
     pub(crate) fn count_call(&self) {

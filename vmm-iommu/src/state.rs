@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+mod lifecycle;
 mod nested;
 pub use nested::{AttachOutcome, StateSnapshot};
 

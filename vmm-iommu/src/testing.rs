@@ -31,7 +31,7 @@ const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 
 /// A split virtqueue, driver side, in guest memory.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct DriverQueue {
     size: u16,
     desc: GuestAddress,
@@ -305,6 +305,48 @@ impl Harness {
         }
     }
 
+    /// A copy of this harness whose device is restored from `snap`
+    /// instead of activated: guest memory copied byte for byte, the
+    /// driver's queues as they are, and a device built for `endpoints`
+    /// with the backends `router` builds, as [`Self::with_router`] builds
+    /// it (`extra_ram` as given there). Both harnesses then run on their
+    /// own.
+    pub fn restored_copy(
+        &self,
+        cfg: &IommuConfig,
+        endpoints: &[u32],
+        extra_ram: &[(u64, u64)],
+        router: impl FnOnce(&GuestMemoryMmap, Arc<FaultQueue>) -> Router,
+        snap: &crate::snapshot::DeviceSnapshot,
+    ) -> Result<Self, crate::snapshot::SnapshotError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let size: u64 = self.mem.iter().map(|r| r.len()).sum();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .expect("guest memory");
+        let mut bytes = vec![0u8; size as usize];
+        self.mem.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        mem.write_slice(&bytes, GuestAddress(0)).unwrap();
+        let mut ram = vec![(0, size - 1)];
+        ram.extend_from_slice(extra_ram);
+        let faults =
+            Arc::new(FaultQueue::new(cfg.limits.max_pending_faults as usize).expect("fault queue"));
+        let router = router(&mem, faults.clone());
+        let viommu = Arc::new(Viommu::with_router(cfg, endpoints, &ram, faults, router));
+        let mut dev = VirtioIommu::with_viommu(cfg, viommu);
+        let irq = Arc::new(CountingInterrupt::default());
+        dev.restore(snap, &mem, irq.clone())?;
+        Ok(Harness {
+            mem,
+            dev,
+            requestq: self.requestq.clone(),
+            eventq: self.eventq.clone(),
+            irq,
+            next_slot: self.next_slot,
+            next_event: self.next_event,
+            event_bufs: self.event_bufs.clone(),
+        })
+    }
+
     /// As [`Self::with_features`], accepting what a driver would.
     pub fn new(cfg: &IommuConfig, endpoints: &[u32]) -> Self {
         Self::with_features(cfg, endpoints, 16, driver_features)
@@ -493,6 +535,10 @@ pub enum BackendCall {
     Invalidate(DomainId, Vec<Invalidation>),
     /// `page_response(resp)`.
     PageResponse(PageResponse),
+    /// `remove_endpoint(ep)` (hot-unplug).
+    RemoveEndpoint(EndpointId),
+    /// `restore_page_requests(saved)` with the number of groups.
+    RestorePageRequests(usize),
 }
 
 /// A backend that records every call and fails the calls a test names:
@@ -603,5 +649,14 @@ impl IommuBackend for RecordingBackend {
     }
     fn drain_faults(&self, out: &mut Vec<BackendFault>) {
         out.append(&mut self.faults.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    fn restore_page_requests(
+        &self,
+        saved: &crate::backend::SavedPageRequests,
+    ) -> Result<(), BackendError> {
+        self.record(BackendCall::RestorePageRequests(saved.groups.len()))
+    }
+    fn remove_endpoint(&self, ep: EndpointId) {
+        let _ = self.record(BackendCall::RemoveEndpoint(ep));
     }
 }

@@ -9,6 +9,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+mod lifecycle;
+pub use lifecycle::HotplugError;
+
 use crate::backend::{
     BackendError, BackendFault, DomainView, IommuBackend, PageResponse, TableBinding,
 };
@@ -44,6 +47,9 @@ pub struct Viommu {
     router: Router,
     page_size_mask: u64,
     input_range: (u64, u64),
+    /// The config's nested table formats (wire numbers), for endpoints
+    /// plugged later.
+    nested_formats: Vec<u16>,
 }
 
 /// The config with `page_size_mask` and `input_range` narrowed to what
@@ -140,6 +146,11 @@ impl Viommu {
             router,
             page_size_mask: cfg.page_size_mask,
             input_range: (cfg.input_range.start, cfg.input_range.end),
+            nested_formats: cfg
+                .nested
+                .as_ref()
+                .map(|n| n.formats.iter().map(|f| f.wire()).collect())
+                .unwrap_or_default(),
         }
     }
 
