@@ -205,6 +205,86 @@ impl BackendError {
 /// updated-to-be: a call that fails must leave the backend as before it,
 /// and the router undoes what earlier backends did. Methods take `&self`
 /// because backends are shared with device threads (interior mutability).
+///
+/// A backend serves the endpoints a [`crate::router::Router`] gives it;
+/// the vIOMMU built with [`crate::Viommu::with_router`] calls it after the
+/// state accepted a request. A minimal MAP-mode backend:
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use vmm_iommu::backend::{
+///     BackendCaps, BackendError, BackendFault, DomainId, DomainView, EndpointId, IommuBackend,
+///     PageResponse, TableBinding,
+/// };
+/// use vmm_iommu::config::IommuConfig;
+/// use vmm_iommu::fault::FaultQueue;
+/// use vmm_iommu::invalidation::Invalidation;
+/// use vmm_iommu::mapping::Mapping;
+/// use vmm_iommu::router::Router;
+/// use vmm_iommu::wire::{AttachReq, MapReq, Request, VIRTIO_IOMMU_F_MAP_UNMAP};
+/// use vmm_iommu::Viommu;
+///
+/// /// Records the mappings it is asked to make, as a host IOMMU would hold them.
+/// #[derive(Default)]
+/// struct Recorder {
+///     maps: Mutex<Vec<(DomainId, Mapping)>>,
+/// }
+///
+/// impl IommuBackend for Recorder {
+///     fn name(&self) -> &str {
+///         "recorder"
+///     }
+///     fn caps(&self, _ep: EndpointId) -> BackendCaps {
+///         // 4 KiB and 2 MiB pages over a 48-bit IOVA space.
+///         BackendCaps::map_only(1 << 12 | 1 << 21, (0, (1 << 48) - 1))
+///     }
+///     fn attach(&self, _ep: EndpointId, _dom: &DomainView<'_>) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+///     fn detach(&self, _ep: EndpointId, _dom: DomainId) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+///     fn map(&self, dom: DomainId, m: &Mapping) -> Result<(), BackendError> {
+///         self.maps.lock().unwrap().push((dom, *m));
+///         Ok(())
+///     }
+///     fn unmap(&self, dom: DomainId, removed: &[Mapping]) -> Result<(), BackendError> {
+///         self.maps.lock().unwrap().retain(|(d, m)| *d != dom || !removed.contains(m));
+///         Ok(())
+///     }
+///     fn bind_table(&self, _ep: EndpointId, _b: &TableBinding) -> Result<(), BackendError> {
+///         Err(BackendError::Unsupported("MAP mode only".into()))
+///     }
+///     fn unbind_table(&self, _ep: EndpointId, _dom: DomainId) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+///     fn invalidate(&self, _dom: DomainId, _batch: &[Invalidation]) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+///     fn page_response(&self, _resp: &PageResponse) -> Result<(), BackendError> {
+///         Err(BackendError::NotFound("no page requests here".into()))
+///     }
+///     fn drain_faults(&self, _out: &mut Vec<BackendFault>) {}
+/// }
+///
+/// // Endpoint 16 is served by the backend.
+/// let backend = Arc::new(Recorder::default());
+/// let mut router = Router::new();
+/// router.add(backend.clone(), &[16]);
+/// let cfg = IommuConfig::default();
+/// let faults = Arc::new(FaultQueue::new(cfg.limits.max_pending_faults as usize)?);
+/// let viommu = Viommu::with_router(&cfg, &[16], &[(0, 0xff_ffff)], faults, router);
+/// // The device offers what every backend can map.
+/// assert_eq!(viommu.page_size_mask(), cfg.page_size_mask & (1 << 12 | 1 << 21));
+///
+/// viommu.set_acked_features(1 << VIRTIO_IOMMU_F_MAP_UNMAP);
+/// viommu.apply(&Request::Attach(AttachReq { domain: 1, endpoint: 16, ..Default::default() }))?;
+/// let map = MapReq { domain: 1, virt_start: 0x1000, virt_end: 0x1fff, phys_start: 0x8000, flags: 3 };
+/// viommu.apply(&Request::Map(map))?;
+/// let expect = Mapping { start: 0x1000, end: 0x1fff, phys: 0x8000, flags: 3 };
+/// assert_eq!(*backend.maps.lock().unwrap(), [(1, expect)]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait IommuBackend: Send + Sync {
     /// A short name for logs and reports.
     fn name(&self) -> &str;

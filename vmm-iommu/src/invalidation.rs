@@ -89,6 +89,34 @@ pub enum Scope {
 }
 
 /// One generic invalidation of one domain's caches.
+///
+/// The device decodes each INVALIDATE into one
+/// ([`Invalidation::from_request`]), [`coalesce`]s a notification's batch,
+/// and hands it to every backend of the domain, which lowers it to its
+/// hardware's commands.
+///
+/// ```
+/// use vmm_iommu::invalidation::{coalesce, Caches, Invalidation, Scope, VaRange};
+///
+/// // One 4 KiB page of PASID 5's address space, leaf entries only.
+/// let page = |addr| Invalidation {
+///     caches: Caches::IOTLB,
+///     scope: Scope::Range(VaRange { pasid: Some(5), addr, granule_log2: 12, pages: 1, leaf_only: true }),
+///     archid: None,
+/// };
+/// let mut batch = vec![page(0x1000), page(0x2000), page(0x1000)];
+/// coalesce(&mut batch, 512);
+/// // A duplicate dropped, neighbours merged.
+/// assert_eq!(batch.len(), 1);
+/// let Scope::Range(r) = batch[0].scope else { panic!("still a range") };
+/// assert_eq!((r.addr, r.pages, r.last()), (0x1000, 2, 0x2fff));
+///
+/// // More pages than the threshold: widened to all of PASID 5.
+/// let mut burst: Vec<_> = (0..600).map(|i| page(0x10_0000 + i * 0x2000)).collect();
+/// coalesce(&mut burst, 512);
+/// assert_eq!(burst.len(), 1);
+/// assert_eq!(burst[0].scope, Scope::Pasid(5));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Invalidation {
     /// Which caches.

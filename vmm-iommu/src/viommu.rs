@@ -35,6 +35,44 @@ use crate::wire::{
 
 /// One vIOMMU, shared between the device (request processing) and the
 /// translators of the emulated devices behind it.
+///
+/// The device applies the guest's requests here; translators and DMA
+/// views of emulated devices ([`Viommu::translator`],
+/// [`Viommu::endpoint_iommu`], [`Viommu::dma_memory`]) hold an `Arc` of
+/// it on their own threads.
+///
+/// ```
+/// use vmm_iommu::config::IommuConfig;
+/// use vmm_iommu::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
+/// use vmm_iommu::viommu::Applied;
+/// use vmm_iommu::wire::{AttachReq, MapReq, Request, UnmapReq, VIRTIO_IOMMU_F_MAP_UNMAP};
+/// use vmm_iommu::Viommu;
+///
+/// // Endpoint 8, 16 MiB of guest RAM at 0.
+/// let viommu = Viommu::new(&IommuConfig::default(), &[8], &[(0, 0xff_ffff)])?;
+/// viommu.set_acked_features(1 << VIRTIO_IOMMU_F_MAP_UNMAP);
+/// viommu.apply(&Request::Attach(AttachReq { domain: 1, endpoint: 8, ..Default::default() }))?;
+/// viommu.apply(&Request::Map(MapReq {
+///     domain: 1,
+///     virt_start: 0x1000_0000,
+///     virt_end: 0x1000_ffff,
+///     phys_start: 0x20_0000,
+///     flags: ACCESS_READ, // read-only
+/// }))?;
+///
+/// let t = viommu.translate(8, 0x1000_0010, ACCESS_READ).unwrap();
+/// assert_eq!(t.gpa(0x1000_0010), 0x20_0010);
+/// assert_eq!(viommu.translate(8, 0x1000_0010, ACCESS_WRITE), Err(FaultReason::Mapping));
+///
+/// // An UNMAP that removes something moves the generation: every cached
+/// // translation is dropped before the request's status is written.
+/// let before = viommu.generation();
+/// let unmap = UnmapReq { domain: 1, virt_start: 0, virt_end: u64::MAX, ..Default::default() };
+/// assert_eq!(viommu.apply(&Request::Unmap(unmap))?, Applied::Unmapped(1));
+/// assert!(viommu.generation() > before);
+/// assert_eq!(viommu.translate(8, 0x1000_0010, ACCESS_READ), Err(FaultReason::Mapping));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Viommu {
     state: RwLock<IommuState>,

@@ -189,6 +189,32 @@ pub enum ViotError {
 /// Builds the VIOT for one virtio-iommu and the endpoints behind it: the
 /// whole table, header and checksum included, ready to be placed in guest
 /// memory and listed in the XSDT.
+///
+/// ```
+/// use vmm_iommu::viot::{viot_table, AcpiOem, ViotEndpoint, ViotIommu};
+///
+/// let viot = viot_table(
+///     // The virtio-iommu on its virtio-mmio window.
+///     ViotIommu::Mmio { base: 0xd000_0000 },
+///     &[
+///         // A virtio-mmio device as endpoint 8.
+///         ViotEndpoint::Mmio { endpoint: 8, base: 0xd000_1000 },
+///         // PCI bus 1 of segment 0: endpoints 0x100..=0x1ff.
+///         ViotEndpoint::PciRange {
+///             endpoint_start: 0x100,
+///             segment_start: 0,
+///             segment_end: 0,
+///             bdf_start: 0x100,
+///             bdf_end: 0x1ff,
+///         },
+///     ],
+///     &AcpiOem::default(),
+/// )?;
+/// assert_eq!(&viot[..4], b"VIOT");
+/// // The whole table sums to zero (the checksum byte sees to it).
+/// assert_eq!(viot.iter().fold(0u8, |s, &b| s.wrapping_add(b)), 0);
+/// # Ok::<(), vmm_iommu::viot::ViotError>(())
+/// ```
 pub fn viot_table(
     iommu: ViotIommu,
     endpoints: &[ViotEndpoint],
