@@ -423,7 +423,7 @@ echo
 for run in "${RUNS[@]}"; do
     log=$OUT/$run.log
     say "${run}: L1's DMAR lines"
-    grep -aE 'DMAR' "$log" | grep -v '^L1-DMAR-END' | sed 's/^L1-DMAR /  /; s/^/  /; s/^    /  /' | awk '!seen[$0]++' || true
+    grep -aE '^(L1-DMAR )?(\[ *[0-9]+\.[0-9]+\] )?DMAR' "$log" | sed 's/^L1-DMAR //; s/^/  /' | awk '!seen[$0]++' || true
 done
 echo
 say "checks:"

@@ -4,6 +4,10 @@
 //!
 //! - `VFIO_IOMMU_MAP_DMA` — `VfioContainer::vfio_dma_map` always maps
 //!   read+write; a read-only guest mapping must stay read-only.
+//! - `VFIO_IOMMU_UNMAP_DMA` — `VfioContainer::vfio_dma_unmap` fails when
+//!   the kernel unmaps another size than asked and does not say how much
+//!   it unmapped; the uAPI writes `size` back (0 where nothing was mapped),
+//!   which is what the backends read.
 //! - `VFIO_IOMMU_GET_INFO` — not wrapped.
 //! - `IOMMU_FAULT_QUEUE_ALLOC` — not wrapped.
 //!
@@ -33,7 +37,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use iommufd_bindings::iommufd::{iommu_ioas_iova_ranges, iommu_iova_range};
 use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 use vfio_bindings::bindings::vfio::{
-    vfio_iommu_type1_info, VFIO_DEVICE_ATTACH_PASID, VFIO_DEVICE_DETACH_PASID,
+    vfio_iommu_type1_dma_unmap, vfio_iommu_type1_info, VFIO_DEVICE_ATTACH_PASID,
+    VFIO_DEVICE_DETACH_PASID,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd, VfioOps};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ptr, ioctl_with_mut_ref, ioctl_with_ref};
@@ -46,9 +51,10 @@ mod nr {
         IOMMUFD_CMD_FAULT_QUEUE_ALLOC, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_TYPE,
     };
     use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
-    // include/uapi/linux/vfio.h: _IO(VFIO_TYPE, VFIO_BASE + 12..13).
+    // include/uapi/linux/vfio.h: _IO(VFIO_TYPE, VFIO_BASE + 12..14).
     vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 12);
     vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 13);
+    vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 14);
     // include/uapi/linux/iommufd.h: _IO(IOMMUFD_TYPE, IOMMUFD_CMD_FAULT_QUEUE_ALLOC).
     vmm_sys_util::ioctl_io_nr!(
         IOMMU_FAULT_QUEUE_ALLOC,
@@ -64,6 +70,7 @@ mod nr {
 }
 use nr::{
     IOMMU_FAULT_QUEUE_ALLOC, IOMMU_IOAS_IOVA_RANGES, VFIO_IOMMU_GET_INFO, VFIO_IOMMU_MAP_DMA,
+    VFIO_IOMMU_UNMAP_DMA,
 };
 
 /// At most this many allowed ranges are read from `IOMMU_IOAS_IOVA_RANGES`
@@ -419,10 +426,24 @@ impl HostIommu for VfioHost {
             }
             Ioctl::Type1UnmapDma(a) => {
                 let c = self.container(target)?;
-                let size = usize::try_from(a.size)
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                // The wrapper checks that the kernel unmapped exactly `size`.
-                c.vfio_dma_unmap(a.iova, size).map_err(vfio_err)
+                // No dirty-bitmap or unmap-all flags: the kernel must read
+                // the fixed struct only.
+                if a.argsz as usize != std::mem::size_of::<vfio_iommu_type1_dma_unmap>()
+                    || a.flags != 0
+                {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                }
+                // SAFETY: `c` is an open container; `a` is an exclusively
+                // borrowed, initialised `vfio_iommu_type1_dma_unmap` whose
+                // `argsz` is the fixed struct and whose flags are 0 (checked
+                // above), so the kernel follows no pointer; the kernel writes
+                // back `size`, the bytes it unmapped. Unmapping pins nothing
+                // and frees no memory Rust can reach. The result is checked.
+                let r = unsafe { ioctl_with_mut_ref(&*c, VFIO_IOMMU_UNMAP_DMA(), a) };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
             }
             Ioctl::AttachPt(a) => {
                 let d = self.cdev(target)?;
@@ -513,6 +534,7 @@ mod tests {
         // _IO(';', 100 + 12..14) and _IO(';', 0x80 + 14).
         assert_eq!(VFIO_IOMMU_GET_INFO(), 0x3b70);
         assert_eq!(VFIO_IOMMU_MAP_DMA(), 0x3b71);
+        assert_eq!(VFIO_IOMMU_UNMAP_DMA(), 0x3b72);
         assert_eq!(IOMMU_FAULT_QUEUE_ALLOC(), 0x3b8e);
         assert_eq!(IOMMU_IOAS_IOVA_RANGES(), 0x3b84);
     }
