@@ -117,6 +117,7 @@
 pub mod backend;
 pub mod config;
 pub mod device;
+pub mod dirty;
 pub mod dma_memory;
 pub mod emulated;
 pub mod fault;
