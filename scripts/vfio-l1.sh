@@ -186,6 +186,9 @@ private_apt() {
         -o "Dir::State::Lists=$a/lists" -o "Dir::Cache=$a/cache" "${APT_AS_ROOT[@]}")
     say "apt-get update in a private apt directory: $(cat "$a/sources.list")"
     apt-get "${PAPT[@]}" update -qq || die "apt-get update of ${codename}-backports failed"
+    # apt-get update only warns when it cannot fetch: no list, no run.
+    compgen -G "$a/lists/*${codename}-backports*Packages*" >/dev/null ||
+        die "apt-get update of ${codename}-backports fetched no package list (see apt's warnings above)"
     PAPT_UPDATED=1
 }
 # fetch_backports KEY REGEX: the newest package of <codename>-backports whose
