@@ -1073,7 +1073,10 @@ proptest! {
         w(L[3] + 2 * 8, L[4] | TABLE);
         w(L[3] + 3 * 8, BIG_2M | PS | 0b101); // read-only 2 MiB
         for (i, &(present, rw, us, target)) in leaves.iter().enumerate() {
-            let e = DATA + (target << 12) | u64::from(present) | u64::from(rw) << 1 | u64::from(us) << 2;
+            let e = (DATA + (target << 12))
+                | u64::from(present)
+                | (u64::from(rw) << 1)
+                | (u64::from(us) << 2);
             w(L[4] + i as u64 * 8, e);
         }
         for &(spot, g) in &writes {
