@@ -98,7 +98,7 @@ const CNT: usize = 2048;
 const DMA_TIMEOUT: Duration = Duration::from_secs(5);
 const KMSG_TIMEOUT: Duration = Duration::from_secs(2);
 /// MAP+UNMAP pairs timed for the figures.
-const FIG_PAIRS: u32 = 100;
+const FIG_PAIRS: u32 = 500;
 /// QEMU 7.2's intel-iommu registers (for the recording host's stand-in).
 const QEMU_VTD_CAP: u64 = 0xd2_008c_2226_0286;
 const QEMU_VTD_ECAP: u64 = 0xf0_0f4a;
