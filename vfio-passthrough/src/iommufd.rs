@@ -1097,6 +1097,23 @@ impl IommuBackend for IommufdBackend {
         self.switch(&mut st, ep, BTreeMap::new(), Mode::Blocked, &[])
     }
 
+    /// Bypass of an unattached endpoint is the guest-physical IOAS (all
+    /// guest RAM one to one, as a bypass domain); blocked is no page table.
+    fn set_unattached_bypass(&self, ep: EndpointId, bypass: bool) -> Result<(), BackendError> {
+        let mut st = self.lock();
+        if !st.endpoints.contains_key(&ep) {
+            return Err(BackendError::NotFound(format!(
+                "endpoint {ep} is not assigned"
+            )));
+        }
+        if bypass {
+            let desired = BTreeMap::from([(RID_PASID, self.gpa_ioas)]);
+            self.switch(&mut st, ep, desired, Mode::Bypass, &[])
+        } else {
+            self.switch(&mut st, ep, BTreeMap::new(), Mode::Blocked, &[])
+        }
+    }
+
     fn map(&self, dom: DomainId, m: &Mapping) -> Result<(), BackendError> {
         let st = &mut *self.lock();
         let Some(d) = st.domains.get_mut(&dom) else {

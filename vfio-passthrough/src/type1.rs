@@ -374,6 +374,40 @@ impl IommuBackend for Type1Backend {
         self.detach_locked(&mut st, ep, dom)
     }
 
+    /// Bypass of an unattached endpoint is all guest RAM mapped one to one
+    /// in its container (as a bypass domain); blocked is nothing mapped.
+    fn set_unattached_bypass(&self, ep: EndpointId, bypass: bool) -> Result<(), BackendError> {
+        let mut st = self.lock();
+        let Some(e) = st.endpoints.get(&ep) else {
+            return Err(BackendError::NotFound(format!(
+                "endpoint {ep} is not assigned"
+            )));
+        };
+        if let Some(dom) = e.domain {
+            if bypass {
+                return Err(BackendError::Invalid(format!(
+                    "endpoint {ep} is attached to domain {dom}, not unattached"
+                )));
+            }
+            // Blocking an endpoint whose detach failed: forget the domain.
+            leave_domain(&mut st, ep, dom);
+        }
+        let Some(e) = st.endpoints.get_mut(&ep) else {
+            return Ok(());
+        };
+        e.domain = None;
+        let min_page = e.info.min_page();
+        let mut steps: Vec<Step> = e.mapped.values().map(|p| Step::Unmapped(ep, *p)).collect();
+        if bypass {
+            let p = identity_pieces(self.ram.regions());
+            for x in &p {
+                check_alignment(x, min_page)?;
+            }
+            steps.extend(p.into_iter().map(|p| Step::Mapped(ep, p)));
+        }
+        self.apply(&mut st, steps)
+    }
+
     fn map(&self, dom: DomainId, m: &Mapping) -> Result<(), BackendError> {
         let mut st = self.lock();
         let Some(d) = st.domains.get(&dom) else {

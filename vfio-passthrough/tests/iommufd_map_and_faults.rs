@@ -185,3 +185,16 @@ fn construction_failure_closes_the_iommufd() {
     assert_eq!(rec.open_handles(), 0);
     assert_eq!(rec.live_objects(), 0);
 }
+
+#[test]
+fn unattached_bypass_attaches_the_gpa_ioas_and_blocking_detaches() {
+    // Config-space bypass reaches the host: the unattached device is put on
+    // the guest-physical IOAS, and taken off it when bypass ends.
+    let (rec, b) = fixture();
+    let dev = b.device_of(EP).unwrap();
+    b.set_unattached_bypass(EP, true).unwrap();
+    assert_eq!(rec.attached(dev, 0), Some(b.gpa_ioas()));
+    b.set_unattached_bypass(EP, false).unwrap();
+    assert_eq!(rec.attachments(dev), 0);
+    assert!(b.set_unattached_bypass(EP + 100, true).is_err());
+}

@@ -279,3 +279,47 @@ fn open_failure_leaves_nothing_open() {
     assert_eq!(rec.open_handles(), 0);
     drop(b);
 }
+
+#[test]
+fn unattached_bypass_maps_all_ram_and_blocking_unmaps_it() {
+    // Config-space bypass reaches the host: an unattached assigned device
+    // gets guest-physical DMA to all RAM, and loses it when bypass ends.
+    let (rec, b) = backend();
+    let c = b.container_of(16).unwrap();
+    assert!(rec.type1_mappings(c).is_empty());
+    b.set_unattached_bypass(16, true).unwrap();
+    assert_eq!(
+        rec.type1_mappings(c),
+        vec![
+            (0, 0x10_0000),
+            (0x10_0000, 0x10_0000),
+            (0x20_0000, 0xe0_0000),
+            (0x1_0000_0000, 0x10_0000)
+        ]
+    );
+    // Attaching replaces the identity maps with the domain's.
+    b.attach(16, &view(1, &[rw(0x1000, 0x1fff, 0x3000)]))
+        .unwrap();
+    assert_eq!(rec.type1_mappings(c), vec![(0x1000, 0x1000)]);
+    // Bypass is for unattached endpoints only.
+    assert!(b.set_unattached_bypass(16, true).is_err());
+    b.detach(16, 1).unwrap();
+    b.set_unattached_bypass(16, true).unwrap();
+    assert_eq!(rec.type1_mappings(c).len(), 4);
+    b.set_unattached_bypass(16, false).unwrap();
+    assert!(rec.type1_mappings(c).is_empty());
+    assert!(b.set_unattached_bypass(99, true).is_err());
+}
+
+#[test]
+fn blocking_an_endpoint_whose_detach_failed_unmaps_everything() {
+    let (rec, b) = backend();
+    let c = b.container_of(16).unwrap();
+    b.attach(16, &view(1, &[rw(0x1000, 0x1fff, 0x3000)]))
+        .unwrap();
+    rec.fail_nth(Op::Type1UnmapDma, rec.count(Op::Type1UnmapDma), libc::EIO);
+    assert!(b.detach(16, 1).is_err());
+    assert_eq!(rec.type1_mappings(c).len(), 1);
+    b.set_unattached_bypass(16, false).unwrap();
+    assert!(rec.type1_mappings(c).is_empty());
+}

@@ -295,6 +295,17 @@ pub trait IommuBackend: Send + Sync {
     fn attach(&self, ep: EndpointId, dom: &DomainView<'_>) -> Result<(), BackendError>;
     /// `ep` leaves domain `dom`; afterwards its DMA is blocked.
     fn detach(&self, ep: EndpointId, dom: DomainId) -> Result<(), BackendError>;
+    /// `ep`, attached to no domain, now bypasses translation (`true`:
+    /// guest-physical DMA to all guest RAM) or is blocked (`false`): the
+    /// spec's rule for unattached endpoints (config-space `bypass`, or the
+    /// legacy `VIRTIO_IOMMU_F_BYPASS`). The vIOMMU calls it when the rule's
+    /// outcome changes, for an endpoint that leaves its domain while it is
+    /// on, and with `false` to block an endpoint whose detach failed. The
+    /// default does nothing, for backends that read the vIOMMU state at
+    /// translation time; a backend that programs host hardware must.
+    fn set_unattached_bypass(&self, _ep: EndpointId, _bypass: bool) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// A new mapping in MAP-mode domain `dom`.
     fn map(&self, dom: DomainId, m: &Mapping) -> Result<(), BackendError>;
     /// Mappings `removed` (whole, as UNMAP removed them) leave `dom`.

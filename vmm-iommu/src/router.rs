@@ -25,6 +25,8 @@ pub struct RouterStats {
     pub other_calls: AtomicU64,
     /// Requests undone because a backend failed.
     pub rollbacks: AtomicU64,
+    /// Backend failures outside a request (reset, bypass changes), logged.
+    pub backend_failures: AtomicU64,
 }
 
 impl RouterStats {
@@ -36,6 +38,7 @@ impl RouterStats {
             invalidations_sent: self.invalidations_sent.load(Ordering::Relaxed),
             other_calls: self.other_calls.load(Ordering::Relaxed),
             rollbacks: self.rollbacks.load(Ordering::Relaxed),
+            backend_failures: self.backend_failures.load(Ordering::Relaxed),
         }
     }
 }
@@ -53,6 +56,9 @@ pub struct RouterCounts {
     pub other_calls: u64,
     /// Requests undone because a backend failed.
     pub rollbacks: u64,
+    /// Endpoints blocked because a backend could not detach them (device
+    /// reset), and backend bypass changes that failed: each one logged.
+    pub backend_failures: u64,
 }
 
 /// Which backend serves which endpoint. Behind a lock because endpoints

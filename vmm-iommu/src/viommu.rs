@@ -335,8 +335,52 @@ impl Viommu {
         if let (Some(b), Some(snap)) = (self.router.backend(r.endpoint), snap) {
             let res = self.leave(b.as_ref(), r.endpoint, Some(r.domain), table);
             self.fail_with(st, b.as_ref(), res, snap)?;
+            // Unattached now: where the guest asked for bypass, the
+            // backend must open guest-physical DMA (spec 5.13.6, "An
+            // endpoint is in bypass mode if").
+            if st.unattached_bypass() {
+                self.tell_unattached(b.as_ref(), r.endpoint, true);
+            }
         }
         Ok(Applied::Done)
+    }
+
+    /// Tells `b` whether unattached `ep` bypasses; a failure is logged and
+    /// counted (when opening bypass fails the endpoint stays blocked, the
+    /// safe side; when blocking fails it is the backend's broken host).
+    fn tell_unattached(&self, b: &dyn IommuBackend, ep: u32, bypass: bool) -> bool {
+        self.router.count_call();
+        match b.set_unattached_bypass(ep, bypass) {
+            Ok(()) => true,
+            Err(e) => {
+                self.router
+                    .stats
+                    .backend_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                log::error!(
+                    "virtio-iommu: backend {} could not {} unattached endpoint {ep}: {e}",
+                    b.name(),
+                    if bypass { "open bypass for" } else { "block" }
+                );
+                false
+            }
+        }
+    }
+
+    /// Tells every backend about its endpoints attached to no domain.
+    fn tell_all_unattached(&self, st: &IommuState, bypass: bool) {
+        if self.router.is_empty() {
+            return;
+        }
+        let eps: Vec<u32> = st
+            .endpoint_ids()
+            .filter(|&ep| st.endpoint(ep).is_some_and(|e| e.domain.is_none()))
+            .collect();
+        for ep in eps {
+            if let Some(b) = self.router.backend(ep) {
+                self.tell_unattached(b.as_ref(), ep, bypass);
+            }
+        }
     }
 
     /// Tells `b` that `ep` leaves `dom` (nothing if it was in none).
@@ -573,6 +617,7 @@ impl Viommu {
         if st.unattached_bypass() != bypass {
             st.set_unattached_bypass(bypass);
             self.bump();
+            self.tell_all_unattached(&st, bypass);
         }
     }
 
@@ -592,16 +637,28 @@ impl Viommu {
                 if let Some(b) = self.router.backend(ep) {
                     let table = st.domain_table(dom).copied();
                     if let Err(e) = self.leave(b.as_ref(), ep, Some(dom), table) {
+                        // Fail safe: the state is about to say the endpoint
+                        // has no mappings, so its host DMA must stop too.
+                        self.router
+                            .stats
+                            .backend_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         log::error!(
-                            "virtio-iommu: backend {} reset of endpoint {ep}: {e}",
+                            "virtio-iommu: backend {} reset of endpoint {ep}: {e}; blocking it",
                             b.name()
                         );
+                        self.tell_unattached(b.as_ref(), ep, false);
                     }
                 }
             }
         }
         st.reset();
         self.bump();
+        // Every endpoint is unattached now: where bypass stays on, the
+        // backends open it again for those that were attached.
+        if st.unattached_bypass() {
+            self.tell_all_unattached(&st, true);
+        }
         drop(st);
         self.faults.clear();
     }

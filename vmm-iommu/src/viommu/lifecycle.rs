@@ -356,6 +356,11 @@ impl Viommu {
         st.add_endpoint(ep, formats);
         if let Some(b) = backend {
             b.set_page_requests(st.acked_features() & (1u64 << VIRTIO_IOMMU_F_PAGE_REQUEST) != 0);
+            // It arrives unattached: where unattached endpoints bypass,
+            // its host side must too.
+            if st.unattached_bypass() {
+                self.tell_unattached(b.as_ref(), ep, true);
+            }
             self.router.plug(ep, b);
         }
         Ok(())
