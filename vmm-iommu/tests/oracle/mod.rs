@@ -19,8 +19,25 @@
 //!   at every level, a write R/W at every level; the input address must be
 //!   canonical (bits 63:48, or 63:57 with 5 levels, equal to bit 47/56).
 //!
+//! - SMMUv3 §5.4 Context Descriptor (linear CD table, 64 bytes a CD):
+//!   dword 0 T0SZ 5:0, TG0 7:6 (0b00 4 KiB), EPD0 14, ENDI 15, V 31, IPS
+//!   34:32, AFFD 35, AA64 41, HD 42, HA 43, ASID 63:48; dword 1 (CD bits
+//!   127:64) TTB0 51:4 at bits 51:4, with E0PD0 (66) and HAFT (67) RES0
+//!   on an SMMU without E0PD and HTTU, bits 119:116 and 121:120 RES0, PnCH
+//!   (122) RES0 without THE and EPAN (123) taken as RES0 (no FEAT_EPAN):
+//!   set, the CD is refused. This device implements no HTTU, so HA / HD =
+//!   1 is ILLEGAL.
+//! - Arm ARM D8 VMSAv8-64 stage 1, 4 KiB granule, 48-bit output: bits 1:0
+//!   0b11 table (levels 0-2) or page (level 3), 0b01 block (levels 1, 2;
+//!   reserved at level 3), 0bx0 invalid; output / next-table address 47:12
+//!   (bits 49:48 above a 48-bit output size are an address-size fault);
+//!   AP[1] bit 6 EL0 access, AP[2] bit 7 read-only, AF bit 10 (0 faults
+//!   unless CD.AFFD), APTable bits 62:61 (bit 61 no EL0 below, bit 62 no
+//!   write below). The input address must be below 2^(64 - T0SZ).
+//!
 //! Only unprivileged reads and writes are modelled (supervisor requests,
-//! SRE/WPE/SMEP and execute requests are not), which is what the tests ask.
+//! SRE/WPE/SMEP, PAN, WXN and execute requests are not), which is what the
+//! tests ask.
 
 #![allow(dead_code)]
 
@@ -114,6 +131,98 @@ pub fn ia32e_translate(
             return Some(base | (va & ((1u64 << shift) - 1)));
         }
         table = addr;
+    }
+    None
+}
+
+/// The guest-physical address `va` translates to for an unprivileged read
+/// (or write) by SubstreamID `ssid` through the linear CD table at `cdt`
+/// (CD fields as listed above; T0SZ 16..=39 with the 4 KiB granule, other
+/// granules refused), or `None`.
+pub fn smmu_translate(
+    mem: &GuestMemoryMmap,
+    cdt: u64,
+    ssid: u32,
+    va: u64,
+    write: bool,
+) -> Option<u64> {
+    let cd = cdt.checked_add(u64::from(ssid) * 64)?;
+    let d0 = read(mem, cd)?;
+    let d1 = read(mem, cd + 8)?;
+    if d1 & (0b11 << 2 | 0xff << 52) != 0 {
+        return None; // dword 1 RES0 bits (CD bits 67:66, 123:116)
+    }
+    let bit = |n: u32| d0 >> n & 1 != 0;
+    if !bit(31) || !bit(41) || bit(15) || bit(14) || bit(42) || bit(43) {
+        return None; // V = 0, AArch32, big-endian, EPD0, HTTU
+    }
+    if (d0 >> 6) & 3 != 0 {
+        return None; // only the 4 KiB granule is modelled
+    }
+    let t0sz = (d0 & 0x3f) as u32;
+    if !(16..=39).contains(&t0sz) {
+        return None;
+    }
+    let oa_bits: u32 = match (d0 >> 32) & 7 {
+        0 => 32,
+        1 => 36,
+        2 => 40,
+        3 => 42,
+        4 => 44,
+        _ => 48,
+    };
+    let ia = 64 - t0sz;
+    if va >> ia != 0 {
+        return None;
+    }
+    let affd = bit(35);
+    // Levels: each resolves 9 bits above the 12-bit page offset.
+    let levels = (ia - 12).div_ceil(9);
+    let start = 4 - levels;
+    let top_bits = ia - 12 - 9 * (levels - 1);
+    let top_size = 8u64 << top_bits;
+    let mut table = d1 & 0x000f_ffff_ffff_fff0 & !(top_size.max(64) - 1);
+    if table >> oa_bits != 0 {
+        return None;
+    }
+    let (mut el0, mut rw) = (true, true);
+    for level in start..=3 {
+        let shift = 12 + 9 * (3 - level);
+        let mask = if level == start {
+            (1u64 << top_bits) - 1
+        } else {
+            511
+        };
+        let d = read(mem, table + ((va >> shift) & mask) * 8)?;
+        if d & 1 == 0 {
+            return None;
+        }
+        let is_table = d & 2 != 0 && level < 3;
+        let is_page = d & 2 != 0 && level == 3;
+        let is_block = d & 2 == 0 && (level == 1 || level == 2);
+        let addr = d & 0x0003_ffff_ffff_f000;
+        if addr >> oa_bits != 0 {
+            return None; // address-size fault
+        }
+        if is_table {
+            el0 &= d >> 61 & 1 == 0;
+            rw &= d >> 62 & 1 == 0;
+            table = addr;
+            continue;
+        }
+        if !is_page && !is_block {
+            return None;
+        }
+        el0 &= d >> 6 & 1 != 0;
+        rw &= d >> 7 & 1 == 0;
+        if d >> 10 & 1 == 0 && !affd {
+            return None; // access flag
+        }
+        if !el0 || (write && !rw) {
+            return None;
+        }
+        let base = addr & !((1u64 << shift) - 1);
+        return Some(base | (va & ((1u64 << shift) - 1)));
     }
     None
 }
