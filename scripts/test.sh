@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace: formatting, clippy (warnings
-# are errors), the whole test suite, then the stock Linux guest driving the
-# vIOMMU (scripts/linux-guest.sh; VMM_IOMMU_SKIP_LINUX=1 skips it, and the
-# summary counts it as skipped). Exits non-zero on any failure.
+# are errors), the whole test suite, then the suites that need more than
+# cargo: the examples and an outside crate (scripts/embedder-check.sh), the
+# stock Linux guest driving the vIOMMU (scripts/linux-guest.sh) and the VFIO
+# backends against a real kernel (scripts/vfio-l1.sh). Each can be skipped
+# (VMM_IOMMU_SKIP_EMBEDDER / _LINUX / _VFIO_L1=1), which the summary counts
+# as skipped. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,23 +29,42 @@ failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {pri
 skipped=$(grep -c '^SKIPPED:' target/test-output.txt || true)
 passed=$((passed - skipped))
 
-echo "== Linux guest (scripts/linux-guest.sh)"
-if [ "${VMM_IOMMU_SKIP_LINUX:-0}" = 1 ]; then
-    echo "linux-guest: SKIPPED (VMM_IOMMU_SKIP_LINUX=1)"
-    skipped=$((skipped + 1))
-else
-    rc=0
-    scripts/linux-guest.sh 2>&1 | tee target/linux-guest-output.txt || rc=$?
-    line=$(grep -E '^linux-guest: [0-9]+ passed, [0-9]+ failed' target/linux-guest-output.txt | tail -1 || true)
-    if [ -z "$line" ]; then
-        echo "linux-guest: no closing line (exit status $rc)"
-        failed=$((failed + 1))
-    else
+# The suites beyond cargo test, each a script with its own closing line
+# `NAME: N passed, M failed` (or, for one that checks a single thing,
+# `NAME: passed`). VMM_IOMMU_SKIP_<NAME>=1 skips one, counted as skipped.
+run_suite() {
+    local name=$1 skip_var=$2
+    shift 2
+    echo "== ${name} ($*)"
+    if [ "${!skip_var:-0}" = 1 ]; then
+        echo "${name}: SKIPPED (${skip_var}=1)"
+        skipped=$((skipped + 1))
+        return
+    fi
+    local rc=0 out="target/${name}-output.txt"
+    "$@" 2>&1 | tee "$out" || rc=$?
+    local line
+    line=$(grep -E "^${name}: [0-9]+ passed, [0-9]+ failed" "$out" | tail -1 || true)
+    if [ -n "$line" ]; then
         passed=$((passed + $(echo "$line" | grep -Eo '[0-9]+ passed' | grep -Eo '[0-9]+')))
         failed=$((failed + $(echo "$line" | grep -Eo '[0-9]+ failed' | grep -Eo '[0-9]+')))
+    elif [ "$rc" -eq 0 ] && grep -qx "${name}: passed" "$out"; then
+        passed=$((passed + 1))
+    else
+        echo "${name}: no closing line (exit status $rc)"
+        failed=$((failed + 1))
     fi
-    [ "$rc" -eq 0 ] || failed=$((failed > 0 ? failed : 1))
-fi
+    if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+        failed=1
+    fi
+}
+
+# Examples and an outside crate built from the README and rustdoc.
+run_suite embedder-check VMM_IOMMU_SKIP_EMBEDDER scripts/embedder-check.sh
+# A stock Linux guest's own virtio-iommu driver against the device.
+run_suite linux-guest VMM_IOMMU_SKIP_LINUX scripts/linux-guest.sh
+# The VFIO backends against Linux's real VFIO and VT-d, with real DMA.
+run_suite vfio-l1 VMM_IOMMU_SKIP_VFIO_L1 scripts/vfio-l1.sh
 
 # Print one summary line in the plain form CI reads.
 echo "total: ${passed} passed, ${failed} failed, ${skipped} skipped"
