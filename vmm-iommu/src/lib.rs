@@ -121,6 +121,7 @@ pub mod dirty;
 pub mod dma_memory;
 pub mod emulated;
 pub mod fault;
+mod idhash;
 pub mod invalidation;
 pub mod mapping;
 pub mod nested;

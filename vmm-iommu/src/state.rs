@@ -17,6 +17,7 @@ mod nested;
 pub use nested::{AttachOutcome, StateSnapshot};
 
 use crate::config::{IommuConfig, Limits, ReservedRegion};
+use crate::idhash::IdMap;
 use crate::invalidation::InvalidateError;
 use crate::mapping::{Mapping, MappingTable};
 use crate::wire::{
@@ -353,8 +354,9 @@ pub struct IommuState {
     reserved: Vec<ReservedRegion>,
     /// Sorted, merged `[start, end]` guest RAM ranges.
     ram: Vec<(u64, u64)>,
-    endpoints: HashMap<u32, Option<u32>>,
-    domains: HashMap<u32, Domain>,
+    // Looked up on every translation miss: a fast seeded hasher.
+    endpoints: IdMap<u32, Option<u32>>,
+    domains: IdMap<u32, Domain>,
     total_mappings: u64,
     acked: u64,
     unattached_bypass: bool,
@@ -402,7 +404,7 @@ impl IommuState {
             reserved,
             ram: merged,
             endpoints: endpoints.iter().map(|&e| (e, None)).collect(),
-            domains: HashMap::new(),
+            domains: IdMap::default(),
             total_mappings: 0,
             acked: 0,
             unattached_bypass: false,
