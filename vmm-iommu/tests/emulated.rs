@@ -1197,12 +1197,12 @@ proptest! {
         w(L[1] + 2 * 8, L[2] | TABLE);
         w(L[1] + 3 * 8, hand::BIG_2M | BLOCK | AF | EL0 | RO);
         for (i, &(valid, el0, ro, af, target)) in leaves.iter().enumerate() {
-            let e = DATA + (target << 12)
+            let e = (DATA + (target << 12))
                 | u64::from(valid)
                 | 0b10
-                | u64::from(af) << 10
-                | u64::from(el0) << 6
-                | u64::from(ro) << 7;
+                | (u64::from(af) << 10)
+                | (u64::from(el0) << 6)
+                | (u64::from(ro) << 7);
             w(L[2] + i as u64 * 8, e);
         }
         for &(spot, g) in &writes {
