@@ -111,13 +111,15 @@ pub fn unmet_requirement(cfg: &VmConfig, s: Scenario) -> Option<String> {
             "needs IOVAs {lo:#x}..={hi:#x} inside iommu.input_range"
         ));
     }
-    if let Some(r) = i
+    if let Some((n, r)) = i
         .reserved_regions
         .iter()
-        .find(|r| r.start <= hi && lo <= r.end)
+        .enumerate()
+        .find(|(_, r)| r.start <= hi && lo <= r.end)
     {
         return Some(format!(
-            "needs IOVAs {lo:#x}..={hi:#x} free of reserved regions, {:#x}..={:#x} overlaps",
+            "needs IOVAs {lo:#x}..={hi:#x} free of reserved regions, but \
+             iommu.reserved_regions[{n}] ({:#x}..={:#x}) overlaps them: move the region",
             r.start, r.end
         ));
     }
@@ -1064,7 +1066,10 @@ mod tests {
             r#"{{"iommu": {{"reserved_regions": [{{"start": "0x10000000", "end": "0x10000fff", "kind": "reserved"}}]}}, {DMA}}}"#
         ));
         let why = unmet_requirement(&c, Scenario::Map).unwrap();
-        assert!(why.contains("free of reserved regions"), "{why}");
+        assert!(
+            why.contains("iommu.reserved_regions[0] (0x10000000..=0x10000fff) overlaps"),
+            "{why}"
+        );
     }
 
     #[test]
