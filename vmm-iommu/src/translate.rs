@@ -14,8 +14,8 @@
 //! (and MAP refuses non-MMIO ranges outside RAM in the first place).
 //! A refused access queues a fault record for the driver.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vm_memory::iommu::{Error as IommuError, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Permissions};
@@ -178,15 +178,69 @@ impl Translator {
     }
 }
 
-/// Most ranges an [`EndpointIommu`]'s IOTLB holds before it starts over, so
-/// that a guest touching many mappings cannot grow it without bound.
+/// Most ranges an [`EndpointIommu`]'s spill IOTLB (accesses that cross
+/// mappings) holds before it starts over, so that a guest touching many
+/// mappings cannot grow it without bound.
 pub const ENDPOINT_IOTLB_MAX_RANGES: usize = 4096;
-/// Identity (bypass) translations are cached in 2 MiB windows.
-const IDENTITY_CHUNK_MASK: u64 = (2 << 20) - 1;
+/// Shards of an [`EndpointIommu`]'s IOTLB (a power of two), each holding
+/// the mapping window of the pages that hash to it.
+pub const ENDPOINT_IOTLB_SHARDS: usize = 64;
+/// Fills a translation may go through when other threads keep replacing
+/// the shard it filled before it could read it back.
+const FILL_ATTEMPTS: usize = 8;
+
+/// One IOTLB under its own lock, with what it holds described beside it.
+/// The description is written only under the write lock and read under the
+/// read lock, so a reader sees it consistent with the IOTLB.
+#[derive(Debug, Default)]
+struct Shard {
+    /// vIOMMU generation the contents were translated under, plus one
+    /// (0: empty).
+    generation: AtomicU64,
+    /// First and last IOVA of the window held (window shards only).
+    lo: AtomicU64,
+    hi: AtomicU64,
+    /// Permitted accesses of that window.
+    perm: AtomicU32,
+    /// Ranges held (spill shards only).
+    ranges: AtomicUsize,
+    tlb: RwLock<Iotlb>,
+}
+
+impl Shard {
+    fn read(&self) -> RwLockReadGuard<'_, Iotlb> {
+        self.tlb.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Iotlb> {
+        self.tlb.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the window held translates all of `[iova, last]` for
+    /// `access` under `generation`. Call with the lock held.
+    #[inline(always)]
+    fn covers(&self, generation: u64, iova: u64, last: u64, access: u32) -> bool {
+        self.generation.load(Ordering::Relaxed) == generation
+            && self.lo.load(Ordering::Relaxed) <= iova
+            && last <= self.hi.load(Ordering::Relaxed)
+            && access & !self.perm.load(Ordering::Relaxed) == 0
+    }
+}
 
 /// vm-memory's [`Iommu`] for one endpoint: wrap guest memory as
 /// `IommuMemory::new(mem, endpoint_iommu, true, ())` and every access of the
 /// device model is translated and checked.
+///
+/// Its IOTLB is [`ENDPOINT_IOTLB_SHARDS`] vm-memory `Iotlb`s, each under
+/// its own lock and holding one mapping window: an access that lies in one
+/// mapping is answered from the shard its first page hashes to, after a
+/// check of the window under the shard's read lock (a miss never builds
+/// vm-memory's list of failed ranges). Nothing is ever flushed for being
+/// full, and threads share no lock unless their pages share a shard.
+/// Accesses across mappings go to a spill `Iotlb`; accesses that end at
+/// 2^64, which vm-memory's end-exclusive ranges cannot hold, to one whose
+/// ranges are keyed one byte lower (so the last byte of the space
+/// translates here as it does through [`Translator`]).
 ///
 /// Get one from [`Viommu::endpoint_iommu`]. ([`Viommu::dma_memory`] is the
 /// faster view of the same, for one device thread.)
@@ -224,9 +278,11 @@ const IDENTITY_CHUNK_MASK: u64 = (2 << 20) - 1;
 pub struct EndpointIommu {
     viommu: Arc<Viommu>,
     endpoint: u32,
-    generation: AtomicU64,
-    ranges: AtomicUsize,
-    iotlb: RwLock<Iotlb>,
+    shards: Box<[Shard]>,
+    /// Accesses across mapping windows.
+    spill: Shard,
+    /// Accesses ending at 2^64, keyed one byte lower.
+    top: Shard,
 }
 
 fn access_bits(p: Permissions) -> u32 {
@@ -247,15 +303,22 @@ fn permissions(bits: u32) -> Permissions {
     }
 }
 
+/// Why a fill stopped: the refused address, or an IOTLB error.
+enum FillError {
+    Refused(u64, FaultReason),
+    Iotlb(String),
+}
+
 impl EndpointIommu {
     pub(crate) fn new(viommu: Arc<Viommu>, endpoint: u32) -> Self {
-        let generation = viommu.generation();
         EndpointIommu {
             viommu,
             endpoint,
-            generation: AtomicU64::new(generation),
-            ranges: AtomicUsize::new(0),
-            iotlb: RwLock::new(Iotlb::new()),
+            shards: (0..ENDPOINT_IOTLB_SHARDS)
+                .map(|_| Shard::default())
+                .collect(),
+            spill: Shard::default(),
+            top: Shard::default(),
         }
     }
 
@@ -264,49 +327,101 @@ impl EndpointIommu {
         self.endpoint
     }
 
-    fn read_tlb(&self) -> RwLockReadGuard<'_, Iotlb> {
-        self.iotlb.read().unwrap_or_else(|p| p.into_inner())
+    /// The shard of `iova`'s page: a multiplicative hash, so that strided
+    /// layouts use every shard.
+    #[inline(always)]
+    fn shard(&self, iova: u64) -> &Shard {
+        let h = (iova >> PAGE_SHIFT).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let i = (h >> (64 - ENDPOINT_IOTLB_SHARDS.trailing_zeros())) as usize;
+        &self.shards[i % self.shards.len()]
     }
 
-    /// Fills the IOTLB for `[iova, last]` from the state model, or reports
-    /// the first refused address.
-    fn fill(&self, iova: u64, last: u64, access: u32) -> Result<(), (u64, FaultReason)> {
-        let mut tlb = self.iotlb.write().unwrap_or_else(|p| p.into_inner());
-        // Start over before a fill rather than during one, so the ranges
-        // this fill inserts are all there for the lookup that follows.
-        if self.ranges.load(Ordering::Relaxed) >= ENDPOINT_IOTLB_MAX_RANGES {
-            tlb.invalidate_all();
-            self.ranges.store(0, Ordering::Relaxed);
+    /// The current generation plus one (0 marks an empty shard). Loaded
+    /// before the state is read: a window is filed under a generation no
+    /// newer than the state it was read from, so a window an UNMAP removed
+    /// is filed under the old generation at the latest, and dead for every
+    /// access that starts after the UNMAP's status is written.
+    fn generation(&self) -> u64 {
+        self.viommu.generation().wrapping_add(1)
+    }
+
+    /// Puts the window `t` alone in `shard`.
+    fn fill_window(&self, shard: &Shard, generation: u64, t: &Translation) -> Result<(), String> {
+        // The IOTLB's ranges end exclusively, below 2^64: the last byte of
+        // the space is the top shard's.
+        let hi = t.iova_last.min(u64::MAX - 1);
+        let len = usize::try_from(hi - t.iova_start + 1).map_err(|e| e.to_string())?;
+        let mut tlb = shard.write();
+        if shard.generation.load(Ordering::Relaxed) != 0 {
+            let lo = shard.lo.load(Ordering::Relaxed);
+            let old = shard.hi.load(Ordering::Relaxed) - lo + 1;
+            // Removing the one range keeps the map's node for the next.
+            match usize::try_from(old) {
+                Ok(old) => tlb.invalidate_mapping(GuestAddress(lo), old),
+                Err(_) => tlb.invalidate_all(),
+            }
         }
-        let mut cur = iova;
+        tlb.set_mapping(
+            GuestAddress(t.iova_start),
+            GuestAddress(t.phys_start),
+            len,
+            permissions(t.perm),
+        )
+        .map_err(|e| e.to_string())?;
+        shard.lo.store(t.iova_start, Ordering::Relaxed);
+        shard.hi.store(hi, Ordering::Relaxed);
+        shard.perm.store(t.perm, Ordering::Relaxed);
+        shard.generation.store(generation, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Adds every window up to `last` to a slow shard (the spill, or with
+    /// `shift` 1 the top one, whose ranges sit one byte lower), starting
+    /// with `first`, the window of the access's first byte.
+    fn fill_windows(
+        &self,
+        shard: &Shard,
+        shift: u64,
+        generation: u64,
+        first: Translation,
+        last: u64,
+        access: u32,
+    ) -> Result<(), FillError> {
+        let iotlb = |e: vm_memory::iommu::Error| FillError::Iotlb(e.to_string());
+        let mut tlb = shard.write();
+        if shard.generation.load(Ordering::Relaxed) != generation
+            || shard.ranges.load(Ordering::Relaxed) >= ENDPOINT_IOTLB_MAX_RANGES
+        {
+            tlb.invalidate_all();
+            shard.ranges.store(0, Ordering::Relaxed);
+            shard.generation.store(generation, Ordering::Relaxed);
+        }
+        let mut t = first;
         loop {
-            let t = self
-                .viommu
-                .translate(self.endpoint, cur, access)
-                .map_err(|r| (cur, r))?;
-            // Cache the whole window (the mapping, or for identity the 2 MiB
-            // around the access), so neighbouring accesses hit. Windows end
-            // below u64::MAX because the IOTLB's ranges are end-exclusive.
-            let (lo, hi) = if t == Translation::IDENTITY {
-                (cur & !IDENTITY_CHUNK_MASK, last | IDENTITY_CHUNK_MASK)
-            } else {
-                (t.iova_start, t.iova_last)
-            };
-            let hi = hi.min(u64::MAX - 1);
-            let len = usize::try_from(hi - lo + 1).map_err(|_| (cur, FaultReason::Unknown))?;
-            let end = hi;
-            self.ranges.fetch_add(1, Ordering::Relaxed);
-            tlb.set_mapping(
-                GuestAddress(lo),
-                GuestAddress(t.gpa(lo)),
-                len,
-                permissions(t.perm),
-            )
-            .map_err(|_| (cur, FaultReason::Unknown))?;
-            if end >= last {
+            // The part of the window that can be stored: shifted down by
+            // `shift` and ending below 2^64 once shifted.
+            let lo = t.iova_start.max(shift);
+            let hi = t.iova_last.min(u64::MAX - 1 + shift);
+            if lo <= hi {
+                let len =
+                    usize::try_from(hi - lo + 1).map_err(|e| FillError::Iotlb(e.to_string()))?;
+                tlb.set_mapping(
+                    GuestAddress(lo - shift),
+                    GuestAddress(t.gpa(lo)),
+                    len,
+                    permissions(t.perm),
+                )
+                .map_err(iotlb)?;
+                shard.ranges.fetch_add(1, Ordering::Relaxed);
+            }
+            if t.iova_last >= last {
                 return Ok(());
             }
-            cur = end + 1;
+            let cur = t.iova_last + 1;
+            t = self
+                .viommu
+                .translate(self.endpoint, cur, access)
+                .map_err(|r| FillError::Refused(cur, r))?;
         }
     }
 }
@@ -320,34 +435,319 @@ impl Iommu for EndpointIommu {
         length: usize,
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
-        let cannot = |reason: &str| IommuError::CannotResolve {
-            iova_range: IovaRange { base: iova, length },
-            reason: reason.to_string(),
+        // `last` may be u64::MAX: an access may end exactly at 2^64, as it
+        // may through `Translator`.
+        let last = u64::try_from(length)
+            .ok()
+            .and_then(|l| l.checked_sub(1))
+            .and_then(|l| iova.0.checked_add(l));
+        let Some(last) = last else {
+            return Err(cannot(iova, length, "empty range or range past 2^64"));
         };
-        // vm-memory's IOTLB computes the exclusive end `iova + length`:
-        // refuse empty ranges and ranges whose end does not fit in 64 bits.
-        let end = iova.0.checked_add(length as u64);
-        let Some(last) = end.filter(|_| length > 0).map(|e| e - 1) else {
-            return Err(cannot(
-                "empty range or range past the end of the address space",
-            ));
-        };
-        let generation = self.viommu.generation();
-        if self.generation.load(Ordering::Acquire) != generation {
-            let mut tlb = self.iotlb.write().unwrap_or_else(|p| p.into_inner());
-            tlb.invalidate_all();
-            self.ranges.store(0, Ordering::Relaxed);
-            self.generation.store(generation, Ordering::Release);
-        }
-        if let Ok(it) = Iotlb::lookup(self.read_tlb(), iova, length, access) {
-            return Ok(it);
-        }
         let bits = access_bits(access);
-        if let Err((addr, reason)) = self.fill(iova.0, last, bits) {
-            self.viommu.report_fault(self.endpoint, addr, bits, reason);
-            return Err(cannot(&format!("{reason:?} fault at {addr:#x}")));
+        if last != u64::MAX {
+            let shard = self.shard(iova.0);
+            let tlb = shard.read();
+            if shard.covers(self.generation(), iova.0, last, bits) {
+                if let Ok(it) = Iotlb::lookup(tlb, iova, length, access) {
+                    return Ok(it);
+                }
+            }
         }
-        Iotlb::lookup(self.read_tlb(), iova, length, access)
-            .map_err(|_| cannot("translation changed while filling the IOTLB"))
+        self.miss(iova, length, last, access)
+    }
+}
+
+fn cannot(iova: GuestAddress, length: usize, reason: &str) -> IommuError {
+    IommuError::CannotResolve {
+        iova_range: IovaRange { base: iova, length },
+        reason: reason.to_string(),
+    }
+}
+
+impl EndpointIommu {
+    #[inline(never)]
+    fn miss(
+        &self,
+        iova: GuestAddress,
+        length: usize,
+        last: u64,
+        access: Permissions,
+    ) -> Result<IotlbIterator<RwLockReadGuard<'_, Iotlb>>, IommuError> {
+        let bits = access_bits(access);
+        let refused = |addr: u64, reason: FaultReason| {
+            self.viommu.report_fault(self.endpoint, addr, bits, reason);
+            cannot(iova, length, &format!("{reason:?} fault at {addr:#x}"))
+        };
+        for _ in 0..FILL_ATTEMPTS {
+            let generation = self.generation();
+            let t = self
+                .viommu
+                .translate(self.endpoint, iova.0, bits)
+                .map_err(|r| refused(iova.0, r))?;
+            if last != u64::MAX && t.iova_last >= last {
+                // One window: into the page's shard, then read back (another
+                // thread may have replaced it meanwhile: try again).
+                let shard = self.shard(iova.0);
+                self.fill_window(shard, generation, &t)
+                    .map_err(|e| cannot(iova, length, &e))?;
+                let tlb = shard.read();
+                if shard.covers(generation, iova.0, last, bits) {
+                    if let Ok(it) = Iotlb::lookup(tlb, iova, length, access) {
+                        return Ok(it);
+                    }
+                }
+                continue;
+            }
+            // Across windows, or ending at 2^64 (keyed one byte lower; `iova`
+            // is at least 1 there, since `length` is below 2^64).
+            let (shard, shift) = if last == u64::MAX {
+                (&self.top, 1)
+            } else {
+                (&self.spill, 0)
+            };
+            let key = GuestAddress(iova.0 - shift);
+            {
+                let tlb = shard.read();
+                if shard.generation.load(Ordering::Relaxed) == generation {
+                    if let Ok(it) = Iotlb::lookup(tlb, key, length, access) {
+                        return Ok(it);
+                    }
+                }
+            }
+            match self.fill_windows(shard, shift, generation, t, last, bits) {
+                Ok(()) => {}
+                Err(FillError::Refused(addr, r)) => return Err(refused(addr, r)),
+                Err(FillError::Iotlb(e)) => return Err(cannot(iova, length, &e)),
+            }
+            let tlb = shard.read();
+            if shard.generation.load(Ordering::Relaxed) == generation {
+                if let Ok(it) = Iotlb::lookup(tlb, key, length, access) {
+                    return Ok(it);
+                }
+            }
+        }
+        Err(cannot(
+            iova,
+            length,
+            "the IOTLB kept changing while this access filled it",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AddrRange, IommuConfig};
+    use crate::wire::{
+        AttachReq, MapReq, Request, UnmapReq, VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_MAP_F_READ,
+        VIRTIO_IOMMU_MAP_F_WRITE,
+    };
+    use vm_memory::iommu::IommuMemory;
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    const EP: u32 = 8;
+    const RAM: u64 = 1 << 20;
+    const TOP_PAGE: u64 = u64::MAX - 0xfff;
+
+    /// A vIOMMU over the whole 64-bit input range with endpoint 8 in
+    /// domain 1, and 1 MiB of RAM whose every byte holds its address's
+    /// low byte.
+    fn rig() -> (Arc<Viommu>, GuestMemoryMmap) {
+        let cfg = IommuConfig {
+            input_range: AddrRange {
+                start: 0,
+                end: u64::MAX,
+            },
+            ..IommuConfig::default()
+        };
+        let v = Arc::new(Viommu::new(&cfg, &[EP], &[(0, RAM - 1)]).unwrap());
+        v.set_acked_features(1 << VIRTIO_IOMMU_F_MAP_UNMAP);
+        v.apply(&Request::Attach(AttachReq {
+            domain: 1,
+            endpoint: EP,
+            ..Default::default()
+        }))
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let bytes: Vec<u8> = (0..RAM).map(|a| a as u8).collect();
+        mem.write_slice(&bytes, GuestAddress(0)).unwrap();
+        (v, mem)
+    }
+
+    fn map(v: &Viommu, iova: u64, len: u64, phys: u64) {
+        v.apply(&Request::Map(MapReq {
+            domain: 1,
+            virt_start: iova,
+            virt_end: iova + (len - 1),
+            phys_start: phys,
+            flags: VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE,
+        }))
+        .unwrap();
+    }
+
+    fn unmap(v: &Viommu, iova: u64, len: u64) {
+        v.apply(&Request::Unmap(UnmapReq {
+            domain: 1,
+            virt_start: iova,
+            virt_end: iova + (len - 1),
+            reserved: [0; 4],
+        }))
+        .unwrap();
+    }
+
+    /// What `EndpointIommu` translates `[iova, iova + len)` to, or `None`.
+    fn ranges(ep: &EndpointIommu, iova: u64, len: usize) -> Option<Vec<(u64, usize)>> {
+        let it = Iommu::translate(ep, GuestAddress(iova), len, Permissions::Read).ok()?;
+        Some(it.map(|r| (r.base.0, r.length)).collect())
+    }
+
+    #[test]
+    fn last_byte_of_the_space_translates_as_through_the_translator() {
+        let (v, mem) = rig();
+        map(&v, TOP_PAGE, 0x1000, 0x5000);
+        let mut t = v.translator(EP);
+        assert_eq!(t.translate(u64::MAX, ACCESS_READ), Ok((0x5fff, 1)));
+        let ep = v.endpoint_iommu(EP);
+        assert_eq!(ranges(&ep, u64::MAX, 1), Some(vec![(0x5fff, 1)]));
+        assert_eq!(ranges(&ep, u64::MAX - 15, 16), Some(vec![(0x5ff0, 16)]));
+        // Twice: the second is answered from the IOTLB.
+        assert_eq!(ranges(&ep, u64::MAX, 1), Some(vec![(0x5fff, 1)]));
+        let dma = IommuMemory::new(mem.clone(), ep, true, ());
+        assert_eq!(dma.read_obj::<u8>(GuestAddress(u64::MAX)).unwrap(), 0xff);
+        let mut page = vec![0u8; 0x1000];
+        dma.read_slice(&mut page, GuestAddress(TOP_PAGE)).unwrap();
+        assert!(page.iter().enumerate().all(|(i, &b)| b == i as u8));
+        dma.write_obj(0xa5u8, GuestAddress(u64::MAX)).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x5fff)).unwrap(), 0xa5);
+        assert!(v.faults().is_empty());
+    }
+
+    #[test]
+    fn last_byte_of_the_space_in_bypass_translates_as_through_the_translator() {
+        // Endpoint 9: never attached, so config-space bypass decides.
+        const OTHER: u32 = 9;
+        let cfg = IommuConfig {
+            input_range: AddrRange {
+                start: 0,
+                end: u64::MAX,
+            },
+            ..IommuConfig::default()
+        };
+        let v = Arc::new(Viommu::new(&cfg, &[OTHER], &[(0, RAM - 1)]).unwrap());
+        v.set_unattached_bypass(true);
+        let mut t = v.translator(OTHER);
+        assert_eq!(t.translate(u64::MAX, ACCESS_READ), Ok((u64::MAX, 1)));
+        let ep = v.endpoint_iommu(OTHER);
+        assert_eq!(ranges(&ep, u64::MAX, 1), Some(vec![(u64::MAX, 1)]));
+        assert_eq!(ranges(&ep, 0x1234, 8), Some(vec![(0x1234, 8)]));
+        // Bypass off: both refuse.
+        v.set_unattached_bypass(false);
+        assert!(t.translate(u64::MAX, ACCESS_READ).is_err());
+        assert_eq!(ranges(&ep, u64::MAX, 1), None);
+        assert_eq!(ranges(&ep, 0x1234, 8), None);
+    }
+
+    #[test]
+    fn unmapped_last_byte_is_refused_with_a_fault() {
+        let (v, _) = rig();
+        map(&v, TOP_PAGE - 0x1000, 0x1000, 0x5000);
+        let ep = v.endpoint_iommu(EP);
+        assert_eq!(ranges(&ep, u64::MAX, 1), None);
+        // Across the mapped page into the unmapped last one.
+        assert_eq!(ranges(&ep, TOP_PAGE - 8, 0x1008), None);
+        assert_eq!(v.faults().len(), 2);
+    }
+
+    #[test]
+    fn access_across_two_mappings_reads_both_and_unmap_ends_it() {
+        let (v, mem) = rig();
+        map(&v, 0x10_0000, 0x1000, 0x3000);
+        map(&v, 0x10_1000, 0x1000, 0x8000);
+        let ep = v.endpoint_iommu(EP);
+        let want = vec![(0x3ff8, 8), (0x8000, 8)];
+        assert_eq!(ranges(&ep, 0x10_0ff8, 16), Some(want.clone()));
+        assert_eq!(ranges(&ep, 0x10_0ff8, 16), Some(want));
+        let dma = IommuMemory::new(mem, ep, true, ());
+        let mut b = [0u8; 4];
+        dma.read_slice(&mut b, GuestAddress(0x10_0ffe)).unwrap();
+        assert_eq!(b, [0xfe, 0xff, 0x00, 0x01]);
+        unmap(&v, 0x10_1000, 0x1000);
+        // The status of that UNMAP is written: no access that starts now
+        // may use the second mapping.
+        assert!(dma.read_slice(&mut b, GuestAddress(0x10_0ffe)).is_err());
+        assert!(dma.read_obj::<u8>(GuestAddress(0x10_1000)).is_err());
+        assert_eq!(dma.read_obj::<u8>(GuestAddress(0x10_0ffe)).unwrap(), 0xfe);
+    }
+
+    #[test]
+    fn unmap_takes_effect_before_its_ok_on_every_path() {
+        let (v, mem) = rig();
+        map(&v, 0x10_0000, 0x2000, 0x3000);
+        map(&v, TOP_PAGE, 0x1000, 0x6000);
+        let dma = IommuMemory::new(mem, v.endpoint_iommu(EP), true, ());
+        // Warm every path: a window shard, the top shard.
+        for _ in 0..2 {
+            dma.read_obj::<u64>(GuestAddress(0x10_1000)).unwrap();
+            dma.read_obj::<u8>(GuestAddress(u64::MAX)).unwrap();
+        }
+        unmap(&v, 0x10_0000, 0x2000);
+        unmap(&v, TOP_PAGE, 0x1000);
+        assert!(dma.read_obj::<u64>(GuestAddress(0x10_1000)).is_err());
+        assert!(dma.read_obj::<u8>(GuestAddress(u64::MAX)).is_err());
+    }
+
+    #[test]
+    fn windows_sharing_a_shard_take_turns() {
+        let (v, _) = rig();
+        // More pages than shards, each its own mapping: every shard is
+        // refilled many times, and every answer is still its own page's.
+        let pages = 4 * ENDPOINT_IOTLB_SHARDS as u64;
+        for i in 0..pages {
+            map(&v, 0x100_0000 + 2 * i * 0x1000, 0x1000, (i % 200) * 0x1000);
+        }
+        let ep = v.endpoint_iommu(EP);
+        for round in 0..3 {
+            for i in 0..pages {
+                let iova = 0x100_0000 + 2 * i * 0x1000 + 8 * round;
+                let want = (i % 200) * 0x1000 + 8 * round;
+                assert_eq!(ranges(&ep, iova, 8), Some(vec![(want, 8)]));
+            }
+        }
+    }
+
+    #[test]
+    fn threads_translating_while_pairs_are_applied_never_see_an_unmapped_page() {
+        let (v, _) = rig();
+        map(&v, 0x10_0000, 0x1000, 0x3000);
+        let ep = Arc::new(v.endpoint_iommu(EP));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let ep = Arc::clone(&ep);
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    // At least some translations, however the threads are
+                    // scheduled on a busy machine.
+                    while n < 1000 || !stop.load(Ordering::Relaxed) {
+                        assert_eq!(ranges(&ep, 0x10_0010, 8), Some(vec![(0x3010, 8)]));
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        for _ in 0..500 {
+            map(&v, 0x20_0000, 0x1000, 0x4000);
+            assert_eq!(ranges(&ep, 0x20_0000, 8), Some(vec![(0x4000, 8)]));
+            unmap(&v, 0x20_0000, 0x1000);
+            // After the UNMAP's OK: refused, whatever the readers filled.
+            assert_eq!(ranges(&ep, 0x20_0000, 8), None);
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.join().unwrap() > 0);
+        }
     }
 }
