@@ -29,6 +29,7 @@ use crate::wire::{self, FaultRecord, Request, Status, TAIL_SIZE};
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
+const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 
 /// A split virtqueue, driver side, in guest memory.
 #[derive(Clone, Debug)]
@@ -120,6 +121,48 @@ impl DriverQueue {
             .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.chains.insert(head, idx);
+        head
+    }
+
+    /// Writes `segs` as an indirect descriptor table at `table` (16 bytes a
+    /// descriptor, chained with NEXT) and puts one descriptor with
+    /// `VIRTQ_DESC_F_INDIRECT` pointing at it in the avail ring (not yet
+    /// published: see [`Self::kick`]).
+    pub fn add_indirect_chain<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        table: GuestAddress,
+        segs: &[(GuestAddress, u32, bool)],
+    ) -> u16 {
+        assert!(!segs.is_empty() && !self.free.is_empty(), "queue full");
+        for (i, &(addr, len, write)) in segs.iter().enumerate() {
+            let mut flags = if write { VIRTQ_DESC_F_WRITE } else { 0 };
+            let next = if i + 1 < segs.len() {
+                flags |= VIRTQ_DESC_F_NEXT;
+                i as u16 + 1
+            } else {
+                0
+            };
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.0.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&d, table.unchecked_add(16 * i as u64))
+                .unwrap();
+        }
+        let head = self.free.pop().unwrap();
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&table.0.to_le_bytes());
+        d[8..12].copy_from_slice(&(16 * segs.len() as u32).to_le_bytes());
+        d[12..14].copy_from_slice(&VIRTQ_DESC_F_INDIRECT.to_le_bytes());
+        mem.write_slice(&d, self.desc.unchecked_add(16 * u64::from(head)))
+            .unwrap();
+        let slot = u64::from(self.avail_idx % self.size);
+        mem.write_obj(head, self.avail.unchecked_add(4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.chains.insert(head, vec![head]);
         head
     }
 
@@ -391,6 +434,60 @@ impl Harness {
         assert!(at.0 - base.0 <= slot_size, "request too big for a slot");
         let head = self.requestq.add_chain(&self.mem, &segs);
         (head, wbufs)
+    }
+
+    /// Sends one chain of any shape: `pieces` in order, each a readable
+    /// descriptor holding its bytes (`Ok`) or a writable descriptor of that
+    /// many bytes (`Err`), readable and writable in any order, either as
+    /// direct descriptors or through one indirect table. Writable bytes are
+    /// poisoned with 0xa5 first. Returns the used length and the writable
+    /// bytes, concatenated in chain order, as the device left them.
+    pub fn send_chain(&mut self, pieces: &[Result<&[u8], u32>], indirect: bool) -> (u32, Vec<u8>) {
+        let base = self.slot();
+        let slot_size = if base.0 >= layout::REQUEST_BUFFERS_HIGH {
+            layout::HIGH_SLOT_SIZE
+        } else {
+            layout::SLOT_SIZE
+        };
+        // The indirect table first, then the buffers.
+        let mut at = if indirect {
+            base.unchecked_add((16 * pieces.len() as u64).next_multiple_of(8))
+        } else {
+            base
+        };
+        let mut segs = Vec::new();
+        let mut wbufs = Vec::new();
+        for p in pieces {
+            match *p {
+                Ok(r) => {
+                    self.mem.write_slice(r, at).unwrap();
+                    segs.push((at, r.len() as u32, false));
+                    at = at.unchecked_add((r.len() as u64).next_multiple_of(8));
+                }
+                Err(w) => {
+                    self.mem.write_slice(&vec![0xa5; w as usize], at).unwrap();
+                    segs.push((at, w, true));
+                    wbufs.push((at, w));
+                    at = at.unchecked_add(u64::from(w).next_multiple_of(8));
+                }
+            }
+        }
+        assert!(at.0 - base.0 <= slot_size, "request too big for a slot");
+        let head = if indirect {
+            self.requestq.add_indirect_chain(&self.mem, base, &segs)
+        } else {
+            self.requestq.add_chain(&self.mem, &segs)
+        };
+        let used = self.notify();
+        assert_eq!(used.len(), 1, "one chain in, one out");
+        assert_eq!(used[0].0, head);
+        let mut bytes = Vec::new();
+        for (a, w) in wbufs {
+            let mut b = vec![0u8; w as usize];
+            self.mem.read_slice(&mut b, a).unwrap();
+            bytes.extend(b);
+        }
+        (used[0].1, bytes)
     }
 
     /// Notifies the device and collects `(head, used len)` of every chain
