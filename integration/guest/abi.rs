@@ -14,6 +14,17 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 pub const DONE_PORT: u16 = 0xf4;
 /// Exception port: the VMM's exception stubs write the vector number here.
 pub const EXCEPTION_PORT: u16 = 0xf5;
+/// Sync port: a 32-bit write marks sync point N of the scenario, where the
+/// VMM may act (pause and snapshot the VM, plug or unplug a DMA engine);
+/// the guest goes on after the write either way. A 32-bit read returns
+/// how many times this VM was restored from a snapshot.
+pub const SYNC_PORT: u16 = 0xf6;
+/// Hot-plug port, as a platform's slot status register: a 32-bit read
+/// returns the DMA engine slots present (bit `i` for engine `i`); a 32-bit
+/// write of a slot bitmap ejects those slots whose removal the platform
+/// announced (the guest is done with them), after which their windows
+/// read as all ones.
+pub const HOTPLUG_PORT: u16 = 0xf7;
 
 /// Result code of a guest whose every check held.
 pub const RESULT_PASS: u32 = 0;
@@ -107,6 +118,25 @@ pub const SCENARIO_NESTED_SMMUV3: u64 = 4;
 pub const SCENARIO_PAGE_REQUEST: u64 = 5;
 /// Scenario 6: a hostile driver, then scenario 1 in the same VM.
 pub const SCENARIO_HOSTILE: u64 = 6;
+/// Scenario 7: MAP mode across a snapshot: ATTACH and MAPs, sync point
+/// [`SNAPSHOT_SYNC`] (where the VMM snapshots the VM and resumes it as a
+/// new VM), then DMA through the restored mappings, UNMAP, DETACH.
+pub const SCENARIO_SNAPSHOT: u64 = 7;
+/// Scenario 8: a DMA engine plugged in at run time and unplugged while
+/// attached, with MAP+UNMAP batches for the primary engine in flight.
+pub const SCENARIO_HOTPLUG: u64 = 8;
+
+/// The sync point of scenario 7 where the VMM pauses the VM.
+pub const SNAPSHOT_SYNC: u32 = 1;
+/// The sync point of scenario 8 where the VMM plugs the engine in.
+pub const HOTPLUG_PLUG_SYNC: u32 = 1;
+/// The sync point of scenario 8 where the VMM unplugs it.
+pub const HOTPLUG_UNPLUG_SYNC: u32 = 2;
+/// The domain scenario 8 attaches the plugged engine to.
+pub const HOTPLUG_DOMAIN: u32 = 2;
+/// MAP+UNMAP pairs scenario 8 sends for the primary engine in one
+/// notification around each plug event.
+pub const HOTPLUG_BATCH_PAIRS: usize = 16;
 
 /// VMM self-test: spin forever (the watchdog must end the run).
 pub const SELFTEST_SPIN: u64 = 0x100;

@@ -505,6 +505,10 @@ pub struct Iommu {
 /// descriptors and 64 request bytes each).
 pub const MAX_BATCH: usize = 16;
 
+/// Most requests [`Iommu::post_batch`] offers at once: two descriptors
+/// each fill the request queue.
+pub const MAX_POSTED: usize = REQUEST_QUEUE_SIZE as usize / 2;
+
 /// Features a driver of this project asks for, when offered.
 pub const WANTED: u64 = virtio::F_VERSION_1
     | features::INPUT_RANGE
@@ -818,6 +822,48 @@ impl Iommu {
                 "used id {id} of a batch"
             );
             check_eq!(used_len, TAIL_SIZE, "used length of a batched INVALIDATE");
+            let i = (id / 2) as usize;
+            out[i] = rt::peek8(self.resp_buf + u64::from(TAIL_SIZE) * i as u64);
+        }
+    }
+
+    /// Offers `reqs` (each at most 64 bytes) as one chain each — request
+    /// `i` in descriptors `2i` and `2i + 1`, its tail at `resp_buf + 4i` —
+    /// all with one notification, and returns without waiting: collect
+    /// the statuses with [`Iommu::wait_batch`] before sending anything
+    /// else. At most [`MAX_POSTED`] requests.
+    pub fn post_batch(&mut self, reqs: &[&[u8]]) {
+        check!(reqs.len() <= MAX_POSTED, "batch of {} requests", reqs.len());
+        for (i, r) in reqs.iter().enumerate() {
+            check!(r.len() <= 64, "batched request of {} bytes", r.len());
+            let rq = self.req_buf + 64 * i as u64;
+            let tail = self.resp_buf + u64::from(TAIL_SIZE) * i as u64;
+            rt::write_bytes(rq, r);
+            rt::poke32(tail, 0xa5a5_a5a5);
+            let d = (2 * i) as u16;
+            self.req
+                .set_desc(d, rq, r.len() as u32, virtio::DESC_F_NEXT, d + 1);
+            self.req
+                .set_desc(d + 1, tail, TAIL_SIZE, virtio::DESC_F_WRITE, 0);
+            self.req.push(d);
+        }
+        self.t.notify(0);
+    }
+
+    /// Waits for the `n` requests [`Iommu::post_batch`] offered and writes
+    /// their statuses, in offer order, to `out`.
+    pub fn wait_batch(&mut self, n: usize, out: &mut [u8]) {
+        check!(n <= out.len(), "{n} statuses into {}", out.len());
+        for _ in 0..n {
+            let Some((id, used_len)) = self.req.wait_used(WAIT_CYCLES) else {
+                println!("FAIL: no used entry for a batched request");
+                rt::exit(line!());
+            };
+            check!(
+                id % 2 == 0 && (id / 2) < n as u32,
+                "used id {id} of a batch of {n}"
+            );
+            check_eq!(used_len, TAIL_SIZE, "used length of a batched request");
             let i = (id / 2) as usize;
             out[i] = rt::peek8(self.resp_buf + u64::from(TAIL_SIZE) * i as u64);
         }

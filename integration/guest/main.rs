@@ -55,6 +55,8 @@ extern "C" fn guest_main() -> ! {
         abi::SCENARIO_NESTED_SMMUV3 => scenarios::nested_smmuv3::run(&mut ctx),
         abi::SCENARIO_PAGE_REQUEST => scenarios::page_request::run(&mut ctx),
         abi::SCENARIO_HOSTILE => scenarios::hostile::run(&mut ctx),
+        abi::SCENARIO_SNAPSHOT => scenarios::snapshot::run(&mut ctx),
+        abi::SCENARIO_HOTPLUG => scenarios::hotplug::run(&mut ctx),
         abi::SELFTEST_SPIN
         | abi::SELFTEST_PAGE_FAULT
         | abi::SELFTEST_PRIVILEGED

@@ -30,6 +30,28 @@ pub fn outl(port: u16, v: u32) {
     }
 }
 
+/// Reads 32 bits from an I/O port.
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// Marks sync point `n` (`abi::SYNC_PORT`): the VMM may pause, snapshot
+/// and restore the VM, or plug devices, before the write returns.
+pub fn sync(n: u32) {
+    use core::sync::atomic::{compiler_fence, Ordering};
+    // Memory written before the sync point is written before the VMM
+    // acts on it; nothing read after it is read before.
+    compiler_fence(Ordering::SeqCst);
+    outl(abi::SYNC_PORT, n);
+    compiler_fence(Ordering::SeqCst);
+}
+
 /// Reads 32 bits of MMIO. A full compiler barrier: DMA and device writes
 /// happen behind the compiler's back during the access.
 #[inline(always)]

@@ -4,10 +4,12 @@
 pub mod bypass;
 pub mod hostile;
 pub mod hostile_nested;
+pub mod hotplug;
 pub mod map;
 pub mod nested_smmuv3;
 pub mod nested_vtd;
 pub mod page_request;
+pub mod snapshot;
 
 use crate::abi::{self, BootInfo};
 use crate::dma::Dma;

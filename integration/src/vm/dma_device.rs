@@ -50,6 +50,40 @@ pub struct DmaStats {
     pub abandoned: u64,
 }
 
+/// The engine's registers, for a snapshot: what the guest wrote and what
+/// the last operation ended with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DmaRegs {
+    /// Source.
+    pub src: u64,
+    /// Destination.
+    pub dst: u64,
+    /// Length.
+    pub len: u32,
+    /// PASID.
+    pub pasid: u32,
+    /// Flags.
+    pub flags: u32,
+    /// Operation.
+    pub op: u32,
+    /// Fill byte (the register's 32 bits).
+    pub fill: u32,
+    /// Status of the last operation.
+    pub status: u32,
+    /// Compare result of the last operation.
+    pub cmp: u32,
+}
+
+/// An engine that cannot be snapshotted now.
+#[derive(Debug, thiserror::Error)]
+#[error("DMA engine of endpoint {endpoint} has an operation waiting for page request {grpid}")]
+pub struct DmaBusy {
+    /// The engine's endpoint.
+    pub endpoint: u32,
+    /// The page-request group it waits for.
+    pub grpid: u32,
+}
+
 /// The registers of one operation, as the doorbell found them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Job {
@@ -151,6 +185,53 @@ impl DmaDevice {
     /// The counters.
     pub fn stats(&self) -> &DmaStats {
         &self.stats
+    }
+
+    /// The registers, for a snapshot; refused while an operation waits for
+    /// a page request (its retry lives in the engine, not in the guest's
+    /// memory). Requests of abandoned operations are the vIOMMU's to
+    /// keep and are not carried.
+    pub fn regs(&self) -> Result<DmaRegs, DmaBusy> {
+        if let Some(w) = self.waiting {
+            return Err(DmaBusy {
+                endpoint: self.endpoint,
+                grpid: w.grpid,
+            });
+        }
+        Ok(DmaRegs {
+            src: self.src,
+            dst: self.dst,
+            len: self.len,
+            pasid: self.pasid,
+            flags: self.flags,
+            op: self.op,
+            fill: self.fill,
+            status: self.status,
+            cmp: self.cmp,
+        })
+    }
+
+    /// Sets the registers from a snapshot (the engine is fresh: nothing
+    /// waits). A status outside the engine's `DMA_STATUS_*` reads as
+    /// idle, and the page-wait status, which no snapshot holds, as a
+    /// fault.
+    pub fn set_regs(&mut self, r: &DmaRegs) {
+        self.src = r.src;
+        self.dst = r.dst;
+        self.len = r.len;
+        self.pasid = r.pasid;
+        self.flags = r.flags;
+        self.op = r.op;
+        self.fill = r.fill;
+        self.status = match r.status {
+            abi::DMA_STATUS_IDLE
+            | abi::DMA_STATUS_OK
+            | abi::DMA_STATUS_FAULT
+            | abi::DMA_STATUS_BAD_ARGS => r.status,
+            abi::DMA_STATUS_PAGE_WAIT => abi::DMA_STATUS_FAULT,
+            _ => abi::DMA_STATUS_IDLE,
+        };
+        self.cmp = r.cmp;
     }
 
     /// A guest read at `offset` in the window.
@@ -604,6 +685,21 @@ mod tests {
             !d.needs_poll(),
             "the abandoned group was answered and dropped"
         );
+    }
+
+    #[test]
+    fn registers_carry_over_and_a_waiting_engine_refuses_a_snapshot() {
+        let mut d = engine();
+        w32(&mut d, dma_regs::FILL, 0x77);
+        program(&mut d, abi::DMA_OP_COMPARE, 0, 0x101, 4);
+        let r = d.regs().unwrap();
+        let mut e = engine();
+        e.set_regs(&r);
+        assert_eq!(e.regs().unwrap(), r);
+        assert_eq!(r32(&mut e, dma_regs::CMP_RESULT), 1);
+        let (mut p, _) = paging_engine();
+        program(&mut p, abi::DMA_OP_FILL, 0, 0x100, 4);
+        assert_eq!(p.regs().unwrap_err().grpid, 7);
     }
 
     #[test]

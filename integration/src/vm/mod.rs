@@ -49,6 +49,7 @@ pub mod iommu;
 pub mod irq;
 pub mod layout;
 pub mod pio;
+pub mod snapshot;
 pub mod virtio_mmio;
 pub mod watchdog;
 pub mod worker;
@@ -67,6 +68,8 @@ use vmm_iommu::config::{DeviceKind, ReservedKind, VmConfig};
 use vmm_iommu::emulated::EmulatedCounts;
 use vmm_iommu::fault::FaultQueue;
 use vmm_iommu::router::{Router, RouterCounts};
+use vmm_iommu::snapshot::DeviceSnapshot;
+use vmm_iommu::viommu::HotplugError;
 use vmm_iommu::{DeviceError, DeviceStats, Viommu, VirtioIommu};
 
 use crate::abi::{self, BootInfo};
@@ -79,6 +82,7 @@ use iommu::SharedIommu;
 use irq::InterruptPath;
 use layout::{Layout, LayoutError};
 use pio::{PortEvent, Ports};
+use snapshot::{SnapshotError, VmSnapshot};
 use virtio_mmio::{Lifecycle, MmioInterrupt, TransportStats, VirtioMmio};
 use watchdog::Watch;
 use worker::{Notifier, NotifyPath, Worker, WorkerStats};
@@ -132,6 +136,36 @@ impl fmt::Display for TransportPaths {
     }
 }
 
+/// A DMA engine the VMM plugs in while the guest runs, as a platform
+/// would (the guest learns of it on `abi::HOTPLUG_PORT`), and unplugs
+/// again. It is translated in MAP mode by the vIOMMU itself, in the first
+/// free engine slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotplugPlan {
+    /// Its endpoint ID (not one of the config's).
+    pub endpoint: u32,
+    /// The sync point where it is plugged in.
+    pub plug_at: u32,
+    /// The sync point where it is unplugged (its endpoint leaves the
+    /// vIOMMU; its window stays until the guest ejects the slot).
+    pub unplug_at: u32,
+}
+
+/// What hot-plug did in a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HotplugStats {
+    /// Engines plugged in.
+    pub plugged: u64,
+    /// Engines unplugged.
+    pub unplugged: u64,
+    /// Slots the guest ejected.
+    pub ejected: u64,
+    /// Eject requests for slots that were not announced removed (ignored).
+    pub bad_ejects: u64,
+    /// Time spent in `Viommu::add_endpoint` and `remove_endpoint`.
+    pub vmm_time: Duration,
+}
+
 /// What to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmOptions {
@@ -141,15 +175,19 @@ pub struct VmOptions {
     pub bench_iterations: u64,
     /// The fast paths allowed.
     pub fast_paths: FastPaths,
+    /// A DMA engine to plug in and out at sync points.
+    pub hotplug: Option<HotplugPlan>,
 }
 
 impl Default for VmOptions {
-    /// Scenario 0 (none), no benchmark, every fast path KVM offers.
+    /// Scenario 0 (none), no benchmark, every fast path KVM offers, no
+    /// hot-plug.
     fn default() -> Self {
         VmOptions {
             scenario: 0,
             bench_iterations: 0,
             fast_paths: FastPaths::ALL,
+            hotplug: None,
         }
     }
 }
@@ -201,6 +239,18 @@ pub enum VmError {
     /// The device worker thread (ioeventfd path) cannot be started.
     #[error("cannot start the device worker thread: {0}")]
     Worker(#[source] std::io::Error),
+    /// The VM cannot be snapshotted or restored.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// The vIOMMU refused a hot-plug the VMM made.
+    #[error("hot-plug: {source}{}", log(.serial))]
+    Hotplug {
+        /// The vIOMMU's error.
+        #[source]
+        source: HotplugError,
+        /// The serial log.
+        serial: String,
+    },
     /// The guest did not end in time.
     #[error("guest did not finish within {timeout:?}{}", log(.serial))]
     Timeout {
@@ -290,6 +340,7 @@ impl VmError {
             | VmError::GuestException { serial, .. }
             | VmError::Shutdown { serial }
             | VmError::Halted { serial }
+            | VmError::Hotplug { serial, .. }
             | VmError::UnexpectedExit { serial, .. } => Some(serial),
             _ => None,
         }
@@ -354,6 +405,52 @@ pub struct RunOutcome {
     /// the transport's line by the end (the irqfd reached KVM's irqchip);
     /// `None` on the polled path or if the irqchip could not be read.
     pub line_latched: Option<bool>,
+    /// Times the VM was restored from a snapshot before this run ended.
+    pub restores: u32,
+    /// What hot-plug did (in this VM).
+    pub hotplug: HotplugStats,
+}
+
+/// A run stopped at the sync point the VMM asked to pause at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Paused {
+    /// The sync point.
+    pub at: u32,
+    /// From the first `KVM_RUN` to the pause.
+    pub run_time: Duration,
+}
+
+/// How [`Vm::run_until_pause`] ended.
+#[derive(Debug)]
+pub enum RunEnd {
+    /// The guest wrote the done port.
+    Done(Box<RunOutcome>),
+    /// The guest reached the sync point; the VM can be snapshotted.
+    Paused(Paused),
+}
+
+/// Why `plan` cannot run with `cfg`: its endpoint is the config's, or no
+/// engine slot is left for it.
+fn check_hotplug(cfg: &VmConfig, slots: &[DmaSlot], plan: &HotplugPlan) -> Result<(), VmError> {
+    if cfg.endpoints().contains(&plan.endpoint) {
+        return Err(VmError::Config {
+            path: "devices".into(),
+            rule: format!(
+                "endpoint {} is the config's; a hot-plugged engine needs another",
+                plan.endpoint
+            ),
+        });
+    }
+    if slots.len() >= abi::MAX_DMA_ENGINES {
+        return Err(VmError::Config {
+            path: "devices".into(),
+            rule: format!(
+                "every one of the {} DMA engine slots is taken; none is left to hot-plug",
+                abi::MAX_DMA_ENGINES
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// One DMA engine of the config.
@@ -406,10 +503,19 @@ pub fn dma_slots(cfg: &VmConfig) -> Result<Vec<DmaSlot>, VmError> {
 struct Bus {
     mem: GuestMemoryMmap,
     iommu: Arc<SharedIommu>,
+    /// The vIOMMU behind the transport, for hot-plug (which must not wait
+    /// for the transport's lock: the worker may hold it for a queue pass).
+    viommu: Arc<Viommu>,
     /// The queues' ioeventfds, on the ioeventfd path.
     notifier: Option<Notifier>,
     emulated: Option<Arc<Emulated>>,
     dmas: Vec<DmaDevice>,
+    /// Whether engine `i`'s window answers (not before it is plugged in,
+    /// not after the guest ejected it).
+    live: Vec<bool>,
+    /// Whether engine `i` was hot-plugged.
+    hotplugged: Vec<bool>,
+    hotplug: HotplugStats,
     ports: Ports,
     unhandled_mmio: u64,
     exits: ExitCounts,
@@ -430,7 +536,62 @@ impl Bus {
     /// The DMA engine of window `w`, if there is one.
     fn dma_index(&self, w: usize) -> Option<usize> {
         let i = w.checked_sub(Self::dma_window(0))?;
-        (i < self.dmas.len()).then_some(i)
+        self.live.get(i).copied().unwrap_or(false).then_some(i)
+    }
+
+    /// At sync point `n`, plugs `plan`'s engine in or unplugs it, as the
+    /// plan says.
+    fn hotplug_at(&mut self, plan: &HotplugPlan, n: u32) -> Result<(), HotplugError> {
+        if n == plan.plug_at {
+            let start = Instant::now();
+            self.viommu.add_endpoint(plan.endpoint, None)?;
+            self.hotplug.vmm_time += start.elapsed();
+            let space = Box::new(DmaEngine::new(
+                &self.viommu,
+                plan.endpoint,
+                self.mem.clone(),
+            ));
+            let router = Box::new(EndpointRouter::new(plan.endpoint, space));
+            let i = self.dmas.len();
+            self.dmas.push(DmaDevice::new(plan.endpoint, router));
+            self.live.push(true);
+            self.hotplugged.push(true);
+            // check_hotplug left a slot: i < MAX_DMA_ENGINES ≤ 32.
+            self.ports.present |= 1 << i;
+            self.hotplug.plugged += 1;
+        }
+        if n == plan.unplug_at {
+            let Some(i) = self
+                .dmas
+                .iter()
+                .zip(&self.hotplugged)
+                .position(|(d, &h)| h && d.endpoint() == plan.endpoint)
+            else {
+                return Err(HotplugError::NoEndpoint(plan.endpoint));
+            };
+            let start = Instant::now();
+            self.viommu.remove_endpoint(plan.endpoint)?;
+            self.hotplug.vmm_time += start.elapsed();
+            self.ports.present &= !(1 << i);
+            self.hotplug.unplugged += 1;
+        }
+        Ok(())
+    }
+
+    /// The guest ejects the slots of `bitmap`: those announced removed
+    /// stop answering; others are ignored and counted.
+    fn eject(&mut self, bitmap: u32) {
+        for i in 0..self.live.len().min(32) {
+            if bitmap & (1 << i) == 0 {
+                continue;
+            }
+            if self.ports.present & (1 << i) == 0 && self.live[i] {
+                self.live[i] = false;
+                self.hotplug.ejected += 1;
+            } else {
+                self.hotplug.bad_ejects += 1;
+            }
+        }
     }
 
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
@@ -518,6 +679,8 @@ impl Bus {
 /// Why the vCPU loop stopped.
 enum Stop {
     Done(u32),
+    Pause(u32),
+    Hotplug(HotplugError),
     Exception(u8),
     Shutdown,
     Halted,
@@ -536,6 +699,11 @@ pub struct Vm {
     bus: Bus,
     tsc_khz: Option<u32>,
     paths: TransportPaths,
+    hotplug_plan: Option<HotplugPlan>,
+    /// The sync point to pause at, while `run_until_pause` runs.
+    pause_at: Option<u32>,
+    /// The sync point the VM is paused at, if it is.
+    paused: Option<u32>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -612,11 +780,175 @@ impl Vm {
     /// Builds the VM `cfg` describes, with the guest program loaded and the
     /// vCPU at its entry point.
     pub fn new(cfg: &VmConfig, opts: &VmOptions) -> Result<Self, VmError> {
+        let (vm, layout, slots) = Self::build(cfg, opts)?;
+        let mem = &vm.bus.mem;
+        let entry = elf::load(mem, crate::GUEST_ELF)?;
+        let msi = cfg
+            .iommu
+            .reserved_regions
+            .iter()
+            .find(|r| r.kind == ReservedKind::Msi);
+        let bypass = vm.bus.iommu.lock().device().config().bypass;
+        let mut info = BootInfo {
+            magic: abi::BOOT_INFO_MAGIC,
+            scenario: opts.scenario,
+            low_ram_end: layout.low_end,
+            high_ram_start: layout.high_start,
+            high_ram_end: layout.high_end,
+            msi_start: msi.map_or(0, |r| r.start),
+            msi_end: msi.map_or(abi::NO_MSI_REGION, |r| r.end),
+            bypass_initial: u64::from(bypass),
+            bench_iterations: opts.bench_iterations,
+            dma_count: slots.len() as u64,
+            primary_dma: slots
+                .iter()
+                .find(|s| s.behind_iommu)
+                .map_or(u64::MAX, |s| s.index as u64),
+            dma_endpoints: [0; abi::MAX_DMA_ENGINES],
+        };
+        for s in &slots {
+            info.dma_endpoints[s.index] = u64::from(s.endpoint);
+        }
+        mem.write_slice(&boot_info_bytes(&info), GuestAddress(abi::BOOT_INFO_ADDR))?;
+        x86::setup_vcpu(&vm.vcpu, mem, layout.high_end, entry, opts.scenario)?;
+        Ok(vm)
+    }
+
+    /// Builds a new VM for `cfg` and `opts` (new KVM VM, new guest memory,
+    /// a virtio-iommu built from the config) and restores `snap` into it:
+    /// the guest carries on from the sync point it was paused at, with
+    /// the ports counting one more restore. Everything is checked against
+    /// the VM built from the config first (see [`snapshot`]).
+    pub fn restore(cfg: &VmConfig, opts: &VmOptions, snap: &VmSnapshot) -> Result<Self, VmError> {
+        let (mut vm, _, _) = Self::build(cfg, opts)?;
+        vm.restore_state(snap)?;
+        Ok(vm)
+    }
+
+    fn restore_state(&mut self, snap: &VmSnapshot) -> Result<(), SnapshotError> {
+        let mem = &self.bus.mem;
+        let vm_regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let snap_regions: Vec<(u64, u64)> = snap
+            .memory
+            .iter()
+            .map(|r| (r.start, r.bytes.len() as u64))
+            .collect();
+        if vm_regions != snap_regions {
+            return Err(SnapshotError::Memory {
+                snapshot: snap_regions,
+                vm: vm_regions,
+            });
+        }
+        if snap.dmas.len() != self.bus.dmas.len() {
+            return Err(SnapshotError::DmaEngines {
+                snapshot: snap.dmas.len(),
+                vm: self.bus.dmas.len(),
+            });
+        }
+        let has_irqchip = matches!(self.paths.interrupts, InterruptPath::Irqfd { .. });
+        if snap.irqchip.is_some() != has_irqchip {
+            return Err(SnapshotError::Irqchip {
+                snapshot: snap.irqchip.is_some(),
+                vm: has_irqchip,
+            });
+        }
+        // Memory first: the device checks its queues against it.
+        for r in &snap.memory {
+            mem.write_slice(&r.bytes, GuestAddress(r.start))?;
+        }
+        let device = DeviceSnapshot::from_json(&snap.device_json)?;
+        {
+            let mut t = self.bus.iommu.lock();
+            t.restore(&snap.transport, |dev, interrupt| {
+                dev.restore(&device, mem, interrupt)?;
+                Ok::<bool, SnapshotError>(dev.is_activated())
+            })?;
+        }
+        snapshot::restore_vcpu(&self.vcpu, &snap.vcpu)?;
+        if let Some(chips) = &snap.irqchip {
+            snapshot::restore_irqchip(&self.vm, chips)?;
+        }
+        for (d, r) in self.bus.dmas.iter_mut().zip(&snap.dmas) {
+            d.set_regs(r);
+        }
+        self.bus.ports = Ports::restored(&snap.ports);
+        let mut t = self.bus.iommu.lock();
+        if t.is_running() {
+            if let Some(n) = &mut self.bus.notifier {
+                n.arm(&self.vm);
+            }
+            // docs/snapshot.md: a notification may have been lost in the
+            // pause, so both queues are served once.
+            t.notify_kick(mem, vmm_iommu::wire::REQUEST_QUEUE);
+            t.notify_kick(mem, vmm_iommu::wire::EVENT_QUEUE);
+        }
+        Ok(())
+    }
+
+    /// Snapshots this VM, paused at a sync point by
+    /// [`Vm::run_until_pause`]: the vCPU, the device worker and the DMA
+    /// engines are quiet. The VM may run on afterwards.
+    pub fn snapshot(&mut self) -> Result<VmSnapshot, SnapshotError> {
+        let Some(paused_at) = self.paused else {
+            return Err(SnapshotError::NotPaused);
+        };
+        if let Some(i) = self.bus.hotplugged.iter().position(|&h| h) {
+            return Err(SnapshotError::Hotplugged(i));
+        }
+        let dmas = self
+            .bus
+            .dmas
+            .iter()
+            .map(DmaDevice::regs)
+            .collect::<Result<Vec<_>, _>>()?;
+        snapshot::complete_pending_exit(&mut self.vcpu)?;
+        let has_irqchip = matches!(self.paths.interrupts, InterruptPath::Irqfd { .. });
+        let vcpu = snapshot::save_vcpu(&self.vcpu, has_irqchip)?;
+        let irqchip = if has_irqchip {
+            Some(snapshot::save_irqchip(&self.vm)?)
+        } else {
+            None
+        };
+        let (transport, device_json) = {
+            let t = self.bus.iommu.lock();
+            (t.state(), t.device().snapshot()?.to_json()?)
+        };
+        let mut memory = Vec::new();
+        for region in self.bus.mem.iter() {
+            let start = region.start_addr();
+            let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            let mut bytes = vec![0u8; len];
+            self.bus.mem.read_slice(&mut bytes, start)?;
+            memory.push(snapshot::RegionSnapshot {
+                start: start.0,
+                bytes,
+            });
+        }
+        Ok(VmSnapshot {
+            paused_at,
+            memory,
+            vcpu,
+            irqchip,
+            transport,
+            device_json,
+            dmas,
+            ports: self.bus.ports.state(),
+        })
+    }
+
+    /// Everything of the VM but the guest program and the vCPU's start
+    /// state: KVM VM and vCPU, guest memory, the virtio-iommu and its
+    /// transport, the DMA engines, the notification and interrupt paths.
+    fn build(cfg: &VmConfig, opts: &VmOptions) -> Result<(Self, Layout, Vec<DmaSlot>), VmError> {
         let layout = Layout::new(cfg.memory.size_mib)?;
         let slots = dma_slots(cfg)?;
+        if let Some(h) = &opts.hotplug {
+            check_hotplug(cfg, &slots, h)?;
+        }
         let mem = layout.guest_memory()?;
         let (dev, emulated) = build_iommu(cfg, &slots, &layout, &mem)?;
-        let dmas = slots
+        let viommu = Arc::clone(dev.viommu());
+        let dmas: Vec<DmaDevice> = slots
             .iter()
             .map(|s| {
                 let router: Box<dyn DmaRouter> = if !s.behind_iommu {
@@ -669,52 +1001,31 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-
-        let entry = elf::load(&mem, crate::GUEST_ELF)?;
-        let msi = cfg
-            .iommu
-            .reserved_regions
-            .iter()
-            .find(|r| r.kind == ReservedKind::Msi);
-        let mut info = BootInfo {
-            magic: abi::BOOT_INFO_MAGIC,
-            scenario: opts.scenario,
-            low_ram_end: layout.low_end,
-            high_ram_start: layout.high_start,
-            high_ram_end: layout.high_end,
-            msi_start: msi.map_or(0, |r| r.start),
-            msi_end: msi.map_or(abi::NO_MSI_REGION, |r| r.end),
-            bypass_initial: u64::from(dev.config().bypass),
-            bench_iterations: opts.bench_iterations,
-            dma_count: slots.len() as u64,
-            primary_dma: slots
-                .iter()
-                .find(|s| s.behind_iommu)
-                .map_or(u64::MAX, |s| s.index as u64),
-            dma_endpoints: [0; abi::MAX_DMA_ENGINES],
-        };
-        for s in &slots {
-            info.dma_endpoints[s.index] = u64::from(s.endpoint);
-        }
-        mem.write_slice(&boot_info_bytes(&info), GuestAddress(abi::BOOT_INFO_ADDR))?;
-        x86::setup_vcpu(&vcpu, &mem, layout.high_end, entry, opts.scenario)?;
         let tsc_khz = vcpu.get_tsc_khz().ok();
 
         let interrupt = Arc::new(match line.irqfd {
             Some(fd) => MmioInterrupt::with_irqfd(fd),
             None => MmioInterrupt::polled(),
         });
-        Ok(Vm {
+        let n = dmas.len();
+        let mut ports = Ports::default();
+        // At most MAX_DMA_ENGINES (8) engines: the shift fits.
+        ports.present = (1u32 << n) - 1;
+        let vm = Vm {
             vcpu,
             vm,
             _kvm: kvm,
             bus: Bus {
                 mem,
                 iommu: Arc::new(SharedIommu::new(VirtioMmio::with_interrupt(dev, interrupt))),
+                viommu,
                 notifier,
                 emulated,
                 dmas,
-                ports: Ports::default(),
+                live: vec![true; n],
+                hotplugged: vec![false; n],
+                hotplug: HotplugStats::default(),
+                ports,
                 unhandled_mmio: 0,
                 exits: ExitCounts::default(),
             },
@@ -723,7 +1034,11 @@ impl Vm {
                 notify: notify_path,
                 interrupts: line.path,
             },
-        })
+            hotplug_plan: opts.hotplug,
+            pause_at: None,
+            paused: None,
+        };
+        Ok((vm, layout, slots))
     }
 
     /// The notification and interrupt paths this VM was built with (the
@@ -755,8 +1070,32 @@ impl Vm {
     /// Runs the guest until it writes the done port, fails, or `timeout`
     /// passes. The device worker (ioeventfd path) runs for as long as the
     /// guest does and is stopped and joined before this returns, whatever
-    /// the outcome.
+    /// the outcome. Sync points go by without a pause.
     pub fn run(mut self, timeout: Duration) -> Result<RunOutcome, VmError> {
+        self.pause_at = None;
+        match self.run_some(timeout)? {
+            RunEnd::Done(o) => Ok(*o),
+            // Nothing asked for a pause, so none happens.
+            RunEnd::Paused(p) => Err(VmError::UnexpectedExit {
+                exit: format!("pause at sync point {} that nobody asked for", p.at),
+                serial: self.bus.ports.serial(),
+            }),
+        }
+    }
+
+    /// Runs the guest like [`Vm::run`], but stops at sync point `at`
+    /// (the guest's write to `abi::SYNC_PORT`), with the vCPU out of
+    /// `KVM_RUN` and the device worker stopped, so that the VM can be
+    /// snapshotted; a guest that ends first ends the run as `run` does.
+    pub fn run_until_pause(&mut self, timeout: Duration, at: u32) -> Result<RunEnd, VmError> {
+        self.pause_at = Some(at);
+        let r = self.run_some(timeout);
+        self.pause_at = None;
+        r
+    }
+
+    fn run_some(&mut self, timeout: Duration) -> Result<RunEnd, VmError> {
+        self.paused = None;
         let worker = self.start_worker()?;
         let start = Instant::now();
         let stop = watchdog::run_with_watchdog(timeout, |w| self.run_loop(w));
@@ -769,11 +1108,16 @@ impl Vm {
         let serial = self.bus.ports.serial();
         let result = match stop {
             Stop::Done(code) => code,
+            Stop::Pause(at) => {
+                self.paused = Some(at);
+                return Ok(RunEnd::Paused(Paused { at, run_time }));
+            }
             Stop::Exception(vector) => return Err(self.exception(vector, serial)),
             Stop::Shutdown => return Err(VmError::Shutdown { serial }),
             Stop::Halted => return Err(VmError::Halted { serial }),
             Stop::Timeout => return Err(VmError::Timeout { timeout, serial }),
             Stop::Unexpected(exit) => return Err(VmError::UnexpectedExit { exit, serial }),
+            Stop::Hotplug(source) => return Err(VmError::Hotplug { source, serial }),
             Stop::Kvm(source) => {
                 return Err(VmError::Kvm {
                     what: "KVM_RUN",
@@ -792,7 +1136,7 @@ impl Vm {
         let t = self.bus.iommu.lock();
         let dev = t.device();
         let st = dev.viommu().state();
-        Ok(RunOutcome {
+        Ok(RunEnd::Done(Box::new(RunOutcome {
             result,
             serial,
             boot_to_first_request: t.first_notify().map(|at| at - start),
@@ -811,7 +1155,9 @@ impl Vm {
             paths,
             worker,
             line_latched,
-        })
+            restores: self.bus.ports.restores,
+            hotplug: self.bus.hotplug,
+        })))
     }
 
     fn run_loop(&mut self, watch: &Watch) -> Stop {
@@ -827,6 +1173,17 @@ impl Vm {
                         PortEvent::Continue => {}
                         PortEvent::Done(code) => return Stop::Done(code),
                         PortEvent::Exception(v) => return Stop::Exception(v),
+                        PortEvent::Eject(slots) => bus.eject(slots),
+                        PortEvent::Sync(n) => {
+                            if let Some(plan) = &self.hotplug_plan {
+                                if let Err(e) = bus.hotplug_at(plan, n) {
+                                    return Stop::Hotplug(e);
+                                }
+                            }
+                            if self.pause_at == Some(n) {
+                                return Stop::Pause(n);
+                            }
+                        }
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {

@@ -1,4 +1,8 @@
-//! Port I/O: the serial log, the done port and the exception port.
+//! Port I/O: the serial log, the done port, the exception port, the sync
+//! port (sync points where the VMM may pause the VM or plug devices; a
+//! read says how many times the VM was restored) and the hot-plug port
+//! (which DMA engine slots are present; a write ejects announced
+//! removals).
 //!
 //! The serial log is bounded: a guest printing without end must not make
 //! the VMM allocate without end, so past [`MAX_SERIAL_BYTES`] bytes are
@@ -18,6 +22,10 @@ pub enum PortEvent {
     Done(u32),
     /// An exception stub ran for this vector.
     Exception(u8),
+    /// The guest reached sync point N.
+    Sync(u32),
+    /// The guest ejected the slots of this bitmap.
+    Eject(u32),
 }
 
 /// The VMM's ports.
@@ -27,6 +35,34 @@ pub struct Ports {
     truncated: bool,
     /// Writes and reads to ports nobody serves.
     pub unhandled: u64,
+    /// Times this VM was restored from a snapshot (read on the sync port).
+    pub restores: u32,
+    /// DMA engine slots present (read on the hot-plug port).
+    pub present: u32,
+}
+
+/// What the ports hold that the guest can observe or that a run reports:
+/// carried across a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortsState {
+    /// The serial log so far.
+    pub serial: Vec<u8>,
+    /// Whether the serial log was truncated.
+    pub truncated: bool,
+    /// Unserved port accesses so far.
+    pub unhandled: u64,
+    /// Restores so far.
+    pub restores: u32,
+    /// Slots present.
+    pub present: u32,
+}
+
+/// Reads a 32-bit port value from an access of any width (low bytes).
+fn le32(data: &[u8]) -> u32 {
+    let mut v = [0u8; 4];
+    let n = data.len().min(4);
+    v[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(v)
 }
 
 impl Ports {
@@ -42,13 +78,10 @@ impl Ports {
                 }
                 PortEvent::Continue
             }
-            abi::DONE_PORT => {
-                let mut code = [0u8; 4];
-                let n = data.len().min(4);
-                code[..n].copy_from_slice(&data[..n]);
-                PortEvent::Done(u32::from_le_bytes(code))
-            }
+            abi::DONE_PORT => PortEvent::Done(le32(data)),
             abi::EXCEPTION_PORT => PortEvent::Exception(data.first().copied().unwrap_or(0xff)),
+            abi::SYNC_PORT => PortEvent::Sync(le32(data)),
+            abi::HOTPLUG_PORT => PortEvent::Eject(le32(data)),
             _ => {
                 self.unhandled += 1;
                 PortEvent::Continue
@@ -69,8 +102,44 @@ impl Ports {
             }
             return;
         }
-        self.unhandled += 1;
-        data.fill(0xff);
+        let v = match port {
+            abi::SYNC_PORT => self.restores,
+            abi::HOTPLUG_PORT => self.present,
+            _ => {
+                self.unhandled += 1;
+                data.fill(0xff);
+                return;
+            }
+        };
+        let b = v.to_le_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = b.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    /// What a snapshot carries.
+    pub fn state(&self) -> PortsState {
+        PortsState {
+            serial: self.serial.clone(),
+            truncated: self.truncated,
+            unhandled: self.unhandled,
+            restores: self.restores,
+            present: self.present,
+        }
+    }
+
+    /// The ports of a VM restored from `s` (counted as one more restore);
+    /// a serial log longer than [`MAX_SERIAL_BYTES`] is cut there.
+    pub fn restored(s: &PortsState) -> Self {
+        let mut serial = s.serial.clone();
+        serial.truncate(MAX_SERIAL_BYTES + 64);
+        Ports {
+            serial,
+            truncated: s.truncated,
+            unhandled: s.unhandled,
+            restores: s.restores.saturating_add(1),
+            present: s.present,
+        }
     }
 
     /// The serial output so far (invalid UTF-8 replaced).
@@ -103,6 +172,26 @@ mod tests {
             PortEvent::Done(7)
         );
         assert_eq!(p.write(abi::DONE_PORT, &[3]), PortEvent::Done(3));
+    }
+
+    #[test]
+    fn sync_and_hotplug_ports_report_restores_and_slots() {
+        let mut p = Ports {
+            present: 0b101,
+            ..Ports::default()
+        };
+        assert_eq!(
+            p.write(abi::SYNC_PORT, &3u32.to_le_bytes()),
+            PortEvent::Sync(3)
+        );
+        assert_eq!(p.write(abi::HOTPLUG_PORT, &[4]), PortEvent::Eject(4));
+        let mut b = [0u8; 4];
+        p.read(abi::HOTPLUG_PORT, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0b101);
+        let mut q = Ports::restored(&p.state());
+        q.read(abi::SYNC_PORT, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 1);
+        assert_eq!(q.unhandled, 0);
     }
 
     #[test]

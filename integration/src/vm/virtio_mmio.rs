@@ -183,14 +183,73 @@ pub struct TransportStats {
     pub interrupt_errors: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct QueueRegs {
-    max: u16,
-    size: u16,
-    ready: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
+/// One queue's registers as the driver wrote them (part of
+/// [`TransportState`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueRegs {
+    /// QueueNumMax (the device's; checked on restore).
+    pub max: u16,
+    /// QueueNum.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueDesc.
+    pub desc: u64,
+    /// QueueDriver.
+    pub driver: u64,
+    /// QueueDevice.
+    pub device: u64,
+}
+
+/// What the transport holds that the guest can observe, for a snapshot
+/// (the device behind it has its own). Counters are not in it: they are
+/// the VMM's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransportState {
+    /// The Status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver wrote.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Each queue's registers.
+    pub queues: Vec<QueueRegs>,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+}
+
+/// A transport snapshot that does not fit the transport it is restored
+/// into.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    /// The queues differ in number or maximum size.
+    #[error(
+        "the snapshot's queues (maximum sizes {snapshot:?}) are not this device's ({device:?})"
+    )]
+    Queues {
+        /// The snapshot's maximum sizes.
+        snapshot: Vec<u16>,
+        /// The device's.
+        device: Vec<u16>,
+    },
+    /// The status has bits a driver cannot set.
+    #[error("status {0:#x} has bits no driver sets")]
+    Status(u32),
+    /// The status says the device runs but the device was not activated
+    /// (or the other way round).
+    #[error("status {status:#x} says the device {}, the device's snapshot says otherwise", if *.running { "runs" } else { "does not run" })]
+    Activation {
+        /// The status.
+        status: u32,
+        /// Whether the status says the device runs.
+        running: bool,
+    },
 }
 
 fn set_low(v: &mut u64, low: u32) {
@@ -279,6 +338,73 @@ impl<D: VirtioDevice> VirtioMmio<D> {
     /// The device status byte.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// What a snapshot of the transport carries (with the VMM's vCPUs and
+    /// device threads paused).
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            interrupt_status: self.interrupt.status.load(Ordering::Acquire),
+            config_generation: self.config_generation,
+        }
+    }
+
+    /// Restores `s` into this transport, freshly built for the same
+    /// device, and the device behind it with `restore_dev` (given the
+    /// device and the transport's interrupt; it says whether the device
+    /// came back activated). Checked before anything changes: the queues
+    /// must be this device's and the status one a driver could have set,
+    /// running exactly when the device came back activated. On error the
+    /// transport is as before (the device is as `restore_dev` left it).
+    pub fn restore<E: From<TransportRestoreError>>(
+        &mut self,
+        s: &TransportState,
+        restore_dev: impl FnOnce(&mut D, Arc<dyn VirtioInterrupt>) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        let snapshot: Vec<u16> = s.queues.iter().map(|q| q.max).collect();
+        let device: Vec<u16> = self.queues.iter().map(|q| q.max).collect();
+        if snapshot != device {
+            return Err(TransportRestoreError::Queues { snapshot, device }.into());
+        }
+        if s.status & !(DRIVER_STATUS_BITS | STATUS_DEVICE_NEEDS_RESET) != 0 {
+            return Err(TransportRestoreError::Status(s.status).into());
+        }
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        let activated = restore_dev(&mut self.dev, interrupt)?;
+        // A device that needs a reset may have been activated before.
+        let driver_ok = s.status & STATUS_DRIVER_OK != 0;
+        let needs_reset = s.status & STATUS_DEVICE_NEEDS_RESET != 0;
+        if (driver_ok && !needs_reset && !activated) || (activated && !driver_ok) {
+            return Err(TransportRestoreError::Activation {
+                status: s.status,
+                running: driver_ok && !needs_reset,
+            }
+            .into());
+        }
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.queues.clone_from(&s.queues);
+        self.interrupt.status.store(
+            s.interrupt_status & (INT_VRING | INT_CONFIG),
+            Ordering::Release,
+        );
+        self.config_generation = s.config_generation;
+        Ok(())
+    }
+
+    /// Whether the driver has the device running (DRIVER_OK, no
+    /// DEVICE_NEEDS_RESET).
+    pub fn is_running(&self) -> bool {
+        self.running()
     }
 
     fn running(&self) -> bool {
