@@ -3,9 +3,10 @@
 # are errors), the whole test suite, then the suites that need more than
 # cargo: the examples and an outside crate (scripts/embedder-check.sh), the
 # stock Linux guest driving the vIOMMU (scripts/linux-guest.sh) and the VFIO
-# backends against a real kernel (scripts/vfio-l1.sh). Each can be skipped
-# (VMM_IOMMU_SKIP_EMBEDDER / _LINUX / _VFIO_L1=1), which the summary counts
-# as skipped. Exits non-zero on any failure.
+# backends against a real kernel (scripts/vfio-l1.sh) and a short fuzzing
+# pass (scripts/fuzz-smoke.sh). Each can be skipped (VMM_IOMMU_SKIP_EMBEDDER
+# / _LINUX / _VFIO_L1 / _FUZZ=1), which the summary counts as skipped.
+# Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,6 +66,9 @@ run_suite embedder-check VMM_IOMMU_SKIP_EMBEDDER scripts/embedder-check.sh
 run_suite linux-guest VMM_IOMMU_SKIP_LINUX scripts/linux-guest.sh
 # The VFIO backends against Linux's real VFIO and VT-d, with real DMA.
 run_suite vfio-l1 VMM_IOMMU_SKIP_VFIO_L1 scripts/vfio-l1.sh
+# Every fuzz target for a short pass (checking invariants, not only "no
+# panic"), and its saved corpus replayed.
+run_suite fuzz-smoke VMM_IOMMU_SKIP_FUZZ scripts/fuzz-smoke.sh "${VMM_IOMMU_FUZZ_SECS:-20}"
 
 # Print one summary line in the plain form CI reads.
 echo "total: ${passed} passed, ${failed} failed, ${skipped} skipped"
