@@ -22,11 +22,11 @@ use std::path::Path;
 
 use iommufd_bindings::iommufd::{
     iommu_destroy, iommu_fault_alloc, iommu_hw_info, iommu_hw_info_arm_smmuv3, iommu_hw_info_vtd,
-    iommu_hwpt_alloc, iommu_hwpt_arm_smmuv3, iommu_hwpt_invalidate, iommu_hwpt_page_response,
-    iommu_hwpt_pgfault, iommu_hwpt_vtd_s1, iommu_hwpt_vtd_s1_invalidate, iommu_ioas_alloc,
-    iommu_ioas_map, iommu_ioas_unmap, iommu_vdevice_alloc, iommu_vevent_arm_smmuv3,
-    iommu_veventq_alloc, iommu_viommu_alloc, iommu_viommu_arm_smmuv3_invalidate,
-    iommufd_vevent_header,
+    iommu_hwpt_alloc, iommu_hwpt_arm_smmuv3, iommu_hwpt_get_dirty_bitmap, iommu_hwpt_invalidate,
+    iommu_hwpt_page_response, iommu_hwpt_pgfault, iommu_hwpt_set_dirty_tracking, iommu_hwpt_vtd_s1,
+    iommu_hwpt_vtd_s1_invalidate, iommu_ioas_alloc, iommu_ioas_map, iommu_ioas_unmap,
+    iommu_vdevice_alloc, iommu_vevent_arm_smmuv3, iommu_veventq_alloc, iommu_viommu_alloc,
+    iommu_viommu_arm_smmuv3_invalidate, iommufd_vevent_header,
 };
 use vfio_bindings::bindings::vfio::{
     vfio_device_attach_iommufd_pt, vfio_device_detach_iommufd_pt, vfio_iommu_type1_dma_map,
@@ -136,6 +136,28 @@ pub enum Ioctl<'a> {
     AttachPt(&'a mut vfio_device_attach_iommufd_pt),
     /// `VFIO_DEVICE_DETACH_IOMMUFD_PT` on a device cdev.
     DetachPt(&'a vfio_device_detach_iommufd_pt),
+    /// `IOMMU_HWPT_SET_DIRTY_TRACKING` on the iommufd.
+    HwptSetDirtyTracking(&'a iommu_hwpt_set_dirty_tracking),
+    /// `IOMMU_HWPT_GET_DIRTY_BITMAP` on the iommufd; `bitmap` is what
+    /// `data` points at, one bit per `page_size` page of the range, and
+    /// the kernel sets the bits of dirty pages in it.
+    HwptGetDirtyBitmap {
+        /// The argument.
+        arg: &'a iommu_hwpt_get_dirty_bitmap,
+        /// The bitmap.
+        bitmap: &'a mut [u64],
+    },
+    /// `VFIO_IOMMU_DIRTY_PAGES` on a container: `arg` is the
+    /// `vfio_iommu_type1_dirty_bitmap` header (START, STOP) or the header
+    /// and a `vfio_iommu_type1_dirty_bitmap_get` (GET_BITMAP), built by
+    /// `crate::dirty`; for GET_BITMAP `bitmap` is what its `data` points
+    /// at, and the kernel sets the bits of dirty pages in it.
+    Type1DirtyPages {
+        /// The argument bytes.
+        arg: &'a [u8],
+        /// The bitmap (empty for START and STOP).
+        bitmap: &'a mut [u64],
+    },
 }
 
 /// The kind of a host call, for recording, scripting and logs.
@@ -179,6 +201,12 @@ pub enum Op {
     AttachPt,
     /// [`Ioctl::DetachPt`].
     DetachPt,
+    /// [`Ioctl::HwptSetDirtyTracking`].
+    HwptSetDirtyTracking,
+    /// [`Ioctl::HwptGetDirtyBitmap`].
+    HwptGetDirtyBitmap,
+    /// [`Ioctl::Type1DirtyPages`].
+    Type1DirtyPages,
     /// [`HostIommu::read`].
     Read,
     /// [`HostIommu::write`].
@@ -210,6 +238,9 @@ impl Op {
             Op::Destroy => "IOMMU_DESTROY",
             Op::AttachPt => "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
             Op::DetachPt => "VFIO_DEVICE_DETACH_IOMMUFD_PT",
+            Op::HwptSetDirtyTracking => "IOMMU_HWPT_SET_DIRTY_TRACKING",
+            Op::HwptGetDirtyBitmap => "IOMMU_HWPT_GET_DIRTY_BITMAP",
+            Op::Type1DirtyPages => "VFIO_IOMMU_DIRTY_PAGES",
             Op::Read => "read",
             Op::Write => "write",
             Op::Close => "close",
@@ -237,6 +268,9 @@ impl Ioctl<'_> {
             Ioctl::Destroy(_) => Op::Destroy,
             Ioctl::AttachPt(_) => Op::AttachPt,
             Ioctl::DetachPt(_) => Op::DetachPt,
+            Ioctl::HwptSetDirtyTracking(_) => Op::HwptSetDirtyTracking,
+            Ioctl::HwptGetDirtyBitmap { .. } => Op::HwptGetDirtyBitmap,
+            Ioctl::Type1DirtyPages { .. } => Op::Type1DirtyPages,
         }
     }
 
@@ -260,6 +294,11 @@ impl Ioctl<'_> {
             Ioctl::Destroy(a) => (bytes_of(*a).to_vec(), Vec::new()),
             Ioctl::AttachPt(a) => (bytes_of(&**a).to_vec(), Vec::new()),
             Ioctl::DetachPt(a) => (bytes_of(*a).to_vec(), Vec::new()),
+            Ioctl::HwptSetDirtyTracking(a) => (bytes_of(*a).to_vec(), Vec::new()),
+            Ioctl::HwptGetDirtyBitmap { arg, bitmap } => {
+                (bytes_of(*arg).to_vec(), slice_bytes(bitmap).to_vec())
+            }
+            Ioctl::Type1DirtyPages { arg, bitmap } => (arg.to_vec(), slice_bytes(bitmap).to_vec()),
         }
     }
 }
@@ -331,7 +370,13 @@ pod! {
     iommu_hwpt_page_response = u32, u32;
     iommufd_vevent_header = u32, u32;
     iommu_vevent_arm_smmuv3 = [u64; 4];
+    iommu_hwpt_set_dirty_tracking = u32, u32, u32, u32;
+    iommu_hwpt_get_dirty_bitmap = u32, u32, u32, u32, u64, u64, u64, u64;
 }
+
+// SAFETY: `u64` is plain data: every byte is initialised, there is no
+// padding, and any byte pattern is a valid value (a dirty bitmap word).
+unsafe impl Pod for u64 {}
 
 /// The bytes of a uAPI struct, as the kernel reads them.
 pub fn bytes_of<T: Pod>(v: &T) -> &[u8] {

@@ -70,6 +70,10 @@ use crate::vtd::{
     VtdS1, VtdTarget, RID_PASID,
 };
 
+// Dirty tracking on the nest parents (issue 13).
+#[path = "iommufd_dirty.rs"]
+mod dirty;
+
 /// At most this many PASIDs of one endpoint are bound at once: each costs
 /// a HWPT and an attachment in the host, and the guest writes the table.
 pub const MAX_BOUND_PASIDS: usize = 1024;
@@ -89,6 +93,8 @@ const HOST_PAGE: u64 = 4096;
 struct Nesting {
     /// The `NEST_PARENT` HWPT on the stage-2 IOAS.
     parent: u32,
+    /// Whether it was allocated with dirty tracking.
+    dirty: bool,
     /// SMMUv3 only.
     smmu: Option<SmmuObjects>,
 }
@@ -166,6 +172,8 @@ struct State {
     /// Page requests awaiting the guest's answer: cookie by
     /// (endpoint, PASID, group).
     pending: HashMap<(EndpointId, Option<u32>, u32), u32>,
+    /// The nest parents dirty tracking runs on (`None`: tracking is off).
+    dirty_parents: Option<BTreeSet<u32>>,
 }
 
 /// Assigned devices through iommufd: MAP mode and nested translation.
@@ -328,7 +336,8 @@ impl IommufdBackend {
                 no_nesting_reason(&hw)
             );
         } else {
-            match self.setup_nesting(&mut st, ep, dev_id, &hw, &caps) {
+            let dirty = crate::dirty::hw_dirty_capable(info.out_capabilities);
+            match self.setup_nesting(&mut st, ep, dev_id, &hw, &caps, dirty) {
                 Ok(n) => nesting = Some(n),
                 Err(e) => {
                     warn!("iommufd: endpoint {ep} cannot nest, MAP mode only: {e}");
@@ -359,6 +368,7 @@ impl IommufdBackend {
         dev_id: u32,
         hw: &HwKind,
         caps: &BackendCaps,
+        dirty_capable: bool,
     ) -> Result<Nesting, BackendError> {
         let mut flags = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT;
         if matches!(hw, HwKind::IntelVtd(_)) && caps.pasid_bits > 0 {
@@ -366,7 +376,7 @@ impl IommufdBackend {
             // like the nested HWPTs on it that attach to PASIDs.
             flags |= iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID;
         }
-        let mut a = args::hwpt_alloc(
+        let a = args::hwpt_alloc(
             flags,
             dev_id,
             self.gpa_ioas,
@@ -374,8 +384,12 @@ impl IommufdBackend {
             0,
             0,
         );
-        let parent = self.hwpt_alloc(&mut a, &[])?;
-        let mut nesting = Nesting { parent, smmu: None };
+        let (parent, dirty) = self.alloc_nest_parent(a, dirty_capable)?;
+        let mut nesting = Nesting {
+            parent,
+            dirty,
+            smmu: None,
+        };
         match hw {
             HwKind::ArmSmmuV3(_) => {
                 let mut v = args::viommu_alloc_smmuv3(dev_id, parent);

@@ -26,6 +26,7 @@
 pub mod args;
 pub mod caps;
 pub mod config;
+pub mod dirty;
 pub mod dma;
 pub mod fault;
 pub mod host;

@@ -9,17 +9,21 @@
 //! For tests, benchmarks and dry runs on machines without VFIO; it never
 //! touches the host.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
 use iommufd_bindings::iommufd::{
     iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
     iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD,
+    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+    iommufd_hwpt_get_dirty_bitmap_flags_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
 };
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_ATTACH_PASID, VFIO_DEVICE_DETACH_PASID, VFIO_IOMMU_INFO_CAPS,
+    VFIO_DEVICE_ATTACH_PASID, VFIO_DEVICE_DETACH_PASID, VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
+    VFIO_IOMMU_DIRTY_PAGES_FLAG_START, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP, VFIO_IOMMU_INFO_CAPS,
     VFIO_IOMMU_INFO_PGSIZES, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
+    VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION,
 };
 
 use crate::host::{Handle, HostIommu, Ioctl, Op, Open, Opened};
@@ -121,6 +125,16 @@ struct State {
     /// (device handle, pasid) -> page table ID; PASID 0 is the RID.
     attached: HashMap<(Handle, u32), u32>,
     reads: HashMap<Handle, VecDeque<Vec<u8>>>,
+    /// `IOMMU_GET_HW_INFO`'s `out_capabilities`.
+    hw_capabilities: u64,
+    /// HWPTs allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`.
+    dirty_capable: HashSet<u32>,
+    /// Type1's migration capability (pgsize_bitmap, max bitmap bytes).
+    type1_migration: Option<(u64, u64)>,
+    /// Dirty tracking on: (true, HWPT ID) or (false, container handle).
+    tracking: HashSet<(bool, u64)>,
+    /// Dirty 4 KiB IOVA pages, same keys.
+    dirty: HashMap<(bool, u64), BTreeSet<u64>>,
 }
 
 /// The recording, scriptable [`HostIommu`].
@@ -156,6 +170,11 @@ impl RecordingHost {
                 maps: HashMap::new(),
                 attached: HashMap::new(),
                 reads: HashMap::new(),
+                hw_capabilities: 0,
+                dirty_capable: HashSet::new(),
+                type1_migration: None,
+                tracking: HashSet::new(),
+                dirty: HashMap::new(),
             }),
         }
     }
@@ -176,6 +195,42 @@ impl RecordingHost {
         let mut s = self.lock();
         s.type1_pgsizes = pgsizes;
         s.type1_ranges = ranges;
+    }
+
+    /// Sets what `IOMMU_GET_HW_INFO` reports in `out_capabilities`
+    /// (`IOMMU_HW_CAP_DIRTY_TRACKING` lets HWPTs be allocated with
+    /// `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`).
+    pub fn set_hw_capabilities(&self, caps: u64) {
+        self.lock().hw_capabilities = caps;
+    }
+
+    /// Offers type1's migration capability (dirty page tracking) in
+    /// `VFIO_IOMMU_GET_INFO`, with these page sizes and largest bitmap.
+    pub fn set_type1_migration(&self, pgsize_bitmap: u64, max_bitmap_size: u64) {
+        self.lock().type1_migration = Some((pgsize_bitmap, max_bitmap_size));
+    }
+
+    /// The device behind HWPT `hwpt` wrote `len` bytes at `iova` (as the
+    /// host IOMMU saw it): its 4 KiB pages are dirty if tracking is on.
+    pub fn device_write_hwpt(&self, hwpt: u32, iova: u64, len: u64) {
+        self.lock().device_write((true, u64::from(hwpt)), iova, len);
+    }
+
+    /// The device in `container` wrote `len` bytes at `iova`: its 4 KiB
+    /// pages are dirty if tracking is on.
+    pub fn device_write_type1(&self, container: Handle, iova: u64, len: u64) {
+        self.lock()
+            .device_write((false, container.0 as u64), iova, len);
+    }
+
+    /// Whether dirty tracking is on for HWPT `hwpt`.
+    pub fn hwpt_tracking(&self, hwpt: u32) -> bool {
+        self.lock().tracking.contains(&(true, u64::from(hwpt)))
+    }
+
+    /// Whether dirty tracking is on for `container`.
+    pub fn type1_tracking(&self, container: Handle) -> bool {
+        self.lock().tracking.contains(&(false, container.0 as u64))
     }
 
     /// Fails the call at `index` (counting every call from 0) with `errno`.
@@ -383,11 +438,67 @@ impl State {
         inside.iter().filter_map(|a| m.remove(a)).sum()
     }
 
+    fn device_write(&mut self, key: (bool, u64), iova: u64, len: u64) {
+        if !self.tracking.contains(&key) || len == 0 {
+            return;
+        }
+        let set = self.dirty.entry(key).or_default();
+        let last = iova.saturating_add(len - 1);
+        let mut p = iova & !0xfff;
+        while p <= last {
+            set.insert(p);
+            match p.checked_add(0x1000) {
+                Some(n) => p = n,
+                None => break,
+            }
+        }
+    }
+
+    /// Sets the bits of the dirty pages of `key` in `[iova, iova + len)`
+    /// (one per `page`) in `bitmap`, clearing them unless `keep`.
+    fn read_dirty(
+        &mut self,
+        key: (bool, u64),
+        iova: u64,
+        len: u64,
+        page: u64,
+        bitmap: &mut [u64],
+        keep: bool,
+    ) -> Result<(), i32> {
+        if !self.tracking.contains(&key) {
+            return Err(libc::EINVAL);
+        }
+        if page == 0
+            || !page.is_power_of_two()
+            || len == 0
+            || iova % page != 0
+            || len % page != 0
+            || iova.checked_add(len - 1).is_none()
+        {
+            return Err(libc::EINVAL);
+        }
+        let pages = len / page;
+        if (bitmap.len() as u64) < pages.div_ceil(64) {
+            return Err(libc::EINVAL);
+        }
+        let set = self.dirty.entry(key).or_default();
+        let hits: Vec<u64> = set.range(iova..=iova + (len - 1)).copied().collect();
+        for p in hits {
+            let i = (p - iova) / page;
+            bitmap[(i / 64) as usize] |= 1 << (i % 64);
+            if !keep {
+                set.remove(&p);
+            }
+        }
+        Ok(())
+    }
+
     fn emulate(&mut self, target: Handle, call: &mut Ioctl<'_>) -> Result<(), i32> {
         match call {
             Ioctl::Type1GetInfo { buf } => {
                 let n = self.type1_ranges.len();
-                let need = 24 + 16 + 16 * n;
+                let mig = self.type1_migration;
+                let need = 24 + 16 + 16 * n + if mig.is_some() { 32 } else { 0 };
                 let argsz = need.max(buf.len()) as u32;
                 buf.get_mut(0..4)
                     .ok_or(libc::EINVAL)?
@@ -408,6 +519,18 @@ impl State {
                     let at = 40 + 16 * i;
                     buf[at..at + 8].copy_from_slice(&s.to_le_bytes());
                     buf[at + 8..at + 16].copy_from_slice(&e.to_le_bytes());
+                }
+                if let Some((pgsizes, max)) = mig {
+                    // vfio_iommu_type1_info_cap_migration after the IOVA
+                    // range capability, which points at it.
+                    let at = 40 + 16 * n;
+                    buf[28..32].copy_from_slice(&(at as u32).to_le_bytes());
+                    buf[at..at + 2].copy_from_slice(
+                        &(VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION as u16).to_le_bytes(),
+                    );
+                    buf[at + 2..at + 4].copy_from_slice(&1u16.to_le_bytes());
+                    buf[at + 16..at + 24].copy_from_slice(&pgsizes.to_le_bytes());
+                    buf[at + 24..at + 32].copy_from_slice(&max.to_le_bytes());
                 }
                 Ok(())
             }
@@ -437,7 +560,15 @@ impl State {
                 if !self.objects.contains(&arg.pt_id) || arg.data_len as usize != data.len() {
                     return Err(libc::EINVAL);
                 }
+                let dirty =
+                    arg.flags & iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
+                if dirty && !crate::dirty::hw_dirty_capable(self.hw_capabilities) {
+                    return Err(libc::EOPNOTSUPP);
+                }
                 arg.out_hwpt_id = self.new_object();
+                if dirty {
+                    self.dirty_capable.insert(arg.out_hwpt_id);
+                }
                 Ok(())
             }
             Ioctl::GetHwInfo { arg, data } => {
@@ -461,6 +592,7 @@ impl State {
                 arg.data_len = bytes.len() as u32;
                 arg.__bindgen_anon_1.out_data_type = ty;
                 arg.out_max_pasid_log2 = self.device_pasid_bits;
+                arg.out_capabilities = self.hw_capabilities;
                 Ok(())
             }
             Ioctl::HwptInvalidate { arg, entries } => {
@@ -529,6 +661,76 @@ impl State {
                 };
                 self.attached.remove(&(target, pasid));
                 Ok(())
+            }
+            Ioctl::HwptSetDirtyTracking(a) => {
+                if !self.objects.contains(&a.hwpt_id) {
+                    return Err(libc::ENOENT);
+                }
+                if !self.dirty_capable.contains(&a.hwpt_id) || a.flags & !1 != 0 {
+                    return Err(libc::EOPNOTSUPP);
+                }
+                let key = (true, u64::from(a.hwpt_id));
+                if a.flags & 1 != 0 {
+                    self.tracking.insert(key);
+                } else {
+                    self.tracking.remove(&key);
+                }
+                self.dirty.remove(&key);
+                Ok(())
+            }
+            Ioctl::HwptGetDirtyBitmap { arg, bitmap } => {
+                if !self.objects.contains(&arg.hwpt_id) {
+                    return Err(libc::ENOENT);
+                }
+                let keep = arg.flags
+                    & iommufd_hwpt_get_dirty_bitmap_flags_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
+                    != 0;
+                let key = (true, u64::from(arg.hwpt_id));
+                self.read_dirty(key, arg.iova, arg.length, arg.page_size, bitmap, keep)
+            }
+            Ioctl::Type1DirtyPages { arg, bitmap } => {
+                let Some((pgsizes, _)) = self.type1_migration else {
+                    return Err(libc::ENOTTY);
+                };
+                let argsz = crate::host::le32(arg, 0).ok_or(libc::EINVAL)? as usize;
+                let flags = crate::host::le32(arg, 4).ok_or(libc::EINVAL)?;
+                if argsz != arg.len() || flags.count_ones() != 1 {
+                    return Err(libc::EINVAL);
+                }
+                let key = (false, target.0 as u64);
+                match flags {
+                    VFIO_IOMMU_DIRTY_PAGES_FLAG_START => {
+                        self.tracking.insert(key);
+                        self.dirty.remove(&key);
+                        Ok(())
+                    }
+                    VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP => {
+                        self.tracking.remove(&key);
+                        self.dirty.remove(&key);
+                        Ok(())
+                    }
+                    VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP => {
+                        let f = |at| crate::host::le64(arg, at).ok_or(libc::EINVAL);
+                        let (iova, size, pgsize, bytes) = (f(8)?, f(16)?, f(24)?, f(32)?);
+                        // vfio_iommu_type1.c: the smallest page size, a
+                        // range of whole mappings, a bitmap big enough.
+                        if pgsize != pgsizes & pgsizes.wrapping_neg() || size == 0 {
+                            return Err(libc::EINVAL);
+                        }
+                        let m = self.maps.get(&key).cloned().unwrap_or_default();
+                        let starts = m.contains_key(&iova);
+                        let ends = m
+                            .range(..=iova.saturating_add(size - 1))
+                            .next_back()
+                            .is_some_and(|(a, s)| a.checked_add(*s) == iova.checked_add(size));
+                        let need = (size / pgsize).div_ceil(64) * 8;
+                        if !starts || !ends || bytes < need || (bitmap.len() as u64) * 8 < bytes {
+                            return Err(libc::EINVAL);
+                        }
+                        self.read_dirty(key, iova, size, pgsize, bitmap, false)
+                    }
+                    _ => Err(libc::EINVAL),
+                }
             }
         }
     }
@@ -624,6 +826,8 @@ impl HostIommu for RecordingHost {
         s.handles.remove(&target);
         s.attached.retain(|(d, _), _| *d != target);
         s.maps.remove(&(false, target.0 as u64));
+        s.tracking.remove(&(false, target.0 as u64));
+        s.dirty.remove(&(false, target.0 as u64));
         s.record(Op::Close, target, Vec::new(), Vec::new(), Ok(()));
     }
 }

@@ -67,9 +67,24 @@ mod nr {
         IOMMUFD_TYPE as u32,
         IOMMUFD_CMD_IOAS_IOVA_RANGES
     );
+    // include/uapi/linux/iommufd.h: _IO(IOMMUFD_TYPE, IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING).
+    vmm_sys_util::ioctl_io_nr!(
+        IOMMU_HWPT_SET_DIRTY_TRACKING,
+        IOMMUFD_TYPE as u32,
+        iommufd_bindings::iommufd::IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING
+    );
+    // include/uapi/linux/iommufd.h: _IO(IOMMUFD_TYPE, IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP).
+    vmm_sys_util::ioctl_io_nr!(
+        IOMMU_HWPT_GET_DIRTY_BITMAP,
+        IOMMUFD_TYPE as u32,
+        iommufd_bindings::iommufd::IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP
+    );
+    // include/uapi/linux/vfio.h: _IO(VFIO_TYPE, VFIO_BASE + 17).
+    vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_DIRTY_PAGES, VFIO_TYPE as u32, VFIO_BASE + 17);
 }
 use nr::{
-    IOMMU_FAULT_QUEUE_ALLOC, IOMMU_IOAS_IOVA_RANGES, VFIO_IOMMU_GET_INFO, VFIO_IOMMU_MAP_DMA,
+    IOMMU_FAULT_QUEUE_ALLOC, IOMMU_HWPT_GET_DIRTY_BITMAP, IOMMU_HWPT_SET_DIRTY_TRACKING,
+    IOMMU_IOAS_IOVA_RANGES, VFIO_IOMMU_DIRTY_PAGES, VFIO_IOMMU_GET_INFO, VFIO_IOMMU_MAP_DMA,
     VFIO_IOMMU_UNMAP_DMA,
 };
 
@@ -318,6 +333,43 @@ impl VfioHost {
                 Ok(())
             }
             Ioctl::Destroy(a) => fd.destroy_iommu_object(a.id).map_err(iommufd_err),
+            Ioctl::HwptSetDirtyTracking(a) => {
+                if a.size as usize != std::mem::size_of_val(a) {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                }
+                // SAFETY: `fd` is an open iommufd kept alive by the Arc for
+                // the call; `a` is an initialised
+                // `iommu_hwpt_set_dirty_tracking` whose `size` (checked
+                // above) is its own, so the kernel reads only it; it holds
+                // no pointer. The result is checked.
+                let r = unsafe { ioctl_with_ref(&*fd, IOMMU_HWPT_SET_DIRTY_TRACKING(), a) };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            }
+            Ioctl::HwptGetDirtyBitmap { arg, bitmap } => {
+                let bits = dirty_bits(arg.length, arg.page_size, arg.iova)?;
+                if arg.size as usize != std::mem::size_of_val(arg)
+                    || (bitmap.len() as u64).saturating_mul(64) < bits
+                {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                }
+                let mut k = *arg;
+                k.data = bitmap.as_mut_ptr() as u64;
+                // SAFETY: `fd` is an open iommufd; `k` is the caller's
+                // argument with `data` pointing at `bitmap`, which is
+                // exclusively borrowed for the call, 8-byte aligned (a
+                // `[u64]`) and at least `length / page_size` bits long
+                // (checked above), which is all the kernel writes
+                // (iova_bitmap covers exactly the range); the kernel
+                // writes nothing else we own. The result is checked.
+                let r = unsafe { ioctl_with_mut_ref(&*fd, IOMMU_HWPT_GET_DIRTY_BITMAP(), &mut k) };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            }
             _ => Err(io::Error::from_raw_os_error(libc::ENOTTY)),
         }
     }
@@ -445,6 +497,10 @@ impl HostIommu for VfioHost {
                 }
                 Ok(())
             }
+            Ioctl::Type1DirtyPages { arg, bitmap } => {
+                let c = self.container(target)?;
+                type1_dirty_pages(&c, arg, bitmap)
+            }
             Ioctl::AttachPt(a) => {
                 let d = self.cdev(target)?;
                 let r = if a.flags & VFIO_DEVICE_ATTACH_PASID != 0 {
@@ -525,6 +581,78 @@ pub fn ioas_iova_ranges(fd: &IommuFd, ioas: u32) -> io::Result<(Vec<(u64, u64)>,
     }
 }
 
+/// The bits of a dirty bitmap of `length` bytes in `page` pages from
+/// `iova`: EINVAL for a page size that is not a power of two, or a range
+/// that is empty, unaligned or wraps.
+fn dirty_bits(length: u64, page: u64, iova: u64) -> io::Result<u64> {
+    if !page.is_power_of_two()
+        || length == 0
+        || length % page != 0
+        || iova % page != 0
+        || iova.checked_add(length - 1).is_none()
+    {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(length / page)
+}
+
+/// `VFIO_IOMMU_DIRTY_PAGES` on container `c`: START or STOP (the header
+/// alone), or GET_BITMAP into `bitmap`.
+fn type1_dirty_pages(c: &VfioContainer, arg: &[u8], bitmap: &mut [u64]) -> io::Result<()> {
+    use crate::dirty::{TYPE1_DIRTY_DATA_AT, TYPE1_DIRTY_GET, TYPE1_DIRTY_HDR};
+    use crate::host::{le32, le64};
+    use vfio_bindings::bindings::vfio::{
+        VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
+        VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
+    };
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let argsz = le32(arg, 0).ok_or_else(einval)? as usize;
+    let flags = le32(arg, 4).ok_or_else(einval)?;
+    let mut k = [0u64; TYPE1_DIRTY_GET / 8];
+    match flags {
+        VFIO_IOMMU_DIRTY_PAGES_FLAG_START | VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP
+            if argsz == TYPE1_DIRTY_HDR && arg.len() == TYPE1_DIRTY_HDR => {}
+        VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP
+            if argsz == TYPE1_DIRTY_GET && arg.len() == TYPE1_DIRTY_GET =>
+        {
+            let (iova, size) = (
+                le64(arg, 8).ok_or_else(einval)?,
+                le64(arg, 16).ok_or_else(einval)?,
+            );
+            let (pgsize, bytes) = (
+                le64(arg, 24).ok_or_else(einval)?,
+                le64(arg, 32).ok_or_else(einval)?,
+            );
+            let bits = dirty_bits(size, pgsize, iova)?;
+            if bytes < bits.div_ceil(64) * 8 || (bitmap.len() as u64).saturating_mul(8) < bytes {
+                return Err(einval());
+            }
+        }
+        _ => return Err(einval()),
+    }
+    // An 8-byte-aligned copy of the argument, with the bitmap pointer.
+    for (i, w) in k.iter_mut().enumerate().take(argsz / 8) {
+        *w = le64(arg, 8 * i).ok_or_else(einval)?;
+    }
+    if argsz == TYPE1_DIRTY_GET {
+        k[TYPE1_DIRTY_DATA_AT / 8] = bitmap.as_mut_ptr() as u64;
+    }
+    // SAFETY: `c` is an open container; `k` holds `argsz` bytes of an
+    // initialised argument (`argsz`, its first field, says how many the
+    // kernel reads: the header alone for START and STOP, which follow no
+    // pointer, or the header and a `vfio_iommu_type1_dirty_bitmap_get`
+    // for GET_BITMAP), checked above. For GET_BITMAP its `data` points at
+    // `bitmap`, exclusively borrowed for the call, 8-byte aligned, and at
+    // least `bitmap.size` bytes, which is at least one bit per page of
+    // the range (checked above): the kernel writes at most `bitmap.size`
+    // bytes there and nothing else we own. The result is checked.
+    let r = unsafe { ioctl_with_mut_ptr(c, VFIO_IOMMU_DIRTY_PAGES(), k.as_mut_ptr().cast::<u8>()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,6 +665,24 @@ mod tests {
         assert_eq!(VFIO_IOMMU_UNMAP_DMA(), 0x3b72);
         assert_eq!(IOMMU_FAULT_QUEUE_ALLOC(), 0x3b8e);
         assert_eq!(IOMMU_IOAS_IOVA_RANGES(), 0x3b84);
+        // _IO(';', 0x80 + 11..12) and _IO(';', 100 + 17).
+        assert_eq!(IOMMU_HWPT_SET_DIRTY_TRACKING(), 0x3b8b);
+        assert_eq!(IOMMU_HWPT_GET_DIRTY_BITMAP(), 0x3b8c);
+        assert_eq!(VFIO_IOMMU_DIRTY_PAGES(), 0x3b75);
+    }
+
+    #[test]
+    fn dirty_bitmap_ranges_must_be_whole_aligned_pages() {
+        assert_eq!(dirty_bits(0x2000, 0x1000, 0x1000).unwrap(), 2);
+        for (len, page, iova) in [
+            (0, 4096, 0),
+            (4096, 3000, 0),
+            (4097, 4096, 0),
+            (4096, 4096, 1),
+        ] {
+            assert!(dirty_bits(len, page, iova).is_err());
+        }
+        assert!(dirty_bits(0x2000, 0x1000, u64::MAX - 0xfff).is_err());
     }
 
     #[test]

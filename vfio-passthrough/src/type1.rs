@@ -32,6 +32,10 @@ use crate::dma::{
 use crate::host::{Handle, HostIommu, Ioctl, Open};
 use crate::ram::GuestRam;
 
+// Dirty tracking through VFIO_IOMMU_DIRTY_PAGES (issue 13).
+#[path = "type1_dirty.rs"]
+mod dirty;
+
 /// Turns a host error into the backend error the guest sees as DEVERR.
 pub(crate) fn host_err(op: &'static str) -> impl FnOnce(std::io::Error) -> BackendError {
     move |source| BackendError::Host { op, source }
@@ -57,6 +61,8 @@ struct Domain {
 struct State {
     endpoints: BTreeMap<EndpointId, Endpoint>,
     domains: HashMap<DomainId, Domain>,
+    /// Dirty tracking, while it runs.
+    dirty: Option<dirty::Type1Dirty>,
 }
 
 /// One ioctl done by the current call, to undo on failure.
@@ -212,6 +218,9 @@ impl Type1Backend {
         // piece is gone if it says so, and was not there if it says 0.
         if arg.size == p.len || arg.size == 0 {
             e.mapped.remove(&p.iova);
+        }
+        if arg.size == p.len {
+            dirty::note_unmapped(&mut st.dirty, p);
         }
         if arg.size != p.len {
             return Err(BackendError::Host {
