@@ -124,6 +124,22 @@ pub fn unmet_requirement(cfg: &VmConfig, s: Scenario) -> Option<String> {
             r.start, r.end
         ));
     }
+    // A device's own regions bind every domain it joins, as the
+    // device-wide ones do.
+    for (d, dev) in cfg.devices.iter().enumerate() {
+        if let Some((n, r)) = dev
+            .reserved_regions
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.start <= hi && lo <= r.end)
+        {
+            return Some(format!(
+                "needs IOVAs {lo:#x}..={hi:#x} free of reserved regions, but \
+                 devices[{d}].reserved_regions[{n}] ({:#x}..={:#x}) overlaps them: move the region",
+                r.start, r.end
+            ));
+        }
+    }
     if s == Scenario::Bypass && i.legacy_bypass {
         return Some(
             "needs VIRTIO_IOMMU_F_BYPASS_CONFIG, which \"legacy_bypass\": true turns off".into(),
@@ -1310,6 +1326,19 @@ mod tests {
         let why = unmet_requirement(&c, Scenario::Map).unwrap();
         assert!(
             why.contains("iommu.reserved_regions[0] (0x10000000..=0x10000fff) overlaps"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn device_reserved_region_over_the_iova_window_is_reported() {
+        let c = cfg(
+            r#"{"devices": [{"id": "dma0", "kind": "emulated-dma", "endpoint": 1, "iommu": true,
+                "reserved_regions": [{"start": "0x1fff0000", "end": "0x1fffffff", "kind": "reserved"}]}]}"#,
+        );
+        let why = unmet_requirement(&c, Scenario::Map).unwrap();
+        assert!(
+            why.contains("devices[0].reserved_regions[0] (0x1fff0000..=0x1fffffff) overlaps"),
             "{why}"
         );
     }

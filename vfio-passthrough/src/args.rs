@@ -8,8 +8,9 @@ use std::mem::size_of;
 
 use iommufd_bindings::iommufd::{
     iommu_destroy, iommu_fault_alloc, iommu_hwpt_alloc, iommu_hwpt_invalidate, iommu_ioas_alloc,
-    iommu_vdevice_alloc, iommu_veventq_alloc, iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3,
-    iommu_viommu_alloc, iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+    iommu_ioas_iova_ranges, iommu_vdevice_alloc, iommu_veventq_alloc,
+    iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, iommu_viommu_alloc,
+    iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
 };
 use vfio_bindings::bindings::vfio::{
     vfio_device_attach_iommufd_pt, vfio_device_detach_iommufd_pt, VFIO_DEVICE_ATTACH_PASID,
@@ -22,6 +23,18 @@ pub fn ioas_alloc() -> iommu_ioas_alloc {
         size: size_of::<iommu_ioas_alloc>() as u32,
         flags: 0,
         out_ioas_id: 0,
+    }
+}
+
+/// `IOMMU_IOAS_IOVA_RANGES` of IOAS `ioas_id` into a buffer of
+/// `num_iovas` ranges (`allowed_iovas` is filled by the host
+/// implementation from the buffer).
+pub fn ioas_iova_ranges(ioas_id: u32, num_iovas: u32) -> iommu_ioas_iova_ranges {
+    iommu_ioas_iova_ranges {
+        size: size_of::<iommu_ioas_iova_ranges>() as u32,
+        ioas_id,
+        num_iovas,
+        ..Default::default()
     }
 }
 

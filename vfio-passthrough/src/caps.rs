@@ -42,10 +42,11 @@ pub struct Type1Info {
 }
 
 impl Type1Info {
-    /// MAP-mode caps: the container's page sizes and the span from the
-    /// first usable IOVA to the last. Holes between ranges (the MSI window
-    /// on x86) are for the VMM's reserved regions; a MAP into one fails in
-    /// the kernel and the guest gets DEVERR.
+    /// MAP-mode caps: the container's page sizes, the span from the first
+    /// usable IOVA to the last, and the holes between ranges (the MSI
+    /// window on x86, RMRRs) as the endpoint's reserved ranges: the guest
+    /// sees them as RESV_MEM RESERVED in PROBE and a MAP into one is RANGE,
+    /// instead of a kernel refusal (DEVERR).
     pub fn caps(&self) -> BackendCaps {
         let mask = if self.pgsizes == 0 {
             1 << 12
@@ -56,7 +57,9 @@ impl Type1Info {
             (Some(f), Some(l)) => (f.0, l.1),
             _ => (0, u64::MAX),
         };
-        BackendCaps::map_only(mask, range)
+        let mut caps = BackendCaps::map_only(mask, range);
+        caps.reserved_ranges = iova_holes(&self.ranges);
+        caps
     }
 
     /// The smallest page the container maps.
@@ -67,6 +70,26 @@ impl Type1Info {
             1 << self.pgsizes.trailing_zeros()
         }
     }
+}
+
+/// The gaps between sorted usable IOVA ranges (inclusive): what the host
+/// cannot map between the first usable IOVA and the last. Overlapping or
+/// touching ranges leave no gap.
+pub fn iova_holes(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable();
+    let mut holes = Vec::new();
+    let mut covered_to: Option<u64> = None;
+    for (s, e) in sorted {
+        if let Some(c) = covered_to {
+            // `c < s - 1` without overflow: s > c + 1.
+            if s > c && s - c > 1 {
+                holes.push((c + 1, s - 1));
+            }
+        }
+        covered_to = Some(covered_to.map_or(e, |c| c.max(e)));
+    }
+    holes
 }
 
 /// The `VFIO_IOMMU_GET_INFO` argument buffer of `len` bytes: a zeroed
@@ -209,6 +232,9 @@ pub fn caps_from_hw(kind: &HwKind, device_pasid_bits: u8) -> BackendCaps {
                     Vec::new()
                 },
                 page_requests: nests && h.prs() && pasid_bits > 0,
+                // Filled in from the kernel by the backend
+                // (`IOMMU_IOAS_IOVA_RANGES`).
+                reserved_ranges: Vec::new(),
             }
         }
         HwKind::ArmSmmuV3(h) => BackendCaps {
@@ -221,6 +247,7 @@ pub fn caps_from_hw(kind: &HwKind, device_pasid_bits: u8) -> BackendCaps {
             table_formats: vec![VIRTIO_IOMMU_PSTF_ARM_SMMU_V3],
             // Stalls and PRI are not offered to nested guests by iommufd.
             page_requests: false,
+            reserved_ranges: Vec::new(),
         },
         HwKind::Other(_) => BackendCaps::map_only(1 << 12, (0, (1u64 << 48) - 1)),
     }
@@ -283,9 +310,29 @@ mod tests {
         let c = i.caps();
         assert_eq!(c.page_size_mask, 0x4020_1000);
         assert_eq!(c.input_range, (0, 0xffff_ffff_ffff));
+        // The MSI window between the two ranges is the endpoint's hole.
+        assert_eq!(c.reserved_ranges, vec![(0xfee0_0000, 0xfeef_ffff)]);
         assert_eq!(c.pasid_bits, 0);
         assert!(c.table_formats.is_empty());
         assert_eq!(i.min_page(), 0x1000);
+    }
+
+    #[test]
+    fn iova_holes_are_the_gaps_between_ranges() {
+        assert_eq!(iova_holes(&[]), vec![]);
+        assert_eq!(iova_holes(&[(0, u64::MAX)]), vec![]);
+        // Unsorted, touching (no gap), overlapping (no gap), and a gap at
+        // the very top of the space.
+        assert_eq!(
+            iova_holes(&[
+                (0x3000, 0x3fff),
+                (0, 0xfff),
+                (0x1000, 0x1fff),
+                (0x1800, 0x27ff),
+                (u64::MAX, u64::MAX)
+            ]),
+            vec![(0x2800, 0x2fff), (0x4000, u64::MAX - 1)]
+        );
     }
 
     #[test]

@@ -142,6 +142,7 @@ mod tests {
             iommu: true,
             path: Some("0000:65:00.0".into()),
             backend: Some(VfioBackend::Iommufd),
+            reserved_regions: Vec::new(),
         };
         let a = assigned_device(&d).unwrap().unwrap();
         assert_eq!(a.endpoint, 16);

@@ -28,6 +28,7 @@ use iommufd_bindings::iommufd::{
     iommu_vdevice_alloc, iommu_vevent_arm_smmuv3, iommu_veventq_alloc, iommu_viommu_alloc,
     iommu_viommu_arm_smmuv3_invalidate, iommufd_vevent_header,
 };
+use iommufd_bindings::iommufd::{iommu_ioas_iova_ranges, iommu_iova_range};
 use vfio_bindings::bindings::vfio::{
     vfio_device_attach_iommufd_pt, vfio_device_detach_iommufd_pt, vfio_iommu_type1_dma_map,
     vfio_iommu_type1_dma_unmap, vfio_iommu_type1_info,
@@ -94,6 +95,17 @@ pub enum Ioctl<'a> {
     IoasMap(&'a iommu_ioas_map),
     /// `IOMMU_IOAS_UNMAP` on the iommufd.
     IoasUnmap(&'a mut iommu_ioas_unmap),
+    /// `IOMMU_IOAS_IOVA_RANGES` on the iommufd: the IOAS's allowed IOVA
+    /// ranges (what the reserved regions of the devices attached to it
+    /// leave) into `ranges`, which `allowed_iovas` points at; `num_iovas`
+    /// is written back with the number of ranges (EMSGSIZE when more than
+    /// `ranges` holds).
+    IoasIovaRanges {
+        /// The argument.
+        arg: &'a mut iommu_ioas_iova_ranges,
+        /// The range buffer (`num_iovas` entries).
+        ranges: &'a mut [iommu_iova_range],
+    },
     /// `IOMMU_HWPT_ALLOC` on the iommufd; `data` is what `data_uptr`
     /// points at (`data_len` bytes of `iommu_hwpt_vtd_s1` /
     /// `iommu_hwpt_arm_smmuv3`, or empty).
@@ -181,6 +193,8 @@ pub enum Op {
     IoasMap,
     /// [`Ioctl::IoasUnmap`].
     IoasUnmap,
+    /// [`Ioctl::IoasIovaRanges`].
+    IoasIovaRanges,
     /// [`Ioctl::HwptAlloc`].
     HwptAlloc,
     /// [`Ioctl::GetHwInfo`].
@@ -228,6 +242,7 @@ impl Op {
             Op::IoasAlloc => "IOMMU_IOAS_ALLOC",
             Op::IoasMap => "IOMMU_IOAS_MAP",
             Op::IoasUnmap => "IOMMU_IOAS_UNMAP",
+            Op::IoasIovaRanges => "IOMMU_IOAS_IOVA_RANGES",
             Op::HwptAlloc => "IOMMU_HWPT_ALLOC",
             Op::GetHwInfo => "IOMMU_GET_HW_INFO",
             Op::HwptInvalidate => "IOMMU_HWPT_INVALIDATE",
@@ -258,6 +273,7 @@ impl Ioctl<'_> {
             Ioctl::IoasAlloc(_) => Op::IoasAlloc,
             Ioctl::IoasMap(_) => Op::IoasMap,
             Ioctl::IoasUnmap(_) => Op::IoasUnmap,
+            Ioctl::IoasIovaRanges { .. } => Op::IoasIovaRanges,
             Ioctl::HwptAlloc { .. } => Op::HwptAlloc,
             Ioctl::GetHwInfo { .. } => Op::GetHwInfo,
             Ioctl::HwptInvalidate { .. } => Op::HwptInvalidate,
@@ -284,6 +300,9 @@ impl Ioctl<'_> {
             Ioctl::IoasAlloc(a) => (bytes_of(&**a).to_vec(), Vec::new()),
             Ioctl::IoasMap(a) => (bytes_of(*a).to_vec(), Vec::new()),
             Ioctl::IoasUnmap(a) => (bytes_of(&**a).to_vec(), Vec::new()),
+            Ioctl::IoasIovaRanges { arg, ranges } => {
+                (bytes_of(&**arg).to_vec(), slice_bytes(ranges).to_vec())
+            }
             Ioctl::HwptAlloc { arg, data } => (bytes_of(&**arg).to_vec(), data.to_vec()),
             Ioctl::GetHwInfo { arg, .. } => (bytes_of(&**arg).to_vec(), Vec::new()),
             Ioctl::HwptInvalidate { arg, entries } => (bytes_of(&**arg).to_vec(), entries.to_vec()),
@@ -371,6 +390,8 @@ pod! {
     iommufd_vevent_header = u32, u32;
     iommu_vevent_arm_smmuv3 = [u64; 4];
     iommu_hwpt_set_dirty_tracking = u32, u32, u32, u32;
+    iommu_ioas_iova_ranges = u32, u32, u32, u32, u64, u64;
+    iommu_iova_range = u64, u64;
     iommu_hwpt_get_dirty_bitmap = u32, u32, u32, u32, u64, u64, u64, u64;
 }
 

@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use iommufd_bindings::iommufd::iommu_iova_range;
 use iommufd_bindings::iommufd::{
     iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3, iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE,
     iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1,
@@ -73,6 +74,10 @@ use crate::vtd::{
 // Dirty tracking on the nest parents (issue 13).
 #[path = "iommufd_dirty.rs"]
 mod dirty;
+
+/// At most this many allowed IOVA ranges of a device are believed: the
+/// count comes from the kernel, and x86 reports two or three.
+const MAX_RESERVED_QUERY: u32 = 1024;
 
 /// At most this many PASIDs of one endpoint are bound at once: each costs
 /// a HWPT and an attachment in the host, and the guest writes the table.
@@ -346,6 +351,9 @@ impl IommufdBackend {
                 }
             }
         }
+        // The device's reserved regions (the MSI window, RMRRs) become
+        // the endpoint's RESV_MEM regions, so the guest never maps there.
+        caps.reserved_ranges = self.device_reserved(ep, dev);
         st.endpoints.insert(
             ep,
             Endpoint {
@@ -359,6 +367,65 @@ impl IommufdBackend {
             },
         );
         Ok(())
+    }
+
+    /// The IOVA holes the kernel leaves device `dev`: it is attached to a
+    /// new empty IOAS (it can reach nothing there), the IOAS's allowed
+    /// ranges are read (`IOMMU_IOAS_IOVA_RANGES`: the kernel leaves out
+    /// the reserved regions of the devices attached), and it is detached
+    /// again (blocked, as it came) and the IOAS destroyed. The holes are
+    /// the gaps between allowed ranges. A failure is logged and leaves
+    /// no holes: a MAP into one then fails in the kernel (DEVERR), as
+    /// before the guest could be told.
+    fn device_reserved(&self, ep: EndpointId, dev: Handle) -> Vec<(u64, u64)> {
+        let mut a = args::ioas_alloc();
+        if let Err(e) = self.ioctl("IOMMU_IOAS_ALLOC", Ioctl::IoasAlloc(&mut a)) {
+            warn!("iommufd: endpoint {ep}: no scratch IOAS for its reserved regions: {e}");
+            return Vec::new();
+        }
+        let ioas = a.out_ioas_id;
+        let res = self.attach_step(dev, RID_PASID, Some(ioas)).and_then(|()| {
+            let res = self.allowed_ranges(ioas);
+            let detached = self.attach_step(dev, RID_PASID, None);
+            res.and_then(|r| detached.map(|()| r))
+        });
+        self.destroy_all([ioas]);
+        match res {
+            Ok(allowed) => crate::caps::iova_holes(&allowed),
+            Err(e) => {
+                warn!("iommufd: endpoint {ep}: reserved regions unknown: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// `IOMMU_IOAS_IOVA_RANGES` of `ioas`, inclusive, asking again with
+    /// the count the kernel reports when the buffer is short (EMSGSIZE).
+    fn allowed_ranges(&self, ioas: u32) -> Result<Vec<(u64, u64)>, BackendError> {
+        let mut ranges = vec![iommu_iova_range::default(); 8];
+        loop {
+            let mut arg = args::ioas_iova_ranges(ioas, ranges.len() as u32);
+            match self.host.ioctl(
+                self.iommufd,
+                Ioctl::IoasIovaRanges {
+                    arg: &mut arg,
+                    ranges: &mut ranges,
+                },
+            ) {
+                Ok(()) => {
+                    let n = (arg.num_iovas as usize).min(ranges.len());
+                    return Ok(ranges[..n].iter().map(|r| (r.start, r.last)).collect());
+                }
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EMSGSIZE)
+                        && arg.num_iovas as usize > ranges.len()
+                        && arg.num_iovas <= MAX_RESERVED_QUERY =>
+                {
+                    ranges.resize(arg.num_iovas as usize, iommu_iova_range::default());
+                }
+                Err(e) => return Err(host_err("IOMMU_IOAS_IOVA_RANGES")(e)),
+            }
+        }
     }
 
     fn setup_nesting(

@@ -135,6 +135,9 @@ struct State {
     tracking: HashSet<(bool, u64)>,
     /// Dirty 4 KiB IOVA pages, same keys.
     dirty: HashMap<(bool, u64), BTreeSet<u64>>,
+    /// The reserved regions (inclusive) of every iommufd device: an IOAS
+    /// with a device attached allows every IOVA but these.
+    device_reserved: Vec<(u64, u64)>,
 }
 
 /// The recording, scriptable [`HostIommu`].
@@ -175,8 +178,17 @@ impl RecordingHost {
                 type1_migration: None,
                 tracking: HashSet::new(),
                 dirty: HashMap::new(),
+                device_reserved: Vec::new(),
             }),
         }
+    }
+
+    /// Gives every iommufd device the reserved regions `ranges`
+    /// (inclusive, disjoint), as the MSI window and RMRRs are on a real
+    /// host: `IOMMU_IOAS_IOVA_RANGES` of an IOAS a device is attached to
+    /// leaves them out.
+    pub fn set_device_reserved(&self, ranges: Vec<(u64, u64)>) {
+        self.lock().device_reserved = ranges;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -639,6 +651,44 @@ impl State {
                     return Err(libc::ENOENT);
                 }
                 self.maps.remove(&(true, u64::from(a.id)));
+                Ok(())
+            }
+            Ioctl::IoasIovaRanges { arg, ranges } => {
+                if !self.objects.contains(&arg.ioas_id) {
+                    return Err(libc::ENOENT);
+                }
+                let in_use = self.attached.values().any(|pt| *pt == arg.ioas_id);
+                let reserved = if in_use {
+                    self.device_reserved.clone()
+                } else {
+                    Vec::new()
+                };
+                // The allowed ranges are the gaps between reserved ones.
+                let mut allowed = Vec::new();
+                let mut next = Some(0u64);
+                let mut sorted = reserved;
+                sorted.sort_unstable();
+                for (s, e) in sorted {
+                    if let Some(n) = next {
+                        if s > n {
+                            allowed.push((n, s - 1));
+                        }
+                    }
+                    next = e.checked_add(1).map(|x| next.map_or(x, |n| n.max(x)));
+                }
+                if let Some(n) = next {
+                    allowed.push((n, u64::MAX));
+                }
+                let room = (arg.num_iovas as usize).min(ranges.len());
+                arg.num_iovas = allowed.len() as u32;
+                arg.out_iova_alignment = 4096;
+                if allowed.len() > room {
+                    return Err(libc::EMSGSIZE);
+                }
+                for (slot, (s, e)) in ranges.iter_mut().zip(allowed) {
+                    slot.start = s;
+                    slot.last = e;
+                }
                 Ok(())
             }
             Ioctl::AttachPt(a) => {

@@ -24,8 +24,10 @@
 //! adopted object instead of opening a new one, and closing it drops only
 //! the host's reference.
 //!
-//! - `IOMMU_IOAS_IOVA_RANGES` — not wrapped; [`ioas_iova_ranges`] reads the
-//!   kernel's allowed IOVA ranges of an IOAS (for diagnostics and tests).
+//! - `IOMMU_IOAS_IOVA_RANGES` — not wrapped; [`Ioctl::IoasIovaRanges`]
+//!   (the iommufd backend reads a device's reserved regions with it) and
+//!   [`ioas_iova_ranges`] (diagnostics and tests) read the kernel's
+//!   allowed IOVA ranges of an IOAS.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -275,6 +277,29 @@ impl VfioHost {
             Ioctl::IoasAlloc(a) => fd.alloc_iommu_ioas(a).map_err(iommufd_err),
             Ioctl::IoasMap(a) => fd.map_iommu_ioas(a).map_err(iommufd_err),
             Ioctl::IoasUnmap(a) => fd.unmap_iommu_ioas(a).map_err(iommufd_err),
+            Ioctl::IoasIovaRanges { arg, ranges } => {
+                if arg.size as usize != std::mem::size_of_val(arg)
+                    || arg.num_iovas as usize > ranges.len()
+                {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                }
+                let mut k = *arg;
+                k.allowed_iovas = ranges.as_mut_ptr() as u64;
+                // SAFETY: `fd` is an open iommufd; `k` is the caller's
+                // argument, whose `size` (checked above) is its own, with
+                // `allowed_iovas` pointing at `ranges`, exclusively borrowed
+                // for the call and at least `num_iovas` entries long
+                // (checked above), which is all the kernel writes there;
+                // the result is checked.
+                let r = unsafe { ioctl_with_mut_ref(&*fd, IOMMU_IOAS_IOVA_RANGES(), &mut k) };
+                // The kernel writes the count back also on EMSGSIZE.
+                arg.num_iovas = k.num_iovas;
+                arg.out_iova_alignment = k.out_iova_alignment;
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            }
             Ioctl::HwptAlloc { arg, data } => {
                 if arg.data_len as usize != data.len() {
                     return Err(io::Error::from_raw_os_error(libc::EINVAL));

@@ -36,6 +36,14 @@ pub struct BackendCaps {
     pub table_formats: Vec<u16>,
     /// Whether it can report recoverable (page-request) faults.
     pub page_requests: bool,
+    /// IOVA ranges (inclusive, sorted, disjoint) the host cannot map for
+    /// this endpoint: the holes between a VFIO type1 container's usable
+    /// IOVA ranges, an iommufd device's reserved regions (the MSI window,
+    /// RMRRs). The vIOMMU reports each as a RESV_MEM property of type
+    /// RESERVED in the endpoint's PROBE and refuses MAPs over it, as
+    /// QEMU's virtio-iommu does, so the guest never asks the host for a
+    /// mapping it would refuse.
+    pub reserved_ranges: Vec<(u64, u64)>,
 }
 
 impl BackendCaps {
@@ -48,6 +56,7 @@ impl BackendCaps {
             pasid_bits: 0,
             table_formats: Vec::new(),
             page_requests: false,
+            reserved_ranges: Vec::new(),
         }
     }
 }

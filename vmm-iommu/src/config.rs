@@ -385,6 +385,11 @@ pub struct DeviceConfig {
     /// How a `vfio` device's DMA is programmed.
     #[serde(default)]
     pub backend: Option<VfioBackend>,
+    /// Reserved regions of this device's endpoint alone, in addition to
+    /// `iommu.reserved_regions` (which every endpoint has); its PROBE
+    /// reports both. Only for a device behind the vIOMMU.
+    #[serde(default)]
+    pub reserved_regions: Vec<ReservedRegion>,
 }
 
 /// The kind of a device.
@@ -514,7 +519,7 @@ impl VmConfig {
             ));
         }
         self.iommu.validate_at("iommu")?;
-        validate_devices(&self.devices)?;
+        validate_devices(&self.devices, &self.iommu)?;
         if let Some(scenarios) = &self.scenarios {
             validate_scenarios(scenarios)?;
         }
@@ -803,7 +808,7 @@ fn validate_scenarios(scenarios: &[Scenario]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_devices(devices: &[DeviceConfig]) -> Result<(), ConfigError> {
+fn validate_devices(devices: &[DeviceConfig], iommu: &IommuConfig) -> Result<(), ConfigError> {
     if devices.len() > MAX_DEVICES {
         return Err(invalid(
             "devices",
@@ -867,6 +872,73 @@ fn validate_devices(devices: &[DeviceConfig]) -> Result<(), ConfigError> {
                 }
             }
         }
+        validate_device_regions(d, iommu, &at("reserved_regions"))?;
+    }
+    Ok(())
+}
+
+/// A device's own reserved regions: the rules of `iommu.reserved_regions`
+/// for the list alone, and for it beside the device-wide list (the
+/// endpoint's PROBE reports both).
+fn validate_device_regions(
+    d: &DeviceConfig,
+    iommu: &IommuConfig,
+    base: &str,
+) -> Result<(), ConfigError> {
+    if d.reserved_regions.is_empty() {
+        return Ok(());
+    }
+    if !d.iommu {
+        return Err(invalid(
+            base,
+            "only a device behind the vIOMMU (\"iommu\": true) has reserved regions",
+        ));
+    }
+    validate_reserved_regions(&d.reserved_regions, base)?;
+    for (j, b) in d.reserved_regions.iter().enumerate() {
+        for (i, a) in iommu.reserved_regions.iter().enumerate() {
+            // Both ends inclusive.
+            if a.start <= b.end && b.start <= a.end {
+                return Err(invalid(
+                    format!("{base}[{j}]"),
+                    format!(
+                        "{:#x}..={:#x} overlaps iommu.reserved_regions[{i}] {:#x}..={:#x}",
+                        b.start, b.end, a.start, a.end
+                    ),
+                ));
+            }
+        }
+        // spec 5.13.6.7.2.2: "The device SHOULD NOT present more than one
+        // VIRTIO_IOMMU_RESV_MEM_T_MSI property per endpoint."
+        if b.kind == ReservedKind::Msi {
+            if let Some(i) = iommu
+                .reserved_regions
+                .iter()
+                .position(|a| a.kind == ReservedKind::Msi)
+            {
+                return Err(invalid(
+                    format!("{base}[{j}]"),
+                    format!(
+                        "a second \"msi\" region (also iommu.reserved_regions[{i}]): the device \
+                         presents at most one MSI region per endpoint"
+                    ),
+                ));
+            }
+        }
+    }
+    // Both lists hold at most 64 regions: the product fits in u64 easily.
+    let count = iommu.reserved_regions.len() + d.reserved_regions.len();
+    let needed = count as u64 * u64::from(RESV_MEM_PROPERTY_SIZE);
+    if needed > u64::from(iommu.probe_size) {
+        return Err(invalid(
+            base,
+            format!(
+                "iommu.probe_size {} bytes cannot hold the endpoint's {count} reserved regions \
+                 (iommu.reserved_regions and these): each RESV_MEM property takes \
+                 {RESV_MEM_PROPERTY_SIZE} bytes, {needed} in all",
+                iommu.probe_size
+            ),
+        ));
     }
     Ok(())
 }
@@ -1256,6 +1328,7 @@ mod tests {
                     iommu: true,
                     path: None,
                     backend: None,
+                    reserved_regions: Vec::new(),
                 },
                 DeviceConfig {
                     id: "nic0".into(),
@@ -1264,6 +1337,7 @@ mod tests {
                     iommu: true,
                     path: Some("/sys/bus/pci/devices/0000:65:00.0".into()),
                     backend: Some(VfioBackend::Iommufd),
+                    reserved_regions: Vec::new(),
                 },
             ],
             scenarios: None,
@@ -1972,6 +2046,87 @@ mod tests {
                                      {"start": "0x2000", "end": "0x2000", "kind": "msi"}]}"#,
         );
         assert_eq!(i.reserved_regions.len(), 2);
+    }
+
+    // ---- devices[i].reserved_regions ----
+
+    #[test]
+    fn device_reserved_regions_are_kept_per_device() {
+        let c = VmConfig::from_json_str(
+            r#"{"iommu": {"reserved_regions": [{"start": "0xfee00000", "end": "0xfeefffff", "kind": "msi"}]},
+                "devices": [{"id": "a", "kind": "emulated-dma", "endpoint": 8, "iommu": true,
+                             "reserved_regions": [{"start": "0x8000000", "end": "0x80fffff", "kind": "reserved"}]},
+                            {"id": "b", "kind": "emulated-dma", "endpoint": 9, "iommu": true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.devices[0].reserved_regions,
+            vec![ReservedRegion {
+                start: 0x800_0000,
+                end: 0x80f_ffff,
+                kind: ReservedKind::Reserved
+            }]
+        );
+        assert!(c.devices[1].reserved_regions.is_empty());
+    }
+
+    #[test]
+    fn device_reserved_region_overlapping_a_device_wide_one_is_rejected() {
+        assert_err(
+            vm_err(
+                r#"{"iommu": {"reserved_regions": [{"start": "0x1000", "end": "0x1fff", "kind": "reserved"}]},
+                    "devices": [{"id": "a", "kind": "emulated-dma", "endpoint": 8, "iommu": true,
+                                 "reserved_regions": [{"start": "0x1800", "end": "0x2fff", "kind": "reserved"}]}]}"#,
+            ),
+            "devices[0].reserved_regions[0]",
+            "0x1800..=0x2fff overlaps iommu.reserved_regions[0] 0x1000..=0x1fff",
+        );
+    }
+
+    #[test]
+    fn device_msi_region_beside_a_device_wide_msi_region_is_rejected() {
+        assert_err(
+            vm_err(
+                r#"{"iommu": {"reserved_regions": [{"start": "0x1000", "end": "0x1fff", "kind": "msi"}]},
+                    "devices": [{"id": "a", "kind": "emulated-dma", "endpoint": 8, "iommu": true,
+                                 "reserved_regions": [{"start": "0x3000", "end": "0x3fff", "kind": "msi"}]}]}"#,
+            ),
+            "devices[0].reserved_regions[0]",
+            "a second \"msi\" region (also iommu.reserved_regions[0])",
+        );
+    }
+
+    #[test]
+    fn device_reserved_regions_follow_the_list_rules() {
+        assert_err(
+            vm_err(
+                r#"{"devices": [{"id": "a", "kind": "emulated-dma", "endpoint": 8, "iommu": true,
+                                 "reserved_regions": [{"start": "0x3000", "end": "0x2fff", "kind": "reserved"}]}]}"#,
+            ),
+            "devices[0].reserved_regions[0]",
+            "start 0x3000 is above end 0x2fff",
+        );
+        assert_err(
+            vm_err(&format!(
+                r#"{{"iommu": {{"probe_size": 64}}, "devices": [{{"id": "a", "kind": "emulated-dma",
+                    "endpoint": 8, "iommu": true, "reserved_regions": {}}}]}}"#,
+                regions_json(3)
+            )),
+            "devices[0].reserved_regions",
+            "iommu.probe_size 64 bytes cannot hold the endpoint's 3 reserved regions",
+        );
+    }
+
+    #[test]
+    fn device_reserved_regions_need_the_iommu() {
+        assert_err(
+            vm_err(
+                r#"{"devices": [{"id": "a", "kind": "emulated-dma", "endpoint": 8,
+                                 "reserved_regions": [{"start": "0x3000", "end": "0x3fff", "kind": "reserved"}]}]}"#,
+            ),
+            "devices[0].reserved_regions",
+            "only a device behind the vIOMMU",
+        );
     }
 
     #[test]

@@ -324,6 +324,9 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
                     VIRTIO_IOMMU_PGTF_X86_64,
                 ],
                 page_requests: !page_request_endpoints.is_empty(),
+                // Emulated DMA reaches guest memory through the walkers;
+                // no host IOVA is off limits.
+                reserved_ranges: Vec::new(),
             },
             page_request_endpoints: page_request_endpoints.iter().copied().collect(),
             page_requests_on: AtomicBool::new(false),

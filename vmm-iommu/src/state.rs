@@ -16,7 +16,7 @@ mod lifecycle;
 mod nested;
 pub use nested::{AttachOutcome, StateSnapshot};
 
-use crate::config::{IommuConfig, Limits, ReservedRegion};
+use crate::config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
 use crate::idhash::IdMap;
 use crate::invalidation::InvalidateError;
 use crate::mapping::{Mapping, MappingTable};
@@ -155,6 +155,22 @@ pub enum RequestError {
         /// The region's end.
         resv_end: u64,
     },
+    /// ATTACH of an endpoint to a domain that already maps IOVAs the
+    /// endpoint has reserved: the domain could not honour the region.
+    #[error(
+        "ATTACH of endpoint {endpoint} to domain {domain}: a mapping overlaps the endpoint's \
+         reserved region [{resv_start:#x}, {resv_end:#x}]"
+    )]
+    AttachOverlapsReserved {
+        /// The endpoint.
+        endpoint: u32,
+        /// The domain.
+        domain: u32,
+        /// The region's start.
+        resv_start: u64,
+        /// The region's end.
+        resv_end: u64,
+    },
     /// The IOVA range overlaps an existing mapping.
     #[error("MAP [{start:#x}, {end:#x}] overlaps an existing mapping")]
     OverlapsMapping {
@@ -259,6 +275,7 @@ impl RequestError {
             | OutsideInputRange { .. }
             | PhysWraps { .. }
             | OverlapsReserved { .. }
+            | AttachOverlapsReserved { .. }
             | WouldSplit { .. } => Status::Range,
             Limit(_) => Status::NoMem,
             TableDomain { .. }
@@ -350,8 +367,14 @@ pub struct IommuState {
     domain_start: u32,
     domain_end: u32,
     limits: Limits,
-    /// Sorted, non-overlapping (validated by the config).
+    /// The device-wide regions every endpoint has. Sorted,
+    /// non-overlapping (validated by the config).
     reserved: Vec<ReservedRegion>,
+    /// Per-endpoint reserved regions: what the VMM adds for one endpoint
+    /// (`extra`) and what its host IOMMU cannot map (`host`), with the
+    /// list PROBE reports and MAP checks (`merged`). An endpoint without
+    /// an entry has the device-wide list alone.
+    endpoint_reserved: HashMap<u32, EndpointReserved>,
     /// Sorted, merged `[start, end]` guest RAM ranges.
     ram: Vec<(u64, u64)>,
     // Looked up on every translation miss: a fast seeded hasher.
@@ -365,6 +388,137 @@ pub struct IommuState {
     endpoint_formats: HashMap<u32, Vec<u16>>,
     /// PASID width of the nested extension, 0 when it is off.
     pasid_bits: u8,
+}
+
+/// One endpoint's own reserved regions (see `IommuState::endpoint_reserved`).
+#[derive(Clone, Debug, Default)]
+struct EndpointReserved {
+    /// Added by the VMM (the VM config's `devices[i].reserved_regions`).
+    extra: Vec<ReservedRegion>,
+    /// Host IOVA holes, inclusive.
+    host: Vec<(u64, u64)>,
+    /// Device-wide + `extra` + the parts of `host` they leave free, sorted
+    /// and disjoint.
+    merged: Vec<ReservedRegion>,
+}
+
+/// Why the VMM's reserved regions for an endpoint are refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReservedRegionError {
+    /// The endpoint is not one this vIOMMU manages.
+    #[error("endpoint {0} does not exist")]
+    UnknownEndpoint(u32),
+    /// A region ends before it starts.
+    #[error("endpoint {endpoint}: region {start:#x}..={end:#x} ends before it starts")]
+    Inverted {
+        /// The endpoint.
+        endpoint: u32,
+        /// The region's start.
+        start: u64,
+        /// The region's end.
+        end: u64,
+    },
+    /// Two regions of the endpoint overlap (its own, or one of its own
+    /// and a device-wide one).
+    #[error("endpoint {endpoint}: region {start:#x}..={end:#x} overlaps {other_start:#x}..={other_end:#x}")]
+    Overlap {
+        /// The endpoint.
+        endpoint: u32,
+        /// The region's start.
+        start: u64,
+        /// The region's end.
+        end: u64,
+        /// The other region's start.
+        other_start: u64,
+        /// The other region's end.
+        other_end: u64,
+    },
+    /// A second MSI region for the endpoint.
+    #[error("endpoint {0}: a second MSI region; the device presents at most one per endpoint")]
+    SecondMsi(u32),
+    /// The endpoint's regions do not fit in the probe buffer.
+    #[error(
+        "endpoint {endpoint}: {regions} reserved regions do not fit in probe_size {probe_size} \
+         (24 bytes each)"
+    )]
+    ProbeSize {
+        /// The endpoint.
+        endpoint: u32,
+        /// How many regions it would have.
+        regions: usize,
+        /// Config-space `probe_size`.
+        probe_size: u32,
+    },
+    /// The endpoint's domain already maps IOVAs in the region.
+    #[error("endpoint {endpoint}: domain {domain} already maps IOVAs in {start:#x}..={end:#x}")]
+    Mapped {
+        /// The endpoint.
+        endpoint: u32,
+        /// Its domain.
+        domain: u32,
+        /// The region's start.
+        start: u64,
+        /// The region's end.
+        end: u64,
+    },
+}
+
+/// The first region of the sorted, disjoint `regions` that overlaps
+/// `[start, end]`.
+fn first_overlap(regions: &[ReservedRegion], start: u64, end: u64) -> Option<&ReservedRegion> {
+    let idx = regions.partition_point(|x| x.end < start);
+    regions.get(idx).filter(|r| r.start <= end)
+}
+
+/// `base` (sorted, disjoint) with the parts of the `host` holes it leaves
+/// free inside `[lo, hi]` added as RESERVED, sorted. The VMM's regions win
+/// where they overlap a hole: an MSI region the config names stays MSI, as
+/// in QEMU, and "The device SHOULD NOT present multiple RESV_MEM
+/// properties that overlap each other for the same endpoint" (virtio
+/// 1.3, PROBE properties / RESV_MEM, device requirements).
+fn merge_host_holes(
+    base: &[ReservedRegion],
+    host: &[(u64, u64)],
+    lo: u64,
+    hi: u64,
+) -> Vec<ReservedRegion> {
+    let mut out = base.to_vec();
+    for &(s, e) in host {
+        let (mut s, e) = (s.max(lo), e.min(hi));
+        if s > e {
+            continue;
+        }
+        // Walk the base regions that overlap [s, e], keeping the gaps.
+        let mut idx = base.partition_point(|x| x.end < s);
+        loop {
+            match base.get(idx).filter(|b| b.start <= e) {
+                Some(b) => {
+                    if b.start > s {
+                        out.push(ReservedRegion {
+                            start: s,
+                            end: b.start - 1,
+                            kind: ReservedKind::Reserved,
+                        });
+                    }
+                    match b.end.checked_add(1) {
+                        Some(n) if n <= e => s = n,
+                        _ => break,
+                    }
+                    idx += 1;
+                }
+                None => {
+                    out.push(ReservedRegion {
+                        start: s,
+                        end: e,
+                        kind: ReservedKind::Reserved,
+                    });
+                    break;
+                }
+            }
+        }
+    }
+    out.sort_by_key(|r| r.start);
+    out
 }
 
 /// Whether `[phys, last]` lies in one of the sorted, merged RAM ranges.
@@ -402,6 +556,7 @@ impl IommuState {
             domain_end: cfg.domain_range.end,
             limits: cfg.limits,
             reserved,
+            endpoint_reserved: HashMap::new(),
             ram: merged,
             endpoints: endpoints.iter().map(|&e| (e, None)).collect(),
             domains: IdMap::default(),
@@ -575,6 +730,26 @@ impl IommuState {
                 if current == Some(r.domain) {
                     return Ok(false);
                 }
+                // The MAP rule for reserved regions (spec, PROBE
+                // properties / RESV_MEM: "The device SHOULD reject a MAP
+                // request that overlaps a RESV_MEM region") holds for every
+                // endpoint of a domain; a domain that already maps over the
+                // joining endpoint's own regions could not honour them, so
+                // the ATTACH is refused with RANGE, as such a MAP would be.
+                // Every endpoint has the device-wide regions, which the
+                // domain's mappings already avoid.
+                if let (DomainKind::Mapped(t), Some(own)) =
+                    (&d.kind, self.endpoint_reserved.get(&r.endpoint))
+                {
+                    if let Some(resv) = own.merged.iter().find(|x| t.overlaps(x.start, x.end)) {
+                        return Err(RequestError::AttachOverlapsReserved {
+                            endpoint: r.endpoint,
+                            domain: r.domain,
+                            resv_start: resv.start,
+                            resv_end: resv.end,
+                        });
+                    }
+                }
             }
             None => self.check_new_domain(current)?,
         }
@@ -702,6 +877,7 @@ impl IommuState {
         let IommuState {
             domains,
             reserved,
+            endpoint_reserved,
             granule,
             input_start,
             input_end,
@@ -785,10 +961,20 @@ impl IommuState {
             });
         }
         // spec 5.13.6.6.2.2: "The device SHOULD reject a MAP request that
-        // overlaps a RESV_MEM region."
-        let idx = reserved.partition_point(|x| x.end < r.virt_start);
-        if let Some(resv) = reserved.get(idx) {
-            if resv.start <= r.virt_end {
+        // overlaps a RESV_MEM region." Regions are per endpoint: the
+        // domain maps for all its endpoints, so it honours each one's
+        // (the device-wide list once, as every endpoint has it).
+        let mut default_checked = false;
+        for ep in &dom.endpoints {
+            let list = match endpoint_reserved.get(ep) {
+                Some(own) => &own.merged,
+                None if default_checked => continue,
+                None => {
+                    default_checked = true;
+                    &*reserved
+                }
+            };
+            if let Some(resv) = first_overlap(list, r.virt_start, r.virt_end) {
                 return Err(RequestError::OverlapsReserved {
                     start: r.virt_start,
                     end: r.virt_end,
@@ -902,7 +1088,7 @@ impl IommuState {
         if !self.endpoints.contains_key(&r.endpoint) {
             return Err(RequestError::UnknownEndpoint(r.endpoint));
         }
-        Ok(&self.reserved)
+        Ok(self.endpoint_reserved_regions(r.endpoint))
     }
 
     /// Translates `iova` for an access by `ep` with `access` bits
@@ -943,9 +1129,136 @@ impl IommuState {
         })
     }
 
-    /// The reserved regions of an endpoint's domain (all endpoints share
-    /// the configured regions).
+    /// The device-wide reserved regions (the config's), which every
+    /// endpoint has.
     pub fn reserved_regions(&self) -> &[ReservedRegion] {
         &self.reserved
+    }
+
+    /// The reserved regions of endpoint `ep`, as its PROBE reports them
+    /// and MAP honours them: the device-wide ones, the VMM's for it
+    /// ([`Self::set_endpoint_reserved`]) and its host's IOVA holes
+    /// ([`Self::set_host_reserved`]); sorted and disjoint. An unknown
+    /// endpoint has the device-wide ones.
+    pub fn endpoint_reserved_regions(&self, ep: u32) -> &[ReservedRegion] {
+        self.endpoint_reserved
+            .get(&ep)
+            .map_or(&self.reserved, |own| &own.merged)
+    }
+
+    /// The VMM's own reserved regions of endpoint `ep`
+    /// ([`Self::set_endpoint_reserved`]), without the device-wide ones
+    /// and the host's holes.
+    pub fn endpoint_extra_reserved(&self, ep: u32) -> &[ReservedRegion] {
+        self.endpoint_reserved
+            .get(&ep)
+            .map_or(&[], |own| own.extra.as_slice())
+    }
+
+    /// Sets the VMM's own reserved regions of endpoint `ep` (in addition
+    /// to the device-wide ones; an empty list drops them). Refused, with
+    /// nothing changed, if a region is inverted, two of the endpoint's
+    /// regions overlap or name two MSI regions, or the endpoint's domain
+    /// already maps IOVAs in one (the domain could not honour it).
+    pub fn set_endpoint_reserved(
+        &mut self,
+        ep: u32,
+        regions: &[ReservedRegion],
+    ) -> Result<(), ReservedRegionError> {
+        if !self.endpoints.contains_key(&ep) {
+            return Err(ReservedRegionError::UnknownEndpoint(ep));
+        }
+        let mut extra = regions.to_vec();
+        extra.sort_by_key(|r| r.start);
+        if let Some(r) = extra.iter().find(|r| r.start > r.end) {
+            return Err(ReservedRegionError::Inverted {
+                endpoint: ep,
+                start: r.start,
+                end: r.end,
+            });
+        }
+        let mut all: Vec<ReservedRegion> = self.reserved.iter().chain(&extra).copied().collect();
+        all.sort_by_key(|r| r.start);
+        // spec, PROBE properties / RESV_MEM: "The device SHOULD NOT
+        // present more than one VIRTIO_IOMMU_RESV_MEM_T_MSI property per
+        // endpoint." and "SHOULD NOT present multiple RESV_MEM properties
+        // that overlap each other for the same endpoint."
+        if all.iter().filter(|r| r.kind == ReservedKind::Msi).count() > 1 {
+            return Err(ReservedRegionError::SecondMsi(ep));
+        }
+        if let Some(w) = all.windows(2).find(|w| w[1].start <= w[0].end) {
+            return Err(ReservedRegionError::Overlap {
+                endpoint: ep,
+                start: w[1].start,
+                end: w[1].end,
+                other_start: w[0].start,
+                other_end: w[0].end,
+            });
+        }
+        let host = self
+            .endpoint_reserved
+            .get(&ep)
+            .map(|own| own.host.clone())
+            .unwrap_or_default();
+        self.replace_endpoint_reserved(ep, extra, host)
+    }
+
+    /// Sets the IOVA holes the host IOMMU leaves endpoint `ep` (inclusive
+    /// ranges, from its backend's [`crate::backend::BackendCaps`]): the
+    /// parts inside the input range that the VMM's regions leave free
+    /// become RESV_MEM regions of type RESERVED. Refused, with nothing
+    /// changed, if the endpoint's domain already maps IOVAs in one.
+    pub fn set_host_reserved(
+        &mut self,
+        ep: u32,
+        holes: &[(u64, u64)],
+    ) -> Result<(), ReservedRegionError> {
+        if !self.endpoints.contains_key(&ep) {
+            return Err(ReservedRegionError::UnknownEndpoint(ep));
+        }
+        let extra = self
+            .endpoint_reserved
+            .get(&ep)
+            .map(|own| own.extra.clone())
+            .unwrap_or_default();
+        self.replace_endpoint_reserved(ep, extra, holes.to_vec())
+    }
+
+    /// Installs an endpoint's own regions after checking that its domain
+    /// (if any) maps nothing in them.
+    fn replace_endpoint_reserved(
+        &mut self,
+        ep: u32,
+        extra: Vec<ReservedRegion>,
+        host: Vec<(u64, u64)>,
+    ) -> Result<(), ReservedRegionError> {
+        if extra.is_empty() && host.is_empty() {
+            self.endpoint_reserved.remove(&ep);
+            return Ok(());
+        }
+        let mut base: Vec<ReservedRegion> = self.reserved.iter().chain(&extra).copied().collect();
+        base.sort_by_key(|r| r.start);
+        let merged = merge_host_holes(&base, &host, self.input_start, self.input_end);
+        if let Some(dom) = self.endpoints.get(&ep).copied().flatten() {
+            if let Some(DomainKind::Mapped(t)) = self.domains.get(&dom).map(|d| &d.kind) {
+                if let Some(r) = merged.iter().find(|r| t.overlaps(r.start, r.end)) {
+                    return Err(ReservedRegionError::Mapped {
+                        endpoint: ep,
+                        domain: dom,
+                        start: r.start,
+                        end: r.end,
+                    });
+                }
+            }
+        }
+        self.endpoint_reserved.insert(
+            ep,
+            EndpointReserved {
+                extra,
+                host,
+                merged,
+            },
+        );
+        Ok(())
     }
 }

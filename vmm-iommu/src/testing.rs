@@ -676,6 +676,7 @@ impl RecordingBackend {
                 pasid_bits: 20,
                 table_formats: vec![1, 2, 3, 4],
                 page_requests: true,
+                reserved_ranges: Vec::new(),
             },
         )
     }

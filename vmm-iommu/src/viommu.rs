@@ -15,14 +15,15 @@ pub use lifecycle::HotplugError;
 use crate::backend::{
     BackendError, BackendFault, DomainView, IommuBackend, PageResponse, TableBinding,
 };
-use crate::config::IommuConfig;
+use crate::config::{IommuConfig, ReservedRegion};
 use crate::dma_memory::DmaMemory;
 use crate::fault::FaultQueue;
 use crate::invalidation::{coalesce, Invalidation, WIDEN_THRESHOLD_PAGES};
 use crate::mapping::Mapping;
 use crate::router::{backend_error, Router};
 use crate::state::{
-    FaultReason, IommuState, RequestError, StateSnapshot, Translation, ACCESS_READ, ACCESS_WRITE,
+    FaultReason, IommuState, RequestError, ReservedRegionError, StateSnapshot, Translation,
+    ACCESS_READ, ACCESS_WRITE,
 };
 use crate::translate::{EndpointIommu, Translator};
 use crate::wire::{
@@ -88,6 +89,9 @@ pub struct Viommu {
     /// The config's nested table formats (wire numbers), for endpoints
     /// plugged later.
     nested_formats: Vec<u16>,
+    /// Config-space `probe_size`: how many RESV_MEM properties a PROBE
+    /// can carry.
+    probe_size: u32,
 }
 
 /// The config with `page_size_mask` and `input_range` narrowed to what
@@ -124,6 +128,30 @@ fn narrow_to_backends(cfg: &IommuConfig, endpoints: &[u32], router: &Router) -> 
         }
     }
     out
+}
+
+/// Gives endpoint `ep` the IOVA holes of its host IOMMU as reserved
+/// regions. A list too long for `probe_size` is still enforced (a MAP
+/// there would fail in the host anyway) but PROBE cannot report all of
+/// it: that is the VMM operator's to fix, so it is logged.
+pub(crate) fn set_host_holes(st: &mut IommuState, ep: u32, holes: &[(u64, u64)], probe_size: u32) {
+    if holes.is_empty() {
+        return;
+    }
+    if let Err(e) = st.set_host_reserved(ep, holes) {
+        // Only an attached endpoint can refuse, and endpoints get their
+        // holes before they can attach.
+        log::error!("virtio-iommu: host reserved regions of endpoint {ep}: {e}");
+        return;
+    }
+    let n = st.endpoint_reserved_regions(ep).len();
+    if n * crate::wire::RESV_MEM_PROPERTY_SIZE > probe_size as usize {
+        log::error!(
+            "virtio-iommu: endpoint {ep} has {n} reserved regions (the host's IOVA holes \
+             included); probe_size {probe_size} reports only the first {}: raise probe_size",
+            probe_size as usize / crate::wire::RESV_MEM_PROPERTY_SIZE
+        );
+    }
 }
 
 /// What applying a request did, beyond succeeding.
@@ -177,6 +205,11 @@ impl Viommu {
                 state.set_endpoint_formats(ep, formats);
             }
         }
+        for &ep in endpoints {
+            if let Some(caps) = router.caps(ep) {
+                set_host_holes(&mut state, ep, &caps.reserved_ranges, cfg.probe_size);
+            }
+        }
         Viommu {
             state: RwLock::new(state),
             generation: AtomicU64::new(0),
@@ -189,7 +222,45 @@ impl Viommu {
                 .as_ref()
                 .map(|n| n.formats.iter().map(|f| f.wire()).collect())
                 .unwrap_or_default(),
+            probe_size: cfg.probe_size,
         }
+    }
+
+    /// Adds the VMM's own reserved regions for endpoint `ep` (the VM
+    /// config's `devices[i].reserved_regions`) to the device-wide ones;
+    /// an empty list drops them. PROBE reports them for `ep` alone, and a
+    /// MAP over one is refused (RANGE) in every domain `ep` is in.
+    /// Refused, with nothing changed, when a region is inverted, two of
+    /// the endpoint's regions overlap or are both MSI, the endpoint's
+    /// domain already maps IOVAs in one, or they do not fit in
+    /// `probe_size` beside the others. Call it before the driver probes
+    /// the endpoint: a driver learns reserved regions once.
+    pub fn set_endpoint_reserved_regions(
+        &self,
+        ep: u32,
+        regions: &[ReservedRegion],
+    ) -> Result<(), ReservedRegionError> {
+        let mut st = self.state_mut();
+        let before = st.endpoint_extra_reserved(ep).to_vec();
+        st.set_endpoint_reserved(ep, regions)?;
+        let n = st.endpoint_reserved_regions(ep).len();
+        if n * crate::wire::RESV_MEM_PROPERTY_SIZE > self.probe_size as usize {
+            // Undo: the list before was accepted with the same holes and
+            // mappings (the state lock is held), so this cannot fail.
+            let _ = st.set_endpoint_reserved(ep, &before);
+            return Err(ReservedRegionError::ProbeSize {
+                endpoint: ep,
+                regions: n,
+                probe_size: self.probe_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// The reserved regions PROBE reports for endpoint `ep`: the
+    /// device-wide ones, the VMM's for it and its host's IOVA holes.
+    pub fn endpoint_reserved_regions(&self, ep: u32) -> Vec<ReservedRegion> {
+        self.state().endpoint_reserved_regions(ep).to_vec()
     }
 
     /// The page sizes the device offers: the config's, narrowed to what

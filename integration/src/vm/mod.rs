@@ -948,6 +948,18 @@ impl Vm {
         let mem = layout.guest_memory()?;
         let (dev, emulated) = build_iommu(cfg, &slots, &layout, &mem)?;
         let viommu = Arc::clone(dev.viommu());
+        // Each device's own reserved regions, beside the device-wide ones
+        // (the config checked them; the vIOMMU checks them again).
+        for (i, d) in cfg.devices.iter().enumerate() {
+            if d.iommu && !d.reserved_regions.is_empty() {
+                viommu
+                    .set_endpoint_reserved_regions(d.endpoint, &d.reserved_regions)
+                    .map_err(|e| VmError::Config {
+                        path: format!("devices[{i}].reserved_regions"),
+                        rule: e.to_string(),
+                    })?;
+            }
+        }
         let dmas: Vec<DmaDevice> = slots
             .iter()
             .map(|s| {

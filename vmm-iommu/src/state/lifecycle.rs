@@ -203,6 +203,7 @@ impl IommuState {
         }
         self.endpoints.remove(&ep);
         self.endpoint_formats.remove(&ep);
+        self.endpoint_reserved.remove(&ep);
         Some(attached)
     }
 }

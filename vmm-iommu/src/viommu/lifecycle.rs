@@ -354,6 +354,10 @@ impl Viommu {
                 .collect();
         }
         st.add_endpoint(ep, formats);
+        if let Some(b) = &backend {
+            let holes = b.caps(ep).reserved_ranges;
+            super::set_host_holes(&mut st, ep, &holes, self.probe_size);
+        }
         if let Some(b) = backend {
             b.set_page_requests(st.acked_features() & (1u64 << VIRTIO_IOMMU_F_PAGE_REQUEST) != 0);
             // It arrives unattached: where unattached endpoints bypass,
