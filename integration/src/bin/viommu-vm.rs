@@ -106,10 +106,26 @@ fn main() -> ExitCode {
         Err(e) => {
             // The error chain only: a backtrace helps nobody with a bad
             // flag or config.
-            eprintln!("viommu-vm: {e:#}");
+            eprintln!("viommu-vm: {}", error_chain(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, each once: many errors already print their
+/// source in their own message, and `{:#}` would repeat it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !out.contains(&msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&msg);
+        }
+    }
+    out
 }
 
 fn run() -> Result<ExitCode> {
@@ -136,6 +152,13 @@ fn run() -> Result<ExitCode> {
     let plan = plan(&cfg).with_context(|| format!("config {}", args.config.display()))?;
     let (scenarios, skipped) = (plan.run, plan.skipped);
     describe_vm(&cfg, args.run.fast_paths)?;
+    // Every scenario builds its own VM of this size: a host that cannot
+    // give the memory should say so once, not once per scenario.
+    drop(
+        Layout::new(cfg.memory.size_mib)?
+            .guest_memory()
+            .context("memory.size_mib: the host refused the guest memory")?,
+    );
     for (s, why) in &skipped {
         println!("scenario {}: skipped, {why}", s.as_str());
     }
