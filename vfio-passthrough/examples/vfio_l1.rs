@@ -59,14 +59,14 @@ use vfio_passthrough::sys::{ioas_iova_ranges, VfioHost};
 use vfio_passthrough::{args, GuestRam, IommufdBackend, Type1Backend};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::backend::IommuBackend;
-use vmm_iommu::config::{IommuConfig, NestedConfig, ReservedKind, ReservedRegion, TableFormat};
+use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
 use vmm_iommu::router::Router;
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::{
     AttachReq, AttachTableReq, DetachReq, MapReq, Request, Status, UnmapReq, CONFIG_BYPASS_OFFSET,
     VIRTIO_IOMMU_ATTACH_F_BYPASS, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
     VIRTIO_IOMMU_PROBE_T_PAGE_TABLE_FMT, VIRTIO_IOMMU_PROBE_T_PASID_TABLE_FMT,
-    VIRTIO_IOMMU_PROBE_T_RESV_MEM, VIRTIO_IOMMU_PSTF_INTEL_VTD,
+    VIRTIO_IOMMU_PROBE_T_RESV_MEM, VIRTIO_IOMMU_PSTF_INTEL_VTD, VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
 };
 
 /// edu's endpoint ID at the vIOMMU.
@@ -1091,8 +1091,9 @@ fn sysfs_reserved(device: &Path) -> String {
         .unwrap_or_else(|e| format!("unreadable: {e}"))
 }
 
-/// Items 4 and 5, on a second vIOMMU whose config carries the kernel's
-/// IOVA holes as reserved regions and the nested extension.
+/// Items 4 and 5, on a second vIOMMU with the nested extension and no
+/// reserved regions in its config: the library itself must report the
+/// kernel's IOVA holes (read here independently) for the endpoint.
 fn check_reserved_and_nesting(r: &mut Rig, c: &mut Checks) -> Res<Harness> {
     let (holes, src) = kernel_holes(r)?;
     let msi = holes.iter().any(|&(s, e)| s <= MSI_START && e >= MSI_END);
@@ -1106,16 +1107,8 @@ fn check_reserved_and_nesting(r: &mut Rig, c: &mut Checks) -> Res<Harness> {
         ),
     );
     let cfg = IommuConfig {
-        // The VMM gives the host's holes to the device (the library has no
-        // per-endpoint host reserved regions of its own yet: issue 12).
-        reserved_regions: holes
-            .iter()
-            .map(|&(start, end)| ReservedRegion {
-                start,
-                end,
-                kind: ReservedKind::Reserved,
-            })
-            .collect(),
+        // No reserved regions here: the backend reads the host's holes
+        // (BackendCaps::reserved_ranges) and PROBE must report them.
         nested: Some(NestedConfig {
             formats: vec![TableFormat::IntelVtd],
             pasid_bits: 8,
@@ -1125,12 +1118,24 @@ fn check_reserved_and_nesting(r: &mut Rig, c: &mut Checks) -> Res<Harness> {
     let mut h = r.harness(&cfg);
     let props = probe_props(&mut h)?;
     let resv = resv_mem(&props);
-    let shown = resv.iter().any(|&(_, s, e)| s <= MSI_START && e >= MSI_END);
+    // Every kernel hole inside the device's input range is covered by the
+    // RESV_MEM properties PROBE returns, the MSI window among them.
+    let (lo, hi) = h.dev.viommu().input_range();
+    let covered = |(s, e): (u64, u64)| {
+        let (s, e) = (s.max(lo), e.min(hi));
+        s > e
+            || resv
+                .iter()
+                .any(|&(t, rs, re)| t == VIRTIO_IOMMU_RESV_MEM_T_RESERVED && rs <= s && re >= e)
+    };
+    let shown = resv.iter().any(|&(_, s, e)| s <= MSI_START && e >= MSI_END)
+        && holes.iter().all(|&hole| covered(hole));
     c.check(
         "reserved.probe_reports_hole",
         shown,
         format!(
-            "PROBE RESV_MEM of endpoint {EP}: {}",
+            "kernel holes {}; PROBE RESV_MEM of endpoint {EP}: {}",
+            fmt_ranges(&holes),
             resv.iter()
                 .map(|(t, s, e)| format!("[{s:#x}..={e:#x} subtype {t}]"))
                 .collect::<Vec<_>>()
@@ -1192,7 +1197,11 @@ fn check_hw_info(r: &Rig, b: &IommufdBackend, c: &mut Checks) -> Res<()> {
     let kind = parse_hw_info(&info, &data);
     // SAFETY: both union members are one u32 at the same offset.
     let ty = unsafe { info.__bindgen_anon_1.out_data_type };
-    let caps = caps_from_hw(&kind, info.out_max_pasid_log2);
+    let mut caps = caps_from_hw(&kind, info.out_max_pasid_log2);
+    // The backend adds the device's reserved regions, read from the
+    // kernel (checked by the `reserved.*` items); the rest comes from
+    // IOMMU_GET_HW_INFO alone.
+    caps.reserved_ranges = b.caps(EP).reserved_ranges;
     let (vtd, detail) = match kind {
         HwKind::IntelVtd(h) => (
             ty == iommu_hw_info_type_IOMMU_HW_INFO_TYPE_INTEL_VTD && h.ecap >> 26 & 1 == 0,
