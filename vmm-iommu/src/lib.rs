@@ -112,7 +112,7 @@
 //! driver's side of the queues, for tests, benchmarks and examples.
 
 #![deny(missing_docs)]
-#![deny(unsafe_op_in_unsafe_fn)]
+#![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod config;
