@@ -265,21 +265,33 @@ impl Directory {
         self.stale = 0;
     }
 
+    /// Rebuilds the levels above the leaves in place: called for every
+    /// new leaf and every rebuild, so it reuses the levels' buffers and
+    /// allocates nothing once they are grown (a table that keeps emptying
+    /// and refilling one chunk, as MAP+UNMAP pairs on an empty domain do,
+    /// must not pay an allocation per pair).
     fn rebuild_upper(&mut self) {
-        let mut firsts: Vec<u64> = self.leaves.iter().map(|l| l.keys[0]).collect();
         let mut level = 0;
-        while firsts.len() > 1 {
+        let mut n = self.leaves.len();
+        while n > 1 {
             if self.upper.len() <= level {
                 self.upper.push(Vec::new());
             }
-            let groups = &mut self.upper[level];
+            let (below, rest) = self.upper.split_at_mut(level);
+            let groups = &mut rest[0];
             groups.clear();
-            for c in firsts.chunks(GROUP) {
+            for c in 0..n.div_ceil(GROUP) {
                 let mut g = [u64::MAX; GROUP];
-                g[..c.len()].copy_from_slice(c);
+                for (j, k) in g.iter_mut().enumerate().take(n - c * GROUP) {
+                    let i = c * GROUP + j;
+                    *k = match below.last() {
+                        None => self.leaves[i].keys[0],
+                        Some(prev) => prev[i][0],
+                    };
+                }
                 groups.push(g);
             }
-            firsts = groups.iter().map(|g| g[0]).collect();
+            n = groups.len();
             level += 1;
         }
         self.upper.truncate(level);
@@ -614,7 +626,17 @@ impl MappingTable {
             let chunk = self.entries(slot);
             let lo = chunk.partition_point(|&s| s < start);
             let hi = chunk.partition_point(|&s| s <= end);
-            if hi < chunk.len() {
+            // The range ends in this chunk when an entry of it starts past
+            // `end`, or when no later chunk starts at or before `end` (the
+            // usual UNMAP of the chunk's last mapping, and the only chunk
+            // of a small table).
+            let ends_here = hi < chunk.len()
+                || self
+                    .index
+                    .range((Bound::Excluded(key), Bound::Included(end)))
+                    .next()
+                    .is_none();
+            if ends_here {
                 // `lo - 1` holds the last start below `start`; `hi - 1` the
                 // last start within the range.
                 if let Some(e) = lo.checked_sub(1).and_then(|i| chunk.get(i)) {

@@ -310,6 +310,31 @@ impl Harness {
         router: impl FnOnce(&GuestMemoryMmap, Arc<FaultQueue>) -> Router,
         features: impl FnOnce(&VirtioIommu) -> u64,
     ) -> Self {
+        Self::with_queue_size(
+            cfg,
+            endpoints,
+            mem_mib,
+            extra_ram,
+            crate::device::REQUEST_QUEUE_SIZE,
+            router,
+            features,
+        )
+    }
+
+    /// As [`Self::with_router`], with a request queue of `queue_size`
+    /// entries (a power of two, at most
+    /// [`crate::device::REQUEST_QUEUE_SIZE`]) instead of the largest the
+    /// device accepts: drivers pick their own size (Linux's virtio-iommu
+    /// and the benchmark stream use 256).
+    pub fn with_queue_size(
+        cfg: &IommuConfig,
+        endpoints: &[u32],
+        mem_mib: u64,
+        extra_ram: &[(u64, u64)],
+        queue_size: u16,
+        router: impl FnOnce(&GuestMemoryMmap, Arc<FaultQueue>) -> Router,
+        features: impl FnOnce(&VirtioIommu) -> u64,
+    ) -> Self {
         let size = mem_mib << 20;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .expect("guest memory");
@@ -322,11 +347,7 @@ impl Harness {
         let mut dev = VirtioIommu::with_viommu(cfg, viommu);
         let f = features(&dev);
         dev.set_acked_features(f);
-        let requestq = DriverQueue::new(
-            &mem,
-            GuestAddress(layout::REQUEST_QUEUE),
-            crate::device::REQUEST_QUEUE_SIZE,
-        );
+        let requestq = DriverQueue::new(&mem, GuestAddress(layout::REQUEST_QUEUE), queue_size);
         let eventq = DriverQueue::new(&mem, GuestAddress(layout::EVENT_QUEUE), 64);
         let irq = Arc::new(CountingInterrupt::default());
         dev.activate(

@@ -23,6 +23,9 @@ use vm_memory::{GuestAddress, Permissions};
 use crate::state::{FaultReason, Translation, ACCESS_READ, ACCESS_WRITE};
 use crate::viommu::Viommu;
 
+pub(crate) mod index;
+use index::{Lookup, PageIndex};
+
 /// Entries in a [`Translator`]'s IOTLB (a power of two).
 pub const TLB_ENTRIES: usize = 256;
 const PAGE_SHIFT: u32 = 12;
@@ -61,8 +64,14 @@ pub struct TranslateError {
 /// A per-thread translator for one endpoint, with a direct-mapped IOTLB.
 ///
 /// Get one from [`Viommu::translator`], one per device thread. A hit costs
-/// a generation load and one entry compare; a miss takes the vIOMMU's read
-/// lock. A refusal queues a fault record for the driver.
+/// two generation loads and one entry compare. A miss in a MAP-mode domain
+/// walks the domain's lock-free index (no lock, nothing written that other
+/// threads read: translators on other cores scale, and MAP and UNMAP go on
+/// meanwhile); other misses (bypass, unattached, nested, an index the
+/// writer keeps busy) take the vIOMMU's read lock. The IOTLB is dropped
+/// when its endpoint moves (ATTACH, DETACH, reset, bypass) or its domain
+/// loses a mapping (UNMAP), before that request's status is written. A
+/// refusal queues a fault record for the driver.
 ///
 /// ```
 /// # use std::sync::Arc;
@@ -94,6 +103,13 @@ pub struct TranslateError {
 pub struct Translator {
     viommu: Arc<Viommu>,
     endpoint: u32,
+    /// The vIOMMU's topology generation `index` was resolved under.
+    topology: u64,
+    /// The lock-free index of the endpoint's MAP-mode domain; `None`: the
+    /// locked path.
+    index: Option<Arc<PageIndex>>,
+    /// The generation the IOTLB was filled under: the index's, or without
+    /// one the vIOMMU's.
     generation: u64,
     tlb: Box<[TlbEntry; TLB_ENTRIES]>,
     hits: u64,
@@ -102,15 +118,42 @@ pub struct Translator {
 
 impl Translator {
     pub(crate) fn new(viommu: Arc<Viommu>, endpoint: u32) -> Self {
-        let generation = viommu.generation();
-        Translator {
+        let mut t = Translator {
             viommu,
             endpoint,
-            generation,
+            topology: 0,
+            index: None,
+            generation: 0,
             tlb: Box::new([EMPTY; TLB_ENTRIES]),
             hits: 0,
             misses: 0,
+        };
+        let topology = t.viommu.topology();
+        t.resolve(topology);
+        t
+    }
+
+    /// Finds where misses go under `topology` (loaded before: a change
+    /// after it is seen on the next translation) and empties the IOTLB.
+    #[cold]
+    fn resolve(&mut self, topology: u64) {
+        self.topology = topology;
+        self.index = self.viommu.translation_index(self.endpoint);
+        let generation = self.current_generation();
+        self.flush(generation);
+    }
+
+    #[inline(always)]
+    fn current_generation(&self) -> u64 {
+        match &self.index {
+            Some(ix) => ix.generation(),
+            None => self.viommu.generation(),
         }
+    }
+
+    /// Whether misses go to a lock-free index (for tests and benchmarks).
+    pub fn is_lock_free(&self) -> bool {
+        self.index.is_some()
     }
 
     /// The endpoint this translator serves.
@@ -129,7 +172,11 @@ impl Translator {
     /// queues a fault record for the driver.
     #[inline]
     pub fn translate(&mut self, iova: u64, access: u32) -> Result<(u64, u64), TranslateError> {
-        let generation = self.viommu.generation();
+        let topology = self.viommu.topology();
+        if topology != self.topology {
+            self.resolve(topology);
+        }
+        let generation = self.current_generation();
         if generation != self.generation {
             self.flush(generation);
         }
@@ -152,14 +199,22 @@ impl Translator {
     #[inline(never)]
     fn miss(&mut self, iova: u64, access: u32) -> Result<(u64, u64), TranslateError> {
         self.misses += 1;
-        match self.viommu.translate(self.endpoint, iova, access) {
-            Ok(t) => {
-                let page = iova >> PAGE_SHIFT;
-                let phys = t.gpa(iova & !PAGE_MASK);
+        let page = iova >> PAGE_SHIFT;
+        let found = match self.index.as_ref().map(|ix| ix.lookup(iova)) {
+            Some(Lookup::Page { phys, perm }) if access & !perm == 0 => Ok((phys, perm)),
+            // The state says the same for these: a mapping fault.
+            Some(Lookup::Page { .. } | Lookup::Unmapped) => Err(FaultReason::Mapping),
+            None | Some(Lookup::Busy) => self
+                .viommu
+                .translate(self.endpoint, iova, access)
+                .map(|t| (t.gpa(iova & !PAGE_MASK), t.perm)),
+        };
+        match found {
+            Ok((phys, perm)) => {
                 self.tlb[(page as usize) & (TLB_ENTRIES - 1)] = TlbEntry {
                     tag: page,
                     phys,
-                    perm: t.perm,
+                    perm,
                 };
                 let off = iova & PAGE_MASK;
                 Ok((phys | off, (PAGE_MASK + 1) - off))

@@ -6,8 +6,8 @@
 //! here (through [`crate::translate`]) from their own threads. The handle
 //! owns no thread: the VMM owns them all.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 mod lifecycle;
 pub use lifecycle::HotplugError;
@@ -18,6 +18,7 @@ use crate::backend::{
 use crate::config::{IommuConfig, ReservedRegion};
 use crate::dma_memory::DmaMemory;
 use crate::fault::FaultQueue;
+use crate::idhash::IdMap;
 use crate::invalidation::{coalesce, Invalidation, WIDEN_THRESHOLD_PAGES};
 use crate::mapping::Mapping;
 use crate::router::{backend_error, Router};
@@ -25,6 +26,7 @@ use crate::state::{
     FaultReason, IommuState, RequestError, ReservedRegionError, StateSnapshot, Translation,
     ACCESS_READ, ACCESS_WRITE,
 };
+use crate::translate::index::{IndexWriter, PageIndex};
 use crate::translate::{EndpointIommu, Translator};
 use crate::wire::{
     AttachReq, AttachTableReq, DetachReq, ExtFaultRecord, MapReq, PageRespReq, Request, TableDesc,
@@ -82,6 +84,18 @@ pub struct Viommu {
     /// ATTACH, reset, bypass turned off. Translators compare it with the
     /// generation their cache was filled under.
     generation: AtomicU64,
+    /// Bumped with `generation` on everything but an UNMAP: what
+    /// endpoints are attached where, bypass, and the domains themselves.
+    /// A [`Translator`] resolves its endpoint's domain once per value and
+    /// follows that domain's UNMAPs through its index.
+    topology: AtomicU64,
+    /// The lock-free indexes of MAP-mode domains that translators use
+    /// (`None`: refused, too big), built on a translator's first need,
+    /// kept by MAP and UNMAP, dropped by any other change.
+    indexes: Mutex<IdMap<u32, Option<DomainIndex>>>,
+    /// Whether `indexes` holds anything: MAP and UNMAP skip its lock when
+    /// no translator needs one.
+    has_indexes: AtomicBool,
     faults: Arc<FaultQueue>,
     router: Router,
     page_size_mask: u64,
@@ -154,6 +168,13 @@ pub(crate) fn set_host_holes(st: &mut IommuState, ep: u32, holes: &[(u64, u64)],
     }
 }
 
+/// A domain's lock-free index and its writer's bookkeeping.
+#[derive(Debug)]
+struct DomainIndex {
+    index: Arc<PageIndex>,
+    writer: IndexWriter,
+}
+
 /// What applying a request did, beyond succeeding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied {
@@ -213,6 +234,9 @@ impl Viommu {
         Viommu {
             state: RwLock::new(state),
             generation: AtomicU64::new(0),
+            topology: AtomicU64::new(0),
+            indexes: Mutex::new(IdMap::default()),
+            has_indexes: AtomicBool::new(false),
             faults,
             router,
             page_size_mask: cfg.page_size_mask,
@@ -292,8 +316,71 @@ impl Viommu {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// The current topology generation (see the field).
+    pub(crate) fn topology(&self) -> u64 {
+        self.topology.load(Ordering::Acquire)
+    }
+
+    /// Something other than an UNMAP may have revoked access: every
+    /// translator drops its cache and resolves its endpoint again, and
+    /// every index is dropped (they are rebuilt from the state on need).
     fn bump(&self) {
+        self.drop_indexes();
         self.generation.fetch_add(1, Ordering::Release);
+        self.topology.fetch_add(1, Ordering::Release);
+    }
+
+    fn drop_indexes(&self) {
+        if self.has_indexes.load(Ordering::Acquire) {
+            let mut ix = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+            ix.clear();
+            self.has_indexes.store(false, Ordering::Release);
+        }
+    }
+
+    /// Runs `f` on `domain`'s index if it has one; an index `f` fails on
+    /// is dropped, and translators resolve again (to the locked path).
+    fn with_index(&self, domain: u32, f: impl FnOnce(&PageIndex, &mut IndexWriter) -> bool) {
+        if !self.has_indexes.load(Ordering::Acquire) {
+            return;
+        }
+        let mut ix = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(d)) = ix.get_mut(&domain) {
+            if !f(&d.index, &mut d.writer) {
+                ix.insert(domain, None);
+                self.topology.fetch_add(1, Ordering::Release);
+            }
+        }
+    }
+
+    /// The lock-free index of the MAP-mode domain `ep` is attached to,
+    /// built now if no translator asked before; `None` when `ep` is not
+    /// in such a domain (unattached, bypass, nested) or its index would
+    /// be too big: its translations then take the state's read lock.
+    /// Call with the topology loaded before: a change after it makes the
+    /// caller ask again.
+    pub(crate) fn translation_index(&self, ep: u32) -> Option<Arc<PageIndex>> {
+        // The read lock keeps MAP and UNMAP out while the index is built,
+        // so that it starts equal to the state and follows it after.
+        let st = self.state();
+        let dom = st.endpoint(ep)?.domain?;
+        if st.is_bypass_domain(dom) != Some(false) || st.domain_table(dom).is_some() {
+            return None;
+        }
+        let mut ix = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = ix.get(&dom) {
+            return d.as_ref().map(|d| Arc::clone(&d.index));
+        }
+        let built = PageIndex::build(self.input_range.1, st.mappings(dom).into_iter())
+            .ok()
+            .map(|(index, writer)| DomainIndex {
+                index: Arc::new(index),
+                writer,
+            });
+        let out = built.as_ref().map(|d| Arc::clone(&d.index));
+        ix.insert(dom, built);
+        self.has_indexes.store(true, Ordering::Release);
+        out
     }
 
     /// Applies ATTACH, DETACH, MAP, UNMAP or ATTACH_TABLE, first to the
@@ -531,15 +618,16 @@ impl Viommu {
 
     fn map(&self, st: &mut IommuState, r: &MapReq) -> Result<Applied, RequestError> {
         st.map(r)?;
-        if self.router.is_empty() {
-            return Ok(Applied::Done);
-        }
         let m = Mapping {
             start: r.virt_start,
             end: r.virt_end,
             phys: r.phys_start,
             flags: r.flags,
         };
+        if self.router.is_empty() {
+            self.with_index(r.domain, |ix, w| ix.map(w, &m).is_ok());
+            return Ok(Applied::Done);
+        }
         let backends = self.router.backends_of(st.domain_endpoints(r.domain));
         for (i, b) in backends.iter().enumerate() {
             self.router.count_call();
@@ -561,6 +649,7 @@ impl Viommu {
                 return Err(backend_error(b.as_ref(), &e));
             }
         }
+        self.with_index(r.domain, |ix, w| ix.map(w, &m).is_ok());
         Ok(Applied::Done)
     }
 
@@ -569,8 +658,11 @@ impl Viommu {
         if n == 0 {
             return Ok(Applied::Unmapped(0));
         }
-        self.bump();
+        // Only this domain's mappings went: translators through an index
+        // follow the index's own generation, others this one.
+        self.generation.fetch_add(1, Ordering::Release);
         if self.router.is_empty() {
+            self.unindex(r.domain, st.last_removed());
             return Ok(Applied::Unmapped(n));
         }
         let removed = st.last_removed().to_vec();
@@ -602,7 +694,16 @@ impl Viommu {
                 return Err(backend_error(b.as_ref(), &e));
             }
         }
+        self.unindex(r.domain, &removed);
         Ok(Applied::Unmapped(n))
+    }
+
+    /// Takes the mappings an UNMAP removed out of the domain's index
+    /// before the request's status is written.
+    fn unindex(&self, domain: u32, removed: &[Mapping]) {
+        self.with_index(domain, |ix, w| {
+            removed.iter().all(|m| ix.unmap(w, m).is_ok())
+        });
     }
 
     /// Applies one notification's invalidations of `domain`: coalesces
