@@ -108,8 +108,9 @@
 //! translators, [`translate`] and [`dma_memory`] know caches, [`device`]
 //! knows queues, [`invalidation`], [`backend`] and [`router`] carry
 //! requests to backends, [`nested`] and [`emulated`] know guest tables,
-//! [`snapshot`] saves and restores the device. [`testing`] is the
-//! driver's side of the queues, for tests, benchmarks and examples.
+//! [`snapshot`] saves and restores the device. `testing` (cargo feature
+//! `test-utils`, as virtio-queue's `mock`) is the driver's side of the
+//! queues, for tests, benchmarks and examples; a VMM does not need it.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -128,6 +129,7 @@ pub mod nested;
 pub mod router;
 pub mod snapshot;
 pub mod state;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod translate;
 pub mod viommu;
