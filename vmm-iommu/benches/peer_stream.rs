@@ -538,11 +538,14 @@ impl Opts {
                     o.sections.push(s.into())
                 }
                 // A fixed amount of device-path work for an instruction
-                // profiler (`valgrind --tool=callgrind`): N resident
-                // mappings, then 64 rounds of 64 pairs served inline.
+                // profiler (`valgrind --tool=callgrind`): `profile N R`, N
+                // resident mappings, then R rounds (64) of 64 pairs served
+                // inline; the pairs' share is a run's count minus that of
+                // the same N with R = 0.
                 "profile" => {
-                    let n = args.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-                    o.sections.push(format!("profile {n}"));
+                    let n: u64 = args.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let rounds: u64 = args.next().and_then(|v| v.parse().ok()).unwrap_or(64);
+                    o.sections.push(format!("profile {n} {rounds}"));
                 }
                 _ => {
                     eprintln!(
@@ -1725,15 +1728,18 @@ fn main() {
         index_section(&o);
     }
     for p in &o.sections {
-        if let Some(n) = p
-            .strip_prefix("profile ")
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            let mut b = DeviceBench::new(Notify::Inline);
-            b.populate(n);
-            let mut s = PairStream::new(n);
-            let t: Duration = (0..64).map(|_| b.pairs(&mut s, ROUND_PAIRS).0).sum();
-            println!("profile: N={n}, 4,096 pairs inline in {t:?}");
-        }
+        let Some(args) = p.strip_prefix("profile ") else {
+            continue;
+        };
+        let mut it = args.split(' ').filter_map(|a| a.parse::<u64>().ok());
+        let (n, rounds) = (it.next().unwrap_or(0), it.next().unwrap_or(64));
+        let mut b = DeviceBench::new(Notify::Inline);
+        b.populate(n);
+        let mut s = PairStream::new(n);
+        let t: Duration = (0..rounds).map(|_| b.pairs(&mut s, ROUND_PAIRS).0).sum();
+        println!(
+            "profile: N={n}, {} pairs inline in {t:?} (subtract a run of 0 rounds)",
+            rounds * ROUND_PAIRS as u64
+        );
     }
 }

@@ -725,7 +725,16 @@ impl MappingTable {
         };
         let Some(first) = self.entries(slot).first_start() else {
             self.free_slot(slot);
-            self.dir.stale += 1;
+            if self.index.is_empty() {
+                // The table is empty: so is the directory, with no rebuild
+                // (MAP+UNMAP pairs on an empty domain come here every pair).
+                self.dir.leaves.clear();
+                self.dir.len = 0;
+                self.dir.stale = 0;
+                self.dir.rebuild_upper();
+            } else {
+                self.dir.stale += 1;
+            }
             return;
         };
         self.index.insert(first, slot);
