@@ -426,7 +426,7 @@ done
 
 echo
 say "checks:"
-declare -A VIOMMU BLK FIG VMEND
+declare -A TIME VIOMMU BLK FIG VMEND
 for c in "${CASES[@]}"; do
     sec=$(section "$c")
     if [ -z "$sec" ] && ! grep -qx "L1-CASE-START $c" "$LOG"; then
@@ -438,6 +438,7 @@ for c in "${CASES[@]}"; do
     VMEND[$c]=$vmend
     VIOMMU[$c]=$(echo "$sec" | grep -E '^linux-vm: viommu ' | tail -1 || true)
     BLK[$c]=$(echo "$sec" | grep -E '^linux-vm: device blk0 ' | tail -1 || true)
+    TIME[$c]=$(echo "$sec" | grep -E '^linux-vm: time ' | tail -1 || true)
     FIG[$c]=$(echo "$sec" | grep -E '^L2-FIG ' | tail -1 || true)
     # The guest's own checks.
     while IFS= read -r line; do
@@ -550,6 +551,16 @@ for c in "${CASES[@]}"; do
         }'
 done
 [ -z "$LAZY_NOTE" ] || say "lazy against strict, ${LAZY_NOTE}"
+# Where a block request's time goes in the VMM (whole boot, per request):
+# serving blk notifications (the request, its DMA translated through the
+# vIOMMU and copied) and serving the virtio-iommu's MAP/UNMAP requests.
+for c in off strict lazy identity; do
+    b=${BLK[$c]:-} t=${TIME[$c]:-}
+    [ -n "$b" ] || continue
+    ios=$(($(field "$b" reads || true) + 0 + $(field "$b" writes || true) + 0 + $(field "$b" flushes || true) + 0))
+    [ "$ios" -gt 0 ] || continue
+    say "breakdown ${c}: per block request the VMM spent $(awk -v u="$(field "$b" notify_us)" -v n="$ios" 'BEGIN { printf "%.1f", u / n }') us serving blk (its DMA through the vIOMMU included) and $(awk -v u="$(field "$t" iommu_us)" -v n="$ios" 'BEGIN { printf "%.1f", u / n }') us serving virtio-iommu requests ($(field "$t" iommu_ns_per_request) ns per request; ${ios} block requests)"
+done
 echo
 say "total $(elapsed) s (run $(($(date +%s) - t_run)) s)"
 [ "$run_rc" = 0 ] || record "run.exit_status" FAIL "(the run ended with status ${run_rc}; 124 is the ${RUN_TIMEOUT} s timeout)"

@@ -106,14 +106,24 @@ fn report(o: &LinuxOutcome) {
         o.test_hook_dmas,
         s.notifications,
     );
+    // Where the VMM's time went (figures only): the vIOMMU's requests, and
+    // each device's notifications with its DMA through the vIOMMU.
+    let (n, ns) = o.iommu_notify_time;
+    println!(
+        "linux-vm: time iommu_notifies={n} iommu_us={} iommu_ns_per_request={}",
+        ns / 1000,
+        ns / s.requests.iter().sum::<u64>().max(1)
+    );
     for d in &o.devices {
+        let (n, ns) = d.notify_time;
         let head = format!(
-            "linux-vm: device {} type={} endpoint={} iommu={} access_platform={}",
+            "linux-vm: device {} type={} endpoint={} iommu={} access_platform={} notifies={n} notify_us={}",
             d.id,
             d.kind.as_str(),
             d.endpoint,
             d.behind_iommu,
-            d.access_platform
+            d.access_platform,
+            ns / 1000
         );
         match &d.counters {
             DeviceCounters::Blk(b) => println!(

@@ -37,6 +37,7 @@ use super::cpu::{self, CpuError};
 use super::layout;
 use super::rng::{RngStats, VirtioRng};
 use super::serial::{Console, ConsoleLog};
+use crate::vm::virtio_mmio::regs::QUEUE_NOTIFY;
 use crate::vm::virtio_mmio::{MmioInterrupt, VirtioDevice, VirtioMmio};
 use crate::vm::watchdog::run_with_watchdog;
 
@@ -170,6 +171,9 @@ pub struct DeviceReport {
     pub access_platform: bool,
     /// Its counters.
     pub counters: DeviceCounters,
+    /// Queue notifications the VMM served for it, and the nanoseconds
+    /// they took (its DMA through the vIOMMU included).
+    pub notify_time: (u64, u64),
 }
 
 /// A run that started: how it ended (a clean power-off, or not) and what
@@ -186,6 +190,9 @@ pub struct LinuxOutcome {
     pub iommu: DeviceStats,
     /// The virtio-iommu's features the driver accepted.
     pub iommu_features: u64,
+    /// Request- and event-queue notifications the VMM served for the
+    /// virtio-iommu, and the nanoseconds they took.
+    pub iommu_notify_time: (u64, u64),
     /// The virtio devices, in config order.
     pub devices: Vec<DeviceReport>,
     /// Stray DMAs the test hook issued.
@@ -229,6 +236,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 type IommuTransport = Arc<Mutex<VirtioMmio<VirtioIommu>>>;
 
+/// Time the VMM spent serving one device's queue notifications, for the
+/// breakdown of what a DMA costs (figures only, never asserted).
+#[derive(Debug, Default)]
+pub struct NotifyTime {
+    count: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl NotifyTime {
+    fn add(&self, since: Instant) {
+        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.nanos.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Notifications served and the nanoseconds they took.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.nanos.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// A virtio-mmio window on the MMIO bus. After each write to a device
 /// behind the vIOMMU, the fault records its DMA raised go to the event
 /// queue before the write returns.
@@ -236,6 +267,7 @@ struct Window<D: VirtioDevice> {
     transport: VirtioMmio<D>,
     mem: GuestMemoryMmap,
     iommu: Option<IommuTransport>,
+    time: Arc<NotifyTime>,
 }
 
 impl<D: VirtioDevice> MutDeviceMmio for Window<D> {
@@ -244,9 +276,13 @@ impl<D: VirtioDevice> MutDeviceMmio for Window<D> {
     }
 
     fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        let start = Instant::now();
         self.transport.write(&self.mem, offset, data);
         if let Some(i) = &self.iommu {
             lock(i).process_pending(&self.mem);
+        }
+        if offset == QUEUE_NOTIFY {
+            self.time.add(start);
         }
     }
 }
@@ -256,6 +292,7 @@ impl<D: VirtioDevice> MutDeviceMmio for Window<D> {
 struct IommuWindow {
     transport: IommuTransport,
     mem: GuestMemoryMmap,
+    time: Arc<NotifyTime>,
 }
 
 impl MutDeviceMmio for IommuWindow {
@@ -264,9 +301,13 @@ impl MutDeviceMmio for IommuWindow {
     }
 
     fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        let start = Instant::now();
         let mut t = lock(&self.transport);
         t.write(&self.mem, offset, data);
         t.process_pending(&self.mem);
+        if offset == QUEUE_NOTIFY {
+            self.time.add(start);
+        }
     }
 }
 
@@ -421,6 +462,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
     let endpoints = cfg.endpoints();
     let dev = VirtioIommu::new(&cfg.iommu, &endpoints, &[(0, ram_end - 1)])?;
     let viommu = dev.viommu().clone();
+    let iommu_time = Arc::new(NotifyTime::default());
     let iommu: IommuTransport = Arc::new(Mutex::new(VirtioMmio::with_interrupt(
         dev,
         Arc::new(MmioInterrupt::with_irqfd(irq_line(
@@ -435,6 +477,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
         Arc::new(Mutex::new(IommuWindow {
             transport: iommu.clone(),
             mem: mem.clone(),
+            time: iommu_time.clone(),
         })),
     )?;
     let mut nodes = vec![VirtioMmioNode {
@@ -446,6 +489,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
 
     // The virtio devices, windows 1.. in config order.
     let mut slots = Vec::new();
+    let mut times = Vec::new();
     for (i, d) in cfg.devices.iter().enumerate() {
         let w = i + 1;
         let interrupt = Arc::new(MmioInterrupt::with_irqfd(irq_line(
@@ -456,6 +500,8 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
         let behind = d.iommu.then(|| iommu.clone());
         let what = format!("{} ({})", d.id, d.kind.as_str());
         let base = layout::virtio_mmio_base(w);
+        let time = Arc::new(NotifyTime::default());
+        times.push(time.clone());
         match d.kind {
             LinuxDeviceKind::VirtioBlk => {
                 let blk = VirtioBlk::new(d.disk_bytes(), ep_iommu)?;
@@ -463,6 +509,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
                     transport: VirtioMmio::with_interrupt(blk, interrupt),
                     mem: mem.clone(),
                     iommu: behind,
+                    time: time.clone(),
                 }));
                 register_mmio(&mut io, &what, base, win.clone())?;
                 slots.push(Slot::Blk(win));
@@ -473,6 +520,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
                     transport: VirtioMmio::with_interrupt(rng, interrupt),
                     mem: mem.clone(),
                     iommu: behind,
+                    time: time.clone(),
                 }));
                 register_mmio(&mut io, &what, base, win.clone())?;
                 slots.push(Slot::Rng(win));
@@ -597,7 +645,8 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
         .devices
         .iter()
         .zip(&slots)
-        .map(|(d, s)| {
+        .zip(&times)
+        .map(|((d, s), time)| {
             let (counters, access_platform) = match s {
                 Slot::Blk(w) => {
                     let w = lock(w);
@@ -621,6 +670,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
                 behind_iommu: d.iommu,
                 access_platform,
                 counters,
+                notify_time: time.get(),
             }
         })
         .collect();
@@ -630,6 +680,7 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
         wall,
         iommu: iommu_stats,
         iommu_features,
+        iommu_notify_time: iommu_time.get(),
         devices,
         test_hook_dmas: test_hook_dmas.load(Ordering::Relaxed),
         unclaimed_accesses: unclaimed,
