@@ -67,7 +67,6 @@ pub(crate) enum Lookup {
 pub(crate) struct TooBig;
 
 /// The shared, lock-free part: what readers see.
-#[derive(Debug)]
 pub(crate) struct PageIndex {
     /// Even while the tree is consistent, odd while the writer changes it.
     seq: AtomicU64,
@@ -82,14 +81,37 @@ pub(crate) struct PageIndex {
     segments: Box<[OnceLock<Box<[AtomicU64]>>]>,
 }
 
+impl std::fmt::Debug for PageIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the nodes: a million mappings make megabytes of them.
+        f.debug_struct("PageIndex")
+            .field("levels", &(self.levels + 1))
+            .field("generation", &self.generation.load(Ordering::Relaxed))
+            .field(
+                "segments",
+                &self.segments.iter().filter(|s| s.get().is_some()).count(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 /// The writer's bookkeeping, kept apart from the shared part (only the
 /// thread holding the state's write lock touches it).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct IndexWriter {
     /// Entries in use per node.
     counts: Vec<u16>,
     /// Nodes no table uses.
     free: Vec<u32>,
+}
+
+impl std::fmt::Debug for IndexWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexWriter")
+            .field("nodes", &self.counts.len())
+            .field("free", &self.free.len())
+            .finish()
+    }
 }
 
 /// Bytes one entry at `level` covers.
