@@ -278,7 +278,7 @@ fn session(which: Which, device: Option<&Path>) -> Result<()> {
         faults,
         router,
     ));
-    let mut dev = VirtioIommu::with_viommu(&cfg, viommu);
+    let mut dev = VirtioIommu::with_viommu(viommu);
     println!(
         "vmm: config space page_size_mask {:#x} (the config's, narrowed to the backend's)",
         dev.config().page_size_mask

@@ -239,13 +239,16 @@ impl VirtioIommu {
         ram: &[(u64, u64)],
     ) -> Result<Self, DeviceError> {
         let viommu = Arc::new(Viommu::new(cfg, endpoints, ram).map_err(DeviceError::EventFd)?);
-        Ok(Self::with_viommu(cfg, viommu))
+        Ok(Self::with_viommu(viommu))
     }
 
     /// A device over an existing vIOMMU (one built with backends, see
-    /// [`Viommu::with_router`]). The nested extension is offered when the
-    /// config enables it; page requests when a backend can send them.
-    pub fn with_viommu(cfg: &IommuConfig, viommu: Arc<Viommu>) -> Self {
+    /// [`Viommu::with_router`]), offering what the vIOMMU's config says
+    /// ([`Viommu::config`]: one source of truth). The nested extension is
+    /// offered when the config enables it; page requests when a backend
+    /// can send them.
+    pub fn with_viommu(viommu: Arc<Viommu>) -> Self {
+        let cfg = &viommu.config().clone();
         let mut avail = bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
             | bit(VIRTIO_RING_F_EVENT_IDX)

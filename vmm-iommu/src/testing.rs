@@ -344,7 +344,7 @@ impl Harness {
             Arc::new(FaultQueue::new(cfg.limits.max_pending_faults as usize).expect("fault queue"));
         let router = router(&mem, faults.clone());
         let viommu = Arc::new(Viommu::with_router(cfg, endpoints, &ram, faults, router));
-        let mut dev = VirtioIommu::with_viommu(cfg, viommu);
+        let mut dev = VirtioIommu::with_viommu(viommu);
         let f = features(&dev);
         dev.set_acked_features(f);
         let requestq = DriverQueue::new(&mem, GuestAddress(layout::REQUEST_QUEUE), queue_size);
@@ -396,7 +396,7 @@ impl Harness {
             Arc::new(FaultQueue::new(cfg.limits.max_pending_faults as usize).expect("fault queue"));
         let router = router(&mem, faults.clone());
         let viommu = Arc::new(Viommu::with_router(cfg, endpoints, &ram, faults, router));
-        let mut dev = VirtioIommu::with_viommu(cfg, viommu);
+        let mut dev = VirtioIommu::with_viommu(viommu);
         let irq = Arc::new(CountingInterrupt::default());
         dev.restore(snap, &mem, irq.clone())?;
         Ok(Harness {

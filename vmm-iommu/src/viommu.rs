@@ -106,6 +106,9 @@ pub struct Viommu {
     /// Config-space `probe_size`: how many RESV_MEM properties a PROBE
     /// can carry.
     probe_size: u32,
+    /// The `iommu` config the vIOMMU was built from, narrowed to what its
+    /// backends can map: the one source the device reads its offer from.
+    config: IommuConfig,
 }
 
 /// The config with `page_size_mask` and `input_range` narrowed to what
@@ -247,7 +250,14 @@ impl Viommu {
                 .map(|n| n.formats.iter().map(|f| f.wire()).collect())
                 .unwrap_or_default(),
             probe_size: cfg.probe_size,
+            config: cfg.clone(),
         }
+    }
+
+    /// The `iommu` config this vIOMMU was built from, with `page_size_mask`
+    /// and `input_range` narrowed to what its backends can map.
+    pub fn config(&self) -> &IommuConfig {
+        &self.config
     }
 
     /// Adds the VMM's own reserved regions for endpoint `ep` (the VM

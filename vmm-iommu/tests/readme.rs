@@ -123,7 +123,7 @@ fn readme_nested_router() -> Result {
     router.add(emu.clone(), &[8]);              // endpoint 8: an emulated device
     // router.add(Arc::new(iommufd_backend), &[16]);   // endpoint 16: assigned
     let viommu = Arc::new(Viommu::with_router(&cfg, &[8, 16], &ram, faults, router));
-    let dev = VirtioIommu::with_viommu(&cfg, viommu);
+    let dev = VirtioIommu::with_viommu(viommu);
 
     // Endpoint 8's DMA with PASID 5 through the guest's own tables:
     let dma_mem = vm_memory::iommu::IommuMemory::new(guest_mem.clone(), emu.endpoint_iommu(8, Some(5)), true, ());

@@ -392,7 +392,7 @@ fn restore_of_a_snapshot_mapping_over_an_endpoints_region_is_refused() {
     viommu
         .set_endpoint_reserved_regions(EP, &[region(OWN, ReservedKind::Reserved)])
         .unwrap();
-    let mut dev = VirtioIommu::with_viommu(&cfg(), viommu.clone());
+    let mut dev = VirtioIommu::with_viommu(viommu.clone());
     let err = dev
         .restore(&snap, &plain.mem, Arc::new(CountingInterrupt::default()))
         .unwrap_err();

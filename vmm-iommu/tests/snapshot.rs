@@ -932,7 +932,7 @@ fn failed_restore_undoes_the_backend_and_leaves_the_device_fresh() {
         faults,
         r,
     ));
-    let mut dev = VirtioIommu::with_viommu(&cfg, viommu);
+    let mut dev = VirtioIommu::with_viommu(viommu);
     let irq = Arc::new(CountingInterrupt::default());
     // The state is checked whole before any backend call.
     assert!(dev.restore(&bad, &h.mem, irq.clone()).is_err());

@@ -773,7 +773,7 @@ fn build_iommu(
     let viommu = Arc::new(Viommu::with_router(
         &cfg.iommu, &endpoints, &ram, faults, router,
     ));
-    Ok((VirtioIommu::with_viommu(&cfg.iommu, viommu), Some(emu)))
+    Ok((VirtioIommu::with_viommu(viommu), Some(emu)))
 }
 
 impl Vm {
