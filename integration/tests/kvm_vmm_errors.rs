@@ -37,7 +37,9 @@ fn guest_that_never_ends_is_stopped_by_the_watchdog_with_its_serial_log() {
     assert!(matches!(e, VmError::Timeout { .. }), "{e}");
     assert!(e.serial().unwrap().contains("selftest: 0x100"), "{e}");
     assert!(e.to_string().contains("guest serial log"), "{e}");
-    assert!(start.elapsed() < Duration::from_secs(5));
+    // The watchdog ended it: reaching here is the check (no time bound,
+    // a busy host only makes the kick later); it cannot end early.
+    assert!(start.elapsed() >= Duration::from_millis(300));
 }
 
 #[test]

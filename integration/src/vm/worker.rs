@@ -361,7 +361,12 @@ mod tests {
         kicks[0].write(1).unwrap();
         let start = Instant::now();
         while shared.lock().stats().stale_kicks == 0 {
-            assert!(start.elapsed() < Duration::from_secs(5), "kick not served");
+            // A hang guard, not a speed bound: the kick is served or the
+            // worker is broken; a busy host only makes this take longer.
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "the worker never served the kick"
+            );
             thread::sleep(Duration::from_millis(1));
         }
         let st = w.stop();
