@@ -1,7 +1,44 @@
 # Shared by scripts/linux-guest.sh and scripts/vfio-l1.sh (sourced, after
-# they define `die`): unpacking Debian kernel packages and picking the
-# modules an initramfs needs, dependencies first.
+# they define `die`): finding the machine's Debian mirror, unpacking kernel
+# packages and picking the modules an initramfs needs, dependencies first.
 # shellcheck shell=bash
+
+# Prints "URI KEYRING" of the machine's Debian mirror for suite $1.
+debian_mirror() {
+    local code=$1 f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] || continue
+        awk -v code="$code" 'BEGIN { RS = "" }
+            {
+                uri = ""; suites = ""; key = ""; types = ""
+                n = split($0, L, "\n")
+                for (i = 1; i <= n; i++) {
+                    l = L[i]
+                    if (l ~ /^#/) continue
+                    if (l ~ /^Types:/)     { sub(/^Types:[ \t]*/, "", l); types = l }
+                    if (l ~ /^URIs:/)      { sub(/^URIs:[ \t]*/, "", l); uri = l }
+                    if (l ~ /^Suites:/)    { sub(/^Suites:[ \t]*/, "", l); suites = l }
+                    if (l ~ /^Signed-By:/) { sub(/^Signed-By:[ \t]*/, "", l); key = l }
+                }
+                if ((" " types " ") ~ / deb / && (" " suites " ") ~ (" " code " ") && uri != "") {
+                    split(uri, u, /[ \t]+/); print u[1], key; exit
+                }
+            }' "$f"
+    done
+    if [ -r /etc/apt/sources.list ]; then
+        awk -v code="$code" '$1 == "deb" {
+                i = 2; key = ""
+                if ($2 ~ /^\[/) {
+                    while (i <= NF) {
+                        if ($i ~ /signed-by=/) { key = $i; sub(/.*signed-by=/, "", key); sub(/\]$/, "", key) }
+                        if ($i ~ /\]$/) { i++; break }
+                        i++
+                    }
+                }
+                if ($(i + 1) == code) { print $i, key; exit }
+            }' /etc/apt/sources.list
+    fi
+}
 
 # extract DEB DIR: unpacks once (DIR/.deb names the package file).
 extract() {
