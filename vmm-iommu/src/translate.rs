@@ -201,7 +201,9 @@ impl Translator {
         self.misses += 1;
         let page = iova >> PAGE_SHIFT;
         let found = match self.index.as_ref().map(|ix| ix.lookup(iova)) {
-            Some(Lookup::Page { phys, perm }) if access & !perm == 0 => Ok((phys, perm)),
+            Some(Lookup::Page { phys, perm, .. }) if access & !perm == 0 => {
+                Ok((phys & !PAGE_MASK, perm))
+            }
             // The state says the same for these: a mapping fault.
             Some(Lookup::Page { .. } | Lookup::Unmapped) => Err(FaultReason::Mapping),
             None | Some(Lookup::Busy) => self

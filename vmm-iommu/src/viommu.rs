@@ -336,8 +336,11 @@ impl Viommu {
     /// every index is dropped (they are rebuilt from the state on need).
     fn bump(&self) {
         self.drop_indexes();
-        self.generation.fetch_add(1, Ordering::Release);
+        // Topology first: a reader that loads the new generation then sees
+        // the new topology too, so a `DmaMemory` that filled an entry
+        // through a stale index notices before it caches it.
         self.topology.fetch_add(1, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     fn drop_indexes(&self) {
@@ -668,11 +671,9 @@ impl Viommu {
         if n == 0 {
             return Ok(Applied::Unmapped(0));
         }
-        // Only this domain's mappings went: translators through an index
-        // follow the index's own generation, others this one.
-        self.generation.fetch_add(1, Ordering::Release);
         if self.router.is_empty() {
             self.unindex(r.domain, st.last_removed());
+            self.revoked();
             return Ok(Applied::Unmapped(n));
         }
         let removed = st.last_removed().to_vec();
@@ -705,7 +706,17 @@ impl Viommu {
             }
         }
         self.unindex(r.domain, &removed);
+        self.revoked();
         Ok(Applied::Unmapped(n))
+    }
+
+    /// Only this domain's mappings went: translators through an index
+    /// follow the index's own generation, others this one. Moved after the
+    /// index lost them (and still under the state's write lock, before the
+    /// status is written), so that a cache filled from the index under the
+    /// old generation dies and one filled under the new one saw them gone.
+    fn revoked(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Takes the mappings an UNMAP removed out of the domain's index

@@ -53,9 +53,11 @@ const READ_ATTEMPTS: usize = 4;
 /// The answer of a lock-free lookup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Lookup {
-    /// The guest-physical address of the 4 KiB page and the permitted
-    /// accesses (`ACCESS_*` bits).
-    Page { phys: u64, perm: u32 },
+    /// The guest-physical address of the looked-up byte, the permitted
+    /// accesses (`ACCESS_*` bits) and the last IOVA of the index entry
+    /// (a 4 KiB page, or a 2 MiB, 1 GiB ... block) that translates it:
+    /// every byte up to it translates linearly alike.
+    Page { phys: u64, perm: u32, last: u64 },
     /// Nothing is mapped there.
     Unmapped,
     /// The writer kept changing the tree: ask the state.
@@ -213,7 +215,7 @@ impl PageIndex {
             };
             let e = w.load(Ordering::Relaxed);
             if e & LEAF != 0 {
-                let off = iova & (span(level) - 1) & ADDR_MASK;
+                let off = iova & (span(level) - 1);
                 let mut perm = 0;
                 if e & PERM_READ != 0 {
                     perm |= ACCESS_READ;
@@ -224,6 +226,7 @@ impl PageIndex {
                 return Lookup::Page {
                     phys: (e & ADDR_MASK).wrapping_add(off),
                     perm,
+                    last: iova | (span(level) - 1),
                 };
             }
             if e & TABLE == 0 || level == 0 {
@@ -426,8 +429,9 @@ mod tests {
         assert_eq!(
             ix.lookup(0x1_1abc),
             Lookup::Page {
-                phys: 0x40_1000,
-                perm: RW
+                phys: 0x40_1abc,
+                perm: RW,
+                last: 0x1_1fff,
             }
         );
         assert_eq!(ix.lookup(0x1_3000), Lookup::Unmapped);
@@ -446,7 +450,13 @@ mod tests {
                 ix.lookup(iova),
                 Lookup::Page {
                     phys: 0x8000_0000 + (iova - start),
-                    perm: ACCESS_READ
+                    perm: ACCESS_READ,
+                    // The 2 MiB-aligned middle is one block entry.
+                    last: if iova >> 21 == (1 << 30) >> 21 {
+                        (1 << 30) + 0x1f_ffff
+                    } else {
+                        iova | 0xfff
+                    },
                 },
                 "{iova:#x}"
             );
@@ -482,8 +492,9 @@ mod tests {
         assert_eq!(
             ix.lookup(u64::MAX),
             Lookup::Page {
-                phys: 0x1000,
-                perm: RW
+                phys: 0x1fff,
+                perm: RW,
+                last: u64::MAX,
             }
         );
         let all = m(0, u64::MAX, 0, RW);
@@ -493,7 +504,10 @@ mod tests {
             ix.lookup(0x1234_5678_9000),
             Lookup::Page {
                 phys: 0x1234_5678_9000,
-                perm: RW
+                perm: RW,
+                // One entry of the root covers 2^48 bytes here (levels
+                // for a 64-bit space).
+                last: 0x1234_5678_9000 | ((1 << 57) - 1),
             }
         );
     }
@@ -506,7 +520,8 @@ mod tests {
             ix.lookup(0x1000),
             Lookup::Page {
                 phys: 0x2000,
-                perm: 0
+                perm: 0,
+                last: 0x1fff,
             }
         );
     }
