@@ -14,7 +14,8 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use serde::Deserialize;
-use vmm_iommu::config::IommuConfig;
+use vmm_iommu::config::{IommuConfig, ReservedRegion};
+use vmm_iommu::Viommu;
 
 use super::layout;
 
@@ -131,6 +132,12 @@ pub struct LinuxDevice {
     /// virtio-blk only: the disk size in MiB (default 64).
     #[serde(default)]
     pub disk_mib: Option<u64>,
+    /// Reserved regions of this device's endpoint alone, beside
+    /// `iommu.reserved_regions`: PROBE reports both to the guest (Linux
+    /// lists them in the group's `reserved_regions`). Only for a device
+    /// behind the vIOMMU.
+    #[serde(default)]
+    pub reserved_regions: Vec<ReservedRegion>,
 }
 
 impl LinuxDevice {
@@ -210,6 +217,39 @@ impl LinuxVmConfig {
                 }
                 _ => {}
             }
+            if !d.iommu && !d.reserved_regions.is_empty() {
+                return Err(invalid(
+                    format!("devices[{i}].reserved_regions"),
+                    "only a device behind the vIOMMU (\"iommu\": true) has reserved regions",
+                ));
+            }
+        }
+        self.check_endpoint_regions(&self.viommu_for_checks()?)
+    }
+
+    /// A vIOMMU with this config's endpoints, to check per-endpoint
+    /// reserved regions by the very rules the VM applies.
+    fn viommu_for_checks(&self) -> Result<Viommu, LinuxConfigError> {
+        let ram = (0, (self.memory.size_mib << 20) - 1);
+        Viommu::new(&self.iommu, &self.endpoints(), &[ram]).map_err(|e| {
+            invalid(
+                "iommu",
+                format!("cannot build the vIOMMU to check the regions: {e}"),
+            )
+        })
+    }
+
+    /// Gives each device behind `viommu` its own reserved regions, as
+    /// the VM does before the guest probes; a refusal names the device.
+    pub fn check_endpoint_regions(&self, viommu: &Viommu) -> Result<(), LinuxConfigError> {
+        for (i, d) in self.devices.iter().enumerate() {
+            if d.iommu && !d.reserved_regions.is_empty() {
+                viommu
+                    .set_endpoint_reserved_regions(d.endpoint, &d.reserved_regions)
+                    .map_err(|e| {
+                        invalid(format!("devices[{i}].reserved_regions"), e.to_string())
+                    })?;
+            }
         }
         Ok(())
     }
@@ -249,6 +289,27 @@ mod tests {
     }
 
     #[test]
+    fn a_device_region_is_reported_to_that_endpoint_alone() {
+        let c = LinuxVmConfig::from_json_str(
+            r#"{"iommu": {"reserved_regions": [{"start": "0xfee00000", "end": "0xfeefffff", "kind": "msi"}]},
+                "devices": [{"id": "blk0", "kind": "virtio-blk", "endpoint": 8,
+                             "reserved_regions": [{"start": "0xd0000000", "end": "0xd00fffff", "kind": "reserved"}]},
+                            {"id": "rng0", "kind": "virtio-rng", "endpoint": 9}]}"#,
+        )
+        .unwrap();
+        let v = c.viommu_for_checks().unwrap();
+        c.check_endpoint_regions(&v).unwrap();
+        let starts = |ep| -> Vec<u64> {
+            v.endpoint_reserved_regions(ep)
+                .iter()
+                .map(|r| r.start)
+                .collect()
+        };
+        assert_eq!(starts(8), vec![0xd000_0000, 0xfee0_0000]);
+        assert_eq!(starts(9), vec![0xfee0_0000]);
+    }
+
+    #[test]
     fn every_rule_names_its_path() {
         assert!(err(r#"{"memory": {"size_mib": 64}}"#).starts_with("memory.size_mib:"));
         assert!(err(r#"{"memory": {"size_mib": 4096}}"#).starts_with("memory.size_mib:"));
@@ -261,6 +322,16 @@ mod tests {
         let big =
             r#"{"devices": [{"id": "a", "kind": "virtio-blk", "endpoint": 8, "disk_mib": 4096}]}"#;
         assert!(err(big).starts_with("devices[0].disk_mib:"));
+        let off_iommu = r#"{"devices": [{"id": "a", "kind": "virtio-rng", "endpoint": 8, "iommu": false,
+            "reserved_regions": [{"start": "0x1000", "end": "0x1fff", "kind": "reserved"}]}]}"#;
+        assert!(err(off_iommu).starts_with("devices[0].reserved_regions:"));
+        let inverted = r#"{"devices": [{"id": "a", "kind": "virtio-rng", "endpoint": 8,
+            "reserved_regions": [{"start": "0x2000", "end": "0x1fff", "kind": "reserved"}]}]}"#;
+        assert!(
+            err(inverted).starts_with("devices[0].reserved_regions:"),
+            "{}",
+            err(inverted)
+        );
         let range = r#"{"iommu": {"input_range": {"start": "0x2000", "end": "0x1000"}}}"#;
         assert!(
             err(range).starts_with("iommu.input_range:"),

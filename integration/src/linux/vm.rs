@@ -95,6 +95,9 @@ pub enum LinuxError {
     /// The virtio-iommu cannot be built.
     #[error("cannot create the virtio-iommu: {0}")]
     Device(#[from] DeviceError),
+    /// The config's per-device reserved regions are refused.
+    #[error(transparent)]
+    Config(#[from] super::config::LinuxConfigError),
     /// A virtio-blk disk cannot be built.
     #[error(transparent)]
     Blk(#[from] super::blk::BlkError),
@@ -462,6 +465,8 @@ pub fn run_linux(cfg: &LinuxVmConfig, opts: &LinuxRunOptions) -> Result<LinuxOut
     let endpoints = cfg.endpoints();
     let dev = VirtioIommu::new(&cfg.iommu, &endpoints, &[(0, ram_end - 1)])?;
     let viommu = dev.viommu().clone();
+    // Each device's own reserved regions, before the guest can probe.
+    cfg.check_endpoint_regions(&viommu)?;
     let iommu_time = Arc::new(NotifyTime::default());
     let iommu: IommuTransport = Arc::new(Mutex::new(VirtioMmio::with_interrupt(
         dev,
