@@ -315,7 +315,7 @@ impl IommufdBackend {
                 device,
                 iommufd: self.iommufd,
             })
-            .map_err(host_err("VFIO_DEVICE_BIND_IOMMUFD"))?;
+            .map_err(crate::kvm_vfio::open_err("VFIO_DEVICE_BIND_IOMMUFD"))?;
         let dev = opened.handle;
         let Some(dev_id) = opened.dev_id else {
             self.host.close(dev);

@@ -31,6 +31,7 @@ pub mod dma;
 pub mod fault;
 pub mod host;
 pub mod iommufd;
+pub mod kvm_vfio;
 pub mod ram;
 pub mod recording;
 pub mod smmuv3;

@@ -104,7 +104,12 @@ enum Matcher {
 #[derive(Clone, Copy, Debug)]
 enum Action {
     Fail(i32),
-    Partial { handled: u32, errno: i32 },
+    /// An open whose KVM-VFIO registration the kernel refuses.
+    Unregistered(i32),
+    Partial {
+        handled: u32,
+        errno: i32,
+    },
 }
 
 #[derive(Debug)]
@@ -306,6 +311,16 @@ impl RecordingHost {
         self.lock()
             .script
             .push((Matcher::Nth(op, nth), Action::Fail(errno)));
+    }
+
+    /// Fails the `nth` open of kind `op` (`Op::OpenType1`, `Op::OpenCdev`)
+    /// as `VfioHost` does when the VM's KVM-VFIO device refuses the group
+    /// or cdev (`KVM_DEV_VFIO_FILE_ADD` with `errno`): the error carries a
+    /// [`crate::kvm_vfio::KvmVfioError::Add`], and nothing is opened.
+    pub fn refuse_registration_nth(&self, op: Op, nth: usize, errno: i32) {
+        self.lock()
+            .script
+            .push((Matcher::Nth(op, nth), Action::Unregistered(errno)));
     }
 
     /// Makes the `nth` `IOMMU_HWPT_INVALIDATE` handle only `handled`
@@ -899,9 +914,17 @@ impl HostIommu for RecordingHost {
                 iommufd,
             ),
         };
-        if let Some(Action::Fail(e) | Action::Partial { errno: e, .. }) = s.scripted(op) {
-            s.record(op, target, Vec::new(), payload, Err(e));
-            return Err(io::Error::from_raw_os_error(e));
+        match s.scripted(op) {
+            Some(Action::Fail(e) | Action::Partial { errno: e, .. }) => {
+                s.record(op, target, Vec::new(), payload, Err(e));
+                return Err(io::Error::from_raw_os_error(e));
+            }
+            Some(Action::Unregistered(e)) => {
+                s.record(op, target, Vec::new(), payload, Err(e));
+                let why = io::Error::from_raw_os_error(e);
+                return Err(crate::kvm_vfio::KvmVfioError::Add(why).into_io());
+            }
+            None => {}
         }
         let handle = s.new_handle();
         let dev_id = (op == Op::OpenCdev).then(|| {
@@ -923,7 +946,7 @@ impl HostIommu for RecordingHost {
         let op = call.op();
         let (arg, payload) = call.bytes();
         let result = match s.scripted(op) {
-            Some(Action::Fail(e)) => {
+            Some(Action::Fail(e) | Action::Unregistered(e)) => {
                 if let Ioctl::HwptInvalidate { arg, .. } = &mut call {
                     arg.entry_num = 0;
                 }
