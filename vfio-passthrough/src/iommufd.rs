@@ -3,23 +3,26 @@
 //! At construction the backend opens `/dev/iommu`, allocates one IOAS and
 //! maps all guest RAM into it at its guest-physical addresses: that IOAS is
 //! stage 2 for every nested binding (through a `NEST_PARENT` HWPT per
-//! endpoint) and the page table of bypass domains.
+//! physical IOMMU, shared by its endpoints: `iommufd_objects.rs`) and the
+//! page table of bypass domains.
 //!
 //! - MAP mode: one IOAS per domain; MAP/UNMAP are `IOMMU_IOAS_MAP` /
 //!   `IOMMU_IOAS_UNMAP` of the host addresses of guest pages; endpoints are
 //!   attached to their domain's IOAS.
 //! - VT-d nested (per-PASID shadowing): the guest PASID table is read; each
 //!   present first-stage entry gets a nested HWPT (`IOMMU_HWPT_DATA_VTD_S1`,
-//!   shared by PASIDs with equal entries) attached to that PASID (PASID 0 is
+//!   shared by PASIDs with equal entries, also of other endpoints on the
+//!   same nest parent) attached to that PASID (PASID 0 is
 //!   the device itself); entries are decoded by the software IOMMU's
 //!   decoder, so a table the software IOMMU refuses is refused here too. A
 //!   PASID-cache invalidation re-reads the entry and replaces, or detaches,
 //!   the HWPT; IOTLB invalidations become one `IOMMU_HWPT_INVALIDATE` per
-//!   HWPT and batch.
-//! - SMMUv3 nested (table passthrough): a vIOMMU on the nest parent, a
-//!   vDEVICE carrying the endpoint ID as virtual StreamID, a nested HWPT
-//!   from the STE words; invalidations become CMDQ commands sent in one
-//!   `IOMMU_HWPT_INVALIDATE` on the vIOMMU per endpoint and batch.
+//!   HWPT and batch for all the domain's endpoints.
+//! - SMMUv3 nested (table passthrough): a vIOMMU on the nest parent
+//!   (one per physical SMMU), a vDEVICE carrying the endpoint ID as
+//!   virtual StreamID, a nested HWPT from the STE words; invalidations
+//!   become CMDQ commands sent in one `IOMMU_HWPT_INVALIDATE` per vIOMMU
+//!   and batch, with the commands of all the domain's endpoints on it.
 //!
 //! Every attachment change goes through [`IommufdBackend`]'s reconcile
 //! step: detach PASIDs that go, switch the device itself, attach PASIDs
