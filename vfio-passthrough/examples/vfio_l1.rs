@@ -32,7 +32,7 @@
 use std::fmt::Display;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -53,6 +53,7 @@ use vfio_passthrough::caps::{
 };
 use vfio_passthrough::dma::{ioas_map, ioas_unmap, type1_map, type1_unmap, DmaPiece};
 use vfio_passthrough::host::{Handle, HostIommu, Ioctl};
+use vfio_passthrough::kvm_vfio::{KvmVfio, KvmVfioError};
 use vfio_passthrough::ram::RamRegion;
 use vfio_passthrough::recording::{FakeIommu, RecordingHost};
 use vfio_passthrough::sys::{ioas_iova_ranges, VfioHost};
@@ -168,6 +169,11 @@ impl Checks {
         let v = if ok { "PASS" } else { "FAIL" };
         println!("VFIO-L1-CHECK {}.{name} {v} ({detail})", self.backend);
         ok
+    }
+
+    /// A check that cannot run here, and why (not counted).
+    fn skip(&mut self, name: &str, why: &str) {
+        println!("VFIO-L1-CHECK {}.{name} SKIP ({why})", self.backend);
     }
 
     /// A check whose work failed before it could decide.
@@ -521,6 +527,74 @@ fn resv_mem(props: &[(u16, Vec<u8>)]) -> Vec<(u8, u64, u64)> {
         .collect()
 }
 
+// ------------------------------------------------------------------ KVM-VFIO
+
+/// The KVM-VFIO device of a fresh VM on L1's /dev/kvm, or `None` with the
+/// check reported skipped (the TCG L1 may have no usable KVM).
+fn kvm_vfio_device(c: &mut Checks) -> Option<KvmVfio> {
+    let made = kvm_ioctls::Kvm::new()
+        .map_err(|e| format!("no /dev/kvm in L1: {e}"))
+        .and_then(|k| k.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}")))
+        .and_then(|vm| KvmVfio::create(&vm).map_err(|e| e.to_string()));
+    match made {
+        Ok(k) => Some(k),
+        Err(why) => {
+            c.skip("kvm.group_registered", &why);
+            None
+        }
+    }
+}
+
+/// The VFIO group fds this process holds (`/proc/self/fd` links to
+/// `/dev/vfio/<group>`).
+fn vfio_group_fds() -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let to = std::fs::read_link(e.path()).ok()?;
+        let group = to.to_str()?.strip_prefix("/dev/vfio/")?;
+        group.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        e.file_name().to_str()?.parse().ok()
+    })
+    .collect()
+}
+
+/// The group vfio-ioctls opened is registered with the VM's KVM-VFIO
+/// device: adding it again is EEXIST (virt/kvm/vfio.c), while a file that
+/// is not VFIO is EINVAL.
+fn check_group_registered(k: &KvmVfio, c: &mut Checks) {
+    let groups = vfio_group_fds();
+    let again: Vec<String> = groups
+        .iter()
+        .map(|&fd| {
+            // SAFETY: `fd` is a VFIO group fd the container opened and
+            // keeps open (it holds the group while the device is open,
+            // which outlives this call); the borrow ends with the call.
+            let g = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            match k.add_file(g) {
+                Ok(()) => "added (was not registered)".to_string(),
+                Err(KvmVfioError::Add(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    "EEXIST".to_string()
+                }
+                Err(e) => e.to_string(),
+            }
+        })
+        .collect();
+    let null = File::open("/dev/null").map(|f| k.add_file(f.as_fd()));
+    let refused =
+        matches!(&null, Ok(Err(KvmVfioError::Add(e))) if e.raw_os_error() == Some(libc::EINVAL));
+    c.check(
+        "kvm.group_registered",
+        groups.len() == 1 && again == ["EEXIST"] && refused,
+        format!(
+            "group fds {groups:?}: KVM_DEV_VFIO_FILE_ADD again -> {again:?}; /dev/null -> {:?}",
+            null.map(|r| r.err().map(|e| e.to_string()))
+        ),
+    );
+}
+
 // ------------------------------------------------------------------ the run
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -564,11 +638,20 @@ impl Rig {
         // The VMM opens its VFIO objects, then hands them to the host.
         let (dev, backend, type1, iommufd, kind, ours) = match which {
             Which::Type1 => {
-                let container = Arc::new(VfioContainer::new(None).map_err(err("VFIO container"))?);
+                // The VMM registers its own container's group with its VM's
+                // KVM-VFIO device (vfio-ioctls does it with the handle).
+                let kvm = kvm_vfio_device(c);
+                let container = Arc::new(
+                    VfioContainer::new(kvm.as_ref().map(KvmVfio::handle))
+                        .map_err(err("VFIO container"))?,
+                );
                 let ops: Arc<dyn VfioOps> = container.clone();
                 let dev = Arc::new(
                     VfioDevice::new(device, ops, false).map_err(err("VFIO device (group)"))?,
                 );
+                if let Some(k) = &kvm {
+                    check_group_registered(k, c);
+                }
                 host.adopt_type1(device, container.clone(), dev.clone());
                 let b = Arc::new(Type1Backend::new(host.clone(), guest_ram));
                 b.add_endpoint(EP, device)

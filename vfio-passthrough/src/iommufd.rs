@@ -3,23 +3,26 @@
 //! At construction the backend opens `/dev/iommu`, allocates one IOAS and
 //! maps all guest RAM into it at its guest-physical addresses: that IOAS is
 //! stage 2 for every nested binding (through a `NEST_PARENT` HWPT per
-//! endpoint) and the page table of bypass domains.
+//! physical IOMMU, shared by its endpoints: `iommufd_objects.rs`) and the
+//! page table of bypass domains.
 //!
 //! - MAP mode: one IOAS per domain; MAP/UNMAP are `IOMMU_IOAS_MAP` /
 //!   `IOMMU_IOAS_UNMAP` of the host addresses of guest pages; endpoints are
 //!   attached to their domain's IOAS.
 //! - VT-d nested (per-PASID shadowing): the guest PASID table is read; each
 //!   present first-stage entry gets a nested HWPT (`IOMMU_HWPT_DATA_VTD_S1`,
-//!   shared by PASIDs with equal entries) attached to that PASID (PASID 0 is
+//!   shared by PASIDs with equal entries, also of other endpoints on the
+//!   same nest parent) attached to that PASID (PASID 0 is
 //!   the device itself); entries are decoded by the software IOMMU's
 //!   decoder, so a table the software IOMMU refuses is refused here too. A
 //!   PASID-cache invalidation re-reads the entry and replaces, or detaches,
 //!   the HWPT; IOTLB invalidations become one `IOMMU_HWPT_INVALIDATE` per
-//!   HWPT and batch.
-//! - SMMUv3 nested (table passthrough): a vIOMMU on the nest parent, a
-//!   vDEVICE carrying the endpoint ID as virtual StreamID, a nested HWPT
-//!   from the STE words; invalidations become CMDQ commands sent in one
-//!   `IOMMU_HWPT_INVALIDATE` on the vIOMMU per endpoint and batch.
+//!   HWPT and batch for all the domain's endpoints.
+//! - SMMUv3 nested (table passthrough): a vIOMMU on the nest parent
+//!   (one per physical SMMU), a vDEVICE carrying the endpoint ID as
+//!   virtual StreamID, a nested HWPT from the STE words; invalidations
+//!   become CMDQ commands sent in one `IOMMU_HWPT_INVALIDATE` per vIOMMU
+//!   and batch, with the commands of all the domain's endpoints on it.
 //!
 //! Every attachment change goes through [`IommufdBackend`]'s reconcile
 //! step: detach PASIDs that go, switch the device itself, attach PASIDs
@@ -27,18 +30,16 @@
 //! fails; objects are allocated before and destroyed after, so a failed
 //! call leaves the device attached as before and frees what it made.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use iommufd_bindings::iommufd::iommu_iova_range;
 use iommufd_bindings::iommufd::{
-    iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3, iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE,
-    iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1,
+    iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3, iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1,
     iommu_hwpt_invalidate_data_type_IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
     iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
     iommu_hwpt_vtd_s1_invalidate, iommu_viommu_arm_smmuv3_invalidate,
-    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT,
     iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID,
     iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID,
 };
@@ -74,6 +75,9 @@ use crate::vtd::{
 // Dirty tracking on the nest parents (issue 13).
 #[path = "iommufd_dirty.rs"]
 mod dirty;
+// Nest parents, vIOMMUs and nested HWPTs shared per physical IOMMU (issue 12).
+#[path = "iommufd_objects.rs"]
+mod objects;
 
 /// At most this many allowed IOVA ranges of a device are believed: the
 /// count comes from the kernel, and x86 reports two or three.
@@ -96,7 +100,8 @@ const HOST_PAGE: u64 = 4096;
 /// A nested-capable endpoint's fixed objects.
 #[derive(Debug, Clone, Copy)]
 struct Nesting {
-    /// The `NEST_PARENT` HWPT on the stage-2 IOAS.
+    /// The `NEST_PARENT` HWPT on the stage-2 IOAS, shared by the endpoints
+    /// behind the same physical IOMMU (`objects`).
     parent: u32,
     /// Whether it was allocated with dirty tracking.
     dirty: bool,
@@ -107,10 +112,10 @@ struct Nesting {
 /// The SMMUv3 objects of an endpoint.
 #[derive(Debug, Clone, Copy)]
 struct SmmuObjects {
+    /// The vIOMMU on the parent (shared with the parent).
     viommu: u32,
+    /// The endpoint's own vDEVICE on it.
     vdevice: u32,
-    /// The vEVENTQ (id, fd), if one could be allocated.
-    veventq: Option<(u32, Handle)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -179,6 +184,8 @@ struct State {
     pending: HashMap<(EndpointId, Option<u32>, u32), u32>,
     /// The nest parents dirty tracking runs on (`None`: tracking is off).
     dirty_parents: Option<BTreeSet<u32>>,
+    /// The objects endpoints share per physical IOMMU.
+    shared: objects::Shared,
 }
 
 /// Assigned devices through iommufd: MAP mode and nested translation.
@@ -311,7 +318,7 @@ impl IommufdBackend {
                 device,
                 iommufd: self.iommufd,
             })
-            .map_err(host_err("VFIO_DEVICE_BIND_IOMMUFD"))?;
+            .map_err(crate::kvm_vfio::open_err("VFIO_DEVICE_BIND_IOMMUFD"))?;
         let dev = opened.handle;
         let Some(dev_id) = opened.dev_id else {
             self.host.close(dev);
@@ -342,7 +349,15 @@ impl IommufdBackend {
             );
         } else {
             let dirty = crate::dirty::hw_dirty_capable(info.out_capabilities);
-            match self.setup_nesting(&mut st, ep, dev_id, &hw, &caps, dirty) {
+            let probe = match self.probe_parents(&st, dev, &hw, &caps, dirty) {
+                Ok(p) => p,
+                Err(e) => {
+                    // The probe attachment to a parent could not be undone.
+                    self.host.close(dev);
+                    return Err(e);
+                }
+            };
+            match self.setup_nesting(&mut st, ep, dev_id, &hw, &caps, dirty, probe) {
                 Ok(n) => nesting = Some(n),
                 Err(e) => {
                     warn!("iommufd: endpoint {ep} cannot nest, MAP mode only: {e}");
@@ -428,76 +443,6 @@ impl IommufdBackend {
         }
     }
 
-    fn setup_nesting(
-        &self,
-        st: &mut State,
-        ep: EndpointId,
-        dev_id: u32,
-        hw: &HwKind,
-        caps: &BackendCaps,
-        dirty_capable: bool,
-    ) -> Result<Nesting, BackendError> {
-        let mut flags = iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT;
-        if matches!(hw, HwKind::IntelVtd(_)) && caps.pasid_bits > 0 {
-            // A PASID-capable parent (iommufd.h IOMMU_HWPT_ALLOC_PASID),
-            // like the nested HWPTs on it that attach to PASIDs.
-            flags |= iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_PASID;
-        }
-        let a = args::hwpt_alloc(
-            flags,
-            dev_id,
-            self.gpa_ioas,
-            iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE,
-            0,
-            0,
-        );
-        let (parent, dirty) = self.alloc_nest_parent(a, dirty_capable)?;
-        let mut nesting = Nesting {
-            parent,
-            dirty,
-            smmu: None,
-        };
-        match hw {
-            HwKind::ArmSmmuV3(_) => {
-                let mut v = args::viommu_alloc_smmuv3(dev_id, parent);
-                if let Err(e) = self.ioctl("IOMMU_VIOMMU_ALLOC", Ioctl::ViommuAlloc(&mut v)) {
-                    self.destroy_all([parent]);
-                    return Err(e);
-                }
-                let viommu = v.out_viommu_id;
-                let mut d = args::vdevice_alloc(viommu, dev_id, u64::from(ep));
-                if let Err(e) = self.ioctl("IOMMU_VDEVICE_ALLOC", Ioctl::VdeviceAlloc(&mut d)) {
-                    self.destroy_all([viommu, parent]);
-                    return Err(e);
-                }
-                let mut q = args::veventq_alloc_smmuv3(viommu, VEVENTQ_DEPTH);
-                let queue = match self.ioctl("IOMMU_VEVENTQ_ALLOC", Ioctl::VeventqAlloc(&mut q)) {
-                    Ok(()) => Some((q.out_veventq_id, Handle(q.out_veventq_fd as i32))),
-                    Err(e) => {
-                        warn!("iommufd: endpoint {ep} has no vEVENTQ, faults go unreported: {e}");
-                        None
-                    }
-                };
-                nesting.smmu = Some(SmmuObjects {
-                    viommu,
-                    vdevice: d.out_vdevice_id,
-                    veventq: queue,
-                });
-            }
-            HwKind::IntelVtd(_) if caps.page_requests && st.fault_queue.is_none() => {
-                let mut f = args::fault_alloc();
-                match self.ioctl("IOMMU_FAULT_QUEUE_ALLOC", Ioctl::FaultQueueAlloc(&mut f)) {
-                    Ok(()) => {
-                        st.fault_queue = Some((f.out_fault_id, Handle(f.out_fault_fd as i32)))
-                    }
-                    Err(e) => warn!("iommufd: no fault queue, page requests unsupported: {e}"),
-                }
-            }
-            _ => {}
-        }
-        Ok(nesting)
-    }
-
     /// Unbinds an endpoint: detached from everything, its objects
     /// destroyed, its cdev closed.
     pub fn remove_endpoint(&self, ep: EndpointId) -> Result<(), BackendError> {
@@ -508,14 +453,7 @@ impl IommufdBackend {
         self.switch(&mut st, ep, BTreeMap::new(), Mode::Blocked, &[])?;
         if let Some(e) = st.endpoints.remove(&ep) {
             if let Some(n) = e.nesting {
-                if let Some(o) = n.smmu {
-                    if let Some((qid, fd)) = o.veventq {
-                        self.host.close(fd);
-                        self.destroy_all([qid]);
-                    }
-                    self.destroy_all([o.vdevice, o.viommu]);
-                }
-                self.destroy_all([n.parent]);
+                self.release_nesting(&mut st, ep, n);
             }
             self.host.close(e.dev);
         }
@@ -622,7 +560,15 @@ impl IommufdBackend {
             (Mode::Map(a), Mode::Map(b)) => a == b,
             _ => false,
         };
-        self.destroy_all(old.owned().into_iter().filter(|id| !keep.contains(id)));
+        // Nested HWPTs are counted per endpoint using them (VT-d ones may
+        // be shared): the old mode's that go are destroyed with their
+        // last user.
+        let had: BTreeSet<u32> = old.owned().into_iter().collect();
+        for id in keep.difference(&had) {
+            st.shared.acquire_nested(*id);
+        }
+        let gone: Vec<u32> = had.difference(&keep).copied().collect();
+        self.release_nested(st, gone);
         if let (Mode::Map(d), false) = (old, stays_in) {
             self.leave_map_domain(st, ep, d);
         }
@@ -759,13 +705,24 @@ impl IommufdBackend {
         };
         let mut desired = BTreeMap::new();
         let mut fresh = Vec::new();
+        let mut shareable = Vec::new();
         for (pasid, binding) in entries {
             let pt = match binding {
                 PasidBinding::Absent => continue,
                 PasidBinding::FirstStage(s1) => {
                     b.slots.insert(pasid, s1);
-                    let id = match b.hwpts.get(&s1).or_else(|| old.get(&s1)) {
-                        Some((id, _)) => *id,
+                    // Equal entries share a HWPT: this binding's, the
+                    // current one's, then another endpoint's on the same
+                    // parent.
+                    let key = objects::NestedKey {
+                        parent: n.parent,
+                        flags,
+                        fault_id,
+                        s1,
+                    };
+                    let known = b.hwpts.get(&s1).or_else(|| old.get(&s1)).map(|(id, _)| *id);
+                    let id = match known.or_else(|| st.shared.nested_for(&key)) {
+                        Some(id) => id,
                         None => {
                             let data = s1.to_uapi();
                             let mut a = args::hwpt_alloc(
@@ -779,6 +736,7 @@ impl IommufdBackend {
                             match self.hwpt_alloc(&mut a, bytes_of(&data)) {
                                 Ok(id) => {
                                     fresh.push(id);
+                                    shareable.push((id, key));
                                     id
                                 }
                                 Err(err) => {
@@ -794,7 +752,11 @@ impl IommufdBackend {
             };
             desired.insert(pasid, pt);
         }
-        self.switch(st, ep, desired, Mode::Vtd(dom, b), &fresh)
+        self.switch(st, ep, desired, Mode::Vtd(dom, b), &fresh)?;
+        for (id, key) in shareable {
+            st.shared.share_nested(id, key);
+        }
+        Ok(())
     }
 
     fn bind_smmu(
@@ -894,10 +856,14 @@ impl IommufdBackend {
         })
     }
 
+    /// One batch for the VT-d endpoints `eps` of domain `dom`: PASID-cache
+    /// entries re-read each endpoint's table first; then the IOTLB entries
+    /// go to the nested HWPTs they reach, one `IOMMU_HWPT_INVALIDATE` per
+    /// HWPT, each entry once per HWPT however many endpoints share it.
     fn invalidate_vtd(
         &self,
         st: &mut State,
-        ep: EndpointId,
+        eps: &[EndpointId],
         dom: DomainId,
         batch: &[Invalidation],
     ) -> Result<(), BackendError> {
@@ -905,36 +871,40 @@ impl IommufdBackend {
         let mut refresh = Vec::new();
         lower_vtd(batch, &mut entries, &mut refresh);
         if !refresh.is_empty() {
-            self.refresh_pasids(st, ep, dom, &refresh)?;
+            for &ep in eps {
+                self.refresh_pasids(st, ep, dom, &refresh)?;
+            }
         }
-        let Some(Endpoint {
-            mode: Mode::Vtd(_, b),
-            ..
-        }) = st.endpoints.get(&ep)
-        else {
-            return Ok(());
-        };
-        // Entries per nested HWPT, in batch order; absent PASIDs have no
-        // stage-1 caches to forget.
-        let mut per_hwpt: BTreeMap<u32, Vec<iommu_hwpt_vtd_s1_invalidate>> = BTreeMap::new();
-        for (target, entry) in entries {
-            match target {
-                VtdTarget::AllPasids => {
-                    for (id, _) in b.hwpts.values() {
-                        per_hwpt.entry(*id).or_default().push(entry);
+        // The entries (by their place in the batch) each nested HWPT
+        // gets; absent PASIDs have no stage-1 caches to forget.
+        let mut per_hwpt: BTreeMap<u32, BTreeSet<usize>> = BTreeMap::new();
+        for ep in eps {
+            let Some(Endpoint {
+                mode: Mode::Vtd(_, b),
+                ..
+            }) = st.endpoints.get(ep)
+            else {
+                continue;
+            };
+            for (i, (target, _)) in entries.iter().enumerate() {
+                match target {
+                    VtdTarget::AllPasids => {
+                        for (id, _) in b.hwpts.values() {
+                            per_hwpt.entry(*id).or_default().insert(i);
+                        }
                     }
-                }
-                VtdTarget::Pasid(p) => {
-                    if let Some(s1) = b.slots.get(&p) {
-                        if let Some((id, _)) = b.hwpts.get(s1) {
-                            per_hwpt.entry(*id).or_default().push(entry);
+                    VtdTarget::Pasid(p) => {
+                        if let Some((id, _)) = b.slots.get(p).and_then(|s1| b.hwpts.get(s1)) {
+                            per_hwpt.entry(*id).or_default().insert(i);
                         }
                     }
                 }
             }
         }
         let mut sent = 0;
-        for (id, list) in per_hwpt {
+        for (id, which) in per_hwpt {
+            let list: Vec<iommu_hwpt_vtd_s1_invalidate> =
+                which.into_iter().map(|i| entries[i].1).collect();
             let r = self.send_invalidate(
                 id,
                 iommu_hwpt_invalidate_data_type_IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
@@ -997,48 +967,78 @@ impl IommufdBackend {
         self.apply_vtd(st, ep, dom, dir, bits, entries)
     }
 
+    /// One batch for the SMMUv3 endpoints `eps` of a domain: each
+    /// endpoint's commands (CFGI with its own vSID) are lowered first, so
+    /// a refused value sends nothing; then one `IOMMU_HWPT_INVALIDATE` per
+    /// vIOMMU (physical SMMU) carries the commands of all its endpoints, a
+    /// command another endpoint already put there (the domain's TLBIs)
+    /// once.
     fn invalidate_smmu(
         &self,
         st: &State,
-        ep: EndpointId,
+        eps: &[EndpointId],
         batch: &[Invalidation],
     ) -> Result<(), BackendError> {
-        let Some(e) = st.endpoints.get(&ep) else {
-            return Ok(());
-        };
-        let (
-            Mode::Smmu {
-                ssid_bits, table, ..
-            },
-            HwKind::ArmSmmuV3(hw),
-            Some(Nesting {
-                smmu: Some(SmmuObjects { viommu, .. }),
-                ..
-            }),
-        ) = (&e.mode, &e.hw, e.nesting)
-        else {
-            return Ok(());
-        };
-        let t = SmmuInvTarget {
-            vsid: ep,
-            asid_bits: hw.asid_bits(),
-            ssid_bits: *ssid_bits,
-            range_inv: hw.ril(),
-            // The nested STE keeps EATS at 0: no ATS, no ATC to invalidate.
-            ats: false,
-        };
-        let mut cmds: Vec<iommu_viommu_arm_smmuv3_invalidate> = Vec::new();
-        let granule = |pasid| cd_granule_log2(&self.ram, table, pasid);
-        lower_smmuv3_with(batch, &t, &granule, &mut cmds)?;
-        if cmds.is_empty() {
-            return Ok(());
+        type Cmd = iommu_viommu_arm_smmuv3_invalidate;
+        let mut per_viommu: BTreeMap<u32, (Vec<Cmd>, HashSet<[u64; 2]>)> = BTreeMap::new();
+        for ep in eps {
+            let Some(e) = st.endpoints.get(ep) else {
+                continue;
+            };
+            let (
+                Mode::Smmu {
+                    ssid_bits, table, ..
+                },
+                HwKind::ArmSmmuV3(hw),
+                Some(Nesting {
+                    smmu: Some(SmmuObjects { viommu, .. }),
+                    ..
+                }),
+            ) = (&e.mode, &e.hw, e.nesting)
+            else {
+                continue;
+            };
+            let t = SmmuInvTarget {
+                vsid: *ep,
+                asid_bits: hw.asid_bits(),
+                ssid_bits: *ssid_bits,
+                range_inv: hw.ril(),
+                // The nested STE keeps EATS at 0: no ATS, no ATC to invalidate.
+                ats: false,
+            };
+            let mut cmds: Vec<Cmd> = Vec::new();
+            let granule = |pasid| cd_granule_log2(&self.ram, table, pasid);
+            lower_smmuv3_with(batch, &t, &granule, &mut cmds)?;
+            let (list, earlier) = per_viommu.entry(viommu).or_default();
+            let from_others: Vec<Cmd> = cmds
+                .into_iter()
+                .filter(|c| !earlier.contains(&c.cmd))
+                .collect();
+            list.extend_from_slice(&from_others);
+            earlier.extend(from_others.iter().map(|c| c.cmd));
         }
-        self.send_invalidate(
-            viommu,
-            iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
-            std::mem::size_of::<iommu_viommu_arm_smmuv3_invalidate>(),
-            slice_bytes(&cmds),
-        )
+        let mut sent = 0;
+        for (viommu, (cmds, _)) in per_viommu {
+            if cmds.is_empty() {
+                continue;
+            }
+            let r = self.send_invalidate(
+                viommu,
+                iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+                std::mem::size_of::<Cmd>(),
+                slice_bytes(&cmds),
+            );
+            if let Err(BackendError::Partial { op, index, source }) = r {
+                return Err(BackendError::Partial {
+                    op,
+                    index: sent + index,
+                    source,
+                });
+            }
+            r?;
+            sent += cmds.len();
+        }
+        Ok(())
     }
 
     fn drain_queue(&self, fd: Handle, record: usize, out: &mut Vec<u8>) {
@@ -1099,18 +1099,8 @@ impl Drop for IommufdBackend {
     fn drop(&mut self) {
         let st = self.lock();
         // Closing a cdev detaches it; closing the iommufd frees every object.
+        self.close_shared(&st);
         for e in st.endpoints.values() {
-            if let Some(Nesting {
-                smmu:
-                    Some(SmmuObjects {
-                        veventq: Some((_, fd)),
-                        ..
-                    }),
-                ..
-            }) = e.nesting
-            {
-                self.host.close(fd);
-            }
             self.host.close(e.dev);
         }
         if let Some((_, fd)) = st.fault_queue {
@@ -1279,21 +1269,19 @@ impl IommuBackend for IommufdBackend {
 
     fn invalidate(&self, dom: DomainId, batch: &[Invalidation]) -> Result<(), BackendError> {
         let mut st = self.lock();
-        let eps: Vec<(EndpointId, bool)> = st
-            .endpoints
-            .iter()
-            .filter_map(|(id, e)| match &e.mode {
-                Mode::Vtd(d, _) if *d == dom => Some((*id, true)),
-                Mode::Smmu { domain, .. } if *domain == dom => Some((*id, false)),
-                _ => None,
-            })
-            .collect();
-        for (ep, vtd) in eps {
-            if vtd {
-                self.invalidate_vtd(&mut st, ep, dom, batch)?;
-            } else {
-                self.invalidate_smmu(&st, ep, batch)?;
+        let (mut vtd, mut smmu) = (Vec::new(), Vec::new());
+        for (id, e) in &st.endpoints {
+            match &e.mode {
+                Mode::Vtd(d, _) if *d == dom => vtd.push(*id),
+                Mode::Smmu { domain, .. } if *domain == dom => smmu.push(*id),
+                _ => {}
             }
+        }
+        if !vtd.is_empty() {
+            self.invalidate_vtd(&mut st, &vtd, dom, batch)?;
+        }
+        if !smmu.is_empty() {
+            self.invalidate_smmu(&st, &smmu, batch)?;
         }
         Ok(())
     }
@@ -1353,22 +1341,7 @@ impl IommuBackend for IommufdBackend {
                 out.push(bf);
             }
         }
-        let queues: Vec<Handle> = st
-            .endpoints
-            .values()
-            .filter_map(|e| match e.nesting {
-                Some(Nesting {
-                    smmu:
-                        Some(SmmuObjects {
-                            veventq: Some((_, fd)),
-                            ..
-                        }),
-                    ..
-                }) => Some(fd),
-                _ => None,
-            })
-            .collect();
-        for fd in queues {
+        for fd in st.shared.veventqs() {
             let mut bytes = Vec::new();
             self.drain_queue(fd, VEVENT_HEADER_SIZE + SMMU_EVENT_SIZE, &mut bytes);
             for ev in parse_vevents(&bytes) {

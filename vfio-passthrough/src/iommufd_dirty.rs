@@ -1,5 +1,6 @@
-//! Dirty tracking of [`IommufdBackend`]'s assigned devices: on each
-//! endpoint's stage-2 nest parent HWPT, whose IOVA is the guest-physical
+//! Dirty tracking of [`IommufdBackend`]'s assigned devices: on the
+//! stage-2 nest parent HWPTs (one per physical IOMMU, shared by its
+//! endpoints: started, read and stopped once each), whose IOVA is the guest-physical
 //! address (it is built on the IOAS holding all guest RAM at its
 //! guest-physical addresses), so its bitmap is the guest's dirty pages as
 //! they are. A child module of `iommufd`: it reads the backend's
@@ -98,7 +99,7 @@ impl IommufdBackend {
             pages: Vec::new(),
             untracked: untracked(&st),
         };
-        let live: BTreeSet<u32> = tracking_parents(&st).into_iter().collect();
+        let live = tracking_parents(&st);
         let mut now = BTreeSet::new();
         for &p in &live {
             if !on.contains(&p) {
@@ -129,7 +130,7 @@ impl IommufdBackend {
         let Some(on) = st.dirty_parents.take() else {
             return;
         };
-        let live: BTreeSet<u32> = tracking_parents(&st).into_iter().collect();
+        let live = tracking_parents(&st);
         for p in on.intersection(&live) {
             if let Err(e) = self.set_tracking(*p, false) {
                 error!("iommufd: cannot stop dirty tracking on HWPT {p}: {e}");
@@ -169,12 +170,10 @@ impl IommufdBackend {
     }
 }
 
-/// The nest parents that can track, one per nested-capable endpoint.
-fn tracking_parents(st: &State) -> Vec<u32> {
-    st.endpoints
-        .values()
-        .filter_map(|e| e.nesting.filter(|n| n.dirty).map(|n| n.parent))
-        .collect()
+/// The nest parents that can track (each shared by the endpoints behind
+/// one physical IOMMU, so each is started and read once).
+fn tracking_parents(st: &State) -> BTreeSet<u32> {
+    st.shared.tracking_parents()
 }
 
 /// Endpoints that may write guest memory through a page table nothing

@@ -17,6 +17,9 @@
 //! `vfio-ioctls` and `iommufd-ioctls`), [`recording::RecordingHost`]
 //! records the bytes and plays a scriptable kernel for tests.
 //!
+//! [`kvm_vfio`] registers the groups and cdevs the host opens with the
+//! VM's KVM-VFIO device.
+//!
 //! `docs/vfio.md` has the lowering tables and the ioctl sequence of
 //! every flow.
 
@@ -31,6 +34,7 @@ pub mod dma;
 pub mod fault;
 pub mod host;
 pub mod iommufd;
+pub mod kvm_vfio;
 pub mod ram;
 pub mod recording;
 pub mod smmuv3;

@@ -104,7 +104,12 @@ enum Matcher {
 #[derive(Clone, Copy, Debug)]
 enum Action {
     Fail(i32),
-    Partial { handled: u32, errno: i32 },
+    /// An open whose KVM-VFIO registration the kernel refuses.
+    Unregistered(i32),
+    Partial {
+        handled: u32,
+        errno: i32,
+    },
 }
 
 #[derive(Debug)]
@@ -138,6 +143,20 @@ struct State {
     /// The reserved regions (inclusive) of every iommufd device: an IOAS
     /// with a device attached allows every IOVA but these.
     device_reserved: Vec<(u64, u64)>,
+    /// The physical IOMMU instance of each device path (0 when unset).
+    path_instance: HashMap<Vec<u8>, u32>,
+    /// The iommufd device ID of each bound cdev.
+    cdev_dev: HashMap<Handle, u32>,
+    /// The IOMMU instance of each bound device, by device ID.
+    dev_instance: HashMap<u32, u32>,
+    /// The IOMMU instance of each HWPT and vIOMMU.
+    instance: HashMap<u32, u32>,
+    /// Which object each object is built on (a HWPT on its IOAS or
+    /// parent, a vIOMMU on its parent, a vDEVICE or vEVENTQ on its
+    /// vIOMMU): the kernel refuses to destroy an object others hold.
+    built_on: HashMap<u32, u32>,
+    /// The vIOMMUs that have a vEVENTQ (one per type per vIOMMU).
+    with_veventq: HashSet<u32>,
 }
 
 /// The recording, scriptable [`HostIommu`].
@@ -179,6 +198,12 @@ impl RecordingHost {
                 tracking: HashSet::new(),
                 dirty: HashMap::new(),
                 device_reserved: Vec::new(),
+                path_instance: HashMap::new(),
+                cdev_dev: HashMap::new(),
+                dev_instance: HashMap::new(),
+                instance: HashMap::new(),
+                built_on: HashMap::new(),
+                with_veventq: HashSet::new(),
             }),
         }
     }
@@ -189,6 +214,34 @@ impl RecordingHost {
     /// leaves them out.
     pub fn set_device_reserved(&self, ranges: Vec<(u64, u64)>) {
         self.lock().device_reserved = ranges;
+    }
+
+    /// Puts the device at `device` (its sysfs path, as opened) behind
+    /// physical IOMMU instance `instance` (every device is behind instance
+    /// 0 otherwise). As the kernel does, HWPTs and vIOMMUs belong to the
+    /// instance of the device they were allocated for, and attaching a
+    /// device to a HWPT of another instance, building a vIOMMU or nested
+    /// HWPT for it on another instance's parent, or a vDEVICE on another
+    /// instance's vIOMMU is refused with EINVAL.
+    pub fn set_device_iommu(&self, device: &std::path::Path, instance: u32) {
+        self.lock()
+            .path_instance
+            .insert(device.as_os_str().as_encoded_bytes().to_vec(), instance);
+    }
+
+    /// The objects built on object `id` (HWPTs on an IOAS or parent,
+    /// vIOMMUs on a parent, vDEVICEs and vEVENTQs on a vIOMMU) that are
+    /// alive.
+    pub fn built_on(&self, id: u32) -> Vec<u32> {
+        let s = self.lock();
+        let mut v: Vec<u32> = s
+            .built_on
+            .iter()
+            .filter(|(child, on)| **on == id && s.objects.contains(child))
+            .map(|(child, _)| *child)
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -258,6 +311,16 @@ impl RecordingHost {
         self.lock()
             .script
             .push((Matcher::Nth(op, nth), Action::Fail(errno)));
+    }
+
+    /// Fails the `nth` open of kind `op` (`Op::OpenType1`, `Op::OpenCdev`)
+    /// as `VfioHost` does when the VM's KVM-VFIO device refuses the group
+    /// or cdev (`KVM_DEV_VFIO_FILE_ADD` with `errno`): the error carries a
+    /// [`crate::kvm_vfio::KvmVfioError::Add`], and nothing is opened.
+    pub fn refuse_registration_nth(&self, op: Op, nth: usize, errno: i32) {
+        self.lock()
+            .script
+            .push((Matcher::Nth(op, nth), Action::Unregistered(errno)));
     }
 
     /// Makes the `nth` `IOMMU_HWPT_INVALIDATE` handle only `handled`
@@ -410,6 +473,25 @@ impl State {
         self.next_handle += 1;
         self.handles.insert(h);
         h
+    }
+
+    /// The IOMMU instance of a bound device, HWPT or vIOMMU (`None` for
+    /// an IOAS, which any device may use).
+    fn instance_of(&self, id: u32) -> Option<u32> {
+        self.instance.get(&id).copied()
+    }
+
+    /// EINVAL unless object `pt` (if it belongs to an instance) and
+    /// device `dev_id` are behind the same IOMMU instance.
+    fn same_instance(&self, pt: u32, dev_id: u32) -> Result<(), i32> {
+        match self.instance_of(pt) {
+            Some(i) if Some(i) != self.instance_of_dev(dev_id) => Err(libc::EINVAL),
+            _ => Ok(()),
+        }
+    }
+
+    fn instance_of_dev(&self, dev_id: u32) -> Option<u32> {
+        self.dev_instance.get(&dev_id).copied()
     }
 
     fn new_object(&mut self) -> u32 {
@@ -572,6 +654,7 @@ impl State {
                 if !self.objects.contains(&arg.pt_id) || arg.data_len as usize != data.len() {
                     return Err(libc::EINVAL);
                 }
+                self.same_instance(arg.pt_id, arg.dev_id)?;
                 let dirty =
                     arg.flags & iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
                 if dirty && !crate::dirty::hw_dirty_capable(self.hw_capabilities) {
@@ -581,6 +664,9 @@ impl State {
                 if dirty {
                     self.dirty_capable.insert(arg.out_hwpt_id);
                 }
+                let inst = self.instance_of_dev(arg.dev_id).unwrap_or(0);
+                self.instance.insert(arg.out_hwpt_id, inst);
+                self.built_on.insert(arg.out_hwpt_id, arg.pt_id);
                 Ok(())
             }
             Ioctl::GetHwInfo { arg, data } => {
@@ -619,14 +705,23 @@ impl State {
                 if !self.objects.contains(&a.hwpt_id) {
                     return Err(libc::ENOENT);
                 }
+                // arm_vsmmu_alloc: the parent's SMMU must be the device's.
+                self.same_instance(a.hwpt_id, a.dev_id)?;
                 a.out_viommu_id = self.new_object();
+                let inst = self.instance_of(a.hwpt_id).unwrap_or(0);
+                self.instance.insert(a.out_viommu_id, inst);
+                self.built_on.insert(a.out_viommu_id, a.hwpt_id);
                 Ok(())
             }
             Ioctl::VdeviceAlloc(a) => {
                 if !self.objects.contains(&a.viommu_id) {
                     return Err(libc::ENOENT);
                 }
+                // iommufd_vdevice_alloc_ioctl: the vIOMMU's IOMMU must be
+                // the device's.
+                self.same_instance(a.viommu_id, a.dev_id)?;
                 a.out_vdevice_id = self.new_object();
+                self.built_on.insert(a.out_vdevice_id, a.viommu_id);
                 Ok(())
             }
             Ioctl::FaultQueueAlloc(a) => {
@@ -638,7 +733,12 @@ impl State {
                 if !self.objects.contains(&a.viommu_id) {
                     return Err(libc::ENOENT);
                 }
+                // One vEVENTQ of a type per vIOMMU.
+                if !self.with_veventq.insert(a.viommu_id) {
+                    return Err(libc::EEXIST);
+                }
                 a.out_veventq_id = self.new_object();
+                self.built_on.insert(a.out_veventq_id, a.viommu_id);
                 a.out_veventq_fd = self.new_handle().0 as u32;
                 Ok(())
             }
@@ -647,9 +747,19 @@ impl State {
                 if self.attached.values().any(|pt| *pt == a.id) {
                     return Err(libc::EBUSY);
                 }
+                let held = self
+                    .built_on
+                    .iter()
+                    .any(|(child, on)| *on == a.id && self.objects.contains(child));
+                if held {
+                    return Err(libc::EBUSY);
+                }
                 if !self.objects.remove(&a.id) {
                     return Err(libc::ENOENT);
                 }
+                self.built_on.remove(&a.id);
+                self.instance.remove(&a.id);
+                self.with_veventq.remove(&a.id);
                 self.maps.remove(&(true, u64::from(a.id)));
                 Ok(())
             }
@@ -695,6 +805,8 @@ impl State {
                 if !self.objects.contains(&a.pt_id) {
                     return Err(libc::ENOENT);
                 }
+                let dev = self.cdev_dev.get(&target).copied().unwrap_or(0);
+                self.same_instance(a.pt_id, dev)?;
                 let pasid = if a.flags & VFIO_DEVICE_ATTACH_PASID != 0 {
                     a.pasid
                 } else {
@@ -802,9 +914,17 @@ impl HostIommu for RecordingHost {
                 iommufd,
             ),
         };
-        if let Some(Action::Fail(e) | Action::Partial { errno: e, .. }) = s.scripted(op) {
-            s.record(op, target, Vec::new(), payload, Err(e));
-            return Err(io::Error::from_raw_os_error(e));
+        match s.scripted(op) {
+            Some(Action::Fail(e) | Action::Partial { errno: e, .. }) => {
+                s.record(op, target, Vec::new(), payload, Err(e));
+                return Err(io::Error::from_raw_os_error(e));
+            }
+            Some(Action::Unregistered(e)) => {
+                s.record(op, target, Vec::new(), payload, Err(e));
+                let why = io::Error::from_raw_os_error(e);
+                return Err(crate::kvm_vfio::KvmVfioError::Add(why).into_io());
+            }
+            None => {}
         }
         let handle = s.new_handle();
         let dev_id = (op == Op::OpenCdev).then(|| {
@@ -812,6 +932,11 @@ impl HostIommu for RecordingHost {
             s.next_dev += 1;
             d
         });
+        if let Some(d) = dev_id {
+            let inst = s.path_instance.get(&payload).copied().unwrap_or(0);
+            s.dev_instance.insert(d, inst);
+            s.cdev_dev.insert(handle, d);
+        }
         s.record(op, handle, Vec::new(), payload, Ok(()));
         Ok(Opened { handle, dev_id })
     }
@@ -821,7 +946,7 @@ impl HostIommu for RecordingHost {
         let op = call.op();
         let (arg, payload) = call.bytes();
         let result = match s.scripted(op) {
-            Some(Action::Fail(e)) => {
+            Some(Action::Fail(e) | Action::Unregistered(e)) => {
                 if let Ioctl::HwptInvalidate { arg, .. } = &mut call {
                     arg.entry_num = 0;
                 }

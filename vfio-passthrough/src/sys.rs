@@ -24,6 +24,10 @@
 //! adopted object instead of opening a new one, and closing it drops only
 //! the host's reference.
 //!
+//! [`VfioHost::with_kvm_vfio`] registers what the host opens itself with
+//! the VM's KVM-VFIO device (`crate::kvm_vfio`); adopted objects are the
+//! VMM's to register.
+//!
 //! - `IOMMU_IOAS_IOVA_RANGES` — not wrapped; [`Ioctl::IoasIovaRanges`]
 //!   (the iommufd backend reads a device's reserved regions with it) and
 //!   [`ioas_iova_ranges`] (diagnostics and tests) read the kernel's
@@ -42,10 +46,11 @@ use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_dma_unmap, vfio_iommu_type1_info, VFIO_DEVICE_ATTACH_PASID,
     VFIO_DEVICE_DETACH_PASID,
 };
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd, VfioOps};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioIommufd, VfioOps};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ptr, ioctl_with_mut_ref, ioctl_with_ref};
 
 use crate::host::{Handle, HostIommu, Ioctl, Open, Opened};
+use crate::kvm_vfio::{KvmVfio, KvmVfioError};
 
 /// The ioctl numbers `vfio-ioctls` / `iommufd-ioctls` do not export.
 mod nr {
@@ -122,6 +127,9 @@ struct Adopted {
 pub struct VfioHost {
     objects: Mutex<HashMap<i32, Object>>,
     adopted: Mutex<Adopted>,
+    /// The VM's KVM-VFIO device, given to the containers and iommufd the
+    /// host opens.
+    kvm: Option<Arc<VfioDeviceFd>>,
 }
 
 impl std::fmt::Debug for VfioHost {
@@ -137,6 +145,9 @@ fn vfio_err(e: VfioError) -> io::Error {
     use VfioError as E;
     match e {
         E::OpenContainer(io) | E::OpenGroup(io, _) | E::OpenDeviceCdev(io) => io,
+        // vfio-ioctls' KVM_DEV_VFIO_FILE_ADD of the group or cdev it opens
+        // (the DEL on close is not seen here).
+        E::SetDeviceAttr(s) => KvmVfioError::Add(io::Error::from_raw_os_error(s.errno())).into_io(),
         E::IommuDmaMap(s)
         | E::IommuDmaUnmap(s)
         | E::VfioDeviceBindIommufd(s)
@@ -197,6 +208,20 @@ impl VfioHost {
     /// A host with nothing open.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A host whose own containers (type1) and iommufd register every
+    /// group or device cdev they open with the VM's KVM-VFIO device, and
+    /// unregister it on close; a device whose registration fails is not
+    /// opened (the open fails with a [`KvmVfioError`] inside). Adopted
+    /// objects ([`Self::adopt_type1`], [`Self::adopt_iommufd`],
+    /// [`Self::adopt_cdev`]) are the VMM's to register: build them with
+    /// [`KvmVfio::handle`].
+    pub fn with_kvm_vfio(kvm: &KvmVfio) -> Self {
+        VfioHost {
+            kvm: Some(kvm.handle()),
+            ..Self::default()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<i32, Object>> {
@@ -408,7 +433,8 @@ impl HostIommu for VfioHost {
                 let (container, dev) = match adopted {
                     Some(pair) => pair,
                     None => {
-                        let container = Arc::new(VfioContainer::new(None).map_err(vfio_err)?);
+                        let container =
+                            Arc::new(VfioContainer::new(self.kvm.clone()).map_err(vfio_err)?);
                         let ops: Arc<dyn VfioOps> = container.clone();
                         let dev = VfioDevice::new(device, ops, false).map_err(vfio_err)?;
                         (container, Arc::new(dev))
@@ -434,7 +460,7 @@ impl HostIommu for VfioHost {
                     None => {
                         let fd = Arc::new(IommuFd::new().map_err(iommufd_err)?);
                         let ioas = Arc::new(IommufdIoas::new(fd.clone()).map_err(iommufd_err)?);
-                        let vfio = VfioIommufd::new(fd.clone(), Some(ioas), None);
+                        let vfio = VfioIommufd::new(fd.clone(), Some(ioas), self.kvm.clone());
                         (fd, Arc::new(vfio.map_err(vfio_err)?))
                     }
                 };
@@ -719,6 +745,17 @@ mod tests {
             io::ErrorKind::NotFound
         );
         h.close(Handle(12345));
+    }
+
+    #[test]
+    fn vfio_ioctls_registration_errors_become_typed_kvm_vfio_errors() {
+        let e = vfio_err(VfioError::SetDeviceAttr(vmm_sys_util::errno::Error::new(
+            libc::EINVAL,
+        )));
+        match KvmVfioError::in_io(&e) {
+            Some(KvmVfioError::Add(io)) => assert_eq!(io.raw_os_error(), Some(libc::EINVAL)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

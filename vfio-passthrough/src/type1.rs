@@ -116,7 +116,7 @@ impl Type1Backend {
         let container = self
             .host
             .open(Open::Type1 { device })
-            .map_err(host_err("open(VFIO group/container)"))?
+            .map_err(crate::kvm_vfio::open_err("open(VFIO group/container)"))?
             .handle;
         let info = match self.get_info(container) {
             Ok(i) => i,
