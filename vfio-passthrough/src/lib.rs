@@ -25,7 +25,6 @@
 
 pub mod args;
 pub mod caps;
-pub mod config;
 pub mod dirty;
 pub mod dma;
 pub mod fault;
