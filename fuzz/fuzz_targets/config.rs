@@ -1,12 +1,14 @@
 //! The VM config parser (issue 11): any bytes are either an error that
 //! names what is wrong, or a config that validates, that an embedder can
 //! build a device from, and whose `iommu` section parses alone to the same
-//! value. Never a panic.
+//! value. Never a panic. The whole file is the test VMM's
+//! (`integration::config`), its `iommu` section the library's.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm_iommu::config::{IommuConfig, VmConfig};
+use integration::config::VmConfig;
+use vmm_iommu::config::IommuConfig;
 use vmm_iommu::VirtioIommu;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,7 +7,6 @@ use std::io::Write;
 
 use anyhow::{bail, Result};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_iommu::config::{DeviceKind, VmConfig};
 use vmm_iommu::testing::{driver_features, layout, Harness};
 use vmm_iommu::wire::{
     AttachReq, DetachReq, MapReq, Request, ResvMemProperty, Status, UnmapReq,
@@ -17,6 +16,7 @@ use vmm_iommu::wire::{
     VIRTIO_IOMMU_T_DETACH, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_PROBE, VIRTIO_IOMMU_T_UNMAP,
 };
 
+use crate::config::{DeviceKind, VmConfig};
 use crate::dma::DmaEngine;
 
 /// What the demo checked.

@@ -1,8 +1,9 @@
 //! The integration side of vmm-iommu: a small KVM test VMM that boots guest
 //! test programs against the virtio-iommu and a DMA engine behind it
-//! ([`vm`], [`scenarios`]), the emulated DMA that reaches guest memory only
-//! through the vIOMMU ([`dma`]), and the host-side scripted driver session
-//! kept as a fallback for hosts without KVM ([`demo`]).
+//! ([`vm`], [`scenarios`]) from its VM config file ([`config`]), the emulated
+//! DMA that reaches guest memory only through the vIOMMU ([`dma`]), and the
+//! host-side scripted driver session kept as a fallback for hosts without KVM
+//! ([`demo`]).
 //!
 //! The guest programs are built from `guest/` by `build.rs` with the same
 //! compiler, and embedded as [`GUEST_ELF`].
@@ -11,6 +12,7 @@
 
 #[path = "../guest/abi.rs"]
 pub mod abi;
+pub mod config;
 pub mod demo;
 pub mod dma;
 pub mod kvm_check;

@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use integration::config::VmConfig;
 use integration::demo::run_demo;
 use integration::kvm_check::{fast_paths_offered, kvm_or_skip};
-use vmm_iommu::config::VmConfig;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()

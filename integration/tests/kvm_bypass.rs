@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
+use integration::config::{Scenario, VmConfig};
 use integration::kvm_check::kvm_or_skip;
 use integration::scenarios::{run_scenario, RunOptions, ScenarioRun};
-use vmm_iommu::config::{Scenario, VmConfig};
 use vmm_iommu::wire::Status;
 
 fn run(config: &str) -> ScenarioRun {

@@ -6,10 +6,10 @@
 
 use std::path::Path;
 
+use integration::config::{Scenario, VmConfig};
 use integration::kvm_check::kvm_or_skip;
 use integration::scenarios::{run_scenario, RunOptions};
 use integration::vm::FastPaths;
-use vmm_iommu::config::{Scenario, VmConfig};
 
 #[test]
 fn every_scenario_passes_on_the_fallback_path() {

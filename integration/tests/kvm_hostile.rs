@@ -10,9 +10,9 @@
 
 use std::path::Path;
 
+use integration::config::{Scenario, VmConfig};
 use integration::kvm_check::kvm_or_skip;
 use integration::scenarios::{run_scenario, RunOptions, ScenarioRun};
-use vmm_iommu::config::{Scenario, VmConfig};
 use vmm_iommu::wire::{
     Status, VIRTIO_IOMMU_T_ATTACH_TABLE, VIRTIO_IOMMU_T_INVALIDATE, VIRTIO_IOMMU_T_PAGE_RESP,
 };

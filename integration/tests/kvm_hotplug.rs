@@ -11,10 +11,10 @@
 
 use std::path::Path;
 
+use integration::config::VmConfig;
 use integration::kvm_check::kvm_or_skip;
 use integration::scenarios::{run_hotplug, RunOptions, HOTPLUG_ENDPOINT};
 use integration::vm::{FastPaths, HotplugPlan, Vm, VmError, VmOptions};
-use vmm_iommu::config::VmConfig;
 
 fn config(name: &str) -> VmConfig {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();

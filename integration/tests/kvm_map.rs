@@ -12,12 +12,12 @@
 
 use std::path::Path;
 
+use integration::config::{Scenario, VmConfig};
 use integration::kvm_check::{fast_paths_offered, kvm_or_skip};
 use integration::scenarios::{run_scenario, RunOptions, ScenarioRun};
 use integration::vm::irq::InterruptPath;
 use integration::vm::worker::NotifyPath;
 use integration::vm::{FastPaths, RunOutcome};
-use vmm_iommu::config::{Scenario, VmConfig};
 use vmm_iommu::wire::{
     VIRTIO_IOMMU_T_ATTACH, VIRTIO_IOMMU_T_DETACH, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_PROBE,
     VIRTIO_IOMMU_T_UNMAP,

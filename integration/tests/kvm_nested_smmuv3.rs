@@ -6,9 +6,9 @@
 
 use std::path::Path;
 
+use integration::config::{Scenario, VmConfig};
 use integration::kvm_check::kvm_or_skip;
 use integration::scenarios::{run_scenario, RunOptions};
-use vmm_iommu::config::{Scenario, VmConfig};
 use vmm_iommu::wire::{VIRTIO_IOMMU_T_ATTACH_TABLE, VIRTIO_IOMMU_T_INVALIDATE};
 
 fn config(name: &str) -> VmConfig {

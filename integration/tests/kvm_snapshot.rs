@@ -19,11 +19,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration::abi;
+use integration::config::VmConfig;
 use integration::kvm_check::{fast_paths_offered, kvm_or_skip};
 use integration::scenarios::{run_snapshot, RunOptions, SnapshotRun};
 use integration::vm::snapshot::SnapshotError;
 use integration::vm::{FastPaths, RunEnd, Vm, VmError, VmOptions};
-use vmm_iommu::config::VmConfig;
 
 fn config(name: &str) -> VmConfig {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();

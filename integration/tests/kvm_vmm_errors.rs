@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use integration::abi;
+use integration::config::VmConfig;
 use integration::kvm_check::kvm_or_skip;
 use integration::vm::{RunOutcome, Vm, VmError, VmOptions};
-use vmm_iommu::config::VmConfig;
 
 fn config() -> VmConfig {
     VmConfig::from_json_str(

@@ -10,11 +10,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration::abi;
+use integration::config::{Scenario, VmConfig};
 use integration::kvm_check::{fast_paths_offered, kvm_or_skip};
 use integration::scenarios::{run_scenario, RunOptions};
 use integration::vm::worker::NotifyPath;
 use integration::vm::{Vm, VmError, VmOptions};
-use vmm_iommu::config::{Scenario, VmConfig};
 
 /// This process's threads that the VMM started: the device worker
 /// ("viommu-worker") and the watchdog ("viommu-watchdog"). Threads KVM

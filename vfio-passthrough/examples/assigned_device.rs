@@ -433,12 +433,7 @@ fn parse_args() -> Result<(Which, Option<PathBuf>)> {
                     other => return Err(format!("--backend type1|iommufd, not {other:?}").into()),
                 })
             }
-            spec if device.is_none() => {
-                device = Some(vfio_passthrough::config::sysfs_path(
-                    "assigned_device",
-                    spec,
-                )?)
-            }
+            spec if device.is_none() => device = Some(vfio_passthrough::host::sysfs_path(spec)?),
             extra => return Err(format!("unexpected argument {extra:?}").into()),
         }
     }

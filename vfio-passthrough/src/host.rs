@@ -18,7 +18,7 @@
 //! This module never calls the kernel.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use iommufd_bindings::iommufd::{
     iommu_destroy, iommu_fault_alloc, iommu_hw_info, iommu_hw_info_arm_smmuv3, iommu_hw_info_vtd,
@@ -71,6 +71,52 @@ pub struct Opened {
     pub handle: Handle,
     /// For [`Open::Cdev`]: the `out_devid` of `VFIO_DEVICE_BIND_IOMMUFD`.
     pub dev_id: Option<u32>,
+}
+
+/// A device name that is neither a sysfs path nor a PCI address.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is neither a /sys path nor a PCI address like 0000:65:00.0")]
+pub struct NotADevicePath(pub String);
+
+/// The sysfs directory [`Open`] takes for the device `spec` names: a
+/// `/sys/...` path as it is, or a PCI address `DDDD:BB:DD.F` or `BB:DD.F`
+/// (hex; domain 0000 when left out) under `/sys/bus/pci/devices`.
+///
+/// `vfio-ioctls` finds a device's IOMMU group (type1) and its VFIO cdev
+/// (iommufd) from that directory, so it is what every open names; a VMM's
+/// users name devices either way.
+pub fn sysfs_path(spec: &str) -> Result<PathBuf, NotADevicePath> {
+    if spec.starts_with("/sys/") {
+        return Ok(PathBuf::from(spec));
+    }
+    if is_bdf(spec) {
+        let full = if spec.matches(':').count() == 1 {
+            format!("0000:{spec}")
+        } else {
+            spec.to_string()
+        };
+        return Ok(PathBuf::from("/sys/bus/pci/devices").join(full.to_ascii_lowercase()));
+    }
+    Err(NotADevicePath(spec.to_string()))
+}
+
+/// Whether `s` is a PCI address `DDDD:BB:DD.F` or `BB:DD.F` (hex).
+fn is_bdf(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (dom, bus, devfn) = match parts.as_slice() {
+        [d, b, df] => (Some(*d), *b, *df),
+        [b, df] => (None, *b, *df),
+        _ => return false,
+    };
+    let hex = |x: &str, n: usize| x.len() == n && x.chars().all(|c| c.is_ascii_hexdigit());
+    let Some((dev, func)) = devfn.split_once('.') else {
+        return false;
+    };
+    dom.is_none_or(|d| hex(d, 4))
+        && hex(bus, 2)
+        && hex(dev, 2)
+        && func.len() == 1
+        && func.chars().all(|c| ('0'..='7').contains(&c))
 }
 
 /// One ioctl, with its uAPI argument. Output fields are written back into
@@ -439,6 +485,36 @@ pub(crate) fn le16(b: &[u8], at: usize) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pci_addresses_become_sysfs_paths() {
+        assert_eq!(
+            sysfs_path("0000:65:00.0").unwrap(),
+            PathBuf::from("/sys/bus/pci/devices/0000:65:00.0")
+        );
+        assert_eq!(
+            sysfs_path("3B:00.1").unwrap(),
+            PathBuf::from("/sys/bus/pci/devices/0000:3b:00.1")
+        );
+        assert_eq!(
+            sysfs_path("/sys/bus/pci/devices/0000:65:00.0").unwrap(),
+            PathBuf::from("/sys/bus/pci/devices/0000:65:00.0")
+        );
+    }
+
+    #[test]
+    fn other_device_names_are_refused() {
+        for bad in [
+            "/dev/vfio/7",
+            "65:00",
+            "0000:65:00.8",
+            "zz:00.0",
+            "",
+            "0000:065:00.0",
+        ] {
+            assert_eq!(sysfs_path(bad), Err(NotADevicePath(bad.into())), "{bad}");
+        }
+    }
 
     #[test]
     fn bytes_of_is_the_struct_in_memory_order() {

@@ -28,7 +28,6 @@
 
 pub mod args;
 pub mod caps;
-pub mod config;
 pub mod dirty;
 pub mod dma;
 pub mod fault;

@@ -8,8 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use vfio_passthrough::config::sysfs_path;
-use vfio_passthrough::host::HostIommu;
+use vfio_passthrough::host::{sysfs_path, HostIommu};
 use vfio_passthrough::sys::VfioHost;
 use vfio_passthrough::{GuestRam, IommufdBackend, Type1Backend};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -144,7 +143,7 @@ fn real_backends_on_an_assigned_device() {
         );
         return;
     };
-    let path = sysfs_path(ENV, &spec).expect("device spec");
+    let path = sysfs_path(&spec).expect("device spec");
     assert!(path.exists(), "{} does not exist", path.display());
 
     if Path::new("/dev/vfio/vfio").exists() {

@@ -9,7 +9,7 @@
 //! | you want to | use |
 //! |---|---|
 //! | put a virtio-iommu in a VM | [`VirtioIommu`]: the device model your virtio-mmio or virtio-pci transport forwards to |
-//! | configure it | [`config::IommuConfig`]: the `iommu` section of the VM config, from JSON (`docs/config.md`) |
+//! | configure it | [`config::IommuConfig`]: the `iommu` section of the VM config, from JSON (`docs/config.md`); a VMM's own config file embeds it with [`config::parse_json`] and [`config::IommuConfig::validate_at`] |
 //! | give an emulated device DMA by IOVA | [`Viommu::dma_memory`] (a `vm_memory::GuestMemory` with its own IOTLB), vm-memory's `IommuMemory` over [`Viommu::endpoint_iommu`], or a [`translate::Translator`] for address-by-address use |
 //! | put an assigned device behind it | a [`backend::IommuBackend`] (the `vfio-passthrough` crate has VFIO type1 and iommufd ones) in a [`router::Router`], then [`Viommu::with_router`] |
 //! | translate through the guest's own page tables | [`emulated::EmulatedIommu`], the software nested IOMMU |
@@ -103,7 +103,7 @@
 //!
 //! # Layout
 //!
-//! [`wire`] knows bytes, [`config`] knows the VM config, [`mapping`]
+//! [`wire`] knows bytes, [`config`] knows the VM config's `iommu` section, [`mapping`]
 //! and [`state`] know the spec's rules, [`viommu`] shares the state with
 //! translators, [`translate`] and [`dma_memory`] know caches, [`device`]
 //! knows queues, [`invalidation`], [`backend`] and [`router`] carry

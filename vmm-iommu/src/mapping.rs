@@ -30,7 +30,7 @@
 //! Memory: a full chunk is 384 bytes for 16 mappings (24 bytes each), and
 //! the B-tree and directory add about two bytes per mapping; a plain
 //! `BTreeMap<u64, Mapping>` costs about 48. Chunks stay at least a quarter
-//! full except between two full ones (see [`CHUNK_MIN`]).
+//! full except between two full ones (see `CHUNK_MIN`).
 
 use std::collections::BTreeMap;
 use std::ops::Bound;

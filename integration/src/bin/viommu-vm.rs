@@ -28,12 +28,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use integration::abi;
+use integration::config::VmConfig;
 use integration::demo::run_demo;
 use integration::kvm_check::{kvm_available, kvm_required, REQUIRE_KVM_ENV};
 use integration::scenarios::{plan, run_scenario, RunOptions, ScenarioRun};
 use integration::vm::layout::Layout;
 use integration::vm::{dma_slots, FastPaths, RunOutcome};
-use vmm_iommu::config::VmConfig;
 use vmm_iommu::wire::Status;
 
 struct Args {

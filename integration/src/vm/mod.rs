@@ -64,7 +64,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
 };
-use vmm_iommu::config::{DeviceKind, ReservedKind, VmConfig};
+use vmm_iommu::config::ReservedKind;
 use vmm_iommu::emulated::EmulatedCounts;
 use vmm_iommu::fault::FaultQueue;
 use vmm_iommu::router::{Router, RouterCounts};
@@ -73,6 +73,7 @@ use vmm_iommu::viommu::HotplugError;
 use vmm_iommu::{DeviceError, DeviceStats, Viommu, VirtioIommu};
 
 use crate::abi::{self, BootInfo};
+use crate::config::{DeviceKind, VmConfig};
 use crate::dma::{
     DmaEngine, DmaRouter, DmaSpace, Emulated, EndpointRouter, NestedRouter, PhysicalDma,
 };

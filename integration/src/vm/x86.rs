@@ -78,7 +78,7 @@ const MAX_PDS: u64 = {
 
 // The identity map reaches the end of high RAM of the largest config
 // (high RAM starts at 4 GiB).
-const _: () = assert!(MAX_PDS >= (vmm_iommu::config::MAX_MEMORY_MIB >> 10) + 4);
+const _: () = assert!(MAX_PDS >= (crate::config::MAX_MEMORY_MIB >> 10) + 4);
 
 /// An error setting up the vCPU.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,9 @@
 //! the device from the `iommu` config section, negotiate features, activate
 //! it with the driver's queues, serve the guest's ATTACH and MAP from the
 //! request queue, then translate and do DMA as an emulated device would.
-//! Exits non-zero if anything is not as documented.
+//! It also reads a config file of its own that embeds the `iommu` section,
+//! with the library's errors at its paths. Exits non-zero if anything is
+//! not as documented.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_iommu::config::IommuConfig;
+use vmm_iommu::config::{self, ConfigError, IommuConfig, ReservedRegion};
 use vmm_iommu::device::{VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 use vmm_iommu::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
 use vmm_iommu::testing::DriverQueue;
@@ -55,7 +57,98 @@ fn check(ok: bool, what: &str) -> Result<()> {
     }
 }
 
+/// The VMM's own config file, which embeds the library's `iommu` section
+/// (the `config` module's rustdoc): its own fields beside it, devices with
+/// reserved regions of their own, and the library's errors at its paths.
+#[derive(serde::Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct VmFile {
+    vcpus: u8,
+    #[serde(default)]
+    iommu: IommuConfig,
+    #[serde(default)]
+    disks: Vec<Disk>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+struct Disk {
+    endpoint: u32,
+    bus: Bus,
+    #[serde(default)]
+    reserved_regions: Vec<ReservedRegion>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(remote = "Self", rename_all = "kebab-case")]
+enum Bus {
+    VirtioMmio,
+    VirtioPci,
+}
+
+config::deserialize_from_object_only!(VmFile, Disk);
+config::deserialize_from_string_only!(Bus => "a bus: \"virtio-mmio\" or \"virtio-pci\"");
+
+fn load_vm_file(text: &str) -> std::result::Result<VmFile, ConfigError> {
+    let vm: VmFile = config::parse_json(text, "")?;
+    vm.iommu.validate_at("iommu")?;
+    for (i, d) in vm.disks.iter().enumerate() {
+        let at = format!("disks[{i}].reserved_regions");
+        vm.iommu
+            .validate_endpoint_regions_at("iommu", &d.reserved_regions, &at)?;
+    }
+    Ok(vm)
+}
+
+fn own_config_file() -> Result<()> {
+    let vm = load_vm_file(
+        r#"{ "vcpus": 2,
+             "iommu": { "reserved_regions": [ { "start": "0xfee00000", "end": "0xfeefffff", "kind": "msi" } ] },
+             "disks": [ { "endpoint": 8, "bus": "virtio-pci",
+                          "reserved_regions": [ { "start": "0x8000000", "end": "0x80fffff", "kind": "reserved" } ] } ] }"#,
+    )?;
+    check(
+        vm.vcpus == 2 && vm.iommu.reserved_regions.len() == 1,
+        "the VMM's own config file embeds the iommu section",
+    )?;
+    check(
+        vm.disks[0].endpoint == 8
+            && vm.disks[0].bus == Bus::VirtioPci
+            && vm.disks[0].reserved_regions.len() == 1,
+        "its own devices, with reserved regions of their own",
+    )?;
+    let err = |text: &str| load_vm_file(text).err().map(|e| e.to_string());
+    check(
+        err(r#"{ "vcpus": 1, "iommu": { "domain_range": { "start": 9, "end": 1 } } }"#).as_deref()
+            == Some("iommu.domain_range: start 9 is above end 1"),
+        "an iommu rule broken in it is refused at its path",
+    )?;
+    check(
+        err(r#"{ "vcpus": 1, "disks": [ { "endpoint": 8, "bus": { "virtio-pci": null } } ] }"#)
+            .as_deref()
+            == Some(
+                "disks[0].bus: invalid type: map, expected a bus: \"virtio-mmio\" or \"virtio-pci\"",
+            ),
+        "its own names take a string only",
+    )?;
+    check(
+        err(r#"{ "vcpus": 1, "disks": [ [8, "virtio-pci"] ] }"#).as_deref()
+            == Some("disks[0]: invalid type: sequence, expected a JSON object"),
+        "its own structs take an object only",
+    )?;
+    check(
+        err(r#"{ "vcpus": 1,
+                 "iommu": { "reserved_regions": [ { "start": "0x1000", "end": "0x1fff", "kind": "msi" } ] },
+                 "disks": [ { "endpoint": 8, "bus": "virtio-mmio",
+                              "reserved_regions": [ { "start": "0x1800", "end": "0x2fff", "kind": "reserved" } ] } ] }"#)
+        .as_deref()
+            == Some("disks[0].reserved_regions[0]: 0x1800..=0x2fff overlaps iommu.reserved_regions[0] 0x1000..=0x1fff"),
+        "a device's region over the section's is refused at its path",
+    )
+}
+
 fn run() -> Result<()> {
+    own_config_file()?;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)])?;
     let cfg = IommuConfig::from_json_str(
         r#"{

@@ -1,14 +1,16 @@
-//! From the VM config's `vfio` devices to what the backends open: the
+//! From the config's `vfio` devices to what a VFIO backend opens: the
 //! sysfs directory of the device and the backend that serves it.
 //!
 //! `vfio-ioctls` finds a device's IOMMU group (type1) and its VFIO cdev
 //! (iommufd) from the sysfs directory, so that is what a device must name:
 //! a sysfs path, or a PCI address that stands for
-//! `/sys/bus/pci/devices/<address>`.
+//! `/sys/bus/pci/devices/<address>` ([`vfio_passthrough::host::sysfs_path`]).
 
 use std::path::PathBuf;
 
-use vmm_iommu::config::{DeviceConfig, DeviceKind, VfioBackend};
+use vfio_passthrough::host::{sysfs_path, NotADevicePath};
+
+use super::{DeviceConfig, DeviceKind, VfioBackend};
 
 /// Why a `vfio` device of the config cannot be opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,45 +42,6 @@ pub struct AssignedDevice {
     pub backend: VfioBackend,
 }
 
-/// Whether `s` is a PCI address `DDDD:BB:DD.F` or `BB:DD.F` (hex).
-fn is_bdf(s: &str) -> bool {
-    let parts: Vec<&str> = s.split(':').collect();
-    let (dom, bus, devfn) = match parts.as_slice() {
-        [d, b, df] => (Some(*d), *b, *df),
-        [b, df] => (None, *b, *df),
-        _ => return false,
-    };
-    let hex = |x: &str, n: usize| x.len() == n && x.chars().all(|c| c.is_ascii_hexdigit());
-    let Some((dev, func)) = devfn.split_once('.') else {
-        return false;
-    };
-    dom.is_none_or(|d| hex(d, 4))
-        && hex(bus, 2)
-        && hex(dev, 2)
-        && func.len() == 1
-        && func.chars().all(|c| ('0'..='7').contains(&c))
-}
-
-/// The sysfs directory a device spec names: a `/sys/...` path as is, a
-/// PCI address under `/sys/bus/pci/devices` (domain 0000 if omitted).
-pub fn sysfs_path(id: &str, spec: &str) -> Result<PathBuf, DevicePathError> {
-    if spec.starts_with("/sys/") {
-        return Ok(PathBuf::from(spec));
-    }
-    if is_bdf(spec) {
-        let full = if spec.matches(':').count() == 1 {
-            format!("0000:{spec}")
-        } else {
-            spec.to_string()
-        };
-        return Ok(PathBuf::from("/sys/bus/pci/devices").join(full.to_ascii_lowercase()));
-    }
-    Err(DevicePathError::BadPath {
-        id: id.to_string(),
-        path: spec.to_string(),
-    })
-}
-
 /// The assigned device a config entry describes; `None` for devices that
 /// are not `vfio`.
 pub fn assigned_device(d: &DeviceConfig) -> Result<Option<AssignedDevice>, DevicePathError> {
@@ -92,9 +55,13 @@ pub fn assigned_device(d: &DeviceConfig) -> Result<Option<AssignedDevice>, Devic
     let backend = d
         .backend
         .ok_or_else(|| DevicePathError::NoBackend(d.id.clone()))?;
+    let sysfs = sysfs_path(path).map_err(|NotADevicePath(path)| DevicePathError::BadPath {
+        id: d.id.clone(),
+        path,
+    })?;
     Ok(Some(AssignedDevice {
         endpoint: d.endpoint,
-        sysfs: sysfs_path(&d.id, path)?,
+        sysfs,
         backend,
     }))
 }
@@ -103,39 +70,8 @@ pub fn assigned_device(d: &DeviceConfig) -> Result<Option<AssignedDevice>, Devic
 mod tests {
     use super::*;
 
-    #[test]
-    fn pci_addresses_become_sysfs_paths() {
-        assert_eq!(
-            sysfs_path("n", "0000:65:00.0").unwrap(),
-            PathBuf::from("/sys/bus/pci/devices/0000:65:00.0")
-        );
-        assert_eq!(
-            sysfs_path("n", "3B:00.1").unwrap(),
-            PathBuf::from("/sys/bus/pci/devices/0000:3b:00.1")
-        );
-        assert_eq!(
-            sysfs_path("n", "/sys/bus/pci/devices/0000:65:00.0").unwrap(),
-            PathBuf::from("/sys/bus/pci/devices/0000:65:00.0")
-        );
-    }
-
-    #[test]
-    fn other_specs_are_refused() {
-        for bad in [
-            "/dev/vfio/7",
-            "65:00",
-            "0000:65:00.8",
-            "zz:00.0",
-            "",
-            "0000:065:00.0",
-        ] {
-            assert!(sysfs_path("n", bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn config_entries_map_to_assigned_devices() {
-        let d = DeviceConfig {
+    fn nic() -> DeviceConfig {
+        DeviceConfig {
             id: "nic0".into(),
             kind: DeviceKind::Vfio,
             endpoint: 16,
@@ -143,9 +79,15 @@ mod tests {
             path: Some("0000:65:00.0".into()),
             backend: Some(VfioBackend::Iommufd),
             reserved_regions: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn config_entries_map_to_assigned_devices() {
+        let d = nic();
         let a = assigned_device(&d).unwrap().unwrap();
         assert_eq!(a.endpoint, 16);
+        assert_eq!(a.sysfs, PathBuf::from("/sys/bus/pci/devices/0000:65:00.0"));
         assert_eq!(a.backend, VfioBackend::Iommufd);
         let e = DeviceConfig {
             kind: DeviceKind::EmulatedDma,
@@ -158,6 +100,27 @@ mod tests {
         assert_eq!(
             assigned_device(&n),
             Err(DevicePathError::NoPath("nic0".into()))
+        );
+    }
+
+    #[test]
+    fn a_device_without_a_backend_or_with_a_bad_path_is_refused_naming_it() {
+        let b = DeviceConfig {
+            backend: None,
+            ..nic()
+        };
+        assert_eq!(
+            assigned_device(&b),
+            Err(DevicePathError::NoBackend("nic0".into()))
+        );
+        let p = DeviceConfig {
+            path: Some("/dev/vfio/7".into()),
+            ..nic()
+        };
+        let e = assigned_device(&p).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "device nic0: \"/dev/vfio/7\" is neither a /sys path nor a PCI address like 0000:65:00.0"
         );
     }
 }
