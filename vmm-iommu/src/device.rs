@@ -10,19 +10,22 @@
 
 use std::sync::Arc;
 
+mod eventq;
+mod invalidate;
 mod lifecycle;
+mod probe;
+
+use invalidate::DeferredInvalidate;
 
 use log::debug;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::config::IommuConfig;
-use crate::invalidation::Invalidation;
 use crate::viommu::{Applied, Viommu};
 use crate::wire::{
-    self, ConfigSpace, DecodeError, ExtProperty, ProbeReq, Request, ResvMemProperty, Status,
-    CONFIG_BYPASS_OFFSET, EVENT_QUEUE, EXT_FAULT_SIZE, FAULT_SIZE, MAX_READABLE_SIZE,
-    REQUEST_QUEUE, RESV_MEM_PROPERTY_SIZE, TAIL_SIZE, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    self, ConfigSpace, DecodeError, Request, Status, CONFIG_BYPASS_OFFSET, EVENT_QUEUE,
+    MAX_READABLE_SIZE, REQUEST_QUEUE, TAIL_SIZE, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
     VIRTIO_IOMMU_F_ATTACH_TABLE, VIRTIO_IOMMU_F_BYPASS, VIRTIO_IOMMU_F_BYPASS_CONFIG,
     VIRTIO_IOMMU_F_DOMAIN_RANGE, VIRTIO_IOMMU_F_INPUT_RANGE, VIRTIO_IOMMU_F_MAP_UNMAP,
     VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_F_PAGE_REQUEST, VIRTIO_IOMMU_F_PROBE,
@@ -192,18 +195,6 @@ pub struct VirtioIommu {
     /// INVALIDATEs of the current notification, answered together once
     /// every backend applied them.
     pending: Vec<DeferredInvalidate>,
-}
-
-/// An INVALIDATE whose status waits for the batch.
-#[derive(Clone, Copy, Debug)]
-struct DeferredInvalidate {
-    head: u16,
-    used_len: u32,
-    /// Where the four tail bytes go (a tail may straddle descriptors).
-    tail: [(GuestAddress, u8); TAIL_SIZE],
-    tail_pieces: u8,
-    domain: u32,
-    inv: Invalidation,
 }
 
 impl std::fmt::Debug for VirtioIommu {
@@ -517,79 +508,12 @@ impl VirtioIommu {
         Ok((done, notify))
     }
 
-    /// Answers the deferred INVALIDATEs: one generic batch per domain goes
-    /// to the router, then every request gets its domain's status. Returns
-    /// the number of chains completed.
-    fn flush_invalidations<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        q: &mut Queue,
-    ) -> Result<usize, DeviceError> {
-        if self.pending.is_empty() {
-            return Ok(0);
-        }
-        let pending = std::mem::take(&mut self.pending);
-        let mut domains: Vec<(u32, Status)> = Vec::new();
-        let mut batch: Vec<Invalidation> = Vec::with_capacity(pending.len());
-        for d in &pending {
-            if domains.iter().any(|(dom, _)| *dom == d.domain) {
-                continue;
-            }
-            batch.clear();
-            batch.extend(
-                pending
-                    .iter()
-                    .filter(|p| p.domain == d.domain)
-                    .map(|p| p.inv),
-            );
-            let status = match self.viommu.invalidate(d.domain, &mut batch) {
-                Ok(()) => Status::Ok,
-                Err(e) => {
-                    debug!("virtio-iommu: {e}");
-                    e.status()
-                }
-            };
-            domains.push((d.domain, status));
-        }
-        for d in &pending {
-            let status = domains
-                .iter()
-                .find(|(dom, _)| *dom == d.domain)
-                .map_or(Status::DevErr, |&(_, s)| s);
-            let tail = status.to_tail();
-            let mut at = 0usize;
-            let mut ok = true;
-            for &(addr, n) in &d.tail[..usize::from(d.tail_pieces)] {
-                let n = usize::from(n);
-                ok &= mem.write_slice(&tail[at..at + n], addr).is_ok();
-                at += n;
-            }
-            let len = if ok {
-                self.stats.statuses[status as usize] += 1;
-                d.used_len
-            } else {
-                0
-            };
-            q.add_used(mem, d.head, len)
-                .map_err(|source| DeviceError::Queue {
-                    queue: REQUEST_QUEUE,
-                    source,
-                })?;
-        }
-        self.pending = pending;
-        let n = self.pending.len();
-        self.pending.clear();
-        Ok(n)
-    }
-
-    /// The guest addresses of the four tail bytes of the current chain.
-    fn tail_pieces(&self, tail_at: u64) -> Option<([(GuestAddress, u8); TAIL_SIZE], u8)> {
-        let mut out = [(GuestAddress(0), 0u8); TAIL_SIZE];
-        let mut count = 0u8;
-        let mut skip = tail_at;
-        let mut need = TAIL_SIZE as u64;
+    /// Writes `data` at byte `offset` of the chain's writable part.
+    fn write_at<M: GuestMemory>(&self, mem: &M, offset: u64, data: &[u8]) -> Result<(), ()> {
+        let mut skip = offset;
+        let mut rest = data;
         for &(addr, len) in &self.writable {
-            if need == 0 {
+            if rest.is_empty() {
                 break;
             }
             let len = u64::from(len);
@@ -597,13 +521,17 @@ impl VirtioIommu {
                 skip -= len;
                 continue;
             }
-            let n = (len - skip).min(need);
-            out[usize::from(count)] = (addr.checked_add(skip)?, n as u8);
-            count += 1;
-            need -= n;
+            let n = (len - skip).min(rest.len() as u64) as usize;
+            let at = addr.checked_add(skip).ok_or(())?;
+            mem.write_slice(&rest[..n], at).map_err(|_| ())?;
+            rest = &rest[n..];
             skip = 0;
         }
-        (need == 0).then_some((out, count))
+        if rest.is_empty() {
+            Ok(())
+        } else {
+            Err(())
+        }
     }
 
     /// Whether request type `t` belongs to a feature the driver did not
@@ -776,220 +704,5 @@ impl VirtioIommu {
         self.stats.statuses[status as usize] += 1;
         // `wtotal` fits u32: checked by the caller.
         wtotal as u32
-    }
-
-    /// Answers a PROBE: properties into the writable part before the tail.
-    fn probe<M: GuestMemory>(&mut self, mem: &M, p: &ProbeReq, props_len: u64) -> Status {
-        let probe_size = u64::from(self.config.probe_size);
-        let mut buf = std::mem::take(&mut self.probe_buf);
-        buf.clear();
-        let status = {
-            let st = self.viommu.state();
-            match st.probe(p) {
-                Err(e) => {
-                    debug!("virtio-iommu: {e}");
-                    e.status()
-                }
-                // spec 5.13.6.7.2: "If the properties list is smaller than
-                // probe_size, the device SHOULD NOT write any property. It
-                // SHOULD reject the request and set status to INVAL."
-                Ok(_) if props_len < probe_size => Status::Inval,
-                Ok(regions) => {
-                    // The config guarantees that every region fits in
-                    // probe_size; stop anyway rather than overrun it.
-                    for r in regions {
-                        if buf.len() + RESV_MEM_PROPERTY_SIZE > probe_size as usize {
-                            break;
-                        }
-                        let subtype = match r.kind {
-                            crate::config::ReservedKind::Reserved => {
-                                wire::VIRTIO_IOMMU_RESV_MEM_T_RESERVED
-                            }
-                            crate::config::ReservedKind::Msi => wire::VIRTIO_IOMMU_RESV_MEM_T_MSI,
-                        };
-                        buf.extend_from_slice(
-                            &ResvMemProperty {
-                                subtype,
-                                start: r.start,
-                                end: r.end,
-                            }
-                            .encode(),
-                        );
-                    }
-                    if self.negotiated(VIRTIO_IOMMU_F_ATTACH_TABLE) {
-                        for prop in self.nested_properties(&st, p.endpoint) {
-                            if buf.len() + prop.encoded_len() > probe_size as usize {
-                                break;
-                            }
-                            prop.encode_into(&mut buf);
-                        }
-                    }
-                    // spec 5.13.6.7.2: "If the device doesn't fill all
-                    // probe_size bytes with properties, it SHOULD fill the
-                    // remaining bytes of properties with zeroes."
-                    buf.resize(probe_size as usize, 0);
-                    Status::Ok
-                }
-            }
-        };
-        let status = if status == Status::Ok && self.write_at(mem, 0, &buf).is_err() {
-            Status::IoErr
-        } else {
-            status
-        };
-        self.probe_buf = buf;
-        status
-    }
-
-    /// The nested extension's probe properties of `ep`: what the config
-    /// allows intersected with what its backend can do. An endpoint
-    /// without a backend (or one without table formats) gets only the
-    /// ranges, and no format: ATTACH_TABLE on it is UNSUPP.
-    fn nested_properties(&self, st: &crate::state::IommuState, ep: u32) -> Vec<ExtProperty> {
-        let caps = self.viommu.router().caps(ep);
-        let mut mask = self.config.page_size_mask;
-        let (mut start, mut end) = (self.config.input_start, self.config.input_end);
-        let mut out_bits = 48;
-        let mut pasid_bits = st.pasid_bits();
-        if let Some(c) = &caps {
-            mask &= c.page_size_mask;
-            start = start.max(c.input_range.0);
-            end = end.min(c.input_range.1);
-            out_bits = c.output_bits;
-            pasid_bits = pasid_bits.min(c.pasid_bits);
-        }
-        let mut props = vec![
-            ExtProperty::PageSizeMask(mask),
-            ExtProperty::InputRange { start, end },
-            ExtProperty::OutputSize(out_bits),
-            ExtProperty::PasidSize(pasid_bits),
-        ];
-        for &format in st.endpoint_formats(ep) {
-            let pgt = match format {
-                wire::VIRTIO_IOMMU_PSTF_ARM_SMMU_V3 => Some(wire::VIRTIO_IOMMU_PGTF_ARM_LPAE),
-                wire::VIRTIO_IOMMU_PSTF_INTEL_VTD => Some(wire::VIRTIO_IOMMU_PGTF_X86_64),
-                _ => None,
-            };
-            props.push(match pgt {
-                Some(page_table_format) => ExtProperty::PasidTableFmt {
-                    format,
-                    page_table_format,
-                    page_size_mask: walker_page_sizes(page_table_format),
-                },
-                None => ExtProperty::PageTableFmt {
-                    format,
-                    page_size_mask: walker_page_sizes(format),
-                },
-            });
-        }
-        props
-    }
-
-    /// Writes `data` at byte `offset` of the chain's writable part.
-    fn write_at<M: GuestMemory>(&self, mem: &M, offset: u64, data: &[u8]) -> Result<(), ()> {
-        let mut skip = offset;
-        let mut rest = data;
-        for &(addr, len) in &self.writable {
-            if rest.is_empty() {
-                break;
-            }
-            let len = u64::from(len);
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let n = (len - skip).min(rest.len() as u64) as usize;
-            let at = addr.checked_add(skip).ok_or(())?;
-            mem.write_slice(&rest[..n], at).map_err(|_| ())?;
-            rest = &rest[n..];
-            skip = 0;
-        }
-        if rest.is_empty() {
-            Ok(())
-        } else {
-            Err(())
-        }
-    }
-
-    /// Delivers waiting fault records into the driver's event buffers (call
-    /// on an event-queue notification and when [`Self::fault_eventfd`] is
-    /// readable). Returns the number of records delivered.
-    pub fn process_eventq<M: GuestMemory>(&mut self, mem: &M) -> Result<usize, DeviceError> {
-        let mut q = self.eventq.take().ok_or(DeviceError::NotActivated)?;
-        let res = self.drain_eventq(mem, &mut q);
-        self.eventq = Some(q);
-        let (done, notify) = res?;
-        if notify {
-            self.signal(EVENT_QUEUE)?;
-        }
-        Ok(done)
-    }
-
-    fn drain_eventq<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        q: &mut Queue,
-    ) -> Result<(usize, bool), DeviceError> {
-        let qerr = |source| DeviceError::Queue {
-            queue: EVENT_QUEUE,
-            source,
-        };
-        // Clear the eventfd's count; the queue itself is the truth.
-        let _ = self.viommu.faults().eventfd().read();
-        self.viommu.collect_backend_faults();
-        // A driver that knows the nested extension gets the extended record
-        // (with the PASID and the page-request group); others the spec's.
-        let extended = self.negotiated(VIRTIO_IOMMU_F_ATTACH_TABLE)
-            || self.negotiated(VIRTIO_IOMMU_F_PAGE_REQUEST);
-        let rec_size = if extended { EXT_FAULT_SIZE } else { FAULT_SIZE };
-        let mut done = 0;
-        let mut used = 0;
-        while !self.viommu.faults().is_empty() {
-            let Some(chain) = q.iter(mem).map_err(qerr)?.next() else {
-                break;
-            };
-            let head = chain.head_index();
-            self.writable.clear();
-            let mut wtotal = 0u64;
-            for desc in chain {
-                if desc.is_write_only() && self.writable.len() < MAX_WRITABLE_SEGMENTS {
-                    self.writable.push((desc.addr(), desc.len()));
-                    wtotal += u64::from(desc.len());
-                }
-            }
-            used += 1;
-            // spec 5.13.6.8.2: "If a buffer is too small to contain the fault
-            // report, the device SHOULD NOT use multiple buffers to describe
-            // it." The record stays queued for the next buffer.
-            if wtotal < rec_size as u64 {
-                self.stats.event_buffers_too_small += 1;
-                q.add_used(mem, head, 0).map_err(qerr)?;
-                continue;
-            }
-            let Some(rec) = self.viommu.faults().pop() else {
-                q.add_used(mem, head, 0).map_err(qerr)?;
-                break;
-            };
-            let written = if extended {
-                self.write_at(mem, 0, &rec.encode())
-            } else {
-                self.write_at(mem, 0, &rec.to_classic().encode())
-            };
-            if written.is_err() {
-                self.viommu.faults().unpop(rec);
-                q.add_used(mem, head, 0).map_err(qerr)?;
-                continue;
-            }
-            q.add_used(mem, head, rec_size as u32).map_err(qerr)?;
-            self.stats.faults_delivered += 1;
-            done += 1;
-        }
-        let notify = used > 0 && q.needs_notification(mem).map_err(qerr)?;
-        Ok((done, notify))
-    }
-
-    /// Readable when fault records wait for the event queue.
-    pub fn fault_eventfd(&self) -> &vmm_sys_util::eventfd::EventFd {
-        self.viommu.faults().eventfd()
     }
 }
