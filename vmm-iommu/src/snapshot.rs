@@ -362,16 +362,16 @@ pub enum SnapshotError {
     Decode(#[from] serde_json::Error),
     /// A version this build does not read.
     #[error(
-        "snapshot version {found} is not supported (this build reads versions {oldest} to \
-         {supported})"
+        "snapshot version {found} is not supported (this build reads versions {} to \
+         {supported})",
+        OLDEST_SNAPSHOT_VERSION
     )]
     UnknownVersion {
         /// The snapshot's version.
         found: u32,
-        /// The newest version this build reads (the one it writes).
+        /// The newest version this build reads (the one it writes); it
+        /// reads every one from [`OLDEST_SNAPSHOT_VERSION`] on.
         supported: u32,
-        /// The oldest version this build reads.
-        oldest: u32,
     },
     /// Restore needs a device that is not activated and holds nothing.
     #[error("restore needs a freshly built device: {0}")]
@@ -525,7 +525,6 @@ pub(crate) fn check_version(found: u32) -> Result<(), SnapshotError> {
         return Err(SnapshotError::UnknownVersion {
             found,
             supported: SNAPSHOT_VERSION,
-            oldest: OLDEST_SNAPSHOT_VERSION,
         });
     }
     Ok(())
