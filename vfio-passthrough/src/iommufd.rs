@@ -706,13 +706,8 @@ impl IommufdBackend {
             ) => {
                 let ram = self.ram.get();
                 check_directory(*pasid_dir_ptr, *pasid_bits, e.caps.pasid_bits, &ram)?;
-                let entries = scan_pasid_table(
-                    &ram,
-                    *pasid_dir_ptr,
-                    *pasid_bits,
-                    &hw,
-                    MAX_BOUND_PASIDS,
-                )?;
+                let entries =
+                    scan_pasid_table(&ram, *pasid_dir_ptr, *pasid_bits, &hw, MAX_BOUND_PASIDS)?;
                 self.apply_vtd(st, ep, dom, *pasid_dir_ptr, *pasid_bits, entries)
             }
             (HwKind::ArmSmmuV3(hw), TableDesc::ArmSmmuV3 { s1cdmax, .. }) => {

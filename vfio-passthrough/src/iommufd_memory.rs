@@ -15,7 +15,9 @@
 use vmm_iommu::backend::{BackendError, DomainId, RamChange};
 
 use super::{host_err, IommufdBackend, HOST_PAGE};
-use crate::dma::{check_alignment, identity_pieces, ioas_map, ioas_unmap, mapping_pieces, DmaPiece};
+use crate::dma::{
+    check_alignment, identity_pieces, ioas_map, ioas_unmap, mapping_pieces, DmaPiece,
+};
 use crate::host::Ioctl;
 use crate::ram::{memory_of, GuestRam};
 
@@ -24,6 +26,17 @@ type Area = (u32, DmaPiece);
 
 /// A mapping whose pieces change: domain, IOVA, its pieces afterwards.
 type Repieced = (DomainId, u64, Vec<DmaPiece>);
+
+/// What a RAM change does to the MAP-mode IOASes.
+#[derive(Default)]
+struct Repiece {
+    /// Areas to map (pieces now, not held).
+    coming: Vec<Area>,
+    /// Areas to unmap (pieces held, gone now).
+    going: Vec<Area>,
+    /// The mappings whose pieces change.
+    changed: Vec<Repieced>,
+}
 
 impl IommufdBackend {
     fn map_area(&self, (ioas, p): &Area) -> Result<(), BackendError> {
@@ -74,28 +87,30 @@ impl IommufdBackend {
         Ok(())
     }
 
-    /// The MAP-mode mappings whose pieces differ under `ram`, with the
-    /// areas that come (`coming`) or go: pieces in one list and not the
-    /// other.
-    fn repiece(
-        &self,
-        st: &super::State,
-        ram: &GuestRam,
-    ) -> Result<(Vec<Area>, Vec<Area>, Vec<Repieced>), BackendError> {
-        let (mut coming, mut going, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+    /// How the MAP-mode mappings' pieces differ under `ram`.
+    fn repiece(&self, st: &super::State, ram: &GuestRam) -> Result<Repiece, BackendError> {
+        let mut r = Repiece::default();
         for (&id, d) in &st.domains {
             for (&start, m) in &d.guest {
                 let now = mapping_pieces(ram.regions(), m)?;
                 let held = d.mappings.get(&start).map(Vec::as_slice).unwrap_or(&[]);
-                let before = coming.len() + going.len();
-                coming.extend(now.iter().filter(|p| !held.contains(p)).map(|p| (d.ioas, *p)));
-                going.extend(held.iter().filter(|p| !now.contains(p)).map(|p| (d.ioas, *p)));
-                if coming.len() + going.len() != before {
-                    changed.push((id, start, now));
+                let before = r.coming.len() + r.going.len();
+                r.coming.extend(
+                    now.iter()
+                        .filter(|p| !held.contains(p))
+                        .map(|p| (d.ioas, *p)),
+                );
+                r.going.extend(
+                    held.iter()
+                        .filter(|p| !now.contains(p))
+                        .map(|p| (d.ioas, *p)),
+                );
+                if r.coming.len() + r.going.len() != before {
+                    r.changed.push((id, start, now));
                 }
             }
         }
-        Ok((coming, going, changed))
+        Ok(r)
     }
 
     /// Plugged RAM: stage 2 gains it at its GPA, MAP-mode IOASes the
@@ -108,7 +123,9 @@ impl IommufdBackend {
             .into_iter()
             .map(|p| (self.gpa_ioas, p))
             .collect();
-        let (coming, _, changed) = self.repiece(&st, &ram)?;
+        let Repiece {
+            coming, changed, ..
+        } = self.repiece(&st, &ram)?;
         areas.extend(coming);
         for (_, p) in &areas {
             check_alignment(p, HOST_PAGE)?;
@@ -131,7 +148,7 @@ impl IommufdBackend {
             .map(|p| (self.gpa_ioas, p))
             .collect();
         let ram = old.with_removed(change.start, change.end, mem)?;
-        let (_, going, changed) = self.repiece(&st, &ram)?;
+        let Repiece { going, changed, .. } = self.repiece(&st, &ram)?;
         areas.extend(going);
         self.journaled(&areas, Self::unmap_area, Self::map_area)?;
         commit(&mut st, changed);

@@ -157,7 +157,11 @@ impl GuestRam {
 
     /// This RAM with the plugged `host` ranges added, guest tables read
     /// from `mem`. INVALID if one is empty, wraps or overlaps RAM.
-    pub fn with_added(&self, host: &[HostRange], mem: GuestMemoryMmap) -> Result<Self, BackendError> {
+    pub fn with_added(
+        &self,
+        host: &[HostRange],
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, BackendError> {
         let mut regions = self.regions.clone();
         regions.extend(host.iter().map(|h| RamRegion {
             gpa: h.gpa,
@@ -173,7 +177,12 @@ impl GuestRam {
     /// This RAM without `[start, end]`, guest tables read from `mem`. The
     /// range must be whole regions ([`Self::regions_in`]): a VFIO mapping
     /// cannot be split, so a region goes as it came. INVALID otherwise.
-    pub fn with_removed(&self, start: u64, end: u64, mem: GuestMemoryMmap) -> Result<Self, BackendError> {
+    pub fn with_removed(
+        &self,
+        start: u64,
+        end: u64,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, BackendError> {
         let gone = self.regions_in(start, end)?.len();
         let first = self.regions.partition_point(|r| r.gpa < start);
         let mut regions = self.regions.clone();
@@ -327,11 +336,18 @@ mod tests {
             Err(BackendError::Invalid(_))
         ));
         // Part of a region, or past the regions, is refused.
-        for (s, e) in [(0x1_0000, 0x1_07ff), (0x1_0000, 0x1_2fff), (0x8000, 0x1_0fff)] {
+        for (s, e) in [
+            (0x1_0000, 0x1_07ff),
+            (0x1_0000, 0x1_2fff),
+            (0x8000, 0x1_0fff),
+        ] {
             assert!(more.with_removed(s, e, mem.clone()).is_err(), "{s:#x}");
         }
         let less = more.with_removed(0x1_0000, 0x1_1fff, mem.clone()).unwrap();
         assert_eq!(less.regions(), ram.regions());
-        assert_eq!(more.regions_in(0x1_1000, 0x1_1fff).unwrap()[0].hva, 0x9000_0000);
+        assert_eq!(
+            more.regions_in(0x1_1000, 0x1_1fff).unwrap()[0].hva,
+            0x9000_0000
+        );
     }
 }

@@ -31,8 +31,7 @@ use vmm_iommu::mapping::Mapping;
 
 use crate::caps::{parse_type1_info, type1_info_request, Type1Info, TYPE1_INFO_BUF};
 use crate::dma::{
-    check_alignment, identity_pieces, mapping_pieces, mmio_pieces, type1_map, type1_unmap,
-    DmaPiece,
+    check_alignment, identity_pieces, mapping_pieces, mmio_pieces, type1_map, type1_unmap, DmaPiece,
 };
 use crate::host::{Handle, HostIommu, Ioctl, Open};
 use crate::ram::{GuestRam, RamRegion, SharedRam};

@@ -199,10 +199,20 @@ fn type1_plug_failing_halfway_rolls_back_every_container() {
         .iter()
         .map(|&ep| rec.type1_mappings(b.container_of(ep).unwrap()))
         .collect();
-    rec.fail_nth(Op::Type1MapDma, rec.count(Op::Type1MapDma) + 1, libc::ENOMEM);
+    rec.fail_nth(
+        Op::Type1MapDma,
+        rec.count(Op::Type1MapDma) + 1,
+        libc::ENOMEM,
+    );
     let from = rec.len();
     let e = b.add_ram(&dimm.plug()).unwrap_err();
-    assert!(matches!(e, BackendError::Host { op: "VFIO_IOMMU_MAP_DMA", .. }));
+    assert!(matches!(
+        e,
+        BackendError::Host {
+            op: "VFIO_IOMMU_MAP_DMA",
+            ..
+        }
+    ));
     assert_eq!(
         rec.ops()[from..],
         [Op::Type1MapDma, Op::Type1MapDma, Op::Type1UnmapDma]
@@ -261,7 +271,12 @@ fn type1_lowers_an_mmio_mapping_in_a_bar_window_to_a_peer_to_peer_dma_map() {
     b.map(1, &doorbell).unwrap();
     assert_eq!(
         dma_maps(&rec, from),
-        [(0x7000_0000, BAR_HVA + 0x2000, 0x1000, VFIO_DMA_MAP_FLAG_WRITE)]
+        [(
+            0x7000_0000,
+            BAR_HVA + 0x2000,
+            0x1000,
+            VFIO_DMA_MAP_FLAG_WRITE
+        )]
     );
     // The window goes before the BAR's mmap: the map goes with it, the
     // mapping stays, and comes back with the window.
@@ -299,7 +314,12 @@ fn type1_maps_nothing_for_a_window_without_host_memory() {
 }
 
 /// A vIOMMU over a type1 backend serving EP.
-fn viommu_over_type1() -> (Arc<RecordingHost>, Arc<Type1Backend>, Viommu, GuestMemoryMmap) {
+fn viommu_over_type1() -> (
+    Arc<RecordingHost>,
+    Arc<Type1Backend>,
+    Viommu,
+    GuestMemoryMmap,
+) {
     let (rec, host, mem, ram) = setup(RecordingHost::default());
     let b = Arc::new(Type1Backend::new(host, ram));
     b.add_endpoint(EP, Path::new(DEV)).unwrap();
@@ -343,7 +363,12 @@ fn a_guest_map_f_mmio_into_a_registered_bar_reaches_the_container_and_outside_is
     v.apply(&map(BAR + 0x4000)).unwrap();
     assert_eq!(
         dma_maps(&rec, from),
-        [(0x7000_0000, BAR_HVA + 0x4000, 0x2000, VFIO_DMA_MAP_FLAG_WRITE)]
+        [(
+            0x7000_0000,
+            BAR_HVA + 0x4000,
+            0x2000,
+            VFIO_DMA_MAP_FLAG_WRITE
+        )]
     );
     let c = b.container_of(EP).unwrap();
     assert_eq!(rec.type1_mappings(c), [(0x7000_0000, 0x2000)]);
@@ -429,7 +454,12 @@ fn iommufd_stage2_ioas_gains_plugged_ram_at_its_gpa_and_loses_it_on_unplug() {
     // size@0 ioas_id@4 iova@8 length@16.
     assert_eq!(unmap.op, Op::IoasUnmap);
     assert_eq!(
-        (le32(&unmap.arg, 0), le32(&unmap.arg, 4), le64(&unmap.arg, 8), le64(&unmap.arg, 16)),
+        (
+            le32(&unmap.arg, 0),
+            le32(&unmap.arg, 4),
+            le64(&unmap.arg, 8),
+            le64(&unmap.arg, 16)
+        ),
         (24, s2, DIMM, DIMM_LEN)
     );
     assert_eq!(rec.ioas_mappings(s2).len(), 4);
@@ -472,7 +502,10 @@ fn iommufd_plug_failing_halfway_rolls_back_stage2() {
     // The domain IOAS's map (the second) fails.
     rec.fail_nth(Op::IoasMap, rec.count(Op::IoasMap) + 1, libc::ENOMEM);
     let from = rec.len();
-    assert_eq!(b.add_ram(&dimm.plug()).unwrap_err().status(), Status::DevErr);
+    assert_eq!(
+        b.add_ram(&dimm.plug()).unwrap_err().status(),
+        Status::DevErr
+    );
     assert_eq!(rec.ops()[from..], [Op::IoasMap, Op::IoasMap, Op::IoasUnmap]);
     assert_eq!(rec.ioas_mappings(s2), s2_before);
     assert_eq!(rec.ioas_mappings(ioas), dom_before);
@@ -504,7 +537,10 @@ fn iommufd_reads_a_pasid_table_in_plugged_ram_and_keeps_nested_bindings_on_stage
             pasid_dir_ptr: dir,
         },
     };
-    assert_eq!(b.bind_table(EP, &binding).unwrap_err().status(), Status::Range);
+    assert_eq!(
+        b.bind_table(EP, &binding).unwrap_err().status(),
+        Status::Range
+    );
     b.add_ram(&dimm.plug()).unwrap();
     b.bind_table(EP, &binding).unwrap();
     let dev = b.device_of(EP).unwrap();

@@ -756,13 +756,15 @@ mod tests {
         map(&v, 0x20_0000, 1, 0x4000, RW);
         assert_eq!(dma.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 0);
         assert!(dma.read_obj::<u64>(GuestAddress(0x10_0000)).is_err());
-        let dimm = vm_memory::GuestRegionMmap::from_range(GuestAddress(0x20_0000), 0x1000, None)
-            .unwrap();
+        let dimm =
+            vm_memory::GuestRegionMmap::from_range(GuestAddress(0x20_0000), 0x1000, None).unwrap();
         let after = dma
             .physical()
             .insert_region(Arc::new(dimm))
             .expect("plugged");
-        after.write_obj(0xabcd_u64, GuestAddress(0x20_0008)).unwrap();
+        after
+            .write_obj(0xabcd_u64, GuestAddress(0x20_0008))
+            .unwrap();
         let (_, misses) = dma.hit_miss();
         dma.set_memory(after);
         assert_eq!(

@@ -310,7 +310,10 @@ mod tests {
         for x in [&a, &b] {
             assert_eq!(
                 x.calls(),
-                [BackendCall::AddMmioWindow(w), BackendCall::RemoveMmioWindow(w)]
+                [
+                    BackendCall::AddMmioWindow(w),
+                    BackendCall::RemoveMmioWindow(w)
+                ]
             );
         }
         // The failing backend and those after it keep nothing.

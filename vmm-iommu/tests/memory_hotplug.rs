@@ -118,7 +118,10 @@ fn nested_tables_in_plugged_ram_translate_after_the_plug_and_fault_after_the_unp
         (),
     );
     dma.write_obj(0x5a5a_u32, GuestAddress(VA + 0x18)).unwrap();
-    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(DATA + 0x18)).unwrap(), 0x5a5a);
+    assert_eq!(
+        h.mem.read_obj::<u32>(GuestAddress(DATA + 0x18)).unwrap(),
+        0x5a5a
+    );
 
     let unplug = RamUpdate {
         start: DIMM,
@@ -140,7 +143,6 @@ fn nested_tables_in_plugged_ram_translate_after_the_plug_and_fault_after_the_unp
         h.send(&Request::Detach(DetachReq {
             domain: 1,
             endpoint: EP,
-            ..Default::default()
         })),
         Status::Ok
     );
@@ -213,17 +215,23 @@ fn map_f_mmio_outside_the_vmm_windows_returns_range() {
         .unwrap();
     assert_eq!(h.send(&map(2, 0x1000, doorbell, f)), Status::Ok);
     // Half in the window, half past it.
-    assert_eq!(h.send(&Request::Map(MapReq {
-        domain: 2,
-        virt_start: 0x4000,
-        virt_end: 0x5fff,
-        phys_start: doorbell,
-        flags: f,
-    })), Status::Range);
+    assert_eq!(
+        h.send(&Request::Map(MapReq {
+            domain: 2,
+            virt_start: 0x4000,
+            virt_end: 0x5fff,
+            phys_start: doorbell,
+            flags: f,
+        })),
+        Status::Range
+    );
     // The emulated translators return the MMIO address as any other: the
     // device model's DMA goes to the VMM's bus there.
     let mut t = h.dev.viommu().translator(EP);
-    assert_eq!(t.translate(0x1040, ACCESS_WRITE).unwrap().0, doorbell + 0x40);
+    assert_eq!(
+        t.translate(0x1040, ACCESS_WRITE).unwrap().0,
+        doorbell + 0x40
+    );
 }
 
 #[test]
@@ -290,7 +298,10 @@ fn snapshot_carries_the_memory_map_and_restores_only_onto_the_same() {
 
     let router = |mem: &GuestMemoryMmap, faults| {
         let mut r = Router::new();
-        r.add(Arc::new(EmulatedIommu::new(mem.clone(), faults, 16, &[])), &[EP]);
+        r.add(
+            Arc::new(EmulatedIommu::new(mem.clone(), faults, 16, &[])),
+            &[EP],
+        );
         r
     };
     // A device without the DIMM is refused, by name.
@@ -299,7 +310,13 @@ fn snapshot_carries_the_memory_map_and_restores_only_onto_the_same() {
         .map(|_| ())
         .unwrap_err();
     assert!(
-        matches!(err, SnapshotError::MemoryMap { what: "guest RAM", .. }),
+        matches!(
+            err,
+            SnapshotError::MemoryMap {
+                what: "guest RAM",
+                ..
+            }
+        ),
         "{err}"
     );
     // With it, the binding (whose table is in the DIMM) comes back.
@@ -325,7 +342,13 @@ fn a_restore_replays_mappings_into_a_window_withdrawn_since() {
     v.remove_mmio_window(w.gpa, w.len).unwrap();
     let snap = h.dev.snapshot().unwrap();
     let r = h
-        .restored_copy(&IommuConfig::default(), &[EP], &[], |_, _| Router::new(), &snap)
+        .restored_copy(
+            &IommuConfig::default(),
+            &[EP],
+            &[],
+            |_, _| Router::new(),
+            &snap,
+        )
         .unwrap();
     assert_eq!(r.dev.viommu().state().mappings(2)[0].flags, f);
     // A version-1 snapshot (no memory map) is still read; its MAP_F_MMIO
@@ -335,7 +358,13 @@ fn a_restore_replays_mappings_into_a_window_withdrawn_since() {
     v1.viommu.ram = None;
     v1.viommu.mmio_windows = None;
     let err = h
-        .restored_copy(&IommuConfig::default(), &[EP], &[], |_, _| Router::new(), &v1)
+        .restored_copy(
+            &IommuConfig::default(),
+            &[EP],
+            &[],
+            |_, _| Router::new(),
+            &v1,
+        )
         .map(|_| ())
         .unwrap_err();
     assert!(matches!(err, SnapshotError::Refused { .. }), "{err}");

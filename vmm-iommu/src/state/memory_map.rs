@@ -249,7 +249,11 @@ impl IommuState {
     /// Withdraws the window registered at exactly `[start, end]` and
     /// returns it. MMIO mappings into it stay in the guest's view; a MAP
     /// into it is refused from now on.
-    pub fn remove_mmio_window(&mut self, start: u64, end: u64) -> Result<MmioWindow, MemoryMapError> {
+    pub fn remove_mmio_window(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<MmioWindow, MemoryMapError> {
         let idx = self
             .mmio_windows
             .iter()

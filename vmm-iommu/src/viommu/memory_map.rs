@@ -281,18 +281,22 @@ mod tests {
     /// A nested vIOMMU over 16 MiB of RAM, endpoint 8 served by `a` and
     /// 9 by `b`.
     fn viommu(a: &Arc<RecordingBackend>, b: &Arc<RecordingBackend>) -> Viommu {
-        let mut cfg = IommuConfig::default();
-        cfg.nested = Some(crate::config::NestedConfig {
-            formats: vec![crate::config::TableFormat::IntelVtd],
-            pasid_bits: 8,
-        });
+        let cfg = IommuConfig {
+            nested: Some(crate::config::NestedConfig {
+                formats: vec![crate::config::TableFormat::IntelVtd],
+                pasid_bits: 8,
+            }),
+            ..IommuConfig::default()
+        };
         let mut router = Router::new();
         router.add(a.clone(), &[8]);
         router.add(b.clone(), &[9]);
         let faults = Arc::new(FaultQueue::new(16).unwrap());
         let v = Viommu::with_router(&cfg, &[8, 9], &[(0, 16 * MIB - 1)], faults, router);
         v.set_acked_features(
-            1 << VIRTIO_IOMMU_F_MAP_UNMAP | 1 << VIRTIO_IOMMU_F_MMIO | 1 << VIRTIO_IOMMU_F_ATTACH_TABLE,
+            1 << VIRTIO_IOMMU_F_MAP_UNMAP
+                | 1 << VIRTIO_IOMMU_F_MMIO
+                | 1 << VIRTIO_IOMMU_F_ATTACH_TABLE,
         );
         v
     }
@@ -304,7 +308,10 @@ mod tests {
         )
     }
 
-    fn bind_vtd(v: &Viommu, dir: u64) -> Result<crate::viommu::Applied, crate::state::RequestError> {
+    fn bind_vtd(
+        v: &Viommu,
+        dir: u64,
+    ) -> Result<crate::viommu::Applied, crate::state::RequestError> {
         let t = TableDesc::IntelVtd {
             pasid_bits: 6,
             pasid_dir_ptr: dir,
@@ -556,7 +563,10 @@ mod tests {
         assert!(a.calls().is_empty() && b.calls().is_empty());
     }
 
-    fn map_mmio(v: &Viommu, phys: u64) -> Result<crate::viommu::Applied, crate::state::RequestError> {
+    fn map_mmio(
+        v: &Viommu,
+        phys: u64,
+    ) -> Result<crate::viommu::Applied, crate::state::RequestError> {
         v.apply(&Request::Map(MapReq {
             domain: 2,
             virt_start: 0x1000,
@@ -631,7 +641,10 @@ mod tests {
         assert!(v.mmio_windows().is_empty());
         assert_eq!(
             a.calls(),
-            [BackendCall::AddMmioWindow(w), BackendCall::RemoveMmioWindow(w)]
+            [
+                BackendCall::AddMmioWindow(w),
+                BackendCall::RemoveMmioWindow(w)
+            ]
         );
         // And refusing a withdrawal keeps it registered.
         v.add_mmio_window(w).unwrap();
