@@ -85,21 +85,48 @@ pub fn split_range(
     }
 }
 
-/// The pieces of a virtio-iommu mapping. UNSUPP for an MMIO mapping (there
-/// is no host memory behind device MMIO to pin); RANGE for a range that
-/// wraps. A memory mapping may name guest-physical addresses that are not
-/// RAM (Linux's identity domains map the whole input range one to one):
-/// only its RAM parts become host maps, so the device's DMA to the rest
-/// faults in the host IOMMU, as an emulated device's fails on the bus. A
-/// mapping that grants neither read nor write has no pieces: the device may
-/// not access it, which is what an absent mapping gives.
+/// The pieces of a virtio-iommu memory mapping. UNSUPP for an MMIO
+/// mapping: no guest RAM is behind it (the type1 backend lowers those with
+/// [`mmio_pieces`]; this refusal is what the iommufd backend answers, see
+/// the message). RANGE for a range that wraps. A memory mapping may name
+/// guest-physical addresses that are not RAM (Linux's identity domains
+/// map the whole input range one to one): only its RAM parts become host
+/// maps, so the device's DMA to the rest faults in the host IOMMU, as an
+/// emulated device's fails on the bus. A mapping that grants neither read
+/// nor write has no pieces: the device may not access it, which is what
+/// an absent mapping gives.
 pub fn mapping_pieces(regions: &[RamRegion], m: &Mapping) -> Result<Vec<DmaPiece>, BackendError> {
     if m.flags & VIRTIO_IOMMU_MAP_F_MMIO != 0 {
+        // Kernel fact: IOMMU_IOAS_MAP pins the user pages behind `user_va`
+        // (GUP), and GUP refuses the VM_PFNMAP mapping a VFIO BAR mmap is;
+        // an IOAS takes a BAR only as a dma-buf (VFIO_DEVICE_FEATURE_DMA_BUF,
+        // then IOMMU_IOAS_MAP_FILE) on kernels that have that path.
         return Err(BackendError::Unsupported(format!(
-            "MMIO mapping at IOVA {:#x}: assigned devices reach only guest RAM",
+            "MMIO mapping at IOVA {:#x}: IOMMU_IOAS_MAP pins host pages (GUP), which refuses \
+             the VM_PFNMAP mmap of a device BAR; peer-to-peer DMA needs a dma-buf import \
+             (VFIO_DEVICE_FEATURE_DMA_BUF + IOMMU_IOAS_MAP_FILE), which this backend does \
+             not do: use the type1 backend for peer-to-peer",
             m.start
         )));
     }
+    pieces_over(regions, m)
+}
+
+/// The pieces of a `VIRTIO_IOMMU_MAP_F_MMIO` mapping over the MMIO windows
+/// the VMM registered with host memory behind them (the mmaps of VFIO
+/// BARs, sorted, disjoint): `VFIO_IOMMU_MAP_DMA` of those host addresses
+/// gives an assigned device peer-to-peer access, as QEMU and
+/// cloud-hypervisor map BARs into a type1 container. The parts outside
+/// such windows (windows without host memory, which only the VMM's bus
+/// serves) have no pieces: the device's DMA there faults in the host
+/// IOMMU. RANGE for a range that wraps.
+pub fn mmio_pieces(windows: &[RamRegion], m: &Mapping) -> Result<Vec<DmaPiece>, BackendError> {
+    pieces_over(windows, m)
+}
+
+/// One piece per overlap of the mapping's physical range with the sorted,
+/// disjoint `regions`.
+fn pieces_over(regions: &[RamRegion], m: &Mapping) -> Result<Vec<DmaPiece>, BackendError> {
     let wraps = || {
         BackendError::Range(format!(
             "mapping {:#x}..={:#x} at {:#x} is empty or wraps past 2^64",
@@ -113,7 +140,6 @@ pub fn mapping_pieces(regions: &[RamRegion], m: &Mapping) -> Result<Vec<DmaPiece
     if !read && !write {
         return Ok(Vec::new());
     }
-    // The RAM regions are sorted and disjoint: each overlap is one piece.
     Ok(regions
         .iter()
         .filter(|r| r.gpa <= phys_last && r.last() >= m.phys)
@@ -317,13 +343,68 @@ mod tests {
     }
 
     #[test]
-    fn mmio_mapping_is_unsupported() {
+    fn mmio_mapping_has_no_ram_pieces() {
         let mut m = rw(0, 0xfff, 0);
         m.flags |= VIRTIO_IOMMU_MAP_F_MMIO;
         assert!(matches!(
             mapping_pieces(&ram(), &m),
             Err(BackendError::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn mmio_mapping_pieces_are_the_window_host_addresses() {
+        // Two adjacent BARs and one further away.
+        let bars = [
+            RamRegion {
+                gpa: 0xe000_0000,
+                len: 0x4000,
+                hva: 0x7e00_0000_0000,
+            },
+            RamRegion {
+                gpa: 0xe000_4000,
+                len: 0x1000,
+                hva: 0x7e10_0000_0000,
+            },
+            RamRegion {
+                gpa: 0xe100_0000,
+                len: 0x1000,
+                hva: 0x7e20_0000_0000,
+            },
+        ];
+        let mut m = rw(0x9000_0000, 0x9000_3fff, 0xe000_2000);
+        m.flags |= VIRTIO_IOMMU_MAP_F_MMIO;
+        let p = mmio_pieces(&bars, &m).unwrap();
+        assert_eq!(
+            p,
+            [
+                DmaPiece {
+                    iova: 0x9000_0000,
+                    hva: 0x7e00_0000_2000,
+                    len: 0x2000,
+                    read: true,
+                    write: true
+                },
+                DmaPiece {
+                    iova: 0x9000_2000,
+                    hva: 0x7e10_0000_0000,
+                    len: 0x1000,
+                    read: true,
+                    write: true
+                }
+            ]
+        );
+        // Write-only doorbell: one write piece.
+        m.flags = VIRTIO_IOMMU_MAP_F_WRITE | VIRTIO_IOMMU_MAP_F_MMIO;
+        m.phys = 0xe100_0000;
+        m.end = 0x9000_0fff;
+        let p = mmio_pieces(&bars, &m).unwrap();
+        assert_eq!(p.len(), 1);
+        assert!(p[0].write && !p[0].read);
+        assert_eq!(type1_map(&p[0]).vaddr, 0x7e20_0000_0000);
+        // No window with host memory there: nothing to map.
+        m.phys = 0xd000_0000;
+        assert_eq!(mmio_pieces(&bars, &m).unwrap(), vec![]);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! maps all guest RAM into it at its guest-physical addresses: that IOAS is
 //! stage 2 for every nested binding (through a `NEST_PARENT` HWPT per
 //! physical IOMMU, shared by its endpoints: `iommufd_objects.rs`) and the
-//! page table of bypass domains.
+//! page table of bypass domains. RAM plugged or unplugged later is mapped
+//! into or out of it, and out of the MAP-mode IOASes (`iommufd_memory.rs`).
 //!
 //! - MAP mode: one IOAS per domain; MAP/UNMAP are `IOMMU_IOAS_MAP` /
 //!   `IOMMU_IOAS_UNMAP` of the host addresses of guest pages; endpoints are
@@ -46,7 +47,7 @@ use iommufd_bindings::iommufd::{
 use log::{error, info, warn};
 use vmm_iommu::backend::{
     BackendCaps, BackendError, BackendFault, DomainId, DomainView, EndpointId, IommuBackend,
-    PageResponse, TableBinding,
+    PageResponse, RamChange, TableBinding,
 };
 use vmm_iommu::invalidation::Invalidation;
 use vmm_iommu::mapping::Mapping;
@@ -64,7 +65,7 @@ use crate::fault::{
     VEvent, PGFAULT_SIZE, SMMU_EVENT_SIZE, VEVENT_HEADER_SIZE,
 };
 use crate::host::{bytes_of, slice_bytes, Handle, HostIommu, Ioctl, Open};
-use crate::ram::GuestRam;
+use crate::ram::{GuestRam, SharedRam};
 use crate::smmuv3::{lower_smmuv3_with, ste_for_table, SmmuHw, SmmuInvTarget};
 use crate::type1::host_err;
 use crate::vtd::{
@@ -78,6 +79,9 @@ mod dirty;
 // Nest parents, vIOMMUs and nested HWPTs shared per physical IOMMU (issue 12).
 #[path = "iommufd_objects.rs"]
 mod objects;
+// RAM hot-plug (issue 12).
+#[path = "iommufd_memory.rs"]
+mod memory;
 
 /// At most this many allowed IOVA ranges of a device are believed: the
 /// count comes from the kernel, and x86 reports two or three.
@@ -171,6 +175,9 @@ struct MapDomain {
     ioas: u32,
     endpoints: BTreeSet<EndpointId>,
     mappings: BTreeMap<u64, Vec<DmaPiece>>,
+    /// The guest's mappings the pieces come from, by IOVA (RAM plugged
+    /// later gives them more pieces).
+    guest: BTreeMap<u64, Mapping>,
 }
 
 #[derive(Debug, Default)]
@@ -191,7 +198,7 @@ struct State {
 /// Assigned devices through iommufd: MAP mode and nested translation.
 pub struct IommufdBackend {
     host: Arc<dyn HostIommu>,
-    ram: GuestRam,
+    ram: SharedRam,
     iommufd: Handle,
     gpa_ioas: u32,
     state: Mutex<State>,
@@ -241,7 +248,7 @@ impl IommufdBackend {
         }
         Ok(IommufdBackend {
             host,
-            ram,
+            ram: SharedRam::new(ram),
             iommufd,
             gpa_ioas,
             state: Mutex::new(State::default()),
@@ -591,8 +598,9 @@ impl IommufdBackend {
     /// behind if a map fails.
     fn create_map_domain(&self, mappings: &[Mapping]) -> Result<MapDomain, BackendError> {
         let mut all = BTreeMap::new();
+        let ram = self.ram.get();
         for m in mappings {
-            let pieces = mapping_pieces(self.ram.regions(), m)?;
+            let pieces = mapping_pieces(ram.regions(), m)?;
             for p in &pieces {
                 check_alignment(p, HOST_PAGE)?;
             }
@@ -611,6 +619,7 @@ impl IommufdBackend {
             ioas,
             endpoints: BTreeSet::new(),
             mappings: all,
+            guest: mappings.iter().map(|m| (m.start, *m)).collect(),
         })
     }
 
@@ -640,14 +649,10 @@ impl IommufdBackend {
                     pasid_dir_ptr,
                 },
             ) => {
-                check_directory(*pasid_dir_ptr, *pasid_bits, e.caps.pasid_bits, &self.ram)?;
-                let entries = scan_pasid_table(
-                    &self.ram,
-                    *pasid_dir_ptr,
-                    *pasid_bits,
-                    &hw,
-                    MAX_BOUND_PASIDS,
-                )?;
+                let ram = self.ram.get();
+                check_directory(*pasid_dir_ptr, *pasid_bits, e.caps.pasid_bits, &ram)?;
+                let entries =
+                    scan_pasid_table(&ram, *pasid_dir_ptr, *pasid_bits, &hw, MAX_BOUND_PASIDS)?;
                 self.apply_vtd(st, ep, dom, *pasid_dir_ptr, *pasid_bits, entries)
             }
             (HwKind::ArmSmmuV3(hw), TableDesc::ArmSmmuV3 { s1cdmax, .. }) => {
@@ -780,7 +785,7 @@ impl IommufdBackend {
                 "endpoint {ep} has no vIOMMU"
             )));
         };
-        let ste = ste_for_table(t, hw, &self.ram)?;
+        let ste = ste_for_table(t, hw, &self.ram.get())?;
         let mut a = args::hwpt_alloc(
             0,
             e.dev_id,
@@ -943,7 +948,7 @@ impl IommufdBackend {
         };
         let (dir, bits, hw) = (b.dir, b.pasid_bits, *hw);
         let entries = if what.contains(&PasidRefresh::All) {
-            scan_pasid_table(&self.ram, dir, bits, &hw, MAX_BOUND_PASIDS)?
+            scan_pasid_table(&self.ram.get(), dir, bits, &hw, MAX_BOUND_PASIDS)?
         } else {
             let mut now: BTreeMap<u32, PasidBinding> = b
                 .slots
@@ -952,7 +957,7 @@ impl IommufdBackend {
                 .collect();
             for r in what {
                 if let PasidRefresh::Pasid(p) = r {
-                    let binding = read_pasid_entry(&self.ram, dir, bits, *p, &hw)?;
+                    let binding = read_pasid_entry(&self.ram.get(), dir, bits, *p, &hw)?;
                     now.insert(*p, binding);
                 }
             }
@@ -981,6 +986,7 @@ impl IommufdBackend {
     ) -> Result<(), BackendError> {
         type Cmd = iommu_viommu_arm_smmuv3_invalidate;
         let mut per_viommu: BTreeMap<u32, (Vec<Cmd>, HashSet<[u64; 2]>)> = BTreeMap::new();
+        let ram = self.ram.get();
         for ep in eps {
             let Some(e) = st.endpoints.get(ep) else {
                 continue;
@@ -1007,7 +1013,7 @@ impl IommufdBackend {
                 ats: false,
             };
             let mut cmds: Vec<Cmd> = Vec::new();
-            let granule = |pasid| cd_granule_log2(&self.ram, table, pasid);
+            let granule = |pasid| cd_granule_log2(&ram, table, pasid);
             lower_smmuv3_with(batch, &t, &granule, &mut cmds)?;
             let (list, earlier) = per_viommu.entry(viommu).or_default();
             let from_others: Vec<Cmd> = cmds
@@ -1191,7 +1197,7 @@ impl IommuBackend for IommufdBackend {
             // No endpoint of this backend is in the domain.
             return Ok(());
         };
-        let pieces = mapping_pieces(self.ram.regions(), m)?;
+        let pieces = mapping_pieces(self.ram.get().regions(), m)?;
         for p in &pieces {
             check_alignment(p, HOST_PAGE)?;
         }
@@ -1209,6 +1215,7 @@ impl IommuBackend for IommufdBackend {
             }
         }
         d.mappings.insert(m.start, pieces);
+        d.guest.insert(m.start, *m);
         Ok(())
     }
 
@@ -1253,6 +1260,7 @@ impl IommuBackend for IommufdBackend {
         }
         for m in removed {
             d.mappings.remove(&m.start);
+            d.guest.remove(&m.start);
         }
         Ok(())
     }
@@ -1356,5 +1364,13 @@ impl IommuBackend for IommufdBackend {
                 }
             }
         }
+    }
+
+    fn add_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
+        self.plug_ram(change)
+    }
+
+    fn remove_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
+        self.unplug_ram(change)
     }
 }

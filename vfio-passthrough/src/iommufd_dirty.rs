@@ -148,7 +148,8 @@ impl IommufdBackend {
     /// Reads and clears parent `hwpt`'s bitmap over every RAM region, in
     /// ranges of at most [`MAX_BITMAP_RANGE`].
     fn read_parent(&self, hwpt: u32, pages: &mut Vec<u64>) -> Result<(), BackendError> {
-        for r in self.ram.regions() {
+        let ram = self.ram.get();
+        for r in ram.regions() {
             let mut at = r.gpa;
             let end = r.gpa + r.len;
             while at < end {

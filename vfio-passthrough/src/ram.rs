@@ -3,12 +3,16 @@
 //! reads of guest tables.
 //!
 //! It owns address arithmetic only; it never maps or pins anything. The
-//! region list is taken once, when the backend is built: guest memory
-//! hot-plug needs a new backend (or a new IOAS mapping) and is not handled.
+//! region list starts as the memory the backend is built over, and
+//! changes whole with RAM hot-plug ([`GuestRam::with_added`],
+//! [`GuestRam::with_removed`]): a backend swaps its [`SharedRam`] once
+//! its host mappings follow.
+
+use std::sync::{Arc, RwLock};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use vmm_iommu::backend::BackendError;
+use vmm_iommu::backend::{BackendError, HostRange, RamChange};
 
 /// One guest RAM region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +154,99 @@ impl GuestRam {
         self.read(gpa, &mut b, what)?;
         Ok(u64::from_le_bytes(b))
     }
+
+    /// This RAM with the plugged `host` ranges added, guest tables read
+    /// from `mem`. INVALID if one is empty, wraps or overlaps RAM.
+    pub fn with_added(
+        &self,
+        host: &[HostRange],
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, BackendError> {
+        let mut regions = self.regions.clone();
+        regions.extend(host.iter().map(|h| RamRegion {
+            gpa: h.gpa,
+            len: h.len,
+            hva: h.hva,
+        }));
+        Ok(GuestRam {
+            mem,
+            regions: check_regions(regions)?,
+        })
+    }
+
+    /// This RAM without `[start, end]`, guest tables read from `mem`. The
+    /// range must be whole regions ([`Self::regions_in`]): a VFIO mapping
+    /// cannot be split, so a region goes as it came. INVALID otherwise.
+    pub fn with_removed(
+        &self,
+        start: u64,
+        end: u64,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, BackendError> {
+        let gone = self.regions_in(start, end)?.len();
+        let first = self.regions.partition_point(|r| r.gpa < start);
+        let mut regions = self.regions.clone();
+        regions.drain(first..first + gone);
+        Ok(GuestRam { mem, regions })
+    }
+
+    /// The regions that make up exactly `[start, end]`, adjacent, in
+    /// order. INVALID if the range is not whole regions.
+    pub fn regions_in(&self, start: u64, end: u64) -> Result<&[RamRegion], BackendError> {
+        let first = self.regions.partition_point(|r| r.gpa < start);
+        let mut at = start;
+        for (n, r) in self.regions[first..].iter().enumerate() {
+            if r.gpa != at || r.last() > end {
+                break;
+            }
+            if r.last() == end {
+                return Ok(&self.regions[first..=first + n]);
+            }
+            // `r.last() < end`, so the next byte exists.
+            at = r.last() + 1;
+        }
+        Err(BackendError::Invalid(format!(
+            "guest RAM [{start:#x}, {end:#x}] is not whole RAM regions of this backend"
+        )))
+    }
+}
+
+/// The guest memory a RAM change hands over, as the VFIO backends' memory
+/// type. INVALID for any other type, before anything changes.
+pub fn memory_of(change: &RamChange<'_>) -> Result<GuestMemoryMmap, BackendError> {
+    change
+        .memory
+        .downcast_ref::<GuestMemoryMmap>()
+        .cloned()
+        .ok_or_else(|| {
+            BackendError::Invalid(format!(
+                "guest memory of RAM [{:#x}, {:#x}] is not a vm_memory::GuestMemoryMmap",
+                change.start, change.end
+            ))
+        })
+}
+
+/// A backend's guest RAM, replaced whole when RAM is plugged or unplugged:
+/// a call works on the one it took at its start.
+#[derive(Debug)]
+pub struct SharedRam(RwLock<Arc<GuestRam>>);
+
+impl SharedRam {
+    /// Shares `ram`.
+    pub fn new(ram: GuestRam) -> Self {
+        SharedRam(RwLock::new(Arc::new(ram)))
+    }
+
+    /// The RAM now.
+    pub fn get(&self) -> Arc<GuestRam> {
+        // Replacing is one assignment: a poisoned lock holds a whole RAM.
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the RAM.
+    pub fn set(&self, ram: GuestRam) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ram);
+    }
 }
 
 #[cfg(test)]
@@ -212,5 +309,45 @@ mod tests {
         assert!(ram.read(0x1ff8, &mut b, "table").is_err());
         assert!(ram.read(0x1ff0, &mut b, "table").is_ok());
         assert_eq!(ram.regions().len(), 1);
+    }
+
+    #[test]
+    fn plugged_ranges_join_and_whole_regions_leave() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let ram = GuestRam::new(mem.clone()).unwrap();
+        let plugged = [
+            HostRange {
+                gpa: 0x1_0000,
+                len: 0x1000,
+                hva: 0x7000_0000,
+            },
+            HostRange {
+                gpa: 0x1_1000,
+                len: 0x1000,
+                hva: 0x9000_0000,
+            },
+        ];
+        let more = ram.with_added(&plugged, mem.clone()).unwrap();
+        assert_eq!(more.regions().len(), 3);
+        assert!(more.covers(0x1_0000, 0x2000));
+        // Overlapping RAM is refused.
+        assert!(matches!(
+            more.with_added(&plugged[..1], mem.clone()),
+            Err(BackendError::Invalid(_))
+        ));
+        // Part of a region, or past the regions, is refused.
+        for (s, e) in [
+            (0x1_0000, 0x1_07ff),
+            (0x1_0000, 0x1_2fff),
+            (0x8000, 0x1_0fff),
+        ] {
+            assert!(more.with_removed(s, e, mem.clone()).is_err(), "{s:#x}");
+        }
+        let less = more.with_removed(0x1_0000, 0x1_1fff, mem.clone()).unwrap();
+        assert_eq!(less.regions(), ram.regions());
+        assert_eq!(
+            more.regions_in(0x1_1000, 0x1_1fff).unwrap()[0].hva,
+            0x9000_0000
+        );
     }
 }

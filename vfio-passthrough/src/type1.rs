@@ -2,7 +2,11 @@
 //! container per endpoint. A guest MAP becomes `VFIO_IOMMU_MAP_DMA` of the
 //! host virtual addresses behind the guest pages, an UNMAP
 //! `VFIO_IOMMU_UNMAP_DMA`; attaching replays the domain's mappings,
-//! detaching removes them.
+//! detaching removes them. A `MAP_F_MMIO` mapping into an MMIO window the
+//! VMM registered with host memory (a BAR's mmap) becomes
+//! `VFIO_IOMMU_MAP_DMA` of that memory: peer-to-peer DMA. RAM plugged or
+//! unplugged, and windows registered or withdrawn, change every container
+//! to match (`type1_memory.rs`).
 //!
 //! Every call checks all guest input first, then issues its ioctls while
 //! keeping a journal; if one fails, the journal is undone in reverse, so
@@ -11,7 +15,7 @@
 //! the kernel even if an undo step fails.
 //!
 //! Limits: one device per IOMMU group (as `vfio-ioctls` assumes), no
-//! nested mode (`bind_table` is UNSUPP), guest RAM fixed at construction.
+//! nested mode (`bind_table` is UNSUPP).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -20,21 +24,24 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::{error, warn};
 use vmm_iommu::backend::{
     BackendCaps, BackendError, BackendFault, DomainId, DomainView, EndpointId, IommuBackend,
-    PageResponse, TableBinding,
+    MmioWindow, PageResponse, RamChange, TableBinding,
 };
 use vmm_iommu::invalidation::Invalidation;
 use vmm_iommu::mapping::Mapping;
 
 use crate::caps::{parse_type1_info, type1_info_request, Type1Info, TYPE1_INFO_BUF};
 use crate::dma::{
-    check_alignment, identity_pieces, mapping_pieces, type1_map, type1_unmap, DmaPiece,
+    check_alignment, identity_pieces, mapping_pieces, mmio_pieces, type1_map, type1_unmap, DmaPiece,
 };
 use crate::host::{Handle, HostIommu, Ioctl, Open};
-use crate::ram::GuestRam;
+use crate::ram::{GuestRam, RamRegion, SharedRam};
 
 // Dirty tracking through VFIO_IOMMU_DIRTY_PAGES (issue 13).
 #[path = "type1_dirty.rs"]
 mod dirty;
+// RAM hot-plug and MMIO windows (issue 12).
+#[path = "type1_memory.rs"]
+mod memory;
 
 /// Turns a host error into the backend error the guest sees as DEVERR.
 pub(crate) fn host_err(op: &'static str) -> impl FnOnce(std::io::Error) -> BackendError {
@@ -46,6 +53,8 @@ struct Endpoint {
     container: Handle,
     info: Type1Info,
     domain: Option<DomainId>,
+    /// Unattached and bypassing: all guest RAM one to one.
+    unattached_bypass: bool,
     /// What the container maps now, by IOVA.
     mapped: BTreeMap<u64, DmaPiece>,
 }
@@ -61,6 +70,9 @@ struct Domain {
 struct State {
     endpoints: BTreeMap<EndpointId, Endpoint>,
     domains: HashMap<DomainId, Domain>,
+    /// The registered MMIO windows that have host memory behind them
+    /// (BAR mmaps), sorted: where `MAP_F_MMIO` mappings reach.
+    mmio: Vec<RamRegion>,
     /// Dirty tracking, while it runs.
     dirty: Option<dirty::Type1Dirty>,
 }
@@ -75,7 +87,7 @@ enum Step {
 /// MAP-mode backend on VFIO type1 containers.
 pub struct Type1Backend {
     host: Arc<dyn HostIommu>,
-    ram: GuestRam,
+    ram: SharedRam,
     state: Mutex<State>,
 }
 
@@ -92,7 +104,7 @@ impl Type1Backend {
     pub fn new(host: Arc<dyn HostIommu>, ram: GuestRam) -> Self {
         Type1Backend {
             host,
-            ram,
+            ram: SharedRam::new(ram),
             state: Mutex::new(State::default()),
         }
     }
@@ -131,6 +143,7 @@ impl Type1Backend {
                 container,
                 info,
                 domain: None,
+                unattached_bypass: false,
                 mapped: BTreeMap::new(),
             },
         );
@@ -269,16 +282,19 @@ impl Type1Backend {
         Ok(())
     }
 
-    /// The pieces of `mappings`, each checked against guest RAM and the
-    /// container's page size, before any ioctl.
+    /// The pieces of `mappings` over guest RAM (memory mappings) or the
+    /// MMIO windows with host memory (`MAP_F_MMIO`), each checked against
+    /// the container's page size, before any ioctl.
     fn pieces_of(
         &self,
+        ram: &GuestRam,
+        mmio: &[RamRegion],
         mappings: &[Mapping],
         min_page: u64,
     ) -> Result<Vec<DmaPiece>, BackendError> {
         let mut out = Vec::new();
         for m in mappings {
-            for p in mapping_pieces(self.ram.regions(), m)? {
+            for p in host_pieces(ram, mmio, m)? {
                 check_alignment(&p, min_page)?;
                 out.push(p);
             }
@@ -304,6 +320,20 @@ impl Type1Backend {
             leave_domain(st, ep, old);
         }
         Ok(())
+    }
+}
+
+/// The host pieces of mapping `m`: over guest RAM for a memory mapping,
+/// over the MMIO windows with host memory for `MAP_F_MMIO`.
+fn host_pieces(
+    ram: &GuestRam,
+    mmio: &[RamRegion],
+    m: &Mapping,
+) -> Result<Vec<DmaPiece>, BackendError> {
+    if m.flags & vmm_iommu::wire::VIRTIO_IOMMU_MAP_F_MMIO != 0 {
+        mmio_pieces(mmio, m)
+    } else {
+        mapping_pieces(ram.regions(), m)
     }
 }
 
@@ -351,18 +381,22 @@ impl IommuBackend for Type1Backend {
                 "endpoint {ep} is not assigned"
             )));
         };
+        let ram = self.ram.get();
         let new = if dom.bypass {
-            let p = identity_pieces(self.ram.regions());
+            let p = identity_pieces(ram.regions());
             for x in &p {
                 check_alignment(x, e.info.min_page())?;
             }
             p
         } else {
-            self.pieces_of(dom.mappings, e.info.min_page())?
+            self.pieces_of(&ram, &st.mmio, dom.mappings, e.info.min_page())?
         };
         let mut steps: Vec<Step> = e.mapped.values().map(|p| Step::Unmapped(ep, *p)).collect();
         steps.extend(new.into_iter().map(|p| Step::Mapped(ep, p)));
         self.apply(&mut st, steps)?;
+        if let Some(e) = st.endpoints.get_mut(&ep) {
+            e.unattached_bypass = false;
+        }
         if let Some(old) = st
             .endpoints
             .get_mut(&ep)
@@ -408,13 +442,17 @@ impl IommuBackend for Type1Backend {
         let min_page = e.info.min_page();
         let mut steps: Vec<Step> = e.mapped.values().map(|p| Step::Unmapped(ep, *p)).collect();
         if bypass {
-            let p = identity_pieces(self.ram.regions());
+            let p = identity_pieces(self.ram.get().regions());
             for x in &p {
                 check_alignment(x, min_page)?;
             }
             steps.extend(p.into_iter().map(|p| Step::Mapped(ep, p)));
         }
-        self.apply(&mut st, steps)
+        self.apply(&mut st, steps)?;
+        if let Some(e) = st.endpoints.get_mut(&ep) {
+            e.unattached_bypass = bypass;
+        }
+        Ok(())
     }
 
     fn map(&self, dom: DomainId, m: &Mapping) -> Result<(), BackendError> {
@@ -428,9 +466,10 @@ impl IommuBackend for Type1Backend {
             return Err(BackendError::Invalid(format!("MAP on bypass domain {dom}")));
         }
         let mut steps = Vec::new();
+        let ram = self.ram.get();
         for ep in &d.endpoints {
             let min_page = st.endpoints.get(ep).map_or(1 << 12, |e| e.info.min_page());
-            for p in self.pieces_of(std::slice::from_ref(m), min_page)? {
+            for p in self.pieces_of(&ram, &st.mmio, std::slice::from_ref(m), min_page)? {
                 steps.push(Step::Mapped(*ep, p));
             }
         }
@@ -452,13 +491,11 @@ impl IommuBackend for Type1Backend {
                 continue;
             };
             for m in removed {
-                // Only what this container really maps: a mapping without
-                // access was never mapped.
-                let pieces = mapping_pieces(self.ram.regions(), m).unwrap_or_default();
-                for p in pieces {
-                    if e.mapped.get(&p.iova) == Some(&p) {
-                        steps.push(Step::Unmapped(*ep, p));
-                    }
+                // What this container really maps in the mapping's IOVA
+                // range (its pieces, as RAM and windows made them): a
+                // mapping without access was never mapped.
+                for p in e.mapped.range(m.start..=m.end).map(|(_, p)| *p) {
+                    steps.push(Step::Unmapped(*ep, p));
                 }
             }
         }
@@ -497,4 +534,20 @@ impl IommuBackend for Type1Backend {
     }
 
     fn drain_faults(&self, _out: &mut Vec<BackendFault>) {}
+
+    fn add_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
+        self.plug_ram(change)
+    }
+
+    fn remove_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
+        self.unplug_ram(change)
+    }
+
+    fn add_mmio_window(&self, window: &MmioWindow) -> Result<(), BackendError> {
+        self.plug_window(window)
+    }
+
+    fn remove_mmio_window(&self, window: &MmioWindow) -> Result<(), BackendError> {
+        self.unplug_window(window)
+    }
 }

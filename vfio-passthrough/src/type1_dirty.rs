@@ -139,9 +139,9 @@ impl Type1Backend {
             return Err(BackendError::Invalid("dirty tracking is off".into()));
         };
         let mut out = DirtyPages::default();
-        let regions = self.ram.regions();
+        let ram = self.ram.get();
         for p in std::mem::take(&mut d.unmapped) {
-            out.pages.extend(all_pages(regions, &p));
+            out.pages.extend(all_pages(ram.regions(), &p));
         }
         // Endpoints gone are forgotten; new ones start now.
         d.tracked.retain(|ep, _| st.endpoints.contains_key(ep));
@@ -177,7 +177,8 @@ impl Type1Backend {
         d: &Type1Dirty,
         pages: &mut Vec<u64>,
     ) -> Result<(), BackendError> {
-        let regions = self.ram.regions();
+        let ram = self.ram.get();
+        let regions = ram.regions();
         for (ep, &pgsize) in &d.tracked {
             let Some(e) = st.endpoints.get(ep) else {
                 continue;

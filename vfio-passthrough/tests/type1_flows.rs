@@ -223,8 +223,8 @@ fn bypass_maps_all_ram_at_its_gpa() {
 }
 
 #[test]
-fn nested_and_mmio_are_unsupported() {
-    let (_rec, b) = backend();
+fn nested_is_unsupported_and_mmio_outside_bar_windows_pins_nothing() {
+    let (rec, b) = backend();
     let t = TableDesc::X86_64 {
         levels: 4,
         root: 0x1000,
@@ -252,9 +252,14 @@ fn nested_and_mmio_are_unsupported() {
         Status::Unsupp
     );
     b.attach(16, &view(1, &[])).unwrap();
+    // An MMIO mapping reaches only BAR windows the VMM registered with
+    // host memory (tests/memory_hotplug.rs); the vIOMMU refuses the MAP
+    // outside windows, and here there is nothing to pin.
     let mut m = rw(0, 0xfff, 0);
     m.flags |= vmm_iommu::wire::VIRTIO_IOMMU_MAP_F_MMIO;
-    assert_eq!(b.map(1, &m).unwrap_err().status(), Status::Unsupp);
+    let before = rec.len();
+    b.map(1, &m).unwrap();
+    assert_eq!(rec.len(), before);
 }
 
 #[test]

@@ -10,6 +10,8 @@
 //! backend reads the guest PASID table and binds each valid entry; a
 //! PASID-cache invalidation makes it re-read the entry).
 
+use std::any::Any;
+
 use crate::invalidation::Invalidation;
 use crate::mapping::Mapping;
 use crate::wire::{Status, TableDesc};
@@ -81,6 +83,70 @@ pub struct TableBinding {
     pub domain: DomainId,
     /// The guest's table.
     pub table: TableDesc,
+}
+
+/// A guest-physical range and the host memory the VMM mapped behind it:
+/// what a backend pins for an assigned device's DMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostRange {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Length in bytes, at least one.
+    pub len: u64,
+    /// Host virtual address of `gpa`.
+    pub hva: u64,
+}
+
+impl HostRange {
+    /// The last guest-physical address of the range.
+    pub fn last(&self) -> u64 {
+        self.gpa.saturating_add(self.len.saturating_sub(1))
+    }
+}
+
+/// Guest RAM plugged or unplugged while the guest runs, as a backend hears
+/// of it ([`IommuBackend::add_ram`], [`IommuBackend::remove_ram`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RamChange<'a> {
+    /// First guest-physical address of the range.
+    pub start: u64,
+    /// Last guest-physical address of the range (inclusive).
+    pub end: u64,
+    /// The host memory behind the range, in address order, covering it
+    /// exactly (one entry per guest memory region it crosses).
+    pub host: &'a [HostRange],
+    /// The guest memory to read guest tables from once the call succeeds:
+    /// the VMM's memory object (`vm_memory::GuestMemoryMmap`, or whatever
+    /// type the backend was built over), behind `Any` so that the trait
+    /// stays usable as `dyn IommuBackend`. A backend that reads guest
+    /// memory downcasts it to its own type and refuses (`Invalid`) any
+    /// other before changing anything.
+    pub memory: &'a dyn Any,
+}
+
+/// A guest-physical window of device MMIO that the VMM serves as a DMA
+/// target: where a `VIRTIO_IOMMU_MAP_F_MMIO` mapping may point
+/// ([`crate::Viommu::add_mmio_window`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioWindow {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Length in bytes, at least one.
+    pub len: u64,
+    /// Host virtual address of `gpa` in the VMM's mmap of the device
+    /// region (a VFIO BAR), if it has one: an assigned device then reaches
+    /// it peer to peer. `None` for MMIO that only the VMM's bus serves (an
+    /// emulated device's registers, the irqchip's MSI doorbell): emulated
+    /// DMA reaches it through the VMM, an assigned device's faults in the
+    /// host IOMMU.
+    pub hva: Option<u64>,
+}
+
+impl MmioWindow {
+    /// The last guest-physical address of the window.
+    pub fn last(&self) -> u64 {
+        self.gpa.saturating_add(self.len.saturating_sub(1))
+    }
 }
 
 /// A fault or page request a backend saw, on its way to the eventq.
@@ -359,4 +425,57 @@ pub trait IommuBackend: Send + Sync {
     /// `ep` was unplugged (after any detach): forget everything about it,
     /// its page requests and faults included. Default: nothing to forget.
     fn remove_endpoint(&self, _ep: EndpointId) {}
+
+    /// Guest RAM `[change.start, change.end]` was plugged (memory hot-plug,
+    /// a virtio-mem block): the range was no RAM before, `change.host` is
+    /// the host memory behind it. The backend gives its endpoints what
+    /// their current state asks for there: bypass (unattached or a bypass
+    /// domain) and a stage-2 of all guest RAM gain the range at its GPA;
+    /// MAP-mode mappings whose physical range reaches into it (a MAP past
+    /// RAM is accepted, only its RAM parts reach the host) gain those
+    /// parts. From then on guest tables are read from `change.memory`. On
+    /// error the backend is as before the call, memory object included.
+    /// The vIOMMU undoes a success with [`Self::remove_ram`] of the same
+    /// range (its `memory` then the guest memory before the plug) if a
+    /// later backend fails. The default does nothing, for backends that
+    /// neither pin guest RAM nor read it.
+    fn add_ram(&self, _change: &RamChange<'_>) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Guest RAM `[change.start, change.end]` (whole ranges as they were
+    /// added) is about to be unplugged: the VMM calls this before it
+    /// unmaps the memory, and `change.host` is still the memory behind it.
+    /// The backend removes every host mapping into the range (bypass,
+    /// stage 2, the parts of MAP-mode mappings) and from then on reads
+    /// guest tables from `change.memory`, which no longer holds it. The
+    /// guest's mappings stay as they are in its view: a DMA there faults
+    /// in the host IOMMU, as one past RAM does. On error the backend is as
+    /// before the call; the vIOMMU undoes a success with
+    /// [`Self::add_ram`] (its `memory` the guest memory before) if a later
+    /// backend fails. The default does nothing.
+    fn remove_ram(&self, _change: &RamChange<'_>) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// The VMM registered `window` as a DMA target: the parts of
+    /// `VIRTIO_IOMMU_MAP_F_MMIO` mappings inside it can now reach the host
+    /// memory at `window.hva`, where there is one; the backend maps them
+    /// and keeps the window for mappings to come. No window overlaps
+    /// another or RAM. On error, as before the call; undone with
+    /// [`Self::remove_mmio_window`]. The default does nothing, for
+    /// backends whose DMA to MMIO goes through the VMM's bus (the software
+    /// IOMMU returns MMIO mappings' addresses as any others).
+    fn add_mmio_window(&self, _window: &MmioWindow) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// The VMM withdraws `window` (one registered before): every host
+    /// mapping into it goes; the guest's MMIO mappings stay in its view
+    /// and their DMA faults in the host IOMMU. Called before the VMM
+    /// unmaps the region. On error, as before the call; undone with
+    /// [`Self::add_mmio_window`]. The default does nothing.
+    fn remove_mmio_window(&self, _window: &MmioWindow) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

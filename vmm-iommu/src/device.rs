@@ -240,6 +240,14 @@ impl VirtioIommu {
     /// can send them.
     pub fn with_viommu(viommu: Arc<Viommu>) -> Self {
         let cfg = &viommu.config().clone();
+        // F_MMIO is offered whether or not the VMM registered MMIO windows
+        // (Viommu::add_mmio_window), for two reasons. Windows come and go
+        // while the guest runs (a BAR is registered when the guest places
+        // it), but features are fixed at FEATURES_OK. And Linux's driver
+        // maps its software MSI doorbell with IOMMU_MMIO when PROBE reports
+        // no MSI region (Arm); without F_MMIO its own viommu_map_pages
+        // refuses that map (-EINVAL), with it the device answers per
+        // window (RANGE outside them). x86 Linux never sets the flag.
         let mut avail = bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
             | bit(VIRTIO_RING_F_EVENT_IDX)

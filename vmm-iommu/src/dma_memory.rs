@@ -172,6 +172,17 @@ impl<M: GuestMemoryBackend> DmaMemory<M> {
         &self.mem
     }
 
+    /// Replaces the guest-physical memory underneath with `mem`, the VMM's
+    /// memory object after guest RAM was plugged or unplugged
+    /// ([`Viommu::add_ram`]): this view reads and writes guest RAM through
+    /// the object it was given, not through the vIOMMU, so it must be
+    /// handed the new one to reach plugged RAM and to let go of unplugged
+    /// RAM. The IOTLB is kept: it maps IOVAs to guest-physical addresses,
+    /// which RAM changes do not move.
+    pub fn set_memory(&mut self, mem: M) {
+        self.mem = mem;
+    }
+
     /// IOTLB hits and misses so far.
     pub fn hit_miss(&self) -> (u64, u64) {
         (self.hits.get(), self.misses.get())
@@ -871,5 +882,33 @@ mod tests {
         assert!(dma
             .get_slices(GuestAddress(0x20_1010), 8, Permissions::Read)
             .is_err());
+    }
+
+    #[test]
+    fn set_memory_reaches_plugged_ram_and_keeps_the_iotlb() {
+        let (v, mut dma) = setup();
+        // A mapping past RAM, onto where a DIMM will be plugged.
+        map(&v, 0x10_0000, 1, 0x20_0000, RW);
+        map(&v, 0x20_0000, 1, 0x4000, RW);
+        assert_eq!(dma.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 0);
+        assert!(dma.read_obj::<u64>(GuestAddress(0x10_0000)).is_err());
+        let dimm =
+            vm_memory::GuestRegionMmap::from_range(GuestAddress(0x20_0000), 0x1000, None).unwrap();
+        let after = dma
+            .physical()
+            .insert_region(Arc::new(dimm))
+            .expect("plugged");
+        after
+            .write_obj(0xabcd_u64, GuestAddress(0x20_0008))
+            .unwrap();
+        let (_, misses) = dma.hit_miss();
+        dma.set_memory(after);
+        assert_eq!(
+            dma.read_obj::<u64>(GuestAddress(0x10_0008)).unwrap(),
+            0xabcd
+        );
+        // Neither page was translated again.
+        dma.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(dma.hit_miss().1, misses);
     }
 }

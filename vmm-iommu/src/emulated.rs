@@ -34,7 +34,8 @@ use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use crate::backend::{
     BackendCaps, BackendError, BackendFault, DomainId, DomainView, EndpointId, IommuBackend,
-    PageResponse, SavedPageRequest, SavedPageRequestState, SavedPageRequests, TableBinding,
+    PageResponse, RamChange, SavedPageRequest, SavedPageRequestState, SavedPageRequests,
+    TableBinding,
 };
 use crate::fault::FaultQueue;
 use crate::invalidation::{Caches, Invalidation, Scope, VaRange};
@@ -251,7 +252,10 @@ pub enum NestedError {
 
 /// The software nested IOMMU over guest memory `M`.
 pub struct EmulatedIommu<M> {
-    mem: M,
+    /// Where guest tables are read: replaced when guest RAM is plugged or
+    /// unplugged ([`IommuBackend::add_ram`]). Taken after `caches` when
+    /// both are held.
+    mem: RwLock<M>,
     faults: Arc<FaultQueue>,
     caps: BackendCaps,
     page_request_endpoints: HashSet<EndpointId>,
@@ -309,7 +313,7 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         page_request_endpoints: &[EndpointId],
     ) -> Self {
         EmulatedIommu {
-            mem,
+            mem: RwLock::new(mem),
             faults,
             caps: BackendCaps {
                 page_size_mask: !0xfff,
@@ -341,6 +345,13 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
     /// The generation front caches compare against.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The guest memory tables are read from now.
+    fn memory(&self) -> RwLockReadGuard<'_, M> {
+        // Replacing the memory is one assignment: a poisoned lock still
+        // holds a whole memory object.
+        self.mem.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn bump(&self) {
@@ -387,7 +398,7 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
             Some(ctx) => *ctx,
             None => {
                 self.stats.context_reads.fetch_add(1, Ordering::Relaxed);
-                let regime = resolve_regime(&self.mem, &b.table, pasid)?;
+                let regime = resolve_regime(&*self.memory(), &b.table, pasid)?;
                 let ctx = Context { regime };
                 c.pasid.insert(ctx_key((dom, key)), ctx);
                 ctx
@@ -437,7 +448,7 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
         let mut new_steps: [Option<(u8, u64, WalkStart)>; nested::MAX_WALK_READS] =
             [None; nested::MAX_WALK_READS];
         let mut n = 0;
-        let res = s1.walk(&self.mem, va, start, &mut |step| {
+        let res = s1.walk(&*self.memory(), va, start, &mut |step| {
             if n < new_steps.len() {
                 new_steps[n] = Some((step.va_shift, step.va_prefix, step.next));
                 n += 1;
@@ -775,7 +786,7 @@ fn pasid_key(table: &TableDesc, pasid: Option<u32>) -> u32 {
     }
 }
 
-impl<M: GuestMemory + Send + Sync> IommuBackend for EmulatedIommu<M> {
+impl<M: GuestMemory + Clone + Send + Sync + 'static> IommuBackend for EmulatedIommu<M> {
     fn name(&self) -> &str {
         "emulated"
     }
@@ -954,6 +965,31 @@ impl<M: GuestMemory + Send + Sync> IommuBackend for EmulatedIommu<M> {
         self.prq_answered.notify_all();
     }
 
+    /// Guest tables in the plugged RAM are read from `change.memory` from
+    /// now on. Nothing cached can be wrong: faults are never cached.
+    fn add_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
+        let mem = memory_of::<M>(change)?;
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
+        Ok(())
+    }
+
+    /// Tables are read from `change.memory`, without the range, from now
+    /// on, and every cache is dropped: an entry read from (or pointing
+    /// into) the unplugged RAM would outlive it, and no guest INVALIDATE
+    /// will come for a change the guest did not make. Walks into the range
+    /// then fault, as past RAM.
+    fn remove_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
+        let mem = memory_of::<M>(change)?;
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
+        let mut c = lock(&self.caches);
+        c.pasid.retain(|_| false);
+        c.pwc.retain(|_| false);
+        c.iotlb.retain(|_| false);
+        drop(c);
+        self.bump();
+        Ok(())
+    }
+
     fn set_page_requests(&self, enabled: bool) {
         self.page_requests_on.store(enabled, Ordering::Release);
         if !enabled {
@@ -968,6 +1004,19 @@ impl<M: GuestMemory + Send + Sync> IommuBackend for EmulatedIommu<M> {
             self.prq_answered.notify_all();
         }
     }
+}
+
+/// The guest memory a RAM change hands over, as the software IOMMU's own
+/// memory type.
+fn memory_of<M: Clone + 'static>(change: &RamChange<'_>) -> Result<M, BackendError> {
+    change.memory.downcast_ref::<M>().cloned().ok_or_else(|| {
+        BackendError::Invalid(format!(
+            "guest memory of RAM [{:#x}, {:#x}] is not a {}, the software IOMMU's memory type",
+            change.start,
+            change.end,
+            std::any::type_name::<M>()
+        ))
+    })
 }
 
 impl<M> EmulatedIommu<M> {

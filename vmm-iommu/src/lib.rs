@@ -13,6 +13,7 @@
 //! | give an emulated device DMA by IOVA | [`Viommu::dma_memory`] (a `vm_memory::GuestMemory` with its own IOTLB), vm-memory's `IommuMemory` over [`Viommu::endpoint_iommu`], or a [`translate::Translator`] for address-by-address use |
 //! | put an assigned device behind it | a [`backend::IommuBackend`] (the `vfio-passthrough` crate has VFIO type1 and iommufd ones) in a [`router::Router`], then [`Viommu::with_router`] |
 //! | translate through the guest's own page tables | [`emulated::EmulatedIommu`], the software nested IOMMU |
+//! | plug or unplug guest RAM, or let DMA reach a device's BAR | [`Viommu::add_ram`] / [`Viommu::remove_ram`], [`Viommu::add_mmio_window`] / [`Viommu::remove_mmio_window`] |
 //! | describe it to the guest's firmware | `viot::viot_table`, the ACPI VIOT (cargo feature `acpi`) |
 //!
 //! # Example

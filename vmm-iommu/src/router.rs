@@ -196,6 +196,43 @@ impl Router {
     pub(crate) fn count_call(&self) {
         self.stats.other_calls.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Whether `backend` (this very `Arc`) is registered.
+    pub(crate) fn has(&self, backend: &Arc<dyn IommuBackend>) -> bool {
+        self.read().backends.iter().any(|b| Arc::ptr_eq(b, backend))
+    }
+
+    /// Calls `forward` on every backend, in registration order, whether it
+    /// serves endpoints now or not (a change to guest memory concerns all
+    /// of them). If one fails, `back` undoes `forward` on those before it,
+    /// last first, and the failing backend's name and error are returned:
+    /// all backends or none. An undo that fails too is logged; `what`
+    /// names the change there.
+    pub(crate) fn all_or_none(
+        &self,
+        what: &str,
+        forward: impl Fn(&dyn IommuBackend) -> Result<(), BackendError>,
+        back: impl Fn(&dyn IommuBackend) -> Result<(), BackendError>,
+    ) -> Result<(), (String, BackendError)> {
+        let backends = self.all();
+        for (i, b) in backends.iter().enumerate() {
+            self.count_call();
+            if let Err(e) = forward(b.as_ref()) {
+                for done in backends[..i].iter().rev() {
+                    self.count_call();
+                    if let Err(u) = back(done.as_ref()) {
+                        log::error!(
+                            "virtio-iommu: backend {} cannot undo {what}: {u}",
+                            done.name()
+                        );
+                    }
+                }
+                self.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
+                return Err((b.name().to_string(), e));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The request error for a backend failure.
@@ -204,5 +241,84 @@ pub(crate) fn backend_error(b: &dyn IommuBackend, e: &BackendError) -> RequestEr
         backend: b.name().to_string(),
         message: e.to_string(),
         status: e.status(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{BackendCall, RecordingBackend};
+
+    fn recorder(name: &str) -> Arc<RecordingBackend> {
+        Arc::new(RecordingBackend::new(
+            name,
+            BackendCaps::map_only(!0xfff, (0, u64::MAX)),
+        ))
+    }
+
+    #[test]
+    fn all_or_none_reaches_every_backend_even_one_without_endpoints() {
+        let (a, b) = (recorder("a"), recorder("b"));
+        let mut r = Router::new();
+        r.add(a.clone(), &[1]);
+        r.add(b.clone(), &[]);
+        let res = r.all_or_none(
+            "test",
+            |x| {
+                x.add_mmio_window(&crate::backend::MmioWindow {
+                    gpa: 0,
+                    len: 1,
+                    hva: None,
+                })
+            },
+            |_| Ok(()),
+        );
+        assert!(res.is_ok());
+        for x in [&a, &b] {
+            assert_eq!(x.calls().len(), 1);
+        }
+        assert_eq!(r.stats.snapshot().other_calls, 2);
+    }
+
+    #[test]
+    fn all_or_none_undoes_the_backends_before_the_failing_one_last_first() {
+        let (a, b, c, d) = (recorder("a"), recorder("b"), recorder("c"), recorder("d"));
+        let mut r = Router::new();
+        for x in [&a, &b, &c, &d] {
+            r.add(x.clone(), &[]);
+        }
+        c.fail_next(0);
+        let order = std::sync::Mutex::new(Vec::new());
+        let w = crate::backend::MmioWindow {
+            gpa: 0x1000,
+            len: 0x1000,
+            hva: None,
+        };
+        let (name, err) = r
+            .all_or_none(
+                "test",
+                |x| x.add_mmio_window(&w),
+                |x| {
+                    order.lock().unwrap().push(x.name().to_string());
+                    x.remove_mmio_window(&w)
+                },
+            )
+            .unwrap_err();
+        assert_eq!(name, "c");
+        assert_eq!(err.status(), crate::wire::Status::DevErr);
+        assert_eq!(*order.lock().unwrap(), ["b", "a"]);
+        for x in [&a, &b] {
+            assert_eq!(
+                x.calls(),
+                [
+                    BackendCall::AddMmioWindow(w),
+                    BackendCall::RemoveMmioWindow(w)
+                ]
+            );
+        }
+        // The failing backend and those after it keep nothing.
+        assert_eq!(c.calls(), [BackendCall::AddMmioWindow(w)]);
+        assert!(d.calls().is_empty());
+        assert_eq!(r.stats.snapshot().rollbacks, 1);
     }
 }

@@ -21,9 +21,14 @@ use crate::backend::{BackendError, SavedPageRequests};
 use crate::state::RequestError;
 use crate::wire::{ExtFaultRecord, TableDesc};
 
-/// The snapshot format version this build writes and the only one it
-/// reads. Bumped whenever a field is added, removed or changes meaning.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// The snapshot format version this build writes. Bumped whenever a field
+/// is added, removed or changes meaning; this build also reads every
+/// version from [`OLDEST_SNAPSHOT_VERSION`] on (version 2 added the guest
+/// memory map: `viommu.ram`, `viommu.mmio_windows`).
+pub const SNAPSHOT_VERSION: u32 = 2;
+
+/// The oldest snapshot version this build reads.
+pub const OLDEST_SNAPSHOT_VERSION: u32 = 1;
 
 /// Everything the guest can observe of one virtio-iommu device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +145,19 @@ pub struct ViommuSnapshot {
     pub faults_dropped: u64,
     /// Page requests each backend holds.
     pub page_requests: Vec<BackendPageRequests>,
+    /// Guest RAM when the snapshot was taken: sorted, merged, inclusive
+    /// `[start, end]` ranges (version 2; `None` in a version-1 snapshot).
+    /// The target's RAM must be the same: plug RAM plugged since boot
+    /// again ([`crate::Viommu::add_ram`]) before restoring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<Vec<(u64, u64)>>,
+    /// The MMIO windows registered when the snapshot was taken, as
+    /// inclusive `[start, end]` guest-physical ranges, sorted (version 2;
+    /// `None` in a version-1 snapshot). The target must have the same
+    /// ([`crate::Viommu::add_mmio_window`]); host addresses are the
+    /// target's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmio_windows: Option<Vec<(u64, u64)>>,
 }
 
 /// One domain.
@@ -343,11 +361,16 @@ pub enum SnapshotError {
     #[error("snapshot does not decode: {0}")]
     Decode(#[from] serde_json::Error),
     /// A version this build does not read.
-    #[error("snapshot version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "snapshot version {found} is not supported (this build reads versions {} to \
+         {supported})",
+        OLDEST_SNAPSHOT_VERSION
+    )]
     UnknownVersion {
         /// The snapshot's version.
         found: u32,
-        /// The version this build reads.
+        /// The newest version this build reads (the one it writes); it
+        /// reads every one from [`OLDEST_SNAPSHOT_VERSION`] on.
         supported: u32,
     },
     /// Restore needs a device that is not activated and holds nothing.
@@ -446,6 +469,18 @@ pub enum SnapshotError {
     /// Page requests that do not fit this device.
     #[error("page requests: {0}")]
     PageRequests(String),
+    /// Guest RAM or the MMIO windows differ from the snapshot's: the
+    /// guest's tables and mappings point into a memory map this device
+    /// does not have.
+    #[error("{what}: snapshot has {snapshot:x?}, this device {device:x?}")]
+    MemoryMap {
+        /// `"guest RAM"` or `"MMIO windows"`.
+        what: &'static str,
+        /// The snapshot's ranges.
+        snapshot: Vec<(u64, u64)>,
+        /// This device's.
+        device: Vec<(u64, u64)>,
+    },
     /// A backend refused to recreate its state; what it did is undone.
     #[error("backend {backend}: {what}: {source}")]
     Backend {
@@ -482,9 +517,11 @@ impl DeviceSnapshot {
     }
 }
 
-/// Refuses every version but [`SNAPSHOT_VERSION`].
+/// Refuses every version but [`OLDEST_SNAPSHOT_VERSION`] to
+/// [`SNAPSHOT_VERSION`]. A version-1 snapshot reads as a version-2 one
+/// without a memory map (which is then not compared).
 pub(crate) fn check_version(found: u32) -> Result<(), SnapshotError> {
-    if found != SNAPSHOT_VERSION {
+    if !(OLDEST_SNAPSHOT_VERSION..=SNAPSHOT_VERSION).contains(&found) {
         return Err(SnapshotError::UnknownVersion {
             found,
             supported: SNAPSHOT_VERSION,

@@ -13,9 +13,13 @@
 use std::collections::HashMap;
 
 mod lifecycle;
+mod memory_map;
 mod nested;
+pub(crate) use memory_map::inclusive;
+pub use memory_map::MemoryMapError;
 pub use nested::{AttachOutcome, StateSnapshot};
 
+use crate::backend::MmioWindow;
 use crate::config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
 use crate::idhash::IdMap;
 use crate::invalidation::InvalidateError;
@@ -140,6 +144,18 @@ pub enum RequestError {
         phys: u64,
         /// Size of the mapping in bytes (0 for 2^64).
         size: u64,
+    },
+    /// A `VIRTIO_IOMMU_MAP_F_MMIO` mapping whose physical range is not
+    /// all inside MMIO windows the VMM registered.
+    #[error(
+        "MAP_F_MMIO physical range [{start:#x}, {end:#x}] is not inside the MMIO windows \
+         the VMM serves as DMA targets"
+    )]
+    MmioOutsideWindows {
+        /// phys_start.
+        start: u64,
+        /// phys_start + virt_end - virt_start.
+        end: u64,
     },
     /// The IOVA range overlaps a reserved region.
     #[error(
@@ -274,6 +290,14 @@ impl RequestError {
             Misaligned { .. }
             | OutsideInputRange { .. }
             | PhysWraps { .. }
+            // RANGE, not UNSUPP or INVAL: the flag is known and MMIO
+            // mappings are supported; this physical range is outside what
+            // the device can map as MMIO, as a range past 2^64 is outside
+            // what it can map at all (spec 5.13.6.5: the physical range
+            // "should be within the guest-physical address space ...
+            // including any carving of guest-physical addresses for use by
+            // the host").
+            | MmioOutsideWindows { .. }
             | OverlapsReserved { .. }
             | AttachOverlapsReserved { .. }
             | WouldSplit { .. } => Status::Range,
@@ -377,6 +401,18 @@ pub struct IommuState {
     endpoint_reserved: HashMap<u32, EndpointReserved>,
     /// Sorted, merged `[start, end]` guest RAM ranges.
     ram: Vec<(u64, u64)>,
+    /// The RAM ranges as the VMM declared them (at construction and by
+    /// hot-plug), sorted and disjoint: an unplug takes whole ones.
+    ram_units: Vec<(u64, u64)>,
+    /// The VMM's MMIO windows a `MAP_F_MMIO` mapping may point into,
+    /// sorted and disjoint.
+    mmio_windows: Vec<MmioWindow>,
+    /// Set while a snapshot whose memory map the restore compared with
+    /// this state's is replayed: the rules that depend on the VMM's memory
+    /// map at request time (table pointers in RAM, MMIO mappings in
+    /// windows) are not checked then, since RAM and windows may have
+    /// changed since the request.
+    replaying: bool,
     // Looked up on every translation miss: a fast seeded hasher.
     endpoints: IdMap<u32, Option<u32>>,
     domains: IdMap<u32, Domain>,
@@ -539,15 +575,15 @@ impl IommuState {
         reserved.sort_by_key(|r| r.start);
         let mut sorted: Vec<(u64, u64)> = ram.iter().copied().filter(|r| r.0 <= r.1).collect();
         sorted.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+        // Overlapping ranges are one unit; adjacent ones stay apart.
+        let mut units: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
         for (s, e) in sorted {
-            match merged.last_mut() {
-                Some(last) if last.1.checked_add(1).is_some_and(|n| n >= s) => {
-                    last.1 = last.1.max(e)
-                }
-                _ => merged.push((s, e)),
+            match units.last_mut() {
+                Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                _ => units.push((s, e)),
             }
         }
+        let merged = memory_map::merge_adjacent(&units);
         IommuState {
             granule: cfg.granule(),
             input_start: cfg.input_range.start,
@@ -558,6 +594,9 @@ impl IommuState {
             reserved,
             endpoint_reserved: HashMap::new(),
             ram: merged,
+            ram_units: units,
+            mmio_windows: Vec::new(),
+            replaying: false,
             endpoints: endpoints.iter().map(|&e| (e, None)).collect(),
             domains: IdMap::default(),
             total_mappings: 0,
@@ -883,6 +922,8 @@ impl IommuState {
             input_end,
             limits,
             total_mappings,
+            mmio_windows,
+            replaying,
             ..
         } = self;
         let dom = domains
@@ -954,10 +995,25 @@ impl IommuState {
         // gap and all. Nothing but RAM answers there, so a DMA that reaches
         // such an address fails when it happens, as on a bus.
         let span = r.virt_end - r.virt_start;
-        if r.phys_start.checked_add(span).is_none() {
+        let Some(phys_end) = r.phys_start.checked_add(span) else {
             return Err(RequestError::PhysWraps {
                 phys: r.phys_start,
                 size: span.wrapping_add(1),
+            });
+        };
+        // MAP_F_MMIO "is a memory type rather than a protection flag"
+        // (spec 5.13.6.5): the endpoint's accesses go to another device's
+        // registers. Only MMIO the VMM registered as a DMA target can be
+        // reached (a VFIO BAR it mmapped, an irqchip doorbell it serves);
+        // anything else would be DMA into nothing, so the MAP is refused
+        // rather than left to fault later.
+        if r.flags & VIRTIO_IOMMU_MAP_F_MMIO != 0
+            && !*replaying
+            && !memory_map::windows_cover(mmio_windows, r.phys_start, phys_end)
+        {
+            return Err(RequestError::MmioOutsideWindows {
+                start: r.phys_start,
+                end: phys_end,
             });
         }
         // spec 5.13.6.6.2.2: "The device SHOULD reject a MAP request that

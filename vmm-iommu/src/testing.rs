@@ -16,7 +16,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::backend::{
     BackendCaps, BackendError, BackendFault, DomainId, DomainView, EndpointId, IommuBackend,
-    PageResponse, TableBinding,
+    MmioWindow, PageResponse, RamChange, TableBinding,
 };
 use crate::config::IommuConfig;
 use crate::device::{VirtioInterrupt, VirtioIommu, VIRTIO_RING_F_EVENT_IDX};
@@ -657,6 +657,14 @@ pub enum BackendCall {
     RemoveEndpoint(EndpointId),
     /// `restore_page_requests(saved)` with the number of groups.
     RestorePageRequests(usize),
+    /// `add_ram(change)`: first and last address.
+    AddRam(u64, u64),
+    /// `remove_ram(change)`: first and last address.
+    RemoveRam(u64, u64),
+    /// `add_mmio_window(window)`.
+    AddMmioWindow(MmioWindow),
+    /// `remove_mmio_window(window)`.
+    RemoveMmioWindow(MmioWindow),
 }
 
 /// A backend that records every call and fails the calls a test names:
@@ -777,5 +785,17 @@ impl IommuBackend for RecordingBackend {
     }
     fn remove_endpoint(&self, ep: EndpointId) {
         let _ = self.record(BackendCall::RemoveEndpoint(ep));
+    }
+    fn add_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
+        self.record(BackendCall::AddRam(change.start, change.end))
+    }
+    fn remove_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
+        self.record(BackendCall::RemoveRam(change.start, change.end))
+    }
+    fn add_mmio_window(&self, window: &MmioWindow) -> Result<(), BackendError> {
+        self.record(BackendCall::AddMmioWindow(*window))
+    }
+    fn remove_mmio_window(&self, window: &MmioWindow) -> Result<(), BackendError> {
+        self.record(BackendCall::RemoveMmioWindow(*window))
     }
 }

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 mod lifecycle;
+mod memory_map;
+pub use crate::state::MemoryMapError;
 pub use lifecycle::HotplugError;
+pub use memory_map::{host_ranges, RamUpdate};
 
 use crate::backend::{
     BackendError, BackendFault, DomainView, IommuBackend, PageResponse, TableBinding,

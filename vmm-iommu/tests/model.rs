@@ -48,6 +48,9 @@ const DOMAIN_END: u32 = 65_535;
 const INPUT_START: u64 = 0;
 const INPUT_END: u64 = 0xffff_ffff_ffff;
 const RESERVED: [(u64, u64); 2] = [(0x14000, 0x15fff), (0x1c000, 0x1cfff)];
+/// The one MMIO window the VMM registers (above RAM, 4 pages): where
+/// `MAP_F_MMIO` mappings may point.
+const MMIO_WINDOW: (u64, u64) = (RAM_SIZE + 0x10_0000, RAM_SIZE + 0x10_0000 + 4 * PAGE - 1);
 /// With three endpoints, two domains is the largest limit that can be hit.
 const MAX_DOMAINS: usize = 2;
 const MAX_PER_DOMAIN: usize = 4;
@@ -296,7 +299,12 @@ impl Model {
         }
         // phys_end = phys_start + virt_end - virt_start must not wrap; it
         // may leave guest RAM (a DMA there fails on the bus).
-        if phys.checked_add(end - start).is_none() {
+        let Some(phys_end) = phys.checked_add(end - start) else {
+            return Status::Range;
+        };
+        // An MMIO mapping must lie in the VMM's windows (docs/wire.md:
+        // RANGE otherwise).
+        if flags & MMIO != 0 && !(MMIO_WINDOW.0 <= phys && phys_end <= MMIO_WINDOW.1) {
             return Status::Range;
         }
         // "The device SHOULD reject a MAP request that overlaps a RESV_MEM
@@ -565,6 +573,8 @@ fn phys() -> impl Strategy<Value = u64> {
         1 => Just(RAM_SIZE - PAGE),
         1 => Just(RAM_SIZE),
         1 => Just(u64::MAX - PAGE + 1),
+        // In the MMIO window and past its end.
+        2 => (0u64..6).prop_map(|p| MMIO_WINDOW.0 + p * PAGE),
     ]
 }
 
@@ -684,7 +694,7 @@ fn config(f: &Features) -> IommuConfig {
 
 fn harness(f: &Features) -> Harness {
     let f = *f;
-    Harness::with_features(&config(&f), &KNOWN_EPS, RAM_MIB, move |dev| {
+    let h = Harness::with_features(&config(&f), &KNOWN_EPS, RAM_MIB, move |dev| {
         let mut acked = driver_features(dev);
         if !f.bypass_acked {
             acked &= !(1 << VIRTIO_IOMMU_F_BYPASS | 1 << VIRTIO_IOMMU_F_BYPASS_CONFIG);
@@ -696,7 +706,16 @@ fn harness(f: &Features) -> Harness {
             acked &= !(1 << VIRTIO_IOMMU_F_MAP_UNMAP);
         }
         acked
-    })
+    });
+    h.dev
+        .viommu()
+        .add_mmio_window(vmm_iommu::backend::MmioWindow {
+            gpa: MMIO_WINDOW.0,
+            len: MMIO_WINDOW.1 - MMIO_WINDOW.0 + 1,
+            hva: None,
+        })
+        .expect("window above RAM");
+    h
 }
 
 /// The device's state must be the model's.

@@ -37,7 +37,7 @@ fn readme_snippets_are_compiled_here() {
         .filter(|l| !l.is_empty())
         .collect();
     let blocks = readme_rust_blocks();
-    assert_eq!(blocks.len(), 3, "the README's ```rust blocks");
+    assert_eq!(blocks.len(), 4, "the README's ```rust blocks");
     for block in blocks {
         assert!(
             source.windows(block.len()).any(|w| w == block.as_slice()),
@@ -133,6 +133,37 @@ fn readme_nested_router() -> Result {
     let attach_table = 1u64 << vmm_iommu::wire::VIRTIO_IOMMU_F_ATTACH_TABLE;
     assert_ne!(dev.avail_features() & attach_table, 0);
     assert!(dma_mem.read_obj::<u32>(GuestAddress(0x1000)).is_err());
+    Ok(())
+}
+
+#[test]
+#[rustfmt::skip] // the README's layout, line for line
+fn readme_memory_changes() -> Result {
+    use std::sync::Arc;
+    use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+    use vmm_iommu::{config::IommuConfig, Viommu};
+    let guest_mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)])?;
+    let viommu = Viommu::new(&IommuConfig::default(), &[8], &[(0, (16 << 20) - 1)])?;
+    let dimm = GuestRegionMmap::from_range(GuestAddress(1 << 32), 2 << 20, None)?;
+    let (bar_gpa, bar_len, bar_hva) = (0xe000_0000u64, 0x1_0000u64, 0x7f00_0000_0000u64);
+
+    use vmm_iommu::{backend::MmioWindow, viommu::RamUpdate};
+
+    // A DIMM plugged at 4 GiB: the VMM maps it, then tells the vIOMMU (and gives
+    // `after` to its devices: DmaMemory::set_memory, IommuMemory::new).
+    let after = guest_mem.insert_region(Arc::new(dimm))?;
+    viommu.add_ram(&RamUpdate { start: 1 << 32, len: 2 << 20, before: &guest_mem, after: &after })?;
+    // Unplug: the vIOMMU first (its backends unpin the range), then the VMM unmaps.
+    viommu.remove_ram(&RamUpdate { start: 1 << 32, len: 2 << 20, before: &after, after: &guest_mem })?;
+
+    // A VFIO BAR the guest placed, mmapped by the VMM at `bar_hva`; withdrawn
+    // before the BAR moves or the mmap goes.
+    viommu.add_mmio_window(MmioWindow { gpa: bar_gpa, len: bar_len, hva: Some(bar_hva) })?;
+    viommu.remove_mmio_window(bar_gpa, bar_len)?;
+
+    // Both came and went: the memory map is as at boot.
+    assert_eq!(viommu.ram(), [(0, (16 << 20) - 1)]);
+    assert!(viommu.mmio_windows().is_empty());
     Ok(())
 }
 

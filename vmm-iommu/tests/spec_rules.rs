@@ -604,20 +604,29 @@ fn map_unknown_flag_returns_inval() {
 }
 
 #[test]
-fn map_mmio_flag_accepted_when_f_mmio_negotiated_even_outside_ram() {
+fn map_mmio_flag_accepted_when_f_mmio_negotiated_inside_a_vmm_window() {
     // "The VIRTIO_IOMMU_MAP_F_MMIO flag ... is only available when the VIRTIO_IOMMU_F_MMIO feature has been negotiated."
     let mut h = harness();
     assert_ne!(h.dev.acked_features() & bit(VIRTIO_IOMMU_F_MMIO), 0);
     assert_eq!(h.send(&attach(1, EP)), Status::Ok);
-    // An MMIO doorbell above RAM.
+    // An MMIO doorbell above RAM, which the VMM serves as a DMA target.
     let mmio = 0xd000_0000;
+    h.dev
+        .viommu()
+        .add_mmio_window(vmm_iommu::backend::MmioWindow {
+            gpa: mmio,
+            len: 0x1000,
+            hva: None,
+        })
+        .unwrap();
     let f = W | VIRTIO_IOMMU_MAP_F_MMIO;
     assert_eq!(h.send(&map(1, 0x1000, 0x1fff, mmio, f)), Status::Ok);
     let m = h.dev.viommu().state().mappings(1)[0];
     assert_eq!(m.flags, f);
     assert_eq!(xlate(&h, EP, 0x1004, ACCESS_WRITE), Ok(mmio + 4));
-    // MMIO in RAM is fine too.
-    assert_eq!(h.send(&map(1, 0x2000, 0x2fff, PHYS, f | R)), Status::Ok);
+    // RAM is no MMIO window: the device refuses the memory type it
+    // cannot honour (RANGE, docs/wire.md).
+    assert_eq!(h.send(&map(1, 0x2000, 0x2fff, PHYS, f | R)), Status::Range);
 }
 
 #[test]

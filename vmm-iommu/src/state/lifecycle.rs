@@ -68,9 +68,25 @@ impl IommuState {
     }
 
     /// Rebuilds endpoints' attachments, domains and mappings from a
-    /// snapshot into a pristine state whose features are already set. On
-    /// error the state may hold part of it: the caller clears it.
+    /// snapshot into a pristine state whose features are already set. With
+    /// `map_compared` (the caller checked the snapshot's RAM and MMIO
+    /// windows are this state's), table pointers and MMIO mappings are not
+    /// checked against them: they held when the guest made them, and RAM
+    /// or a window may have gone since. On error the state may hold part
+    /// of it: the caller clears it.
     pub(crate) fn replay(
+        &mut self,
+        endpoints: &[u32],
+        domains: &[DomainSnapshot],
+        map_compared: bool,
+    ) -> Result<(), SnapshotError> {
+        self.replaying = map_compared;
+        let res = self.replay_all(endpoints, domains);
+        self.replaying = false;
+        res
+    }
+
+    fn replay_all(
         &mut self,
         endpoints: &[u32],
         domains: &[DomainSnapshot],

@@ -50,6 +50,48 @@ pub enum HotplugError {
         /// Last IOVA it translates.
         end: u64,
     },
+    /// A backend new to this vIOMMU refused the MMIO windows registered
+    /// before it came ([`Viommu::add_mmio_window`]).
+    #[error("endpoint {endpoint}: backend {backend} refused the MMIO windows: {message}")]
+    Windows {
+        /// The endpoint.
+        endpoint: u32,
+        /// The backend's name.
+        backend: String,
+        /// What it said.
+        message: String,
+    },
+}
+
+/// The snapshot's guest RAM and MMIO windows (when it has them) must be
+/// this device's: replay does not check table pointers and MMIO mappings
+/// against them (they held when the guest made them, and RAM or windows
+/// may have gone since), so the memory map itself is compared.
+fn check_memory_map(st: &IommuState, s: &ViommuSnapshot) -> Result<(), SnapshotError> {
+    if let Some(ram) = &s.ram {
+        if ram.as_slice() != st.ram() {
+            return Err(SnapshotError::MemoryMap {
+                what: "guest RAM",
+                snapshot: ram.clone(),
+                device: st.ram().to_vec(),
+            });
+        }
+    }
+    if let Some(windows) = &s.mmio_windows {
+        let device: Vec<(u64, u64)> = st
+            .mmio_windows()
+            .iter()
+            .map(|w| (w.gpa, w.last()))
+            .collect();
+        if *windows != device {
+            return Err(SnapshotError::MemoryMap {
+                what: "MMIO windows",
+                snapshot: windows.clone(),
+                device,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A backend and the page requests a snapshot holds for it.
@@ -93,6 +135,13 @@ impl Viommu {
             faults: self.faults.records().into_iter().map(Into::into).collect(),
             faults_dropped: self.faults.dropped(),
             page_requests,
+            ram: Some(st.ram().to_vec()),
+            mmio_windows: Some(
+                st.mmio_windows()
+                    .iter()
+                    .map(|w| (w.gpa, w.last()))
+                    .collect(),
+            ),
         }
     }
 
@@ -122,6 +171,7 @@ impl Viommu {
                 capacity: self.faults.capacity(),
             });
         }
+        check_memory_map(&st, s)?;
         let pr_on = acked & (1u64 << VIRTIO_IOMMU_F_PAGE_REQUEST) != 0;
         let prs = self.page_request_backends(s, pr_on)?;
         let old_acked = st.acked_features();
@@ -130,7 +180,11 @@ impl Viommu {
             st.set_acked_features(old_acked);
         };
         st.set_acked_features(acked);
-        if let Err(e) = st.replay(&s.endpoints, &s.domains) {
+        // A version-2 snapshot's memory map was compared above; a
+        // version-1 one has none, so its replay checks it request by
+        // request, as that version always did.
+        let map_compared = s.ram.is_some() && s.mmio_windows.is_some();
+        if let Err(e) = st.replay(&s.endpoints, &s.domains, map_compared) {
             undo_state(&mut st);
             return Err(e);
         }
@@ -315,7 +369,10 @@ impl Viommu {
     /// emulated device). It starts unattached; PROBE advertises the
     /// config's table formats its backend supports. The backend must
     /// cover the device's granule and input range, which cannot change
-    /// under a running guest. Nothing else in the device changes.
+    /// under a running guest. A backend new to this vIOMMU hears of the
+    /// MMIO windows registered so far ([`Self::add_mmio_window`]); build
+    /// it over guest memory as it is now (RAM plugged since the start
+    /// included). Nothing else in the device changes.
     pub fn add_endpoint(
         &self,
         ep: u32,
@@ -352,6 +409,9 @@ impl Viommu {
                 .copied()
                 .filter(|f| caps.table_formats.contains(f))
                 .collect();
+            if !self.router.has(b) {
+                self.tell_windows(b.as_ref(), ep, st.mmio_windows())?;
+            }
         }
         st.add_endpoint(ep, formats);
         if let Some(b) = &backend {
@@ -366,6 +426,37 @@ impl Viommu {
                 self.tell_unattached(b.as_ref(), ep, true);
             }
             self.router.plug(ep, b);
+        }
+        Ok(())
+    }
+
+    /// Gives a backend new to this vIOMMU the MMIO windows registered
+    /// before it came, all or none. (Guest RAM it learns from the memory
+    /// it is built over: the VMM builds it over guest memory as it is now.)
+    fn tell_windows(
+        &self,
+        b: &dyn IommuBackend,
+        ep: u32,
+        windows: &[crate::backend::MmioWindow],
+    ) -> Result<(), HotplugError> {
+        for (i, w) in windows.iter().enumerate() {
+            self.router.count_call();
+            if let Err(e) = b.add_mmio_window(w) {
+                for done in windows[..i].iter().rev() {
+                    self.router.count_call();
+                    if let Err(u) = b.remove_mmio_window(done) {
+                        log::error!(
+                            "virtio-iommu: backend {} cannot undo an MMIO window: {u}",
+                            b.name()
+                        );
+                    }
+                }
+                return Err(HotplugError::Windows {
+                    endpoint: ep,
+                    backend: b.name().to_string(),
+                    message: e.to_string(),
+                });
+            }
         }
         Ok(())
     }
