@@ -36,8 +36,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
 use vmm_iommu::emulated::EmulatedIommu;
 use vmm_iommu::nested::Access;
-use vmm_iommu::router::Router;
-use vmm_iommu::state::{ACCESS_READ, ACCESS_WRITE};
+use vmm_iommu::Router;
+use vmm_iommu::{ACCESS_READ, ACCESS_WRITE};
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::{Status, EXT_FAULT_SIZE, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
 

@@ -29,7 +29,7 @@ use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::backend::{IommuBackend, TableBinding};
 use vmm_iommu::emulated::EmulatedIommu;
-use vmm_iommu::fault::FaultQueue;
+use vmm_iommu::FaultQueue;
 use vmm_iommu::nested::{
     arm, smmuv3, vtd, x86, Access, Stage1, TableMemory, MAX_WALK_READS, OUTPUT_BITS,
 };

@@ -17,7 +17,7 @@ use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::emulated::{EmulatedIommu, NestedError, PageRequestState};
 use vmm_iommu::nested::Access;
-use vmm_iommu::translate::EndpointIommu;
+use vmm_iommu::EndpointIommu;
 use vmm_iommu::Viommu;
 
 /// Largest single DMA transfer, so a guest-programmed length cannot make
@@ -463,10 +463,10 @@ impl DmaRouter for NestedRouter {
 mod tests {
     use super::*;
     use vmm_iommu::backend::{IommuBackend, TableBinding};
-    use vmm_iommu::fault::FaultQueue;
     use vmm_iommu::nested::build::{TableAlloc, X86TableBuilder};
     use vmm_iommu::nested::Perm;
     use vmm_iommu::wire::TableDesc;
+    use vmm_iommu::FaultQueue;
 
     const EP: u32 = 8;
 

@@ -44,15 +44,15 @@ use vfio_passthrough::{GuestRam, IommufdBackend, Type1Backend};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::backend::IommuBackend;
 use vmm_iommu::config::IommuConfig;
-use vmm_iommu::device::{VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
-use vmm_iommu::fault::FaultQueue;
-use vmm_iommu::router::Router;
 use vmm_iommu::testing::DriverQueue;
 use vmm_iommu::wire::{
     AttachReq, DetachReq, MapReq, Request, Status, UnmapReq, TAIL_SIZE, VIRTIO_IOMMU_MAP_F_READ,
     VIRTIO_IOMMU_MAP_F_WRITE,
 };
+use vmm_iommu::FaultQueue;
+use vmm_iommu::Router;
 use vmm_iommu::{Viommu, VirtioIommu};
+use vmm_iommu::{VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

@@ -61,7 +61,6 @@ use vfio_passthrough::{args, GuestRam, IommufdBackend, Type1Backend};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::backend::IommuBackend;
 use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
-use vmm_iommu::router::Router;
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::{
     AttachReq, AttachTableReq, DetachReq, MapReq, Request, Status, UnmapReq, CONFIG_BYPASS_OFFSET,
@@ -69,6 +68,7 @@ use vmm_iommu::wire::{
     VIRTIO_IOMMU_PROBE_T_PAGE_TABLE_FMT, VIRTIO_IOMMU_PROBE_T_PASID_TABLE_FMT,
     VIRTIO_IOMMU_PROBE_T_RESV_MEM, VIRTIO_IOMMU_PSTF_INTEL_VTD, VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
 };
+use vmm_iommu::Router;
 
 /// edu's endpoint ID at the vIOMMU.
 const EP: u32 = 8;

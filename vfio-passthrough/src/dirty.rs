@@ -248,7 +248,7 @@ impl DirtyPages {
     }
 
     /// Marks the pages in `mem`'s dirty bitmap (the VMM's, as
-    /// `vmm_iommu::dirty::take_dirty_pages` reads it); pages outside guest
+    /// `vmm_iommu::take_dirty_pages` reads it); pages outside guest
     /// memory are skipped. Returns how many were marked.
     pub fn mark(&self, mem: &GuestMemoryMmap<AtomicBitmap>) -> usize {
         let mut n = 0;
@@ -391,6 +391,6 @@ mod tests {
             untracked: Vec::new(),
         };
         assert_eq!(d.mark(&mem), 1);
-        assert_eq!(vmm_iommu::dirty::take_dirty_pages(&mem), [0x3000]);
+        assert_eq!(vmm_iommu::take_dirty_pages(&mem), [0x3000]);
     }
 }

@@ -17,8 +17,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DMA_MAP_FLAG_WRITE,
 };
 use vmm_iommu::backend::BackendError;
-use vmm_iommu::mapping::Mapping;
 use vmm_iommu::wire::{VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
+use vmm_iommu::Mapping;
 
 use crate::ram::{region_index, RamRegion};
 

@@ -50,8 +50,8 @@ use vmm_iommu::backend::{
     PageResponse, RamChange, TableBinding,
 };
 use vmm_iommu::invalidation::Invalidation;
-use vmm_iommu::mapping::Mapping;
 use vmm_iommu::wire::TableDesc;
+use vmm_iommu::Mapping;
 
 use crate::args;
 use crate::caps::{

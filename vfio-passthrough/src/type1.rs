@@ -27,7 +27,7 @@ use vmm_iommu::backend::{
     MmioWindow, PageResponse, RamChange, TableBinding,
 };
 use vmm_iommu::invalidation::Invalidation;
-use vmm_iommu::mapping::Mapping;
+use vmm_iommu::Mapping;
 
 use crate::caps::{parse_type1_info, type1_info_request, Type1Info, TYPE1_INFO_BUF};
 use crate::dma::{

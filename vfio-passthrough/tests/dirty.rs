@@ -162,7 +162,7 @@ fn iommufd_start_enables_tracking_on_the_parent_and_take_reads_every_ram_region(
     let mem = vmm_memory();
     assert_eq!(d.mark(&mem), 3);
     assert_eq!(
-        vmm_iommu::dirty::take_dirty_pages(&mem),
+        vmm_iommu::take_dirty_pages(&mem),
         [0x20_3000, 0x20_4000, 0x1_0000_0000]
     );
 
@@ -223,7 +223,7 @@ fn type1(migration: bool) -> (Arc<RecordingHost>, Type1Backend) {
     (rec, b)
 }
 
-fn attach(b: &Type1Backend, mappings: &[vmm_iommu::mapping::Mapping]) {
+fn attach(b: &Type1Backend, mappings: &[vmm_iommu::Mapping]) {
     b.attach(
         EP,
         &DomainView {
@@ -250,7 +250,7 @@ fn type1_without_the_migration_capability_is_untracked() {
 #[test]
 fn type1_start_take_stop_exact_bytes_and_guest_pages() {
     let (rec, b) = type1(true);
-    let ro = vmm_iommu::mapping::Mapping {
+    let ro = vmm_iommu::Mapping {
         flags: vmm_iommu::wire::VIRTIO_IOMMU_MAP_F_READ,
         ..rw(0x9000_0000, 0x9000_0fff, 0x30_0000)
     };

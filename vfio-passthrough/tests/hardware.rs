@@ -14,11 +14,11 @@ use vfio_passthrough::{GuestRam, IommufdBackend, Type1Backend};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::backend::{DomainView, IommuBackend, TableBinding};
 use vmm_iommu::invalidation::{Caches, Invalidation, Scope, VaRange};
-use vmm_iommu::mapping::Mapping;
 use vmm_iommu::wire::{
     TableDesc, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE, VIRTIO_IOMMU_PSTF_ARM_SMMU_V3,
     VIRTIO_IOMMU_PSTF_INTEL_VTD,
 };
+use vmm_iommu::Mapping;
 
 const ENV: &str = "VMM_IOMMU_VFIO_DEVICE";
 const EP: u32 = 1;

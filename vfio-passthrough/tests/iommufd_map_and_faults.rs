@@ -23,7 +23,7 @@ fn fixture() -> (Arc<RecordingHost>, IommufdBackend) {
     (rec, b)
 }
 
-fn view(id: u32, m: &[vmm_iommu::mapping::Mapping]) -> DomainView<'_> {
+fn view(id: u32, m: &[vmm_iommu::Mapping]) -> DomainView<'_> {
     DomainView {
         id,
         bypass: false,

@@ -19,15 +19,15 @@ use vmm_iommu::backend::{
     BackendError, DomainView, HostRange, IommuBackend, MmioWindow, RamChange, TableBinding,
 };
 use vmm_iommu::config::IommuConfig;
-use vmm_iommu::fault::FaultQueue;
-use vmm_iommu::mapping::Mapping;
-use vmm_iommu::router::Router;
-use vmm_iommu::viommu::{host_ranges, RamUpdate};
 use vmm_iommu::wire::{
     AttachReq, MapReq, Request, Status, TableDesc, VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO,
     VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_WRITE,
 };
+use vmm_iommu::FaultQueue;
+use vmm_iommu::Mapping;
+use vmm_iommu::Router;
 use vmm_iommu::Viommu;
+use vmm_iommu::{host_ranges, RamUpdate};
 
 const DEV: &str = "/sys/bus/pci/devices/0000:65:00.0";
 const DEV2: &str = "/sys/bus/pci/devices/0000:66:00.0";

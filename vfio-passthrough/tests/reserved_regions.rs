@@ -15,9 +15,9 @@ use vfio_passthrough::recording::RecordingHost;
 use vfio_passthrough::{GuestRam, IommufdBackend, Type1Backend};
 use vmm_iommu::backend::IommuBackend;
 use vmm_iommu::config::{IommuConfig, ReservedKind, ReservedRegion};
-use vmm_iommu::router::Router;
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::*;
+use vmm_iommu::Router;
 
 const DEV: &str = "/sys/bus/pci/devices/0000:65:00.0";
 const EP: u32 = 16;

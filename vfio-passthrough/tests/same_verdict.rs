@@ -26,10 +26,10 @@ use vfio_passthrough::IommufdBackend;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::backend::{BackendError, IommuBackend, TableBinding};
 use vmm_iommu::emulated::{EmulatedIommu, NestedError};
-use vmm_iommu::fault::FaultQueue;
 use vmm_iommu::invalidation::{Caches, Invalidation, Scope};
 use vmm_iommu::nested::{Access, FaultClass};
 use vmm_iommu::wire::{Status, TableDesc};
+use vmm_iommu::FaultQueue;
 
 const DEV: &str = "/sys/bus/pci/devices/0000:65:00.0";
 const EP: u32 = 16;

@@ -32,7 +32,7 @@ fn backend_and_ram() -> (
     (rec, b, ram)
 }
 
-fn view(id: u32, mappings: &[vmm_iommu::mapping::Mapping]) -> DomainView<'_> {
+fn view(id: u32, mappings: &[vmm_iommu::Mapping]) -> DomainView<'_> {
     DomainView {
         id,
         bypass: false,

@@ -33,9 +33,9 @@ use vmm_iommu::emulated::EmulatedIommu;
 use vmm_iommu::invalidation::{Caches, Invalidation, Scope, VaRange};
 use vmm_iommu::nested::build::{TableAlloc, VtdPasidTableBuilder, X86TableBuilder};
 use vmm_iommu::nested::{vtd, x86, Access, Perm};
-use vmm_iommu::router::Router;
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::{AttachTableReq, Request, Status, TableDesc};
+use vmm_iommu::Router;
 
 const EP: u32 = 8;
 const PASID: u32 = 1;

@@ -32,16 +32,16 @@ use std::time::{Duration, Instant};
 use vm_memory::iommu::IommuMemory;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::config::IommuConfig;
-use vmm_iommu::router::Router;
-use vmm_iommu::state::{IommuState, ACCESS_READ};
 use vmm_iommu::testing::{driver_features, layout, CountingInterrupt, DriverQueue, Harness};
-use vmm_iommu::viommu::Applied;
 use vmm_iommu::wire::{
     AttachReq, MapReq, Request, Status, UnmapReq, VIRTIO_F_VERSION_1, VIRTIO_IOMMU_F_MAP_UNMAP,
     VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
 };
+use vmm_iommu::Applied;
+use vmm_iommu::Router;
 use vmm_iommu::Viommu;
 use vmm_iommu::VirtioIommu;
+use vmm_iommu::{IommuState, ACCESS_READ};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -963,10 +963,7 @@ fn state_rows<S>(
 }
 
 /// Translator over `lk`, independent lookups: ops and timed duration.
-fn translate_independent(
-    tr: &mut vmm_iommu::translate::Translator,
-    lk: &[Lookup],
-) -> (Duration, u64) {
+fn translate_independent(tr: &mut vmm_iommu::Translator, lk: &[Lookup]) -> (Duration, u64) {
     let mut bad = 0u64;
     let t0 = Instant::now();
     for l in lk {
@@ -982,10 +979,7 @@ fn translate_independent(
 
 /// Translator over `lk`, each address depending on the previous result
 /// (`iova_j + (gpa_{j-1} − expected_{j-1})`, zero when right).
-fn translate_dependent(
-    tr: &mut vmm_iommu::translate::Translator,
-    lk: &[Lookup],
-) -> (Duration, u64) {
+fn translate_dependent(tr: &mut vmm_iommu::Translator, lk: &[Lookup]) -> (Duration, u64) {
     let mut bad = 0u64;
     let mut carry = 0u64;
     let t0 = Instant::now();
@@ -1444,10 +1438,10 @@ fn copy_pages<E>(
 /// The emulated device's memory access through the vIOMMU (issue 14,
 /// part 1), each figure beside its same-run baseline: plain
 /// `GuestMemoryMmap` at the guest-physical address, the `Translator`
-/// alone, [`vmm_iommu::dma_memory::DmaMemory`] and vm-memory's
+/// alone, [`vmm_iommu::DmaMemory`] and vm-memory's
 /// `IommuMemory` over `EndpointIommu`.
 fn dma_section(o: &Opts) {
-    use vmm_iommu::dma_memory::DmaMemory;
+    use vmm_iommu::DmaMemory;
     const N: u64 = 10_000;
     let v = state_viommu(N);
     // Real memory at the mapped guest-physical pages, every 64-byte slot
@@ -1516,7 +1510,7 @@ fn dma_section(o: &Opts) {
     let (hits, misses) = dma.hit_miss();
     println!(
         "  (DmaMemory IOTLB: {} entries, hit rate over all the above {:.1}%)",
-        vmm_iommu::dma_memory::DMA_TLB_ENTRIES,
+        vmm_iommu::DMA_TLB_ENTRIES,
         100.0 * hits as f64 / (hits + misses).max(1) as f64
     );
     let (b, d, r) = measure_vs(
@@ -1623,7 +1617,8 @@ fn dma_section(o: &Opts) {
 /// the slow path) and the mapping table alone.
 fn index_section(o: &Opts) {
     use std::collections::BTreeMap;
-    use vmm_iommu::mapping::{Mapping, MappingTable};
+    use vmm_iommu::testing::MappingTable;
+    use vmm_iommu::Mapping;
     const N: u64 = 1_000_000;
     let v = state_viommu(N);
     let lk = lookups(N);

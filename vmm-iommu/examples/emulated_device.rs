@@ -41,7 +41,6 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_iommu::config::IommuConfig;
-use vmm_iommu::device::{VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 use vmm_iommu::testing::DriverQueue;
 use vmm_iommu::wire::{
     AttachReq, ConfigSpace, FaultRecord, MapReq, ProbeReq, Request, ResvMemProperty, Status,
@@ -51,6 +50,7 @@ use vmm_iommu::wire::{
     VIRTIO_IOMMU_RESV_MEM_T_MSI,
 };
 use vmm_iommu::VirtioIommu;
+use vmm_iommu::{VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -292,10 +292,10 @@ impl BackendError {
 ///     PageResponse, TableBinding,
 /// };
 /// use vmm_iommu::config::IommuConfig;
-/// use vmm_iommu::fault::FaultQueue;
+/// use vmm_iommu::FaultQueue;
 /// use vmm_iommu::invalidation::Invalidation;
-/// use vmm_iommu::mapping::Mapping;
-/// use vmm_iommu::router::Router;
+/// use vmm_iommu::Mapping;
+/// use vmm_iommu::Router;
 /// use vmm_iommu::wire::{AttachReq, MapReq, Request, VIRTIO_IOMMU_F_MAP_UNMAP};
 /// use vmm_iommu::Viommu;
 ///

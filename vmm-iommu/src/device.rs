@@ -141,8 +141,8 @@ impl Default for DeviceStats {
 /// use std::sync::Arc;
 /// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// use vmm_iommu::config::IommuConfig;
-/// use vmm_iommu::device::VIRTIO_RING_F_EVENT_IDX;
-/// use vmm_iommu::state::{FaultReason, ACCESS_READ};
+/// use vmm_iommu::VIRTIO_RING_F_EVENT_IDX;
+/// use vmm_iommu::{FaultReason, ACCESS_READ};
 /// use vmm_iommu::testing::{CountingInterrupt, DriverQueue};
 /// use vmm_iommu::wire::{AttachReq, Request, Status, REQUEST_QUEUE};
 /// use vmm_iommu::VirtioIommu;

@@ -9,10 +9,10 @@
 //! | you want to | use |
 //! |---|---|
 //! | put a virtio-iommu in a VM | [`VirtioIommu`]: the device model your virtio-mmio or virtio-pci transport forwards to |
-//! | configure it | [`config::IommuConfig`]: the `iommu` section of the VM config, from JSON (`docs/config.md`); a VMM's own config file embeds it with [`config::parse_json`] and [`config::IommuConfig::validate_at`] |
-//! | give an emulated device DMA by IOVA | [`Viommu::dma_memory`] (a `vm_memory::GuestMemory` with its own IOTLB), vm-memory's `IommuMemory` over [`Viommu::endpoint_iommu`], or a [`translate::Translator`] for address-by-address use |
-//! | put an assigned device behind it | a [`backend::IommuBackend`] (the `vfio-passthrough` crate has VFIO type1 and iommufd ones) in a [`router::Router`], then [`Viommu::with_router`] |
-//! | translate through the guest's own page tables | [`emulated::EmulatedIommu`], the software nested IOMMU |
+//! | configure it | [`IommuConfig`]: the `iommu` section of the VM config, from JSON (`docs/config.md`); a VMM's own config file embeds it with [`config::parse_json`] and [`config::IommuConfig::validate_at`] |
+//! | give an emulated device DMA by IOVA | [`Viommu::dma_memory`] (a `vm_memory::GuestMemory` with its own IOTLB), vm-memory's `IommuMemory` over [`Viommu::endpoint_iommu`], or a [`Translator`] for address-by-address use |
+//! | put an assigned device behind it | an [`IommuBackend`] (the `vfio-passthrough` crate has VFIO type1 and iommufd ones) in a [`Router`], then [`Viommu::with_router`] |
+//! | translate through the guest's own page tables | [`EmulatedIommu`], the software nested IOMMU |
 //! | plug or unplug guest RAM, or let DMA reach a device's BAR | [`Viommu::add_ram`] / [`Viommu::remove_ram`], [`Viommu::add_mmio_window`] / [`Viommu::remove_mmio_window`] |
 //! | describe it to the guest's firmware | `viot::viot_table`, the ACPI VIOT (cargo feature `acpi`) |
 //!
@@ -27,7 +27,7 @@
 //! use vm_memory::iommu::IommuMemory;
 //! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 //! use vmm_iommu::config::IommuConfig;
-//! use vmm_iommu::state::ACCESS_READ;
+//! use vmm_iommu::ACCESS_READ;
 //! use vmm_iommu::wire::{
 //!     AttachReq, MapReq, Request, UnmapReq, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
 //! };
@@ -104,39 +104,79 @@
 //!
 //! # Layout
 //!
-//! [`wire`] knows bytes, [`config`] knows the VM config's `iommu` section, [`mapping`]
-//! and [`state`] know the spec's rules, [`viommu`] shares the state with
-//! translators, [`translate`] and [`dma_memory`] know caches, [`device`]
-//! knows queues, [`invalidation`], [`backend`] and [`router`] carry
-//! requests to backends, [`nested`] and [`emulated`] know guest tables,
-//! [`snapshot`] saves and restores the device. `testing` (cargo feature
-//! `test-utils`, as virtio-queue's `mock`) is the driver's side of the
-//! queues, for tests, benchmarks and examples; a VMM does not need it.
+//! What an embedder uses is at the crate root: the device
+//! ([`VirtioIommu`]) and its shared handle ([`Viommu`]); the state model's
+//! answers ([`RequestError`], [`FaultReason`], [`Translation`], and
+//! [`IommuState`], the spec's rules without lock or backends); the
+//! translators of emulated devices ([`Translator`], [`EndpointIommu`],
+//! [`DmaMemory`]); the backend seam ([`IommuBackend`], [`Router`],
+//! [`EmulatedIommu`], [`Invalidation`]); the config ([`IommuConfig`]).
+//! Seven modules are public because their items come in families an
+//! embedder names by module: [`wire`] (the bytes of every request,
+//! property and fault), [`config`] (the `iommu` section), [`backend`] (the
+//! trait's argument types), [`invalidation`] (the vendor-neutral
+//! invalidation), [`nested`] (the guest-table formats and walkers),
+//! [`emulated`] (the software nested IOMMU) and [`snapshot`] (the saved
+//! form). Everything else (mapping tables, caches, queue handling, the
+//! lock-free index) is private. `testing` (cargo feature `test-utils`, as
+//! virtio-queue's `mock`) is the driver's side of the queues, for tests,
+//! benchmarks and examples; a VMM does not need it.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod config;
-pub mod device;
-pub mod dirty;
-pub mod dma_memory;
+mod device;
+mod dirty;
+mod dma_memory;
 pub mod emulated;
-pub mod fault;
+mod fault;
 mod idhash;
 pub mod invalidation;
-pub mod mapping;
+mod mapping;
 pub mod nested;
-pub mod router;
+mod router;
 pub mod snapshot;
-pub mod state;
+mod state;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
-pub mod translate;
-pub mod viommu;
+mod translate;
+mod viommu;
 #[cfg(feature = "acpi")]
 pub mod viot;
 pub mod wire;
 
-pub use device::{DeviceError, DeviceStats, VirtioInterrupt, VirtioIommu};
-pub use viommu::Viommu;
+// The device model and its shared handle.
+pub use device::{
+    DeviceError, DeviceStats, VirtioInterrupt, VirtioIommu, EVENT_QUEUE_SIZE, REQUEST_QUEUE_SIZE,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+pub use fault::FaultQueue;
+pub use viommu::{host_ranges, Applied, HotplugError, MemoryMapError, RamUpdate, Viommu};
+
+// The spec's state model: what a request is refused for, what a fault
+// says, what a translation is; `IommuState` is also the state alone,
+// without lock or backends (what `Viommu::state` shows).
+pub use mapping::{Mapping, SplitError};
+pub use state::{
+    AttachOutcome, EndpointInfo, FaultReason, IommuState, RequestError, ReservedRegionError,
+    Translation, ACCESS_READ, ACCESS_WRITE,
+};
+
+// DMA of emulated devices by IOVA.
+pub use dirty::{take_dirty_pages, DirtyGuard, DirtyIommu};
+pub use dma_memory::{DmaMemory, DmaSlices, DMA_TLB_ENTRIES};
+pub use translate::{
+    EndpointIommu, TranslateError, Translator, ENDPOINT_IOTLB_MAX_RANGES, ENDPOINT_IOTLB_SHARDS,
+    TLB_ENTRIES as TRANSLATOR_TLB_ENTRIES,
+};
+
+// Backends and the router that fans requests out to them.
+pub use backend::{BackendCaps, BackendError, IommuBackend};
+pub use emulated::EmulatedIommu;
+pub use invalidation::Invalidation;
+pub use router::{Router, RouterCounts, RouterStats};
+
+// The `iommu` section of the VM config.
+pub use config::{ConfigError, IommuConfig};

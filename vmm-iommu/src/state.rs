@@ -17,7 +17,8 @@ mod memory_map;
 mod nested;
 pub(crate) use memory_map::inclusive;
 pub use memory_map::MemoryMapError;
-pub use nested::{AttachOutcome, StateSnapshot};
+pub use nested::AttachOutcome;
+pub(crate) use nested::StateSnapshot;
 
 use crate::backend::MmioWindow;
 use crate::config::{IommuConfig, Limits, ReservedKind, ReservedRegion};

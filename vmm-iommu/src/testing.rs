@@ -7,6 +7,10 @@
 //! a production driver: it panics on its own misuse (a full queue), never
 //! on anything the device does.
 
+/// The state's mapping table alone, for benchmarks that compare it with
+/// other containers (a VMM never needs it: the state owns its tables).
+pub use crate::mapping::{MappingTable, CHUNK_CAPACITY};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -85,7 +85,7 @@ pub struct TranslateError {
 /// # let rw = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
 /// # let map = MapReq { domain: 1, virt_start: 0x1000_0000, virt_end: 0x1000_ffff, phys_start: 0x20_0000, flags: rw };
 /// # viommu.apply(&Request::Map(map))?;
-/// use vmm_iommu::state::{FaultReason, ACCESS_READ};
+/// use vmm_iommu::{FaultReason, ACCESS_READ};
 ///
 /// // Endpoint 8 maps IOVA 0x1000_0000..=0x1000_ffff to GPA 0x20_0000.
 /// let mut t = viommu.translator(8);

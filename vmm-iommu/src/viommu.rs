@@ -49,8 +49,8 @@ use crate::wire::{
 ///
 /// ```
 /// use vmm_iommu::config::IommuConfig;
-/// use vmm_iommu::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
-/// use vmm_iommu::viommu::Applied;
+/// use vmm_iommu::{FaultReason, ACCESS_READ, ACCESS_WRITE};
+/// use vmm_iommu::Applied;
 /// use vmm_iommu::wire::{AttachReq, MapReq, Request, UnmapReq, VIRTIO_IOMMU_F_MAP_UNMAP};
 /// use vmm_iommu::Viommu;
 ///

@@ -14,10 +14,10 @@ use vmm_iommu::backend::{
 };
 use vmm_iommu::config::IommuConfig;
 use vmm_iommu::invalidation::Invalidation;
-use vmm_iommu::mapping::Mapping;
-use vmm_iommu::router::Router;
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::*;
+use vmm_iommu::Mapping;
+use vmm_iommu::Router;
 
 const EP: u32 = 8;
 const EP2: u32 = 9;

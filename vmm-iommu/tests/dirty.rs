@@ -11,9 +11,9 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::config::IommuConfig;
-use vmm_iommu::dirty::{take_dirty_pages, DirtyIommu};
 use vmm_iommu::wire::*;
 use vmm_iommu::Viommu;
+use vmm_iommu::{take_dirty_pages, DirtyIommu};
 
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 

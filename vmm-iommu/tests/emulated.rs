@@ -19,9 +19,9 @@ use vmm_iommu::nested::build::{
     ArmTableBuilder, CdTableBuilder, TableAlloc, VtdPasidTableBuilder, X86TableBuilder,
 };
 use vmm_iommu::nested::{arm, vtd, x86, Access, Perm, TableMemory, WalkFaultKind};
-use vmm_iommu::router::Router;
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::*;
+use vmm_iommu::Router;
 
 const EP: u32 = 8;
 const EP2: u32 = 9;

@@ -18,10 +18,10 @@ use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::backend::{IommuBackend, TableBinding};
 use vmm_iommu::emulated::EmulatedIommu;
-use vmm_iommu::fault::FaultQueue;
 use vmm_iommu::nested::build::{ArmTableBuilder, TableAlloc, X86TableBuilder};
 use vmm_iommu::nested::{arm, Access, Perm};
 use vmm_iommu::wire::TableDesc;
+use vmm_iommu::FaultQueue;
 
 type Emu = EmulatedIommu<GuestMemoryMmap>;
 

@@ -17,11 +17,11 @@ use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
 use vmm_iommu::emulated::{EmulatedIommu, NestedError, PageRequestState};
 use vmm_iommu::nested::build::{TableAlloc, VtdPasidTableBuilder, X86TableBuilder};
 use vmm_iommu::nested::{x86, Access, Perm};
-use vmm_iommu::router::Router;
-use vmm_iommu::state::{ACCESS_READ, ACCESS_WRITE};
 use vmm_iommu::testing::{driver_features, BackendCall, Harness, RecordingBackend};
-use vmm_iommu::viommu::HotplugError;
 use vmm_iommu::wire::*;
+use vmm_iommu::HotplugError;
+use vmm_iommu::Router;
+use vmm_iommu::{ACCESS_READ, ACCESS_WRITE};
 
 const PAGE: u64 = 0x1000;
 const PHYS: u64 = 0x50_0000;

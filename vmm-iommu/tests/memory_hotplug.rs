@@ -11,12 +11,12 @@ use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
 use vmm_iommu::emulated::{EmulatedIommu, NestedError};
 use vmm_iommu::nested::build::{TableAlloc, VtdPasidTableBuilder, X86TableBuilder};
 use vmm_iommu::nested::{x86, Access, Perm};
-use vmm_iommu::router::Router;
 use vmm_iommu::snapshot::SnapshotError;
-use vmm_iommu::state::ACCESS_WRITE;
 use vmm_iommu::testing::{driver_features, Harness};
-use vmm_iommu::viommu::RamUpdate;
 use vmm_iommu::wire::*;
+use vmm_iommu::RamUpdate;
+use vmm_iommu::Router;
+use vmm_iommu::ACCESS_WRITE;
 
 const EP: u32 = 8;
 const RAM_MIB: u64 = 16;

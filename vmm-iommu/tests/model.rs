@@ -28,10 +28,10 @@ use proptest::prelude::*;
 use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::config::{IommuConfig, ReservedKind, ReservedRegion};
-use vmm_iommu::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
 use vmm_iommu::testing::{driver_features, Harness};
-use vmm_iommu::translate::{EndpointIommu, Translator};
 use vmm_iommu::wire::*;
+use vmm_iommu::{EndpointIommu, Translator};
+use vmm_iommu::{FaultReason, ACCESS_READ, ACCESS_WRITE};
 
 const PAGE: u64 = 0x1000;
 const RAM_MIB: u64 = 16;

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use vmm_iommu::backend::{BackendFault, IommuBackend, TableBinding};
 use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
 use vmm_iommu::invalidation::{Caches, Invalidation, Scope, VaRange};
-use vmm_iommu::mapping::Mapping;
-use vmm_iommu::router::Router;
 use vmm_iommu::testing::{driver_features, BackendCall, Harness, RecordingBackend};
 use vmm_iommu::wire::*;
+use vmm_iommu::Mapping;
+use vmm_iommu::Router;
 
 /// Endpoint served by backend A.
 const EP: u32 = 8;

@@ -89,7 +89,7 @@ fn readme_device_and_emulated_dma() -> Result {
 
     // Or a per-thread translator with an IOTLB, for address-by-address use:
     let mut t = dev.viommu().translator(8);
-    match t.translate(iova, vmm_iommu::state::ACCESS_READ) {
+    match t.translate(iova, vmm_iommu::ACCESS_READ) {
         Ok((gpa, bytes_left_in_page)) => println!("{iova:#x} -> {gpa:#x} (+{bytes_left_in_page})"),
         Err(refused) => println!("{refused}"), // a fault record is queued
     }
@@ -115,7 +115,7 @@ fn readme_nested_router() -> Result {
     let ram = [(0, (16 << 20) - 1)];
 
     use std::sync::Arc;
-    use vmm_iommu::{emulated::EmulatedIommu, fault::FaultQueue, router::Router, Viommu};
+    use vmm_iommu::{emulated::EmulatedIommu, FaultQueue, Router, Viommu};
 
     let faults = Arc::new(FaultQueue::new(cfg.limits.max_pending_faults as usize)?);
     let emu = Arc::new(EmulatedIommu::new(guest_mem.clone(), faults.clone(), 20, &[8]));
@@ -147,7 +147,7 @@ fn readme_memory_changes() -> Result {
     let dimm = GuestRegionMmap::from_range(GuestAddress(1 << 32), 2 << 20, None)?;
     let (bar_gpa, bar_len, bar_hva) = (0xe000_0000u64, 0x1_0000u64, 0x7f00_0000_0000u64);
 
-    use vmm_iommu::{backend::MmioWindow, viommu::RamUpdate};
+    use vmm_iommu::{backend::MmioWindow, RamUpdate};
 
     // A DIMM plugged at 4 GiB: the VMM maps it, then tells the vIOMMU (and gives
     // `after` to its devices: DmaMemory::set_memory, IommuMemory::new).

@@ -24,12 +24,12 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_iommu::backend::BackendCaps;
 use vmm_iommu::config::{IommuConfig, ReservedKind, ReservedRegion};
-use vmm_iommu::fault::FaultQueue;
-use vmm_iommu::router::Router;
 use vmm_iommu::snapshot::SnapshotError;
-use vmm_iommu::state::{RequestError, ReservedRegionError};
 use vmm_iommu::testing::{driver_features, CountingInterrupt, Harness, RecordingBackend};
 use vmm_iommu::wire::*;
+use vmm_iommu::FaultQueue;
+use vmm_iommu::Router;
+use vmm_iommu::{RequestError, ReservedRegionError};
 use vmm_iommu::{Viommu, VirtioIommu};
 
 /// An endpoint with its own regions.

@@ -17,16 +17,16 @@ use vmm_iommu::config::{IommuConfig, NestedConfig, ReservedKind, ReservedRegion,
 use vmm_iommu::emulated::{EmulatedIommu, NestedError, PageRequestState};
 use vmm_iommu::nested::build::{TableAlloc, VtdPasidTableBuilder, X86TableBuilder};
 use vmm_iommu::nested::{x86, Access, Perm};
-use vmm_iommu::router::Router;
 use vmm_iommu::snapshot::{
     DeviceSnapshot, DomainKindSnapshot, MappingSnapshot, SnapshotError, SNAPSHOT_VERSION,
 };
-use vmm_iommu::state::{RequestError, ACCESS_READ, ACCESS_WRITE};
 use vmm_iommu::testing::RecordingBackend;
 use vmm_iommu::testing::{driver_features, BackendCall, CountingInterrupt, Harness};
-use vmm_iommu::translate::Translator;
 use vmm_iommu::wire::*;
+use vmm_iommu::Router;
+use vmm_iommu::Translator;
 use vmm_iommu::VirtioIommu;
+use vmm_iommu::{RequestError, ACCESS_READ, ACCESS_WRITE};
 
 const PAGE: u64 = 0x1000;
 const RAM_MIB: u64 = 16;
@@ -105,7 +105,7 @@ fn acked(f: &Features, dev: &VirtioIommu) -> u64 {
 
 fn router_with(
     rec: Arc<RecordingBackend>,
-) -> impl FnOnce(&GuestMemoryMmap, Arc<vmm_iommu::fault::FaultQueue>) -> Router {
+) -> impl FnOnce(&GuestMemoryMmap, Arc<vmm_iommu::FaultQueue>) -> Router {
     move |_, _| {
         let mut r = Router::new();
         r.add(rec, &[EP_REC]);
@@ -932,7 +932,7 @@ fn failed_restore_undoes_the_backend_and_leaves_the_device_fresh() {
     bad.viommu.domains[1].kind = DomainKindSnapshot::Mapped(vec![MappingSnapshot(0, 0x7ff, 0, 3)]);
     let cfg = config(&all_features());
     let rec = Arc::new(RecordingBackend::nested("rec"));
-    let faults = Arc::new(vmm_iommu::fault::FaultQueue::new(16).unwrap());
+    let faults = Arc::new(vmm_iommu::FaultQueue::new(16).unwrap());
     let mut r = Router::new();
     r.add(rec.clone(), &[EP_REC]);
     let viommu = Arc::new(vmm_iommu::Viommu::with_router(
@@ -984,7 +984,7 @@ fn emu_cfg() -> IommuConfig {
 
 fn emu_router(
     slot: Arc<Mutex<Option<Arc<Emu>>>>,
-) -> impl FnOnce(&GuestMemoryMmap, Arc<vmm_iommu::fault::FaultQueue>) -> Router {
+) -> impl FnOnce(&GuestMemoryMmap, Arc<vmm_iommu::FaultQueue>) -> Router {
     move |mem, faults| {
         let emu = Arc::new(EmulatedIommu::new(mem.clone(), faults, 16, &[EP]));
         *slot.lock().unwrap() = Some(emu.clone());

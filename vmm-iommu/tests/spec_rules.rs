@@ -12,10 +12,10 @@
 use vm_memory::iommu::IommuMemory;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::config::{IommuConfig, ReservedKind, ReservedRegion};
-use vmm_iommu::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
 use vmm_iommu::testing::{driver_features, layout, Harness};
-use vmm_iommu::translate::EndpointIommu;
 use vmm_iommu::wire::*;
+use vmm_iommu::EndpointIommu;
+use vmm_iommu::{FaultReason, ACCESS_READ, ACCESS_WRITE};
 
 const EP: u32 = 8;
 const EP2: u32 = 9;

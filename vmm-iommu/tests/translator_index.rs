@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use vmm_iommu::config::IommuConfig;
-use vmm_iommu::state::{ACCESS_READ, ACCESS_WRITE};
-use vmm_iommu::viommu::Applied;
 use vmm_iommu::wire::{
     AttachReq, DetachReq, MapReq, Request, UnmapReq, VIRTIO_IOMMU_F_MAP_UNMAP,
     VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
 };
+use vmm_iommu::Applied;
 use vmm_iommu::Viommu;
+use vmm_iommu::{ACCESS_READ, ACCESS_WRITE};
 
 const EP: u32 = 1;
 const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;

@@ -19,8 +19,8 @@ use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Iotlb, Permissions};
-use vmm_iommu::translate::EndpointIommu;
 use vmm_iommu::wire::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use vmm_iommu::EndpointIommu;
 
 /// `VIRTIO_F_VERSION_1` as a feature mask.
 pub const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;

@@ -17,7 +17,7 @@ use log::{debug, warn};
 use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_iommu::translate::EndpointIommu;
+use vmm_iommu::EndpointIommu;
 use vmm_iommu::{DeviceError, VirtioInterrupt};
 
 use super::dma::{

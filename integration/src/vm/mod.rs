@@ -66,11 +66,11 @@ use vm_memory::{
 };
 use vmm_iommu::config::ReservedKind;
 use vmm_iommu::emulated::EmulatedCounts;
-use vmm_iommu::fault::FaultQueue;
-use vmm_iommu::router::{Router, RouterCounts};
 use vmm_iommu::snapshot::DeviceSnapshot;
-use vmm_iommu::viommu::HotplugError;
+use vmm_iommu::FaultQueue;
+use vmm_iommu::HotplugError;
 use vmm_iommu::{DeviceError, DeviceStats, Viommu, VirtioIommu};
+use vmm_iommu::{Router, RouterCounts};
 
 use crate::abi::{self, BootInfo};
 use crate::config::{DeviceKind, VmConfig};

@@ -13,13 +13,13 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::config::{self, ConfigError, IommuConfig, ReservedRegion};
-use vmm_iommu::device::{VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
-use vmm_iommu::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
 use vmm_iommu::testing::DriverQueue;
 use vmm_iommu::wire::{
     AttachReq, MapReq, Request, Status, UnmapReq, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
 };
 use vmm_iommu::VirtioIommu;
+use vmm_iommu::{FaultReason, ACCESS_READ, ACCESS_WRITE};
+use vmm_iommu::{VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

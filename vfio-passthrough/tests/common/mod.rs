@@ -9,8 +9,8 @@ use vfio_passthrough::host::HostIommu;
 use vfio_passthrough::recording::RecordingHost;
 use vfio_passthrough::GuestRam;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_iommu::mapping::Mapping;
 use vmm_iommu::wire::{VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
+use vmm_iommu::Mapping;
 
 /// 1 MiB at 0, 1 MiB at 1 MiB, 14 MiB at 2 MiB, 1 MiB at 4 GiB.
 pub fn guest_memory() -> GuestMemoryMmap {

@@ -24,7 +24,7 @@ pub struct AttachOutcome {
 /// A copy of some domains and one endpoint's attachment, taken before a
 /// request that a backend may still refuse.
 #[derive(Clone, Debug)]
-pub struct StateSnapshot {
+pub(crate) struct StateSnapshot {
     domains: Vec<(u32, Option<Domain>)>,
     endpoint: (u32, Option<u32>),
 }
@@ -310,7 +310,7 @@ impl IommuState {
     }
 
     /// Copies the domains `ids` (those that exist) and `ep`'s attachment.
-    pub fn snapshot(&self, ids: &[u32], ep: u32) -> StateSnapshot {
+    pub(crate) fn snapshot(&self, ids: &[u32], ep: u32) -> StateSnapshot {
         let mut domains: Vec<(u32, Option<Domain>)> = Vec::with_capacity(ids.len());
         for &id in ids {
             if !domains.iter().any(|(d, _)| *d == id) {
@@ -325,7 +325,7 @@ impl IommuState {
 
     /// Puts back what [`Self::snapshot`] copied: the request that came in
     /// between never happened.
-    pub fn restore(&mut self, snap: StateSnapshot) {
+    pub(crate) fn restore(&mut self, snap: StateSnapshot) {
         let count = |d: &Option<Domain>| match d {
             Some(Domain {
                 kind: DomainKind::Mapped(t),

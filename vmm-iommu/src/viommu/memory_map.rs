@@ -26,7 +26,7 @@ use crate::state::{inclusive, MemoryMapError};
 /// ```
 /// use vm_memory::{GuestAddress, GuestMemoryMmap};
 /// use vmm_iommu::config::IommuConfig;
-/// use vmm_iommu::viommu::RamUpdate;
+/// use vmm_iommu::RamUpdate;
 /// use vmm_iommu::Viommu;
 ///
 /// let before = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)])?;
