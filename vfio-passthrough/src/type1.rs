@@ -6,7 +6,7 @@
 //! VMM registered with host memory (a BAR's mmap) becomes
 //! `VFIO_IOMMU_MAP_DMA` of that memory: peer-to-peer DMA. RAM plugged or
 //! unplugged, and windows registered or withdrawn, change every container
-//! to match (`type1_memory.rs`).
+//! to match (`type1/memory.rs`).
 //!
 //! Every call checks all guest input first, then issues its ioctls while
 //! keeping a journal; if one fails, the journal is undone in reverse, so
@@ -37,10 +37,8 @@ use crate::host::{Handle, HostIommu, Ioctl, Open};
 use crate::ram::{GuestRam, RamRegion, SharedRam};
 
 // Dirty tracking through VFIO_IOMMU_DIRTY_PAGES (issue 13).
-#[path = "type1_dirty.rs"]
 mod dirty;
 // RAM hot-plug and MMIO windows (issue 12).
-#[path = "type1_memory.rs"]
 mod memory;
 
 /// Turns a host error into the backend error the guest sees as DEVERR.

@@ -20,33 +20,41 @@
 //! negotiated, a not-present fault of a page-request-capable endpoint
 //! becomes a page request and the access waits (or the caller retries)
 //! until PAGE_RESP.
+//!
+//! This module holds the walk and its caches; each other job is a child
+//! module: `invalidate.rs` (what an INVALIDATE drops), `fault.rs` and
+//! `page_request.rs` (what a failed walk becomes), `front.rs` (the front
+//! translators of device threads and vm-memory), `backend.rs` (the
+//! [`IommuBackend`](crate::backend::IommuBackend) the vIOMMU calls),
+//! `stats.rs` (counters) and `cache.rs` (the direct-mapped cache).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
+mod backend;
 mod cache;
+mod fault;
+mod front;
+mod invalidate;
+mod page_request;
+mod stats;
+
 use cache::{DirectMapped, Key};
+pub use front::{NestedIommu, NestedTranslator, FRONT_TLB_ENTRIES};
+use page_request::PageRequests;
+pub use page_request::{PageRequestState, MAX_PENDING_PAGE_REQUESTS};
+pub use stats::{EmulatedCounts, EmulatedStats};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
-use std::time::Duration;
 
-use vm_memory::iommu::{Error as IommuError, Iommu, Iotlb, IotlbIterator, IovaRange};
-use vm_memory::{GuestAddress, GuestMemory, Permissions};
+use vm_memory::GuestMemory;
 
-use crate::backend::{
-    BackendCaps, BackendError, BackendFault, DomainId, DomainView, EndpointId, IommuBackend,
-    PageResponse, RamChange, SavedPageRequest, SavedPageRequestState, SavedPageRequests,
-    TableBinding,
-};
+use crate::backend::{BackendCaps, DomainId, EndpointId, TableBinding};
 use crate::fault::FaultQueue;
-use crate::invalidation::{Caches, Invalidation, Scope, VaRange};
-use crate::mapping::Mapping;
 use crate::nested::{self, Access, Leaf, Stage1, TableMemory, WalkFault, WalkStart};
 use crate::wire::{
-    ExtFaultRecord, TableDesc, VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_EXEC,
-    VIRTIO_IOMMU_FAULT_F_PASID, VIRTIO_IOMMU_FAULT_F_PRIV, VIRTIO_IOMMU_FAULT_F_READ,
-    VIRTIO_IOMMU_FAULT_F_WRITE, VIRTIO_IOMMU_FLT_DMA_UNRECOV, VIRTIO_IOMMU_FLT_PAGE_REQ,
-    VIRTIO_IOMMU_PAGE_RESP_SUCCESS, VIRTIO_IOMMU_PGTF_ARM_LPAE, VIRTIO_IOMMU_PGTF_X86_64,
-    VIRTIO_IOMMU_PR_F_LAST_PAGE, VIRTIO_IOMMU_PSTF_ARM_SMMU_V3, VIRTIO_IOMMU_PSTF_INTEL_VTD,
+    TableDesc, VIRTIO_IOMMU_PGTF_ARM_LPAE, VIRTIO_IOMMU_PGTF_X86_64, VIRTIO_IOMMU_PSTF_ARM_SMMU_V3,
+    VIRTIO_IOMMU_PSTF_INTEL_VTD,
 };
 
 /// IOTLB capacity (leaf entries).
@@ -55,15 +63,9 @@ pub const IOTLB_ENTRIES: usize = 4096;
 pub const PWC_ENTRIES: usize = 1024;
 /// PASID-cache capacity.
 pub const PASID_CACHE_ENTRIES: usize = 256;
-/// Page requests outstanding at once over the whole IOMMU; past it a
-/// not-present fault is unrecoverable, so a guest that never answers
-/// cannot make us hold state without bound.
-pub const MAX_PENDING_PAGE_REQUESTS: usize = 64;
 
 /// The PASID key of traffic without a PASID in a format without PASIDs.
 const NO_PASID: u32 = u32::MAX;
-/// Page-request group IDs are 9 bits (PCIe PRG index).
-const GRPID_MASK: u32 = 0x1ff;
 
 /// What one (domain, PASID) resolves to.
 #[derive(Clone, Copy, Debug)]
@@ -138,85 +140,6 @@ impl Default for Caches3 {
     }
 }
 
-/// The state of a page request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PageRequestState {
-    /// Waiting for PAGE_RESP.
-    Pending,
-    /// The guest answered SUCCESS: retry the access.
-    Success,
-    /// The guest answered INVALID or FAILURE: abort the access.
-    Failed,
-    /// No such group (answered long ago, or never sent).
-    Unknown,
-}
-
-#[derive(Default)]
-struct PageRequests {
-    next_grpid: u32,
-    /// (endpoint, pasid key, group) → answered?
-    groups: HashMap<(EndpointId, u32, u32), PageRequestState>,
-}
-
-/// A plain copy of [`EmulatedStats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EmulatedCounts {
-    /// Translations answered from the IOTLB.
-    pub iotlb_hits: u64,
-    /// Walks done (IOTLB misses).
-    pub walks: u64,
-    /// Walks that resumed from the paging-structure cache.
-    pub pwc_hits: u64,
-    /// PASID entries / CDs read from guest memory.
-    pub context_reads: u64,
-    /// `invalidate` calls received.
-    pub invalidate_calls: u64,
-    /// Generic invalidations received in them.
-    pub invalidations: u64,
-    /// Faults reported.
-    pub faults: u64,
-    /// Page requests sent.
-    pub page_requests: u64,
-}
-
-impl EmulatedStats {
-    /// A plain copy of the counters.
-    pub fn snapshot(&self) -> EmulatedCounts {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        EmulatedCounts {
-            iotlb_hits: l(&self.iotlb_hits),
-            walks: l(&self.walks),
-            pwc_hits: l(&self.pwc_hits),
-            context_reads: l(&self.context_reads),
-            invalidate_calls: l(&self.invalidate_calls),
-            invalidations: l(&self.invalidations),
-            faults: l(&self.faults),
-            page_requests: l(&self.page_requests),
-        }
-    }
-}
-
-/// Counters, for reports and benchmarks.
-#[derive(Debug, Default)]
-pub struct EmulatedStats {
-    /// Translations answered from the IOTLB.
-    pub iotlb_hits: AtomicU64,
-    /// Walks done (IOTLB misses).
-    pub walks: AtomicU64,
-    /// Walks that resumed from the paging-structure cache.
-    pub pwc_hits: AtomicU64,
-    /// PASID entries / CDs read from guest memory.
-    pub context_reads: AtomicU64,
-    /// `invalidate` calls received.
-    pub invalidate_calls: AtomicU64,
-    /// Generic invalidations received in them.
-    pub invalidations: AtomicU64,
-    /// Faults reported.
-    pub faults: AtomicU64,
-    /// Page requests sent.
-    pub page_requests: AtomicU64,
-}
-
 /// A successful nested translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NestedTranslation {
@@ -253,8 +176,8 @@ pub enum NestedError {
 /// The software nested IOMMU over guest memory `M`.
 pub struct EmulatedIommu<M> {
     /// Where guest tables are read: replaced when guest RAM is plugged or
-    /// unplugged ([`IommuBackend::add_ram`]). Taken after `caches` when
-    /// both are held.
+    /// unplugged ([`crate::backend::IommuBackend::add_ram`]). Taken after
+    /// `caches` when both are held.
     mem: RwLock<M>,
     faults: Arc<FaultQueue>,
     caps: BackendCaps,
@@ -283,22 +206,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the caches consistent even if a panic
     // unwinds through it.
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Access flags of a fault record for `a`.
-fn access_flags(a: Access) -> u32 {
-    let mut f = if a.write {
-        VIRTIO_IOMMU_FAULT_F_WRITE
-    } else {
-        VIRTIO_IOMMU_FAULT_F_READ
-    };
-    if a.exec {
-        f |= VIRTIO_IOMMU_FAULT_F_EXEC;
-    }
-    if a.privileged {
-        f |= VIRTIO_IOMMU_FAULT_F_PRIV;
-    }
-    f
 }
 
 impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
@@ -507,516 +414,6 @@ impl<M: GuestMemory + Send + Sync> EmulatedIommu<M> {
             writable,
         }
     }
-
-    /// Queues the fault (or page request) for `f` and returns the error.
-    fn fault(
-        &self,
-        ep: EndpointId,
-        pasid: Option<u32>,
-        va: u64,
-        access: Access,
-        f: WalkFault,
-    ) -> NestedError {
-        let pr = f.page_request_eligible()
-            && self.page_requests_on.load(Ordering::Acquire)
-            && self.page_request_endpoints.contains(&ep);
-        if pr {
-            let mut q = lock(&self.prq);
-            let key = pasid.unwrap_or(NO_PASID);
-            let pending = q
-                .groups
-                .values()
-                .filter(|s| **s == PageRequestState::Pending)
-                .count();
-            // Answers a device model never collected are dropped once they
-            // pile up, so the table stays bounded (a dropped answer reads
-            // as Unknown: the access is aborted).
-            if q.groups.len() >= 4 * MAX_PENDING_PAGE_REQUESTS {
-                q.groups.retain(|_, s| *s == PageRequestState::Pending);
-            }
-            if pending < MAX_PENDING_PAGE_REQUESTS {
-                let grpid = q.next_grpid;
-                q.next_grpid = q.next_grpid.wrapping_add(1) & GRPID_MASK;
-                if let std::collections::hash_map::Entry::Vacant(e) =
-                    q.groups.entry((ep, key, grpid))
-                {
-                    e.insert(PageRequestState::Pending);
-                    drop(q);
-                    self.stats.page_requests.fetch_add(1, Ordering::Relaxed);
-                    self.push(ep, pasid, va, access, f.virtio_reason(), Some(grpid));
-                    return NestedError::PageRequest { grpid };
-                }
-            }
-        }
-        self.stats.faults.fetch_add(1, Ordering::Relaxed);
-        self.push(ep, pasid, va, access, f.virtio_reason(), None);
-        NestedError::Fault(f)
-    }
-
-    fn push(
-        &self,
-        ep: EndpointId,
-        pasid: Option<u32>,
-        va: u64,
-        access: Access,
-        reason: u8,
-        page_request: Option<u32>,
-    ) {
-        let mut flags = access_flags(access) | VIRTIO_IOMMU_FAULT_F_ADDRESS;
-        if pasid.is_some() {
-            flags |= VIRTIO_IOMMU_FAULT_F_PASID;
-        }
-        let (flt_type, pr_evt_flags, grpid) = match page_request {
-            Some(g) => (VIRTIO_IOMMU_FLT_PAGE_REQ, VIRTIO_IOMMU_PR_F_LAST_PAGE, g),
-            None => (VIRTIO_IOMMU_FLT_DMA_UNRECOV, 0, 0),
-        };
-        self.faults.push(ExtFaultRecord {
-            reason,
-            flt_type,
-            flags,
-            pr_evt_flags,
-            endpoint: ep,
-            pasid: pasid.unwrap_or(0),
-            grpid,
-            address: va,
-        });
-    }
-
-    /// Where page request `grpid` of (`ep`, `pasid`) stands. Answered
-    /// groups are forgotten once read.
-    pub fn page_request_state(
-        &self,
-        ep: EndpointId,
-        pasid: Option<u32>,
-        grpid: u32,
-    ) -> PageRequestState {
-        let mut q = lock(&self.prq);
-        let k = (ep, pasid.unwrap_or(NO_PASID), grpid);
-        match q.groups.get(&k).copied() {
-            None => PageRequestState::Unknown,
-            Some(PageRequestState::Pending) => PageRequestState::Pending,
-            Some(s) => {
-                q.groups.remove(&k);
-                s
-            }
-        }
-    }
-
-    /// Blocks until page request `grpid` is answered or `timeout` passes
-    /// (for device models that run on their own thread).
-    pub fn wait_page_response(
-        &self,
-        ep: EndpointId,
-        pasid: Option<u32>,
-        grpid: u32,
-        timeout: Duration,
-    ) -> PageRequestState {
-        let k = (ep, pasid.unwrap_or(NO_PASID), grpid);
-        let q = lock(&self.prq);
-        let (q, _) = self
-            .prq_answered
-            .wait_timeout_while(q, timeout, |q| {
-                q.groups.get(&k) == Some(&PageRequestState::Pending)
-            })
-            .unwrap_or_else(|p| p.into_inner());
-        drop(q);
-        self.page_request_state(ep, pasid, grpid)
-    }
-
-    /// Translates and, on a page request, waits for the answer and retries
-    /// once: the access "waits for PAGE_RESP" of a device with its own
-    /// thread.
-    pub fn translate_waiting(
-        &self,
-        ep: EndpointId,
-        pasid: Option<u32>,
-        va: u64,
-        access: Access,
-        timeout: Duration,
-    ) -> Result<NestedTranslation, NestedError> {
-        match self.translate(ep, pasid, va, access) {
-            Err(NestedError::PageRequest { grpid }) => {
-                match self.wait_page_response(ep, pasid, grpid, timeout) {
-                    PageRequestState::Success => self.translate(ep, pasid, va, access),
-                    _ => Err(NestedError::PageRequest { grpid }),
-                }
-            }
-            r => r,
-        }
-    }
-
-    /// A front translator for one device thread (its own small TLB).
-    pub fn translator(self: &Arc<Self>, ep: EndpointId, pasid: Option<u32>) -> NestedTranslator<M> {
-        NestedTranslator {
-            emu: Arc::clone(self),
-            ep,
-            pasid,
-            generation: self.generation(),
-            tlb: vec![None; FRONT_TLB_ENTRIES].into_boxed_slice(),
-        }
-    }
-
-    /// A vm-memory [`Iommu`] for (`ep`, `pasid`): wrap guest memory in an
-    /// `IommuMemory` and every access of the device model goes through the
-    /// guest's tables.
-    pub fn endpoint_iommu(self: &Arc<Self>, ep: EndpointId, pasid: Option<u32>) -> NestedIommu<M> {
-        NestedIommu {
-            emu: Arc::clone(self),
-            ep,
-            pasid,
-            generation: AtomicU64::new(self.generation()),
-            last_page_request: Mutex::new(None),
-            iotlb: RwLock::new(Iotlb::new()),
-            top: RwLock::new(Iotlb::new()),
-        }
-    }
-
-    fn invalidate_one(&self, c: &mut Caches3, dom: DomainId, inv: &Invalidation) {
-        let iotlb = inv.caches.contains(Caches::IOTLB);
-        match inv.scope {
-            Scope::Domain => {
-                if inv.caches.contains(Caches::PASID) {
-                    c.pasid.retain(|k| k.domain != dom);
-                }
-                if iotlb {
-                    c.iotlb.retain(|k| k.domain != dom);
-                    c.pwc.retain(|k| k.domain != dom);
-                }
-            }
-            Scope::Pasid(p) => {
-                let named = |k: &Key| k.domain == dom && pasid_named(k.pasid, Some(p));
-                if inv.caches.contains(Caches::PASID) {
-                    c.pasid.retain(|k| !named(k));
-                }
-                if iotlb {
-                    c.iotlb.retain(|k| !named(k));
-                    c.pwc.retain(|k| !named(k));
-                }
-            }
-            Scope::Range(r) if iotlb && r.pasid.is_none() && inv.archid.is_some() => {
-                // An ASID/DID-tagged range without a PASID (SMMUv3
-                // TLBI_NH_VA): every context of the domain may use that tag,
-                // so the range goes in all of them.
-                let last = r.last();
-                let overlaps = |k: &Key| {
-                    let sh = u32::from(k.shift);
-                    k.domain == dom && k.index >= r.addr >> sh && k.index <= last >> sh
-                };
-                c.iotlb.retain(|k| !overlaps(k));
-                if !r.leaf_only {
-                    c.pwc.retain(|k| !overlaps(k));
-                }
-            }
-            Scope::Range(r) if iotlb => {
-                for pk in range_pasid_keys(r.pasid).into_iter().flatten() {
-                    drop_range(&mut c.iotlb, dom, pk, c.leaf_sizes, &r);
-                    if !r.leaf_only {
-                        drop_range(&mut c.pwc, dom, pk, c.table_shifts, &r);
-                    }
-                }
-            }
-            Scope::Range(_) => {}
-        }
-    }
-}
-
-/// Whether cache entries of PASID key `key` are named by an invalidation
-/// of `pasid` (`None`: traffic without a PASID). PASID 0 also names the
-/// untagged traffic that SMMUv3 S1DSS=SSID0 or VT-d RID_PASID sends
-/// through it.
-fn pasid_named(key: u32, pasid: Option<u32>) -> bool {
-    match pasid {
-        Some(0) | None => key == 0 || key == NO_PASID,
-        Some(p) => key == p,
-    }
-}
-
-/// The PASID keys a range invalidation of `pasid` must probe.
-fn range_pasid_keys(pasid: Option<u32>) -> [Option<u32>; 2] {
-    match pasid {
-        Some(0) | None => [Some(0), Some(NO_PASID)],
-        Some(p) => [Some(p), None],
-    }
-}
-
-/// Removes the entries of (`dom`, `pasid`) of every size in `sizes` that
-/// overlap `r`, probing page by page while that is cheaper than a scan.
-fn drop_range<V: Copy>(
-    m: &mut DirectMapped<V>,
-    dom: DomainId,
-    pasid: u32,
-    sizes: u64,
-    r: &VaRange,
-) {
-    let last = r.last();
-    let mut probes: u64 = 0;
-    let mut s = sizes;
-    while s != 0 {
-        let log2 = s.trailing_zeros();
-        s &= s - 1;
-        probes = probes.saturating_add((last >> log2) - (r.addr >> log2) + 1);
-    }
-    if probes > m.capacity() as u64 {
-        m.retain(|k| {
-            let sh = u32::from(k.shift);
-            !(k.domain == dom
-                && k.pasid == pasid
-                && k.index >= r.addr >> sh
-                && k.index <= last >> sh)
-        });
-        return;
-    }
-    let mut s = sizes;
-    while s != 0 {
-        let log2 = s.trailing_zeros();
-        s &= s - 1;
-        for idx in (r.addr >> log2)..=(last >> log2) {
-            m.remove(&key(dom, pasid, log2 as u8, idx));
-        }
-    }
-}
-
-/// The PASID-cache key of traffic with `pasid` under `table`.
-fn pasid_key(table: &TableDesc, pasid: Option<u32>) -> u32 {
-    match table {
-        // VT-d: requests without PASID use RID_PASID, 0 here.
-        TableDesc::IntelVtd { .. } => pasid.unwrap_or(0),
-        TableDesc::ArmSmmuV3 { .. } => pasid.unwrap_or(NO_PASID),
-        TableDesc::ArmLpae { .. } | TableDesc::X86_64 { .. } => NO_PASID,
-    }
-}
-
-impl<M: GuestMemory + Clone + Send + Sync + 'static> IommuBackend for EmulatedIommu<M> {
-    fn name(&self) -> &str {
-        "emulated"
-    }
-
-    fn caps(&self, ep: EndpointId) -> BackendCaps {
-        let mut c = self.caps.clone();
-        c.page_requests = self.page_request_endpoints.contains(&ep);
-        c
-    }
-
-    fn attach(&self, ep: EndpointId, _dom: &DomainView<'_>) -> Result<(), BackendError> {
-        // MAP-mode and bypass domains are translated by the vIOMMU state
-        // (crate::translate); here the endpoint only stops using tables.
-        self.unbind(ep);
-        Ok(())
-    }
-
-    fn detach(&self, ep: EndpointId, _dom: DomainId) -> Result<(), BackendError> {
-        self.unbind(ep);
-        Ok(())
-    }
-
-    fn map(&self, _dom: DomainId, _m: &Mapping) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    fn unmap(&self, _dom: DomainId, _removed: &[Mapping]) -> Result<(), BackendError> {
-        Ok(())
-    }
-
-    fn bind_table(&self, ep: EndpointId, binding: &TableBinding) -> Result<(), BackendError> {
-        let mut c = lock(&self.caches);
-        let first = !c.bindings.iter().any(|(_, x)| x.domain == binding.domain);
-        c.bindings.retain(|(e, _)| *e != ep);
-        c.bindings.push((ep, *binding));
-        if first {
-            // A new binding starts with empty caches for its domain: a
-            // domain ID reused by the guest must not see the old tables.
-            c.pasid.retain(|k| k.domain != binding.domain);
-            c.iotlb.retain(|k| k.domain != binding.domain);
-            c.pwc.retain(|k| k.domain != binding.domain);
-        }
-        drop(c);
-        self.bump();
-        Ok(())
-    }
-
-    fn unbind_table(&self, ep: EndpointId, _dom: DomainId) -> Result<(), BackendError> {
-        self.unbind(ep);
-        Ok(())
-    }
-
-    fn invalidate(&self, dom: DomainId, batch: &[Invalidation]) -> Result<(), BackendError> {
-        self.stats.invalidate_calls.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .invalidations
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let mut c = lock(&self.caches);
-        for inv in batch {
-            self.invalidate_one(&mut c, dom, inv);
-        }
-        drop(c);
-        self.bump();
-        Ok(())
-    }
-
-    fn page_response(&self, resp: &PageResponse) -> Result<(), BackendError> {
-        let mut q = lock(&self.prq);
-        let k = (resp.endpoint, resp.pasid.unwrap_or(NO_PASID), resp.grpid);
-        match q.groups.get_mut(&k) {
-            Some(s @ PageRequestState::Pending) => {
-                *s = if resp.code == VIRTIO_IOMMU_PAGE_RESP_SUCCESS {
-                    PageRequestState::Success
-                } else {
-                    PageRequestState::Failed
-                };
-                drop(q);
-                self.prq_answered.notify_all();
-                Ok(())
-            }
-            _ => Err(BackendError::NotFound(format!(
-                "no pending page request {} of endpoint {}",
-                resp.grpid, resp.endpoint
-            ))),
-        }
-    }
-
-    fn drain_faults(&self, _out: &mut Vec<BackendFault>) {
-        // Faults go straight into the vIOMMU's queue.
-    }
-
-    fn save_page_requests(&self) -> Option<SavedPageRequests> {
-        let q = lock(&self.prq);
-        let mut groups: Vec<SavedPageRequest> = q
-            .groups
-            .iter()
-            .filter_map(|(&(endpoint, key, grpid), &s)| {
-                let state = match s {
-                    PageRequestState::Pending => SavedPageRequestState::Pending,
-                    PageRequestState::Success => SavedPageRequestState::Success,
-                    PageRequestState::Failed => SavedPageRequestState::Failed,
-                    PageRequestState::Unknown => return None,
-                };
-                Some(SavedPageRequest {
-                    endpoint,
-                    pasid: (key != NO_PASID).then_some(key),
-                    grpid,
-                    state,
-                })
-            })
-            .collect();
-        groups.sort_unstable_by_key(|g| (g.endpoint, g.pasid, g.grpid));
-        Some(SavedPageRequests {
-            next_grpid: q.next_grpid,
-            groups,
-        })
-    }
-
-    fn restore_page_requests(&self, saved: &SavedPageRequests) -> Result<(), BackendError> {
-        // A snapshot is untrusted: every value must be one this backend
-        // could have produced, and the table stays within its bounds.
-        let bad = |what: String| Err(BackendError::Invalid(format!("page requests: {what}")));
-        if saved.next_grpid > GRPID_MASK {
-            return bad(format!("next group {} beyond 9 bits", saved.next_grpid));
-        }
-        if saved.groups.len() > 4 * MAX_PENDING_PAGE_REQUESTS {
-            return bad(format!("{} groups held", saved.groups.len()));
-        }
-        let mut groups = HashMap::with_capacity(saved.groups.len());
-        let mut pending = 0;
-        for g in &saved.groups {
-            if !self.page_request_endpoints.contains(&g.endpoint) {
-                return bad(format!("endpoint {} sends no page requests", g.endpoint));
-            }
-            if g.grpid > GRPID_MASK {
-                return bad(format!("group {} beyond 9 bits", g.grpid));
-            }
-            let key = match g.pasid {
-                None => NO_PASID,
-                Some(p) if u64::from(p) >> self.caps.pasid_bits == 0 => p,
-                Some(p) => return bad(format!("PASID {p:#x} beyond the PASID width")),
-            };
-            let state = match g.state {
-                SavedPageRequestState::Pending => {
-                    pending += 1;
-                    PageRequestState::Pending
-                }
-                SavedPageRequestState::Success => PageRequestState::Success,
-                SavedPageRequestState::Failed => PageRequestState::Failed,
-            };
-            if groups.insert((g.endpoint, key, g.grpid), state).is_some() {
-                return bad(format!(
-                    "group {} of endpoint {} listed twice",
-                    g.grpid, g.endpoint
-                ));
-            }
-        }
-        if pending > MAX_PENDING_PAGE_REQUESTS {
-            return bad(format!("{pending} pending"));
-        }
-        let mut q = lock(&self.prq);
-        q.next_grpid = saved.next_grpid;
-        q.groups = groups;
-        drop(q);
-        self.prq_answered.notify_all();
-        Ok(())
-    }
-
-    fn remove_endpoint(&self, ep: EndpointId) {
-        self.unbind(ep);
-        let mut q = lock(&self.prq);
-        q.groups.retain(|k, _| k.0 != ep);
-        drop(q);
-        // A device thread waiting for an answer to the gone endpoint's
-        // request wakes up and sees it unknown: the access is aborted.
-        self.prq_answered.notify_all();
-    }
-
-    /// Guest tables in the plugged RAM are read from `change.memory` from
-    /// now on. Nothing cached can be wrong: faults are never cached.
-    fn add_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
-        let mem = memory_of::<M>(change)?;
-        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
-        Ok(())
-    }
-
-    /// Tables are read from `change.memory`, without the range, from now
-    /// on, and every cache is dropped: an entry read from (or pointing
-    /// into) the unplugged RAM would outlive it, and no guest INVALIDATE
-    /// will come for a change the guest did not make. Walks into the range
-    /// then fault, as past RAM.
-    fn remove_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
-        let mem = memory_of::<M>(change)?;
-        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
-        let mut c = lock(&self.caches);
-        c.pasid.retain(|_| false);
-        c.pwc.retain(|_| false);
-        c.iotlb.retain(|_| false);
-        drop(c);
-        self.bump();
-        Ok(())
-    }
-
-    fn set_page_requests(&self, enabled: bool) {
-        self.page_requests_on.store(enabled, Ordering::Release);
-        if !enabled {
-            // Requests the driver can no longer answer are failed.
-            let mut q = lock(&self.prq);
-            for s in q.groups.values_mut() {
-                if *s == PageRequestState::Pending {
-                    *s = PageRequestState::Failed;
-                }
-            }
-            drop(q);
-            self.prq_answered.notify_all();
-        }
-    }
-}
-
-/// The guest memory a RAM change hands over, as the software IOMMU's own
-/// memory type.
-fn memory_of<M: Clone + 'static>(change: &RamChange<'_>) -> Result<M, BackendError> {
-    change.memory.downcast_ref::<M>().cloned().ok_or_else(|| {
-        BackendError::Invalid(format!(
-            "guest memory of RAM [{:#x}, {:#x}] is not a {}, the software IOMMU's memory type",
-            change.start,
-            change.end,
-            std::any::type_name::<M>()
-        ))
-    })
 }
 
 impl<M> EmulatedIommu<M> {
@@ -1031,200 +428,13 @@ impl<M> EmulatedIommu<M> {
     }
 }
 
-/// Entries of a [`NestedTranslator`]'s front TLB.
-pub const FRONT_TLB_ENTRIES: usize = 64;
-
-#[derive(Clone, Copy, Debug)]
-struct FrontEntry {
-    page: u64,
-    t: NestedTranslation,
-}
-
-/// A per-thread front cache over [`EmulatedIommu::translate`] for one
-/// (endpoint, PASID): a direct-mapped TLB of 4 KiB pages, dropped whenever
-/// the IOMMU's generation moves (any invalidation, bind or unbind), so it
-/// is never staler than the IOMMU's own IOTLB.
-pub struct NestedTranslator<M> {
-    emu: Arc<EmulatedIommu<M>>,
-    ep: EndpointId,
-    pasid: Option<u32>,
-    generation: u64,
-    tlb: Box<[Option<FrontEntry>]>,
-}
-
-impl<M: GuestMemory + Send + Sync> NestedTranslator<M> {
-    /// Translates `va` for a read (`write == false`) or a write.
-    #[inline]
-    pub fn translate(&mut self, va: u64, write: bool) -> Result<u64, NestedError> {
-        let gen = self.emu.generation();
-        if gen != self.generation {
-            self.tlb.fill(None);
-            self.generation = gen;
-        }
-        let page = va >> 12;
-        let slot = (page as usize) & (FRONT_TLB_ENTRIES - 1);
-        if let Some(e) = &self.tlb[slot] {
-            if e.page == page && (!write || e.t.writable) {
-                return Ok(e
-                    .t
-                    .gpa
-                    .wrapping_add(va & 0xfff)
-                    .wrapping_sub(e.t.gpa & 0xfff));
-            }
-        }
-        let access = if write { Access::WRITE } else { Access::READ };
-        let t = self.emu.translate(self.ep, self.pasid, va, access)?;
-        self.tlb[slot] = Some(FrontEntry { page, t });
-        Ok(t.gpa)
-    }
-}
-
-/// vm-memory's [`Iommu`] over the software nested IOMMU for one
-/// (endpoint, PASID).
-///
-/// vm-memory's [`Iotlb`] keys ranges by their exclusive end, which cannot
-/// express 2^64: a range that ends at the last byte of the address space
-/// overflows it. So the adaptor keeps two: `iotlb` holds every translated
-/// page (the last page of the space without its last byte), and `top`
-/// holds the pieces of accesses that end exactly at 2^64, each keyed one
-/// byte lower, so that their exclusive end is 2^64 - 1. Both map to the
-/// same guest-physical addresses, which is all the returned iterator
-/// yields.
-pub struct NestedIommu<M> {
-    emu: Arc<EmulatedIommu<M>>,
-    ep: EndpointId,
-    pasid: Option<u32>,
-    generation: AtomicU64,
-    last_page_request: Mutex<Option<u32>>,
-    iotlb: RwLock<Iotlb>,
-    top: RwLock<Iotlb>,
-}
-
-impl<M> std::fmt::Debug for NestedIommu<M> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NestedIommu")
-            .field("endpoint", &self.ep)
-            .field("pasid", &self.pasid)
-            .finish()
-    }
-}
-
-impl<M: GuestMemory + Send + Sync> NestedIommu<M> {
-    /// The page request the last refused access sent, if it sent one
-    /// (taken: a second call returns `None`).
-    pub fn take_page_request(&self) -> Option<u32> {
-        lock(&self.last_page_request).take()
-    }
-
-    /// The IOMMU behind this view.
-    pub fn emulated(&self) -> &Arc<EmulatedIommu<M>> {
-        &self.emu
-    }
-}
-
-fn write_tlb(l: &RwLock<Iotlb>) -> std::sync::RwLockWriteGuard<'_, Iotlb> {
-    l.write().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read_tlb(l: &RwLock<Iotlb>) -> RwLockReadGuard<'_, Iotlb> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-impl<M: GuestMemory + Send + Sync> Iommu for NestedIommu<M> {
-    type IotlbGuard<'a>
-        = RwLockReadGuard<'a, Iotlb>
-    where
-        M: 'a;
-
-    fn translate(
-        &self,
-        iova: GuestAddress,
-        length: usize,
-        access: Permissions,
-    ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
-        let cannot = |reason: String| IommuError::CannotResolve {
-            iova_range: IovaRange { base: iova, length },
-            reason,
-        };
-        let len = u64::try_from(length).map_err(|_| cannot("length above 2^64".into()))?;
-        // `last` may be u64::MAX: an access may end exactly at 2^64.
-        let Some(last) = len.checked_sub(1).and_then(|l| iova.0.checked_add(l)) else {
-            return Err(cannot("empty range or range past 2^64".into()));
-        };
-        // Ends at 2^64: answered from `top`, keyed one byte lower. `iova`
-        // is at least 1 here, since `length` is below 2^64.
-        let at_top = iova.0.checked_add(len).is_none();
-        let lookup = || {
-            if at_top {
-                Iotlb::lookup(
-                    read_tlb(&self.top),
-                    GuestAddress(iova.0 - 1),
-                    length,
-                    access,
-                )
-            } else {
-                Iotlb::lookup(read_tlb(&self.iotlb), iova, length, access)
-            }
-        };
-        let gen = self.emu.generation();
-        if self.generation.swap(gen, Ordering::AcqRel) != gen {
-            write_tlb(&self.iotlb).invalidate_all();
-            write_tlb(&self.top).invalidate_all();
-        }
-        if let Ok(it) = lookup() {
-            return Ok(it);
-        }
-        let write = matches!(access, Permissions::Write | Permissions::ReadWrite);
-        let acc = if write { Access::WRITE } else { Access::READ };
-        let mut cur = iova.0;
-        loop {
-            let t = match self.emu.translate(self.ep, self.pasid, cur, acc) {
-                Ok(t) => t,
-                Err(e) => {
-                    if let NestedError::PageRequest { grpid } = e {
-                        *lock(&self.last_page_request) = Some(grpid);
-                    }
-                    return Err(cannot(format!("{e} at {cur:#x}")));
-                }
-            };
-            // The translation covers `cur`; anything else is a bug that
-            // must not become a panic or an endless loop.
-            if !(t.page_start <= cur && cur <= t.page_last) {
-                return Err(cannot(format!("translation of {cur:#x} does not cover it")));
-            }
-            let perm = if t.writable {
-                Permissions::ReadWrite
-            } else {
-                Permissions::Read
-            };
-            let Some(page_gpa) = t.gpa.checked_sub(cur - t.page_start) else {
-                return Err(cannot(format!("page of {cur:#x} starts below address 0")));
-            };
-            // The whole page, up to (not including) the last byte of the
-            // space, which no exclusive end can reach.
-            let tlb_last = t.page_last.min(u64::MAX - 1);
-            if tlb_last >= t.page_start {
-                let n = usize::try_from(tlb_last - t.page_start + 1)
-                    .map_err(|_| cannot("page too large".into()))?;
-                write_tlb(&self.iotlb)
-                    .set_mapping(GuestAddress(t.page_start), GuestAddress(page_gpa), n, perm)
-                    .map_err(|e| cannot(e.to_string()))?;
-            }
-            let piece_last = t.page_last.min(last);
-            if at_top {
-                // The part of this page the access touches, one byte lower.
-                let n = usize::try_from(piece_last - cur + 1)
-                    .map_err(|_| cannot("page too large".into()))?;
-                write_tlb(&self.top)
-                    .set_mapping(GuestAddress(cur - 1), GuestAddress(t.gpa), n, perm)
-                    .map_err(|e| cannot(e.to_string()))?;
-            }
-            if piece_last == last {
-                break;
-            }
-            cur = piece_last + 1;
-        }
-        lookup().map_err(|_| cannot("translation changed while filling".into()))
+/// The PASID-cache key of traffic with `pasid` under `table`.
+fn pasid_key(table: &TableDesc, pasid: Option<u32>) -> u32 {
+    match table {
+        // VT-d: requests without PASID use RID_PASID, 0 here.
+        TableDesc::IntelVtd { .. } => pasid.unwrap_or(0),
+        TableDesc::ArmSmmuV3 { .. } => pasid.unwrap_or(NO_PASID),
+        TableDesc::ArmLpae { .. } | TableDesc::X86_64 { .. } => NO_PASID,
     }
 }
 
