@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use log::error;
 use vmm_iommu::backend::{BackendError, DomainId, DomainView, EndpointId};
-use vmm_iommu::mapping::Mapping;
+use vmm_iommu::Mapping;
 
 use super::{IommufdBackend, MapDomain, Mode, State, HOST_PAGE};
 use crate::args;
