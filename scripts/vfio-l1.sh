@@ -297,7 +297,7 @@ for run in "${RUNS[@]}"; do
     t0=$(date +%s%N)
     set +e
     timeout --foreground -k 10 "$L1_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 1 \
-        -machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on -device edu \
+        -machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on -device edu -device edu \
         -nographic -nodefaults -no-reboot -serial mon:stdio \
         -kernel "$kernel" -initrd "$OUT/$run-initrd.gz" \
         -append "console=ttyS0 panic=-1 loglevel=4 intel_iommu=on iommu=nopt vfiol1.backend=${run}" \

@@ -19,9 +19,14 @@ done </etc/modules
 dmesg | grep -E 'DMAR' | sed 's/^/L1-DMAR /'
 echo "L1-DMAR-END"
 backend=$(sed -n 's/.*vfiol1\.backend=\([a-z0-9]*\).*/\1/p' /proc/cmdline)
+# The first edu DMAs; a second one, if QEMU has it, is the peer whose BAR
+# the first reaches peer to peer.
 edu=
+peer=
 for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1234:0x11e8" ]; then edu=$d; fi
+    if [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1234:0x11e8" ]; then
+        if [ -z "$edu" ]; then edu=$d; elif [ -z "$peer" ]; then peer=$d; fi
+    fi
 done
 if [ -z "$edu" ]; then
     echo "L1-ERROR no edu device (1234:11e8) on the PCI bus"
@@ -37,7 +42,11 @@ else
     echo "L1-EDU driver=$(basename "$(readlink "$edu/driver")") /dev/vfio: $(cd /dev/vfio && echo *) cdev: $(cd "$edu/vfio-dev" 2>/dev/null && echo *) /dev/iommu: $([ -c /dev/iommu ] && echo yes || echo no)"
     echo "L1-EDU reserved_regions: $(tr '\n' ';' <"/sys/kernel/iommu_groups/$group/reserved_regions")"
     echo "L1-PROGRAM-START ${backend}"
-    /bin/vfio-l1 --backend "$backend" --device "$edu"
+    if [ -n "$peer" ]; then
+        /bin/vfio-l1 --backend "$backend" --device "$edu" --peer "$peer"
+    else
+        /bin/vfio-l1 --backend "$backend" --device "$edu"
+    fi
     echo "L1-PROGRAM-END ${backend} rc=$?"
 fi
 echo "L1-DONE uptime=$(cut -d' ' -f1 /proc/uptime)"

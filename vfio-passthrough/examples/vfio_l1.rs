@@ -60,15 +60,17 @@ use vfio_passthrough::sys::{ioas_iova_ranges, VfioHost};
 use vfio_passthrough::{args, GuestRam, IommufdBackend, Type1Backend};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::backend::IommuBackend;
+use vmm_iommu::backend::MmioWindow;
 use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::{
     AttachReq, AttachTableReq, DetachReq, MapReq, Request, Status, UnmapReq, CONFIG_BYPASS_OFFSET,
-    VIRTIO_IOMMU_ATTACH_F_BYPASS, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
-    VIRTIO_IOMMU_PROBE_T_PAGE_TABLE_FMT, VIRTIO_IOMMU_PROBE_T_PASID_TABLE_FMT,
-    VIRTIO_IOMMU_PROBE_T_RESV_MEM, VIRTIO_IOMMU_PSTF_INTEL_VTD, VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+    VIRTIO_IOMMU_ATTACH_F_BYPASS, VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_READ,
+    VIRTIO_IOMMU_MAP_F_WRITE, VIRTIO_IOMMU_PROBE_T_PAGE_TABLE_FMT,
+    VIRTIO_IOMMU_PROBE_T_PASID_TABLE_FMT, VIRTIO_IOMMU_PROBE_T_RESV_MEM,
+    VIRTIO_IOMMU_PSTF_INTEL_VTD, VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
 };
-use vmm_iommu::Router;
+use vmm_iommu::{RamUpdate, Router};
 
 /// edu's endpoint ID at the vIOMMU.
 const EP: u32 = 8;
@@ -86,6 +88,15 @@ const IOVA_A: u64 = 0x0010_0000;
 const IOVA_B: u64 = 0x0030_0000;
 const IOVA_C: u64 = 0x0200_0000;
 const IOVA_D: u64 = 0x0060_0000;
+/// A DIMM plugged while the guest runs, at a GPA the kernel's IOVA map
+/// allows (identity maps for bypass), and the IOVA a MAP points at it.
+const DIMM: u64 = 0x0700_0000;
+const DIMM_LEN: u64 = 2 << 20;
+const IOVA_E: u64 = 0x0080_0000;
+/// A guest-physical address for edu's own BAR0 as a peer-to-peer target,
+/// and the IOVA that maps it (with `MAP_F_MMIO`).
+const BAR_GPA: u64 = 0xc000_0000;
+const IOVA_F: u64 = 0x00a0_0000;
 /// Four pages straddling the RAM1/RAM2 boundary.
 const SPAN_GPA: u64 = RAM2 - 0x2000;
 const SPAN_LEN: u64 = 0x4000;
@@ -463,6 +474,16 @@ fn detach(domain: u32) -> Request {
     })
 }
 
+fn map_mmio(domain: u32, iova: u64, gpa: u64, len: u64) -> Request {
+    Request::Map(MapReq {
+        domain,
+        virt_start: iova,
+        virt_end: iova + len - 1,
+        phys_start: gpa,
+        flags: VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE | VIRTIO_IOMMU_MAP_F_MMIO,
+    })
+}
+
 fn map(domain: u32, iova: u64, gpa: u64, len: u64) -> Request {
     Request::Map(MapReq {
         domain,
@@ -619,6 +640,17 @@ struct Rig {
     dev: Arc<VfioDevice>,
     /// iommufd: the allowed ranges of a domain IOAS with edu attached.
     ioas_ranges: Option<Vec<(u64, u64)>>,
+    /// type1: a second edu, the peer-to-peer target.
+    peer: Option<Edu>,
+}
+
+/// The peer edu through a VFIO container of its own (no DMA of its own:
+/// only its BAR0 is used, as a target).
+fn open_peer(path: &Path) -> Res<Edu> {
+    let container = Arc::new(VfioContainer::new(None).map_err(err("peer's VFIO container"))?);
+    let ops: Arc<dyn VfioOps> = container;
+    let dev = Arc::new(VfioDevice::new(path, ops, false).map_err(err("peer's VFIO device"))?);
+    Edu::open(dev)
 }
 
 impl Rig {
@@ -735,6 +767,7 @@ impl Rig {
             kmsg: Kmsg::open()?,
             dev,
             ioas_ranges: None,
+            peer: None,
         })
     }
 
@@ -972,6 +1005,153 @@ fn check_two_regions(r: &mut Rig, h: &mut Harness, c: &mut Checks) -> Res<()> {
         format!("MAP of the first half alone -> {s2:?}, UNMAP -> {s3:?}"),
     );
     send_all(h, &[unmap(1, IOVA_C, SPAN_LEN)])?;
+    Ok(())
+}
+
+/// Guest RAM plugged while the guest runs (issue 12): a MAP past RAM pins
+/// nothing; plugging a DIMM under it maps it in the kernel and edu's DMA
+/// reaches the DIMM; unplugging takes it out of the kernel again (the
+/// guest's mapping stays, its DMA faults).
+fn check_ram_hotplug(r: &mut Rig, h: &mut Harness, c: &mut Checks) -> Res<()> {
+    send_all(h, &[map(1, IOVA_E, DIMM, 0x2000)])?;
+    let before_plug = r.kernel_maps(IOVA_E, 0x2000)?;
+    let region =
+        vm_memory::GuestRegionMmap::from_range(GuestAddress(DIMM), DIMM_LEN as usize, None)
+            .map_err(err("DIMM memory"))?;
+    let with_dimm = r
+        .ram
+        .insert_region(Arc::new(region))
+        .map_err(err("guest memory with the DIMM"))?;
+    let plug = RamUpdate {
+        start: DIMM,
+        len: DIMM_LEN,
+        before: &r.ram,
+        after: &with_dimm,
+    };
+    let plugged = h.dev.viommu().add_ram(&plug);
+    let after_plug = r.kernel_maps(IOVA_E, 0x2000)?;
+    c.check(
+        "hotplug.plug_maps_the_dimm",
+        plugged.is_ok() && !before_plug && after_plug,
+        format!(
+            "MAP {IOVA_E:#x} -> GPA {DIMM:#x} before the DIMM: kernel maps it {before_plug}; add_ram {plugged:?}; then kernel maps it {after_plug}"
+        ),
+    );
+    let pat = pattern(0x66, CNT);
+    with_dimm
+        .write_slice(&pat, GuestAddress(DIMM))
+        .map_err(err("write the DIMM"))?;
+    with_dimm
+        .write_slice(&[0u8; CNT], GuestAddress(DIMM + 0x1000))
+        .map_err(err("write the DIMM"))?;
+    r.edu.copy(IOVA_E, IOVA_E + 0x1000, CNT)?;
+    let mut back = vec![0u8; CNT];
+    with_dimm
+        .read_slice(&mut back, GuestAddress(DIMM + 0x1000))
+        .map_err(err("read the DIMM"))?;
+    c.check(
+        "hotplug.dma_into_plugged_ram",
+        back == pat,
+        format!(
+            "edu DIMM -> device -> DIMM via IOVA {IOVA_E:#x}: data {}",
+            if back == pat { "arrived" } else { "WRONG" }
+        ),
+    );
+    let unplug = RamUpdate {
+        start: DIMM,
+        len: DIMM_LEN,
+        before: &with_dimm,
+        after: &r.ram,
+    };
+    let unplugged = h.dev.viommu().remove_ram(&unplug);
+    let after_unplug = r.kernel_maps(IOVA_E, 0x2000)?;
+    let still_mapped = h
+        .dev
+        .viommu()
+        .state()
+        .mappings(1)
+        .iter()
+        .any(|m| m.start == IOVA_E);
+    c.check(
+        "hotplug.unplug_unmaps_the_dimm",
+        unplugged.is_ok() && !after_unplug && still_mapped,
+        format!(
+            "remove_ram {unplugged:?}; kernel maps {IOVA_E:#x} {after_unplug}; the guest's mapping stays: {still_mapped}"
+        ),
+    );
+    send_all(h, &[unmap(1, IOVA_E, 0x2000)])?;
+    Ok(())
+}
+
+/// Peer-to-peer DMA (issue 12): another device's BAR0, registered as an
+/// MMIO window with the host address of the VMM's mmap of it, is a DMA
+/// target once the guest MAPs it with `MAP_F_MMIO`. On type1 the kernel
+/// maps the peer's BAR and edu reads the peer's ID register through the
+/// IOMMU (edu's own BAR would not do: QEMU refuses a device's DMA into
+/// its own MMIO); on iommufd the MAP is refused with UNSUPP
+/// (IOMMU_IOAS_MAP cannot pin a BAR's pages).
+fn check_p2p(r: &mut Rig, h: &mut Harness, c: &mut Checks) -> Res<()> {
+    let (bar, bar_len) = match (&r.peer, r.which) {
+        (Some(p), _) => (p.bar as u64, p.len as u64),
+        (None, Which::Iommufd) => (r.edu.bar as u64, r.edu.len as u64),
+        (None, Which::Type1) => {
+            c.skip("p2p.dma_reaches_the_bar", "no second edu (--peer) to reach");
+            return Ok(());
+        }
+    };
+    let bar_len = bar_len.min(0x10_0000);
+    let window = MmioWindow {
+        gpa: BAR_GPA,
+        len: bar_len,
+        hva: Some(bar),
+    };
+    if let Err(e) = h.dev.viommu().add_mmio_window(window) {
+        c.check("p2p.window_registered", false, format!("{e}"));
+        return Ok(());
+    }
+    let outside = h.send(&map_mmio(1, IOVA_F, BAR_GPA + bar_len, 0x1000));
+    c.check(
+        "p2p.mmio_map_outside_windows_is_range",
+        outside == Status::Range,
+        format!("MAP_F_MMIO past the window -> {outside:?}"),
+    );
+    let s = h.send(&map_mmio(1, IOVA_F, BAR_GPA, 0x1000));
+    match (r.which, &r.peer) {
+        (Which::Type1, Some(peer)) => {
+            let k = r.kernel_maps(IOVA_F, 0x1000)?;
+            // RAM at DST gets what edu reads from the peer's BAR at offset
+            // 0: the peer's ID register (0x010000ed). Four bytes: edu's
+            // registers below 0x80 answer 4-byte accesses only (all ones
+            // otherwise), and a DMA of 4 bytes is one such access.
+            send_all(h, &[map(1, IOVA_A, DST, 0x1000)])?;
+            r.write(DST, &[0u8; 8])?;
+            let copied = r.edu.copy(IOVA_F, IOVA_A, 4);
+            let got = r.read(DST, 4)?;
+            let id = u32::from_le_bytes([got[0], got[1], got[2], got[3]]);
+            let want = peer.rd32(0);
+            c.check(
+                "p2p.dma_reaches_the_bar",
+                s == Status::Ok && k && copied.is_ok() && id == want,
+                format!(
+                    "MAP_F_MMIO {IOVA_F:#x} -> peer BAR GPA {BAR_GPA:#x} -> {s:?}, kernel maps it {k}; edu copy from it {copied:?}: RAM got {id:#x}, the peer's ID register is {want:#x}"
+                ),
+            );
+            send_all(h, &[unmap(1, IOVA_A, 0x1000), unmap(1, IOVA_F, 0x1000)])?;
+        }
+        _ => {
+            c.check(
+                "p2p.mmio_map_refused_unsupp",
+                s == Status::Unsupp,
+                format!("MAP_F_MMIO {IOVA_F:#x} -> BAR GPA {BAR_GPA:#x} -> {s:?}"),
+            );
+        }
+    }
+    let removed = h.dev.viommu().remove_mmio_window(BAR_GPA, bar_len);
+    c.check(
+        "p2p.window_withdrawn",
+        removed.is_ok(),
+        format!("{:?}", removed.map(|w| w.gpa)),
+    );
     Ok(())
 }
 
@@ -1440,16 +1620,26 @@ fn name(w: Which) -> &'static str {
     }
 }
 
-fn run(which: Which, device: &Path, c: &mut Checks) -> Res<()> {
+fn run(which: Which, device: &Path, peer: Option<&Path>, c: &mut Checks) -> Res<()> {
     let mut r = Rig::open(which, device, c)?;
+    // type1: the peer in a container of its own, its BAR0 mmapped, as a VMM
+    // holds every assigned device's BARs.
+    if let (Which::Type1, Some(p)) = (which, peer) {
+        match open_peer(p) {
+            Ok(e) => r.peer = Some(e),
+            Err(e) => c.broken("p2p.peer_open", &e),
+        }
+    }
     if let Err(e) = check_host_unmap(&r, c) {
         c.broken("host.unmap_writes_back_size", &e);
     }
     let mut h = r.harness(&IommuConfig::default());
     type Step = fn(&mut Rig, &mut Harness, &mut Checks) -> Res<()>;
-    let steps: [(&str, Step); 4] = [
+    let steps: [(&str, Step); 6] = [
         ("map", check_map),
         ("two_regions", check_two_regions),
+        ("hotplug", check_ram_hotplug),
+        ("p2p", check_p2p),
         ("bypass", check_bypass),
         ("teardown", check_teardown),
     ];
@@ -1485,14 +1675,16 @@ fn main() {
     let _ = log::set_logger(&LOGGER).map(|()| log::set_max_level(log::LevelFilter::Info));
     let mut backend = None;
     let mut device = None;
+    let mut peer = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--backend" => backend = it.next(),
             "--device" => device = it.next().map(PathBuf::from),
+            "--peer" => peer = it.next().map(PathBuf::from),
             _ => {
                 eprintln!(
-                    "usage: vfio_l1 --backend type1|iommufd --device /sys/bus/pci/devices/BDF"
+                    "usage: vfio_l1 --backend type1|iommufd --device /sys/bus/pci/devices/BDF [--peer /sys/bus/pci/devices/BDF]"
                 );
                 std::process::exit(2);
             }
@@ -1516,7 +1708,7 @@ fn main() {
         failed: 0,
     };
     let t0 = Instant::now();
-    if let Err(e) = run(which, &device, &mut c) {
+    if let Err(e) = run(which, &device, peer.as_deref(), &mut c) {
         c.broken("setup.open", &e);
     }
     println!(
