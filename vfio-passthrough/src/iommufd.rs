@@ -345,6 +345,17 @@ impl IommuBackend for IommufdBackend {
         "iommufd"
     }
 
+    /// The vIOMMU unplugged the endpoint (after detaching it): its objects
+    /// are released and its cdev closed, as
+    /// [`IommufdBackend::remove_endpoint`] does. An endpoint this backend
+    /// does not know is nothing to do.
+    fn remove_endpoint(&self, ep: EndpointId) {
+        match IommufdBackend::remove_endpoint(self, ep) {
+            Ok(()) | Err(BackendError::NotFound(_)) => {}
+            Err(e) => error!("iommufd: unplugged endpoint {ep} not released: {e}"),
+        }
+    }
+
     fn caps(&self, ep: EndpointId) -> BackendCaps {
         match self.lock().endpoints.get(&ep) {
             Some(e) => e.caps.clone(),

@@ -360,6 +360,16 @@ impl IommuBackend for Type1Backend {
         "vfio-type1"
     }
 
+    /// The vIOMMU unplugged the endpoint (after detaching it): its
+    /// container closes, as [`Type1Backend::remove_endpoint`] does. An
+    /// endpoint this backend does not know is nothing to do.
+    fn remove_endpoint(&self, ep: EndpointId) {
+        match Type1Backend::remove_endpoint(self, ep) {
+            Ok(()) | Err(BackendError::NotFound(_)) => {}
+            Err(e) => error!("vfio-type1: unplugged endpoint {ep} not released: {e}"),
+        }
+    }
+
     fn caps(&self, ep: EndpointId) -> BackendCaps {
         match self.lock().endpoints.get(&ep) {
             Some(e) => e.info.caps(),

@@ -200,3 +200,23 @@ fn unattached_bypass_attaches_the_gpa_ioas_and_blocking_detaches() {
     assert_eq!(rec.attachments(dev), 0);
     assert!(b.set_unattached_bypass(EP + 100, true).is_err());
 }
+
+/// Hot-unplug through the trait (what `Viommu::remove_endpoint` calls):
+/// the endpoint's cdev closes and the backend forgets it; a second call,
+/// or one for an endpoint it never had, changes nothing.
+#[test]
+fn unplug_through_the_trait_closes_the_device() {
+    let (rec, b) = fixture();
+    b.attach(EP, &view(1, &[rw(0x1000, 0x1fff, 0x2000)]))
+        .unwrap();
+    let open = rec.open_handles();
+    IommuBackend::detach(&b, EP, 1).unwrap();
+    IommuBackend::remove_endpoint(&b, EP);
+    assert_eq!(b.device_of(EP), None);
+    assert!(rec.ops().contains(&Op::Close));
+    assert!(rec.open_handles() < open, "the cdev is closed");
+    let after = rec.ops().len();
+    IommuBackend::remove_endpoint(&b, EP);
+    IommuBackend::remove_endpoint(&b, 99);
+    assert_eq!(rec.ops().len(), after);
+}

@@ -328,3 +328,43 @@ fn blocking_an_endpoint_whose_detach_failed_unmaps_everything() {
     b.set_unattached_bypass(16, false).unwrap();
     assert!(rec.type1_mappings(c).is_empty());
 }
+
+/// Hot-unplug end to end: `Viommu::remove_endpoint` of an attached
+/// endpoint with a mapping detaches it (its DMA maps go) and, through
+/// `IommuBackend::remove_endpoint`, closes its container.
+#[test]
+fn viommu_unplug_unmaps_and_closes_the_container() {
+    use std::sync::Arc;
+    use vmm_iommu::wire::{
+        AttachReq, MapReq, Request, VIRTIO_F_VERSION_1, VIRTIO_IOMMU_F_MAP_UNMAP,
+    };
+    use vmm_iommu::{Router, Viommu};
+    let (rec, b) = backend();
+    let b = Arc::new(b);
+    let mut router = Router::new();
+    router.add(b.clone(), &[16]);
+    let cfg = vmm_iommu::IommuConfig::default();
+    let faults = Arc::new(vmm_iommu::FaultQueue::new(8).unwrap());
+    let v = Viommu::with_router(&cfg, &[16], &[(0, 0xff_ffff)], faults, router);
+    v.set_acked_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_IOMMU_F_MAP_UNMAP));
+    let attach = AttachReq {
+        domain: 1,
+        endpoint: 16,
+        ..Default::default()
+    };
+    v.apply(&Request::Attach(attach)).unwrap();
+    let map = MapReq {
+        domain: 1,
+        virt_start: 0x10_0000,
+        virt_end: 0x10_ffff,
+        phys_start: 0x20_0000,
+        flags: VIRTIO_IOMMU_MAP_F_READ,
+    };
+    v.apply(&Request::Map(map)).unwrap();
+    let c = b.container_of(16).unwrap();
+    assert_eq!(rec.type1_mappings(c).len(), 1);
+    v.remove_endpoint(16).unwrap();
+    assert!(rec.type1_mappings(c).is_empty(), "the DMA map went");
+    assert_eq!(b.container_of(16), None, "the backend forgot it");
+    assert!(rec.ops().contains(&Op::Close), "its container closed");
+}

@@ -346,6 +346,7 @@ impl MappingTable {
     }
 
     /// Whether the table holds no mapping.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -594,6 +595,7 @@ impl MappingTable {
     }
 
     /// Inserts a mapping the caller has checked does not overlap any other.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn insert(&mut self, m: Mapping) {
         let inserted = self.try_insert(m);
         debug_assert!(inserted, "insert of an overlapping mapping");
@@ -863,6 +865,7 @@ impl MappingTable {
 
     /// Chunks in the table and how many changes the directory does not
     /// show yet (for tests and benchmarks).
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn chunk_stats(&self) -> (usize, usize) {
         (self.index.len(), self.dir.stale)
     }
