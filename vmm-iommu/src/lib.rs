@@ -136,6 +136,7 @@ mod idhash;
 pub mod invalidation;
 mod mapping;
 pub mod nested;
+mod padded;
 mod router;
 pub mod snapshot;
 mod state;

@@ -24,6 +24,7 @@ use crate::fault::FaultQueue;
 use crate::idhash::IdMap;
 use crate::invalidation::{coalesce, Invalidation, WIDEN_THRESHOLD_PAGES};
 use crate::mapping::Mapping;
+use crate::padded::Padded;
 use crate::router::{backend_error, Router};
 use crate::state::{
     FaultReason, IommuState, RequestError, ReservedRegionError, StateSnapshot, Translation,
@@ -86,12 +87,12 @@ pub struct Viommu {
     /// allowed may no longer be: UNMAP that removed something, DETACH,
     /// ATTACH, reset, bypass turned off. Translators compare it with the
     /// generation their cache was filled under.
-    generation: AtomicU64,
+    generation: Padded<AtomicU64>,
     /// Bumped with `generation` on everything but an UNMAP: what
     /// endpoints are attached where, bypass, and the domains themselves.
     /// A [`Translator`] resolves its endpoint's domain once per value and
     /// follows that domain's UNMAPs through its index.
-    topology: AtomicU64,
+    topology: Padded<AtomicU64>,
     /// The lock-free indexes of MAP-mode domains that translators use
     /// (`None`: refused, too big), built on a translator's first need,
     /// kept by MAP and UNMAP, dropped by any other change.
@@ -239,8 +240,8 @@ impl Viommu {
         }
         Viommu {
             state: RwLock::new(state),
-            generation: AtomicU64::new(0),
-            topology: AtomicU64::new(0),
+            generation: Padded(AtomicU64::new(0)),
+            topology: Padded(AtomicU64::new(0)),
             indexes: Mutex::new(IdMap::default()),
             has_indexes: AtomicBool::new(false),
             faults,

@@ -23,6 +23,7 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use crate::mapping::Mapping;
+use crate::padded::Padded;
 use crate::state::{ACCESS_READ, ACCESS_WRITE};
 
 /// Bits of IOVA each level resolves.
@@ -71,10 +72,10 @@ pub(crate) struct TooBig;
 /// The shared, lock-free part: what readers see.
 pub(crate) struct PageIndex {
     /// Even while the tree is consistent, odd while the writer changes it.
-    seq: AtomicU64,
+    seq: Padded<AtomicU64>,
     /// Moves on every UNMAP that removed something: translators drop
     /// their IOTLB when it does.
-    generation: AtomicU64,
+    generation: Padded<AtomicU64>,
     /// Levels below the root: the root's entries cover
     /// `1 << (12 + 9 * levels)` bytes each.
     levels: u32,
@@ -136,8 +137,8 @@ impl PageIndex {
             b => (1u64 << b) - 1,
         };
         let ix = PageIndex {
-            seq: AtomicU64::new(0),
-            generation: AtomicU64::new(0),
+            seq: Padded(AtomicU64::new(0)),
+            generation: Padded(AtomicU64::new(0)),
             levels,
             max,
             segments: (0..SEGMENTS).map(|_| OnceLock::new()).collect(),
