@@ -9,6 +9,10 @@
 //! top-byte tagged and top-of-space addresses (accesses that end exactly
 //! at 2^64).
 //!
+//! Also (issue 12): an MMIO window is registered, so `MAP_F_MMIO` requests
+//! can succeed inside it, and a shape byte of 0x3f plugs or unplugs a DIMM
+//! (`Viommu::add_ram` / `remove_ram`, the software IOMMU switching memory).
+//!
 //! Checked after every chain (issue 11), beyond "nothing panics":
 //! - the used length is at most the chain's writable size, and every
 //!   writable byte at or past the used length is untouched (still the
@@ -22,6 +26,9 @@
 //!   state's mappings, not the mapping table's search) that grants the
 //!   access, at the address that mapping gives; or is the identity for a
 //!   bypass domain or an unattached endpoint with bypass on;
+//! - `DmaMemory` and the `Translator` (IOTLBs filled from the lock-free
+//!   index) answer every MAP-mode / bypass translation exactly as the state
+//!   does, granted or refused, at the same address;
 //! - every nested translation that succeeds is a page of a power-of-two
 //!   size of at least 4 KiB containing the address, at the same offset in
 //!   the output page, writable if a write was asked for.
@@ -32,11 +39,12 @@ use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use vm_memory::iommu::IommuMemory;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vmm_iommu::backend::MmioWindow;
 use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
 use vmm_iommu::emulated::EmulatedIommu;
 use vmm_iommu::nested::Access;
-use vmm_iommu::Router;
+use vmm_iommu::{DmaMemory, RamUpdate, Router, Translator};
 use vmm_iommu::{ACCESS_READ, ACCESS_WRITE};
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::{Status, EXT_FAULT_SIZE, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
@@ -49,6 +57,11 @@ const TABLES: u64 = 0x80_0000;
 /// A chain's pieces and writable bytes stay within one harness slot.
 const MAX_PIECES: usize = 8;
 const MAX_PIECE: usize = 0x300;
+/// The MMIO window `MAP_F_MMIO` mappings may point into.
+const WINDOW: u64 = 0xfe00_0000;
+/// The DIMM a 0x3f shape byte plugs or unplugs.
+const DIMM: u64 = 0x4000_0000;
+const DIMM_LEN: u64 = 1 << 20;
 
 struct Input<'a>(&'a [u8]);
 
@@ -99,6 +112,23 @@ fuzz_target!(|data: &[u8]| {
         |d| driver_features(d) | (d.avail_features() & (3 << 56)),
     );
     let emu = slot.lock().unwrap().take().unwrap();
+    let viommu = h.dev.viommu().clone();
+    viommu
+        .add_mmio_window(MmioWindow {
+            gpa: WINDOW,
+            len: 1 << 20,
+            hva: None,
+        })
+        .unwrap();
+    let without_dimm = h.mem.clone();
+    let dimm = GuestRegionMmap::from_range(GuestAddress(DIMM), DIMM_LEN as usize, None).unwrap();
+    let with_dimm = without_dimm.insert_region(Arc::new(dimm)).unwrap();
+    let mut plugged = false;
+    let caches: Vec<(u32, DmaMemory<GuestMemoryMmap>, Translator)> = [EPS[0], EPS[2]]
+        .iter()
+        .map(|&ep| (ep, viommu.dma_memory(ep, h.mem.clone()), viommu.translator(ep)))
+        .collect();
+    let mut caches = caches;
     let mut input = Input(data);
     // The first byte says how much of the input (16 bytes a unit) becomes
     // table memory; the rest is the request stream.
@@ -114,6 +144,27 @@ fuzz_target!(|data: &[u8]| {
         let (Some(shape), Some(sel)) = (input.byte(), input.byte()) else {
             break;
         };
+        if shape == 0x3f {
+            let (before, after) = if plugged {
+                (&with_dimm, &without_dimm)
+            } else {
+                (&without_dimm, &with_dimm)
+            };
+            let update = RamUpdate {
+                start: DIMM,
+                len: DIMM_LEN,
+                before,
+                after,
+            };
+            let r = if plugged {
+                viommu.remove_ram(&update)
+            } else {
+                viommu.add_ram(&update)
+            };
+            assert!(r.is_ok(), "DIMM plug/unplug refused: {r:?}");
+            plugged = !plugged;
+            continue;
+        }
         let indirect = shape & 0x80 != 0;
         let npieces = 1 + usize::from(shape & 7) % MAX_PIECES;
         let mut owned: Vec<Result<Vec<u8>, u32>> = Vec::new();
@@ -176,6 +227,12 @@ fuzz_target!(|data: &[u8]| {
         let write = sel & 4 != 0;
         check_map_mode(&h, EPS[2], translate_va, write);
         check_map_mode(&h, EPS[0], translate_va, write);
+        for (ep, dma, tr) in caches.iter_mut() {
+            check_caches_agree(&h, *ep, dma, tr, translate_va, write);
+            // A neighbour page too: IOTLB entries of earlier chains are
+            // checked against what the requests since did to them.
+            check_caches_agree(&h, *ep, dma, tr, translate_va ^ 0x1000, write);
+        }
         for ep in &EPS[..2] {
             let ep = *ep;
             for pasid in [None, Some(u32::from(sel >> 3))] {
@@ -225,6 +282,24 @@ fn check_nested(va: u64, gpa: u64, start: u64, last: u64) {
         (va - start) & (size - 1),
         "offset in page"
     );
+}
+
+/// `DmaMemory` and the `Translator` answer as the state does: both refuse
+/// what it refuses, both grant what it grants, at its address.
+fn check_caches_agree(
+    h: &Harness,
+    ep: u32,
+    dma: &DmaMemory<GuestMemoryMmap>,
+    tr: &mut Translator,
+    va: u64,
+    write: bool,
+) {
+    let access = if write { ACCESS_WRITE } else { ACCESS_READ };
+    let want = h.dev.viommu().translate(ep, va, access).map(|t| t.gpa(va));
+    let got = dma.translate(va, access).map(|(gpa, _)| gpa);
+    assert_eq!(got.ok(), want.ok(), "DmaMemory vs state at {va:#x} (endpoint {ep})");
+    let got = tr.translate(va, access).map(|(gpa, _)| gpa);
+    assert_eq!(got.ok(), want.ok(), "Translator vs state at {va:#x} (endpoint {ep})");
 }
 
 /// A MAP-mode or bypass translation that succeeds is granted by the state
