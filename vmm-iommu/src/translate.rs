@@ -112,6 +112,8 @@ pub struct Translator {
     /// one the vIOMMU's.
     generation: u64,
     tlb: Box<[TlbEntry; TLB_ENTRIES]>,
+    /// Scratch for the ranges the index's UNMAP log gives.
+    unmapped: Vec<(u64, u64)>,
     hits: u64,
     misses: u64,
 }
@@ -125,6 +127,7 @@ impl Translator {
             index: None,
             generation: 0,
             tlb: Box::new([EMPTY; TLB_ENTRIES]),
+            unmapped: Vec::new(),
             hits: 0,
             misses: 0,
         };
@@ -178,7 +181,7 @@ impl Translator {
         }
         let generation = self.current_generation();
         if generation != self.generation {
-            self.flush(generation);
+            self.catch_up(generation);
         }
         let page = iova >> PAGE_SHIFT;
         let e = &self.tlb[(page as usize) & (TLB_ENTRIES - 1)];
@@ -193,6 +196,39 @@ impl Translator {
     #[cold]
     fn flush(&mut self, generation: u64) {
         self.tlb.fill(EMPTY);
+        self.generation = generation;
+    }
+
+    /// The generation moved to `generation`: through an index whose UNMAP
+    /// log still holds every UNMAP since, drop only the pages they
+    /// removed (the rest of the IOTLB stays valid: MAP only adds); else
+    /// drop everything.
+    #[cold]
+    fn catch_up(&mut self, generation: u64) {
+        let logged = self
+            .index
+            .as_ref()
+            .and_then(|ix| ix.unmapped_since(self.generation, generation, &mut self.unmapped));
+        if logged.is_none() {
+            self.flush(generation);
+            return;
+        }
+        for &(first, last) in &self.unmapped {
+            if last - first < TLB_ENTRIES as u64 {
+                for page in first..=last {
+                    let e = &mut self.tlb[(page as usize) & (TLB_ENTRIES - 1)];
+                    if e.tag == page {
+                        *e = EMPTY;
+                    }
+                }
+            } else {
+                for e in self.tlb.iter_mut() {
+                    if first <= e.tag && e.tag <= last {
+                        *e = EMPTY;
+                    }
+                }
+            }
+        }
         self.generation = generation;
     }
 
@@ -657,6 +693,48 @@ mod tests {
     fn ranges(ep: &EndpointIommu, iova: u64, len: usize) -> Option<Vec<(u64, usize)>> {
         let it = Iommu::translate(ep, GuestAddress(iova), len, Permissions::Read).ok()?;
         Some(it.map(|r| (r.base.0, r.length)).collect())
+    }
+
+    /// An UNMAP drops from a translator's IOTLB the pages it removed and
+    /// nothing else (the index's UNMAP log); more UNMAPs than the log
+    /// holds since the translator's last look drop everything. Either
+    /// way, no page is translated after its UNMAP returned.
+    #[test]
+    fn unmap_drops_only_its_pages_from_the_translator() {
+        use crate::state::ACCESS_READ;
+        let (v, _) = rig();
+        // Pages 0x100 and 0x201: IOTLB slots 0 and 1.
+        map(&v, 0x10_0000, 0x1000, 0x3000);
+        map(&v, 0x20_1000, 0x1000, 0x4000);
+        let mut t = v.translator(EP);
+        assert!(t.is_lock_free());
+        t.translate(0x10_0000, ACCESS_READ).unwrap();
+        t.translate(0x20_1000, ACCESS_READ).unwrap();
+        assert_eq!(t.hit_miss(), (0, 2));
+        unmap(&v, 0x20_1000, 0x1000);
+        // The other page is still a hit; the unmapped one is refused.
+        assert_eq!(t.translate(0x10_0008, ACCESS_READ).unwrap().0, 0x3008);
+        assert_eq!(t.hit_miss(), (1, 2));
+        assert!(t.translate(0x20_1000, ACCESS_READ).is_err());
+        // Remapped elsewhere: the new address, not the old one.
+        map(&v, 0x20_1000, 0x1000, 0x5000);
+        assert_eq!(t.translate(0x20_1010, ACCESS_READ).unwrap().0, 0x5010);
+        // A large UNMAP (more pages than the IOTLB has entries) drops
+        // what lies in it.
+        map(&v, 0x100_0000, 0x40_0000, 0x1_0000);
+        t.translate(0x120_0000, ACCESS_READ).unwrap();
+        unmap(&v, 0x100_0000, 0x40_0000);
+        assert!(t.translate(0x120_0000, ACCESS_READ).is_err());
+        assert_eq!(t.translate(0x10_0000, ACCESS_READ).unwrap().0, 0x3000);
+        // Past the log: everything goes, and still nothing stale.
+        let (hits, misses) = t.hit_miss();
+        for i in 0..(index::UNMAP_LOG as u64 + 1) {
+            map(&v, 0x4000_0000 + i * 0x1000, 0x1000, 0x6000);
+            unmap(&v, 0x4000_0000 + i * 0x1000, 0x1000);
+        }
+        assert_eq!(t.translate(0x10_0000, ACCESS_READ).unwrap().0, 0x3000);
+        assert_eq!(t.hit_miss(), (hits, misses + 1), "a full flush: a miss");
+        assert!(t.translate(0x4000_0000, ACCESS_READ).is_err());
     }
 
     #[test]

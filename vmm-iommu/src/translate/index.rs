@@ -47,6 +47,10 @@ const PERM_WRITE: u64 = 1 << 2;
 const LEAF: u64 = 1 << 3;
 const ADDR_MASK: u64 = !((1 << PAGE_SHIFT) - 1);
 
+/// UNMAPs an index remembers, so that a translator that fell behind by
+/// at most this many drops only what they removed, not its whole IOTLB.
+pub(crate) const UNMAP_LOG: usize = 64;
+
 /// How many walks a reader attempts while the writer keeps changing the
 /// tree before it takes the locked path instead.
 const READ_ATTEMPTS: usize = 4;
@@ -76,6 +80,12 @@ pub(crate) struct PageIndex {
     /// Moves on every UNMAP that removed something: translators drop
     /// their IOTLB when it does.
     generation: Padded<AtomicU64>,
+    /// The IOVA pages `[first, last]` of the last [`UNMAP_LOG`] UNMAPs:
+    /// slot `g % UNMAP_LOG` holds the one that moved the generation from
+    /// `g` to `g + 1`. Stored with release before that move (and read
+    /// with acquire), so a reader that sees a slot rewritten also sees the
+    /// generation that rewrote it.
+    unmapped: Box<[[AtomicU64; 2]]>,
     /// Levels below the root: the root's entries cover
     /// `1 << (12 + 9 * levels)` bytes each.
     levels: u32,
@@ -139,6 +149,9 @@ impl PageIndex {
         let ix = PageIndex {
             seq: Padded(AtomicU64::new(0)),
             generation: Padded(AtomicU64::new(0)),
+            unmapped: (0..UNMAP_LOG)
+                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                .collect(),
             levels,
             max,
             segments: (0..SEGMENTS).map(|_| OnceLock::new()).collect(),
@@ -284,9 +297,43 @@ impl PageIndex {
         }
         self.begin();
         let r = self.set_range(w, 0, self.levels, 0, m.start, m.end, None);
+        let g = self.generation.load(Ordering::Relaxed);
+        let slot = &self.unmapped[(g % UNMAP_LOG as u64) as usize];
+        slot[0].store(m.start >> PAGE_SHIFT, Ordering::Release);
+        slot[1].store(m.end >> PAGE_SHIFT, Ordering::Release);
         self.generation.fetch_add(1, Ordering::Release);
         self.end();
         r
+    }
+
+    /// The IOVA pages each UNMAP from generation `from` to `to` removed,
+    /// oldest first; `None` when the log no longer holds all of them (more
+    /// than [`UNMAP_LOG`] UNMAPs since `from`, also while reading), so the
+    /// caller must drop everything. `to` is a generation the caller loaded
+    /// (with acquire) before, at most the current one.
+    pub(crate) fn unmapped_since(
+        &self,
+        from: u64,
+        to: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Option<()> {
+        out.clear();
+        let n = to.wrapping_sub(from);
+        if n > UNMAP_LOG as u64 {
+            return None;
+        }
+        for g in from..from.wrapping_add(n) {
+            let slot = &self.unmapped[(g % UNMAP_LOG as u64) as usize];
+            out.push((
+                slot[0].load(Ordering::Acquire),
+                slot[1].load(Ordering::Acquire),
+            ));
+        }
+        // Slot `from % UNMAP_LOG` is rewritten only once the generation
+        // reaches `from + UNMAP_LOG`; a slot read above that was rewritten
+        // makes this load see at least that (release/acquire on the slot).
+        let now = self.generation.load(Ordering::Acquire);
+        (now.wrapping_sub(from) < UNMAP_LOG as u64).then_some(())
     }
 
     /// Sets (or with `None` clears) the entries of `node` at `level`
