@@ -51,7 +51,9 @@ use vfio_passthrough::caps::{
     caps_from_hw, hw_info_request, parse_hw_info, parse_type1_info, type1_info_request, HwKind,
     HW_INFO_DATA_LEN, TYPE1_INFO_BUF,
 };
-use vfio_passthrough::dma::{ioas_map, ioas_unmap, type1_map, type1_unmap, DmaPiece};
+use vfio_passthrough::dma::{
+    identity_pieces, ioas_map, ioas_unmap, type1_map, type1_unmap, DmaPiece,
+};
 use vfio_passthrough::host::{Handle, HostIommu, Ioctl};
 use vfio_passthrough::kvm_vfio::{KvmVfio, KvmVfioError};
 use vfio_passthrough::ram::RamRegion;
@@ -712,10 +714,29 @@ impl Rig {
                     VfioDevice::new(device, ops, false)
                         .map_err(err("VFIO cdev bound to iommufd"))?,
                 );
+                // The VMM's own stage 2: an IOAS with guest RAM at its GPAs,
+                // which the backend uses instead of pinning RAM again.
+                let mut a = args::ioas_alloc();
+                fd.alloc_iommu_ioas(&mut a)
+                    .map_err(err("the VMM's IOMMU_IOAS_ALLOC"))?;
+                let vmm_ioas = a.out_ioas_id;
+                for p in identity_pieces(guest_ram.regions()) {
+                    fd.map_iommu_ioas(&ioas_map(vmm_ioas, &p))
+                        .map_err(err("the VMM's IOMMU_IOAS_MAP of guest RAM"))?;
+                }
                 host.adopt_iommufd(fd.clone(), vfio);
                 host.adopt_cdev(device, dev.clone());
                 let b = Arc::new(
-                    IommufdBackend::new(host.clone(), guest_ram).map_err(err("IommufdBackend"))?,
+                    IommufdBackend::with_stage2_ioas(host.clone(), guest_ram, vmm_ioas)
+                        .map_err(err("IommufdBackend over the VMM's stage 2"))?,
+                );
+                c.check(
+                    "setup.backend_uses_vmm_stage2",
+                    b.gpa_ioas() == vmm_ioas,
+                    format!(
+                        "the VMM's IOAS {vmm_ioas} holds guest RAM; the backend's stage 2 is {}",
+                        b.gpa_ioas()
+                    ),
                 );
                 b.add_endpoint(EP, device)
                     .map_err(err("iommufd add_endpoint"))?;

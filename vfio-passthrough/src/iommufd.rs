@@ -183,6 +183,10 @@ pub struct IommufdBackend {
     ram: SharedRam,
     iommufd: Handle,
     gpa_ioas: u32,
+    /// Whether the backend made `gpa_ioas` and keeps its contents (RAM
+    /// plugged and unplugged); `false` when the VMM handed over its own
+    /// ([`IommufdBackend::with_stage2_ioas`]) and keeps it itself.
+    owns_stage2: bool,
     state: Mutex<State>,
 }
 
@@ -225,8 +229,45 @@ impl IommufdBackend {
             ram: SharedRam::new(ram),
             iommufd,
             gpa_ioas,
+            owns_stage2: true,
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// As [`Self::new`], over the VMM's own stage-2 IOAS `ioas` in the
+    /// iommufd `host` opens (the VMM's, handed over with
+    /// [`crate::sys::VfioHost::adopt_iommufd`]): an IOAS that already maps
+    /// all guest RAM at its guest-physical addresses, as a VMM's VFIO code
+    /// keeps for its assigned devices. Nothing is allocated or mapped, so
+    /// guest RAM is pinned once, not twice. The IOAS stays the VMM's: it
+    /// maps RAM it plugs and unmaps RAM it unplugs there itself (this
+    /// backend's `add_ram` / `remove_ram` then change only its MAP-mode
+    /// IOASes), and the backend never destroys it. Refused when `ioas` is
+    /// not an IOAS of that iommufd.
+    pub fn with_stage2_ioas(
+        host: Arc<dyn HostIommu>,
+        ram: GuestRam,
+        ioas: u32,
+    ) -> Result<Self, BackendError> {
+        let iommufd = host
+            .open(Open::Iommufd)
+            .map_err(host_err("open(/dev/iommu)"))?
+            .handle;
+        let b = IommufdBackend {
+            host,
+            ram: SharedRam::new(ram),
+            iommufd,
+            gpa_ioas: ioas,
+            owns_stage2: false,
+            state: Mutex::new(State::default()),
+        };
+        // Any answer but "no such object" shows an IOAS is there.
+        if let Err(e) = b.allowed_ranges(ioas) {
+            return Err(BackendError::Invalid(format!(
+                "stage-2 IOAS {ioas} is not an IOAS of the VMM's iommufd: {e}"
+            )));
+        }
+        Ok(b)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

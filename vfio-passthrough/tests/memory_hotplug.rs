@@ -571,3 +571,60 @@ fn iommufd_refuses_mmio_mappings_with_unsupp_saying_why() {
     assert!(e.to_string().contains("VM_PFNMAP"), "{e}");
     assert_eq!(rec.len(), from);
 }
+
+/// The VMM's own stage-2 IOAS (`IommufdBackend::with_stage2_ioas`): the
+/// backend allocates and maps nothing at construction (guest RAM is
+/// pinned once, by the VMM), bypass attaches the device to that IOAS, a
+/// RAM plug leaves it to the VMM while MAP-mode IOASes still follow, and
+/// an ID that is no IOAS is refused.
+#[test]
+fn iommufd_over_the_vmms_stage2_ioas_maps_nothing_of_its_own_there() {
+    use vfio_passthrough::args;
+    use vfio_passthrough::host::{HostIommu, Ioctl, Open};
+    let (rec, host, mem, ram) = setup(RecordingHost::default());
+    // The VMM's iommufd and its IOAS with guest RAM at its GPAs.
+    let fd = rec.open(Open::Iommufd).unwrap().handle;
+    let mut a = args::ioas_alloc();
+    rec.ioctl(fd, Ioctl::IoasAlloc(&mut a)).unwrap();
+    let vmm_ioas = a.out_ioas_id;
+    let from = rec.len();
+    let b = IommufdBackend::with_stage2_ioas(host.clone(), ram.clone(), vmm_ioas).unwrap();
+    assert_eq!(
+        rec.ops()[from..],
+        [Op::OpenIommufd, Op::IoasIovaRanges],
+        "no IOAS of its own, nothing mapped"
+    );
+    assert_eq!(b.gpa_ioas(), vmm_ioas);
+    b.add_endpoint(EP, Path::new(DEV)).unwrap();
+    b.attach(
+        EP,
+        &DomainView {
+            id: 1,
+            bypass: true,
+            mappings: &[],
+            table: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(b.attachments(EP).get(&0), Some(&vmm_ioas));
+    // A MAP-mode domain with a mapping reaching into the DIMM's range.
+    b.detach(EP, 1).unwrap();
+    b.attach(EP, &view(2, &[])).unwrap();
+    let m = Mapping {
+        start: 0x4000_0000,
+        end: 0x4000_0fff,
+        phys: DIMM,
+        flags: VIRTIO_IOMMU_MAP_F_WRITE,
+    };
+    b.map(2, &m).unwrap();
+    let dimm = Dimm::new(&mem);
+    let from = rec.len();
+    b.add_ram(&dimm.plug()).unwrap();
+    let maps = ioas_maps(&rec, from);
+    assert_eq!(maps.len(), 1, "only the MAP-mode piece: {maps:?}");
+    assert_ne!(maps[0].0, vmm_ioas);
+    assert_eq!((maps[0].1, maps[0].2), (0x4000_0000, dimm.hva()));
+    // An ID that is no IOAS.
+    let e = IommufdBackend::with_stage2_ioas(host, ram, 0xdead).unwrap_err();
+    assert!(matches!(e, BackendError::Invalid(_)), "{e:?}");
+}

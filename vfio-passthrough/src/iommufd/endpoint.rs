@@ -141,7 +141,7 @@ impl IommufdBackend {
 
     /// `IOMMU_IOAS_IOVA_RANGES` of `ioas`, inclusive, asking again with
     /// the count the kernel reports when the buffer is short (EMSGSIZE).
-    fn allowed_ranges(&self, ioas: u32) -> Result<Vec<(u64, u64)>, BackendError> {
+    pub(super) fn allowed_ranges(&self, ioas: u32) -> Result<Vec<(u64, u64)>, BackendError> {
         let mut ranges = vec![iommu_iova_range::default(); 8];
         loop {
             let mut arg = args::ioas_iova_ranges(ioas, ranges.len() as u32);

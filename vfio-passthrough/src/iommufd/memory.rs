@@ -113,16 +113,29 @@ impl IommufdBackend {
         Ok(r)
     }
 
+    /// The stage-2 areas of the changed range in `ram`: none when the
+    /// stage-2 IOAS is the VMM's, which maps its RAM there itself.
+    fn stage2_areas(
+        &self,
+        ram: &GuestRam,
+        change: &RamChange<'_>,
+    ) -> Result<Vec<Area>, BackendError> {
+        if !self.owns_stage2 {
+            return Ok(Vec::new());
+        }
+        Ok(identity_pieces(ram.regions_in(change.start, change.end)?)
+            .into_iter()
+            .map(|p| (self.gpa_ioas, p))
+            .collect())
+    }
+
     /// Plugged RAM: stage 2 gains it at its GPA, MAP-mode IOASes the
     /// parts of their mappings in it.
     pub(super) fn plug_ram(&self, change: &RamChange<'_>) -> Result<(), BackendError> {
         let mem = memory_of(change)?;
         let mut st = self.lock();
         let ram = self.ram.get().with_added(change.host, mem)?;
-        let mut areas: Vec<Area> = identity_pieces(ram.regions_in(change.start, change.end)?)
-            .into_iter()
-            .map(|p| (self.gpa_ioas, p))
-            .collect();
+        let mut areas: Vec<Area> = self.stage2_areas(&ram, change)?;
         let Repiece {
             coming, changed, ..
         } = self.repiece(&st, &ram)?;
@@ -143,10 +156,7 @@ impl IommufdBackend {
         let mem = memory_of(change)?;
         let mut st = self.lock();
         let old = self.ram.get();
-        let mut areas: Vec<Area> = identity_pieces(old.regions_in(change.start, change.end)?)
-            .into_iter()
-            .map(|p| (self.gpa_ioas, p))
-            .collect();
+        let mut areas: Vec<Area> = self.stage2_areas(&old, change)?;
         let ram = old.with_removed(change.start, change.end, mem)?;
         let Repiece { going, changed, .. } = self.repiece(&st, &ram)?;
         areas.extend(going);
