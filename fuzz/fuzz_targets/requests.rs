@@ -248,7 +248,8 @@ fuzz_target!(|data: &[u8]| {
                 // The vm-memory adaptor, with a length that may end the
                 // access exactly at 2^64 (never past it).
                 let dma = IommuMemory::new(h.mem.clone(), emu.endpoint_iommu(ep, pasid), true, ());
-                let room = u64::MAX - translate_va + 1;
+                // From address 0 the room is 2^64 bytes, more than a u64.
+                let room = (u64::MAX - translate_va).checked_add(1).unwrap_or(u64::MAX);
                 let len = (u64::from(sel) * 37 % 0x2100 + 1).min(room) as usize;
                 let mut buf = vec![0u8; len];
                 if write {

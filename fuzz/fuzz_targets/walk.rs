@@ -259,7 +259,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = emu.translate(8, pasid, addr, access);
         let _ = front.translate(addr, access.write);
         // Up to two pages, never past 2^64 (an access may end exactly there).
-        let len = ((sel >> 32 & 0x1fff) + 1).min(u64::MAX - addr + 1) as usize;
+        let room = (u64::MAX - addr).checked_add(1).unwrap_or(u64::MAX);
+        let len = ((sel >> 32 & 0x1fff) + 1).min(room) as usize;
         let mut buf = vec![0u8; len];
         if access.write {
             let _ = dma.write_slice(&buf, GuestAddress(addr));

@@ -230,12 +230,11 @@ fn access() -> impl Strategy<Value = (u64, usize, bool)> {
             if tag & 1 != 0 {
                 a = (a & 0x00ff_ffff_ffff_ffff) | (u64::from(tag) << 56);
             }
-            // The access may end exactly at 2^64, never past it.
-            let room = u64::MAX - a + 1;
-            let len = if (len as u64) > room {
-                room as usize
-            } else {
-                len
+            // The access may end exactly at 2^64, never past it. From
+            // address 0 the room is all 2^64 bytes, which no u64 holds.
+            let len = match (u64::MAX - a).checked_add(1) {
+                Some(room) if (len as u64) > room => room as usize,
+                _ => len,
             };
             (a, len.max(1), write)
         })
