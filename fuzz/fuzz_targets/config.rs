@@ -6,8 +6,8 @@
 
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
 use integration::config::VmConfig;
+use libfuzzer_sys::fuzz_target;
 use vmm_iommu::config::IommuConfig;
 use vmm_iommu::VirtioIommu;
 

@@ -44,10 +44,10 @@ use vmm_iommu::backend::MmioWindow;
 use vmm_iommu::config::{IommuConfig, NestedConfig, TableFormat};
 use vmm_iommu::emulated::EmulatedIommu;
 use vmm_iommu::nested::Access;
-use vmm_iommu::{DmaMemory, RamUpdate, Router, Translator};
-use vmm_iommu::{ACCESS_READ, ACCESS_WRITE};
 use vmm_iommu::testing::{driver_features, Harness};
 use vmm_iommu::wire::{Status, EXT_FAULT_SIZE, VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE};
+use vmm_iommu::{DmaMemory, RamUpdate, Router, Translator};
+use vmm_iommu::{ACCESS_READ, ACCESS_WRITE};
 
 /// Endpoints 8 and 9 are served by the software nested IOMMU; 10 only by
 /// the vIOMMU state (MAP mode, bypass).
@@ -126,7 +126,13 @@ fuzz_target!(|data: &[u8]| {
     let mut plugged = false;
     let caches: Vec<(u32, DmaMemory<GuestMemoryMmap>, Translator)> = [EPS[0], EPS[2]]
         .iter()
-        .map(|&ep| (ep, viommu.dma_memory(ep, h.mem.clone()), viommu.translator(ep)))
+        .map(|&ep| {
+            (
+                ep,
+                viommu.dma_memory(ep, h.mem.clone()),
+                viommu.translator(ep),
+            )
+        })
         .collect();
     let mut caches = caches;
     let mut input = Input(data);
@@ -298,9 +304,17 @@ fn check_caches_agree(
     let access = if write { ACCESS_WRITE } else { ACCESS_READ };
     let want = h.dev.viommu().translate(ep, va, access).map(|t| t.gpa(va));
     let got = dma.translate(va, access).map(|(gpa, _)| gpa);
-    assert_eq!(got.ok(), want.ok(), "DmaMemory vs state at {va:#x} (endpoint {ep})");
+    assert_eq!(
+        got.ok(),
+        want.ok(),
+        "DmaMemory vs state at {va:#x} (endpoint {ep})"
+    );
     let got = tr.translate(va, access).map(|(gpa, _)| gpa);
-    assert_eq!(got.ok(), want.ok(), "Translator vs state at {va:#x} (endpoint {ep})");
+    assert_eq!(
+        got.ok(),
+        want.ok(),
+        "Translator vs state at {va:#x} (endpoint {ep})"
+    );
 }
 
 /// A MAP-mode or bypass translation that succeeds is granted by the state

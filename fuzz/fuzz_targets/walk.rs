@@ -29,11 +29,11 @@ use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_iommu::backend::{IommuBackend, TableBinding};
 use vmm_iommu::emulated::EmulatedIommu;
-use vmm_iommu::FaultQueue;
 use vmm_iommu::nested::{
     arm, smmuv3, vtd, x86, Access, Stage1, TableMemory, MAX_WALK_READS, OUTPUT_BITS,
 };
 use vmm_iommu::wire::TableDesc;
+use vmm_iommu::FaultQueue;
 
 #[path = "../../vmm-iommu/tests/oracle/mod.rs"]
 mod oracle;
