@@ -234,28 +234,29 @@ impl<M: GuestMemoryBackend> DmaMemory<M> {
     fn miss(&self, iova: u64, access: u32, generation: u64) -> Result<(u64, u64), TranslateError> {
         self.misses.set(self.misses.get() + 1);
         let topology = self.viommu.topology();
-        let index = {
+        let page = iova >> PAGE_SHIFT;
+        let page_start = iova & !PAGE_MASK;
+        let found = {
+            // Borrowed for the lookup only (no clone of the index's Arc on
+            // every miss); nothing below calls back into this memory.
             let mut route = self.route.borrow_mut();
             if route.topology != Some(topology) {
                 route.index = self.viommu.translation_index(self.endpoint);
                 route.topology = Some(topology);
             }
-            route.index.clone()
-        };
-        let page = iova >> PAGE_SHIFT;
-        let page_start = iova & !PAGE_MASK;
-        let found = match index.as_ref().map(|ix| ix.lookup(iova)) {
-            Some(Lookup::Page { phys, perm, last }) if access & !perm == 0 => {
-                let unmoved = self.viommu.topology() == topology
-                    && self.viommu.generation().wrapping_add(1) == generation;
-                Ok((phys, perm, last, unmoved))
+            match route.index.as_ref().map(|ix| ix.lookup(iova)) {
+                Some(Lookup::Page { phys, perm, last }) if access & !perm == 0 => {
+                    let unmoved = self.viommu.topology() == topology
+                        && self.viommu.generation().wrapping_add(1) == generation;
+                    Ok((phys, perm, last, unmoved))
+                }
+                // The state says the same for these: a mapping fault.
+                Some(Lookup::Page { .. } | Lookup::Unmapped) => Err(FaultReason::Mapping),
+                None | Some(Lookup::Busy) => self
+                    .viommu
+                    .translate(self.endpoint, iova, access)
+                    .map(|t| (t.gpa(iova), t.perm, t.iova_last, page_start >= t.iova_start)),
             }
-            // The state says the same for these: a mapping fault.
-            Some(Lookup::Page { .. } | Lookup::Unmapped) => Err(FaultReason::Mapping),
-            None | Some(Lookup::Busy) => self
-                .viommu
-                .translate(self.endpoint, iova, access)
-                .map(|t| (t.gpa(iova), t.perm, t.iova_last, page_start >= t.iova_start)),
         };
         match found {
             Ok((phys, perm, last, cacheable)) => {

@@ -114,37 +114,7 @@ impl Viommu {
         &self,
         update: &RamUpdate<'_, M>,
     ) -> Result<(), MemoryMapError> {
-        let end = inclusive("RAM", update.start, update.len)?;
-        let mut st = self.state_mut();
-        let units = st.ram_units().to_vec();
-        st.add_ram(update.start, end)?;
-        let host = match host_ranges(update.after, update.start, end) {
-            Ok(h) => h,
-            Err(e) => {
-                st.set_ram_units(units);
-                return Err(e);
-            }
-        };
-        let change = RamChange {
-            start: update.start,
-            end,
-            host: &host,
-            memory: update.after,
-        };
-        let undo = RamChange {
-            memory: update.before,
-            ..change
-        };
-        let res = self.router.all_or_none(
-            "a RAM plug",
-            |b| b.add_ram(&change),
-            |b| b.remove_ram(&undo),
-        );
-        if let Err((backend, source)) = res {
-            st.set_ram_units(units);
-            return Err(MemoryMapError::Backend { backend, source });
-        }
-        Ok(())
+        self.change_ram(update, true)
     }
 
     /// Guest RAM `[update.start, update.start + update.len)` is to be
@@ -163,11 +133,30 @@ impl Viommu {
         &self,
         update: &RamUpdate<'_, M>,
     ) -> Result<(), MemoryMapError> {
+        self.change_ram(update, false)
+    }
+
+    /// A plug (`plug`) or an unplug of `update`'s range: the state's rule
+    /// first, then every backend or none; the state is put back if one
+    /// refuses. The host memory of the range comes from the object that
+    /// maps it (`after` for a plug, `before` for an unplug); undoing a
+    /// backend's change is the opposite call with the memory before it.
+    fn change_ram<M: GuestMemoryBackend + 'static>(
+        &self,
+        update: &RamUpdate<'_, M>,
+        plug: bool,
+    ) -> Result<(), MemoryMapError> {
         let end = inclusive("RAM", update.start, update.len)?;
         let mut st = self.state_mut();
         let units = st.ram_units().to_vec();
-        st.remove_ram(update.start, end)?;
-        let host = match host_ranges(update.before, update.start, end) {
+        let mapped_by = if plug {
+            st.add_ram(update.start, end)?;
+            update.after
+        } else {
+            st.remove_ram(update.start, end)?;
+            update.before
+        };
+        let host = match host_ranges(mapped_by, update.start, end) {
             Ok(h) => h,
             Err(e) => {
                 st.set_ram_units(units);
@@ -184,11 +173,19 @@ impl Viommu {
             memory: update.before,
             ..change
         };
-        let res = self.router.all_or_none(
-            "a RAM unplug",
-            |b| b.remove_ram(&change),
-            |b| b.add_ram(&undo),
-        );
+        let res = if plug {
+            self.router.all_or_none(
+                "a RAM plug",
+                |b| b.add_ram(&change),
+                |b| b.remove_ram(&undo),
+            )
+        } else {
+            self.router.all_or_none(
+                "a RAM unplug",
+                |b| b.remove_ram(&change),
+                |b| b.add_ram(&undo),
+            )
+        };
         if let Err((backend, source)) = res {
             st.set_ram_units(units);
             return Err(MemoryMapError::Backend { backend, source });
