@@ -40,32 +40,10 @@ RES=$ROOT/resources/linux
 CACHE=${VMM_IOMMU_CACHE:-$HOME/.cache/vmm-iommu}/linux
 OUT=$ROOT/target/linux-guest
 export DEBIAN_FRONTEND=noninteractive
-T_START=$(date +%s)
-
-PASSED=0
-FAILED=0
-SUMMARY_DONE=0
-summary() {
-    SUMMARY_DONE=1
-    echo "linux-guest: ${PASSED} passed, ${FAILED} failed"
-}
-on_exit() {
-    local rc=$?
-    if [ "$SUMMARY_DONE" = 0 ]; then
-        echo "linux-guest: aborted (exit status ${rc}) before the checks could finish" >&2
-        [ "$FAILED" -gt 0 ] || FAILED=1
-        summary
-        [ "$rc" -ne 0 ] || rc=1
-    fi
-    exit "$rc"
-}
-trap on_exit EXIT
-say() { echo "linux-guest: $*"; }
-die() {
-    echo "linux-guest: FATAL: $*" >&2
-    exit 1
-}
-elapsed() { echo $(($(date +%s) - T_START)); }
+# shellcheck disable=SC2034 # read by scripts/lib/suite.sh
+SUITE=linux-guest
+# shellcheck source=scripts/lib/suite.sh
+. scripts/lib/suite.sh
 
 # ---------------------------------------------------------------- options
 PREPARE_ONLY=0

@@ -45,32 +45,10 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=$TARGET_DIR/vfio-l1
 TRIPLE=x86_64-unknown-linux-gnu
 export DEBIAN_FRONTEND=noninteractive
-T_START=$(date +%s)
-
-PASSED=0
-FAILED=0
-SUMMARY_DONE=0
-summary() {
-    SUMMARY_DONE=1
-    echo "vfio-l1: ${PASSED} passed, ${FAILED} failed"
-}
-on_exit() {
-    local rc=$?
-    if [ "$SUMMARY_DONE" = 0 ]; then
-        echo "vfio-l1: aborted (exit status ${rc}) before the checks could finish" >&2
-        [ "$FAILED" -gt 0 ] || FAILED=1
-        summary
-        [ "$rc" -ne 0 ] || rc=1
-    fi
-    exit "$rc"
-}
-trap on_exit EXIT
-say() { echo "vfio-l1: $*"; }
-die() {
-    echo "vfio-l1: FATAL: $*" >&2
-    exit 1
-}
-elapsed() { echo $(($(date +%s) - T_START)); }
+# shellcheck disable=SC2034 # read by scripts/lib/suite.sh
+SUITE=vfio-l1
+# shellcheck source=scripts/lib/suite.sh
+. scripts/lib/suite.sh
 
 # ---------------------------------------------------------------- options
 PREPARE_ONLY=0
