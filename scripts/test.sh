@@ -16,6 +16,10 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+# A full run builds three cargo targets (workspace, fuzz, embedder) and
+# two L1 images: say how much room there is, so a "No space left on
+# device" from the linker reads as what it is.
+echo "== disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free under $(pwd)"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
