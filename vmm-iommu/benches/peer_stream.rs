@@ -37,6 +37,7 @@ use vmm_iommu::wire::{
     AttachReq, MapReq, Request, Status, UnmapReq, VIRTIO_F_VERSION_1, VIRTIO_IOMMU_F_MAP_UNMAP,
     VIRTIO_IOMMU_MAP_F_READ, VIRTIO_IOMMU_MAP_F_WRITE,
 };
+use vmm_iommu::AdaptivePoll;
 use vmm_iommu::Applied;
 use vmm_iommu::Router;
 use vmm_iommu::Viommu;
@@ -256,7 +257,9 @@ enum Notify {
     /// (`integration/src/vm/worker.rs`); the driver then polls for the
     /// interrupt as Linux's driver polls its used ring. What the stream
     /// specifies.
-    Thread,
+    /// The thread polls the queue adaptively for at most this long before
+    /// it sleeps ([`AdaptivePoll`]; zero: it sleeps at once).
+    Thread(Duration),
     /// `process_requestq` called on the driver's own thread: no
     /// notification cost (for the breakdown only).
     Inline,
@@ -271,10 +274,10 @@ struct DeviceThread {
 }
 
 impl DeviceThread {
-    /// Serves `dev` over `mem`: epoll on the kick, then one
-    /// `process_requestq` pass under the device's lock, as the test VMM's
-    /// worker does.
-    fn spawn(dev: Arc<Mutex<VirtioIommu>>, mem: GuestMemoryMmap) -> Self {
+    /// Serves `dev` over `mem`: epoll on the kick, then
+    /// `process_requestq` passes under the device's lock for as long as
+    /// [`AdaptivePoll`] finds requests, as the test VMM's worker does.
+    fn spawn(dev: Arc<Mutex<VirtioIommu>>, mem: GuestMemoryMmap, max_poll: Duration) -> Self {
         let kick = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let (k, st) = (Arc::clone(&kick), Arc::clone(&stop));
@@ -290,6 +293,7 @@ impl DeviceThread {
                     )
                     .unwrap();
                 let mut events = [EpollEvent::default(); 1];
+                let mut poll = AdaptivePoll::new(max_poll);
                 loop {
                     match epoll.wait(-1, &mut events) {
                         Ok(0) => continue,
@@ -297,11 +301,19 @@ impl DeviceThread {
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(e) => panic!("epoll_wait: {e}"),
                     }
-                    let _ = k.read();
-                    if st.load(Ordering::Acquire) {
-                        return;
+                    poll.woke();
+                    loop {
+                        let _ = k.read();
+                        if st.load(Ordering::Acquire) {
+                            return;
+                        }
+                        dev.lock().unwrap().process_requestq(&mem).unwrap();
+                        if !poll.poll(|| {
+                            st.load(Ordering::Relaxed) || dev.lock().unwrap().requestq_pending(&mem)
+                        }) {
+                            break;
+                        }
                     }
-                    dev.lock().unwrap().process_requestq(&mem).unwrap();
                 }
             })
             .unwrap();
@@ -358,8 +370,12 @@ impl DeviceBench {
             ..
         } = h;
         let dev = Arc::new(Mutex::new(dev));
-        let thread =
-            (notify == Notify::Thread).then(|| DeviceThread::spawn(dev.clone(), mem.clone()));
+        let thread = match notify {
+            Notify::Thread(max_poll) => {
+                Some(DeviceThread::spawn(dev.clone(), mem.clone(), max_poll))
+            }
+            Notify::Inline => None,
+        };
         let q = u64::from(QUEUE_SIZE);
         let avail = layout::REQUEST_QUEUE + 16 * q;
         let used = (avail + 6 + 2 * q).next_multiple_of(4);
@@ -754,7 +770,7 @@ const FLATNESS_TARGET: f64 = 0.8;
 
 fn memory_section() {
     const N: u64 = 1_000_000;
-    let mut b = DeviceBench::new(Notify::Thread);
+    let mut b = DeviceBench::new(Notify::Thread(Duration::ZERO));
     let (heap0, rss0) = (live_heap(), vm_rss());
     let t0 = Instant::now();
     b.populate(N);
@@ -801,13 +817,17 @@ fn memory_section() {
 
 fn device_section(o: &Opts) {
     println!("  ({PEER_NOTE})");
+    let poll = AdaptivePoll::DEFAULT_MAX;
     println!(
         "  (device path: {QUEUE_SIZE}-entry request queue, each notification an eventfd kick \
-         served by a device thread (epoll), the driver polling for the interrupt)"
+         served by a device thread (epoll) that polls the queue adaptively for at most {} µs \
+         before it sleeps (vmm_iommu::AdaptivePoll, QEMU's poll-max-ns default), the driver \
+         polling for the interrupt)",
+        poll.as_micros()
     );
     let mut at_zero = 0.0;
     for (n, ch, _) in PEER_PAIRS {
-        let mut b = DeviceBench::new(Notify::Thread);
+        let mut b = DeviceBench::new(Notify::Thread(poll));
         b.populate(n);
         let mut s = PairStream::new(n);
         let st = measure(o, || b.pairs(&mut s, ROUND_PAIRS));
@@ -832,8 +852,17 @@ fn device_section(o: &Opts) {
             );
         }
     }
-    // The breakdown: the same stream served on the driver's thread, no
-    // notification at all.
+    // The breakdown: the thread sleeping at once after each pass (every
+    // notification a wake-up), and the stream served on the driver's
+    // thread, no notification at all.
+    let mut b = DeviceBench::new(Notify::Thread(Duration::ZERO));
+    let mut s = PairStream::new(0);
+    let st = measure(o, || b.pairs(&mut s, ROUND_PAIRS));
+    print(&row(
+        "  same, N=0, the thread sleeps at once (no polling)",
+        Kind::Rate,
+        &st,
+    ));
     let mut b = DeviceBench::new(Notify::Inline);
     let mut s = PairStream::new(0);
     let st = measure(o, || b.pairs(&mut s, ROUND_PAIRS));
@@ -842,17 +871,19 @@ fn device_section(o: &Opts) {
         Kind::Rate,
         &st,
     ));
-    let mut b = DeviceBench::new(Notify::Thread);
-    let mut s = PairStream::new(0);
-    let st = measure(o, || b.pairs(&mut s, 1));
-    print(&Fig {
-        ch: Some(300_000.0),
-        ..row(
-            "device MAP+UNMAP pairs, N=0, 1 pair/notification",
-            Kind::Rate,
-            &st,
-        )
-    });
+    for (max, label) in [(poll, "polling"), (Duration::ZERO, "no polling")] {
+        let mut b = DeviceBench::new(Notify::Thread(max));
+        let mut s = PairStream::new(0);
+        let st = measure(o, || b.pairs(&mut s, 1));
+        print(&Fig {
+            ch: Some(300_000.0),
+            ..row(
+                &format!("device MAP+UNMAP pairs, N=0, 1 pair/notification, {label}"),
+                Kind::Rate,
+                &st,
+            )
+        });
+    }
 }
 
 fn state_section(o: &Opts) {

@@ -487,6 +487,18 @@ impl VirtioIommu {
         Ok(done)
     }
 
+    /// Whether the request queue holds requests the device has not taken
+    /// yet: the cheap look a polling worker makes (one load of the
+    /// driver's avail index) before it calls
+    /// [`VirtioIommu::process_requestq`]. False before activation, and for
+    /// an avail ring the device cannot read (the pass then reports it).
+    pub fn requestq_pending<M: GuestMemory>(&self, mem: &M) -> bool {
+        self.requestq.as_ref().is_some_and(|q| {
+            q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+        })
+    }
+
     fn drain_requestq<M: GuestMemory>(
         &mut self,
         mem: &M,

@@ -137,6 +137,7 @@ pub mod invalidation;
 mod mapping;
 pub mod nested;
 mod padded;
+mod poll;
 mod router;
 pub mod snapshot;
 mod state;
@@ -154,6 +155,7 @@ pub use device::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use fault::FaultQueue;
+pub use poll::AdaptivePoll;
 pub use viommu::{host_ranges, Applied, HotplugError, MemoryMapError, RamUpdate, Viommu};
 
 // The spec's state model: what a request is refused for, what a fault

@@ -401,11 +401,13 @@ fn print_run(run: &ScenarioRun, cfg: &VmConfig, verbose: bool) {
             );
             if let Some(w) = &o.worker {
                 println!(
-                    "   device worker: {} wakeups, {} requestq and {} eventq kicks, {} fault wakeups, {} stale kicks dropped, {}",
+                    "   device worker: {} wakeups, {} requestq and {} eventq kicks, {} fault wakeups, {} request-queue polls ({} found requests), {} stale kicks dropped, {}",
                     w.wakeups,
                     w.kicks[0],
                     w.kicks[1],
                     w.fault_wakeups,
+                    w.polls.0,
+                    w.polls.1,
                     o.transport.stale_kicks,
                     match (&w.error, w.stopped) {
                         (Some(e), _) => format!("ended early: {e}"),

@@ -102,6 +102,10 @@ impl VirtioDevice for VirtioIommu {
         }
     }
 
+    fn queue_pending(&self, mem: &GuestMemoryMmap, queue: u16) -> bool {
+        queue == REQUEST_QUEUE && self.requestq_pending(mem)
+    }
+
     fn process_pending(&mut self, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
         if self.viommu().faults().is_empty() {
             return Ok(());

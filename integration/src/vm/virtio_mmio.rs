@@ -77,6 +77,12 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), DeviceError>;
     /// Serves a notification of `queue`.
     fn queue_notify(&mut self, mem: &GuestMemoryMmap, queue: u16) -> Result<(), DeviceError>;
+    /// Whether `queue` holds buffers the device has not taken yet, for a
+    /// worker that polls before it sleeps; a device whose queues are not
+    /// worth polling says false.
+    fn queue_pending(&self, _mem: &GuestMemoryMmap, _queue: u16) -> bool {
+        false
+    }
     /// Does work that waits on something other than a notification (for
     /// the IOMMU: fault records waiting for event buffers).
     fn process_pending(&mut self, mem: &GuestMemoryMmap) -> Result<(), DeviceError>;
@@ -615,6 +621,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             return;
         }
         self.notify(mem, u32::from(queue));
+    }
+
+    /// Whether `queue` holds buffers the device has not taken yet (false
+    /// while the driver has not set the device running).
+    pub fn queue_pending(&self, mem: &GuestMemoryMmap, queue: u16) -> bool {
+        self.running() && self.dev.queue_pending(mem, queue)
     }
 
     /// Lets the device do pending work (fault delivery after a DMA); a
