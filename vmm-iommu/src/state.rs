@@ -363,7 +363,7 @@ impl Translation {
 #[derive(Clone, Debug)]
 enum DomainKind {
     /// MAP/UNMAP domain.
-    Mapped(MappingTable),
+    Mapped(Box<MappingTable>),
     /// ATTACH_F_BYPASS domain: identity.
     Bypass,
     /// ATTACH_TABLE domain: the guest's own tables (nested extension).
@@ -797,7 +797,7 @@ impl IommuState {
             if bypass {
                 DomainKind::Bypass
             } else {
-                DomainKind::Mapped(MappingTable::new())
+                DomainKind::Mapped(Box::default())
             }
         });
         Ok(true)
