@@ -797,7 +797,7 @@ impl IommuState {
             if bypass {
                 DomainKind::Bypass
             } else {
-                DomainKind::Mapped(Box::default())
+                DomainKind::Mapped(Box::new(MappingTable::new()))
             }
         });
         Ok(true)
