@@ -1021,24 +1021,32 @@ impl IommuState {
         // overlaps a RESV_MEM region." Regions are per endpoint: the
         // domain maps for all its endpoints, so it honours each one's
         // (the device-wide list once, as every endpoint has it).
-        let mut default_checked = false;
-        for ep in &dom.endpoints {
-            let list = match endpoint_reserved.get(ep) {
-                Some(own) => &own.merged,
-                None if default_checked => continue,
-                None => {
-                    default_checked = true;
-                    &*reserved
-                }
-            };
-            if let Some(resv) = first_overlap(list, r.virt_start, r.virt_end) {
-                return Err(RequestError::OverlapsReserved {
-                    start: r.virt_start,
-                    end: r.virt_end,
-                    resv_start: resv.start,
-                    resv_end: resv.end,
-                });
-            }
+        // No endpoint with a list of its own (the usual case): the
+        // device-wide list is every endpoint's, checked once, with no
+        // lookup per endpoint.
+        let resv = if endpoint_reserved.is_empty() {
+            first_overlap(reserved, r.virt_start, r.virt_end)
+        } else {
+            let mut default_checked = false;
+            dom.endpoints.iter().find_map(|ep| {
+                let list = match endpoint_reserved.get(ep) {
+                    Some(own) => &own.merged,
+                    None if default_checked => return None,
+                    None => {
+                        default_checked = true;
+                        &*reserved
+                    }
+                };
+                first_overlap(list, r.virt_start, r.virt_end)
+            })
+        };
+        if let Some(resv) = resv {
+            return Err(RequestError::OverlapsReserved {
+                start: r.virt_start,
+                end: r.virt_end,
+                resv_start: resv.start,
+                resv_end: resv.end,
+            });
         }
         let (max_per_domain, max_total) = (limits.max_mappings_per_domain, limits.max_mappings);
         let total = *total_mappings;
