@@ -336,7 +336,7 @@ impl WorkerState {
             .poll(|| dev.lock().queue_pending(mem, REQUEST_QUEUE))
         {
             let mut t = self.dev.lock();
-            t.notify_kick(&self.mem, REQUEST_QUEUE);
+            t.serve_polled(&self.mem, REQUEST_QUEUE);
             self.dev.sample_mappings(&t);
         }
     }
