@@ -270,6 +270,20 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
     }
 
+    /// The DIMM's plug from `before` to `after` (its unplug: the two
+    /// swapped).
+    fn dimm<'a>(
+        before: &'a GuestMemoryMmap,
+        after: &'a GuestMemoryMmap,
+    ) -> RamUpdate<'a, GuestMemoryMmap> {
+        RamUpdate {
+            start: DIMM,
+            len: 2 * MIB,
+            before,
+            after,
+        }
+    }
+
     fn with_dimm(mem: &GuestMemoryMmap) -> GuestMemoryMmap {
         let r = GuestRegionMmap::from_range(GuestAddress(DIMM), 2 << 20, None).unwrap();
         mem.insert_region(Arc::new(r)).unwrap()
@@ -322,12 +336,7 @@ mod tests {
         let v = viommu(&a, &b);
         let before = boot_memory();
         let after = with_dimm(&before);
-        let u = RamUpdate {
-            start: DIMM,
-            len: 2 * MIB,
-            before: &before,
-            after: &after,
-        };
+        let u = dimm(&before, &after);
         v.add_ram(&u).unwrap();
         assert_eq!(v.ram(), [(0, 16 * MIB - 1), (DIMM, DIMM + 2 * MIB - 1)]);
         for x in [&a, &b] {
@@ -357,13 +366,7 @@ mod tests {
         );
         let before = boot_memory();
         let after = with_dimm(&before);
-        v.add_ram(&RamUpdate {
-            start: DIMM,
-            len: 2 * MIB,
-            before: &before,
-            after: &after,
-        })
-        .unwrap();
+        v.add_ram(&dimm(&before, &after)).unwrap();
         bind_vtd(&v, DIMM).unwrap();
     }
 
@@ -374,14 +377,7 @@ mod tests {
         let before = boot_memory();
         let after = with_dimm(&before);
         b.fail_next(0);
-        let err = v
-            .add_ram(&RamUpdate {
-                start: DIMM,
-                len: 2 * MIB,
-                before: &before,
-                after: &after,
-            })
-            .unwrap_err();
+        let err = v.add_ram(&dimm(&before, &after)).unwrap_err();
         assert!(matches!(err, MemoryMapError::Backend { ref backend, .. } if backend == "b"));
         let range = (DIMM, DIMM + 2 * MIB - 1);
         assert_eq!(
@@ -395,13 +391,7 @@ mod tests {
         assert_eq!(v.state().ram_units(), [(0, 16 * MIB - 1)]);
         assert_eq!(v.router().stats.snapshot().rollbacks, 1);
         // Nothing is left half done: the same plug now succeeds.
-        v.add_ram(&RamUpdate {
-            start: DIMM,
-            len: 2 * MIB,
-            before: &before,
-            after: &after,
-        })
-        .unwrap();
+        v.add_ram(&dimm(&before, &after)).unwrap();
     }
 
     #[test]
@@ -423,12 +413,7 @@ mod tests {
         let units = v.state().ram_units().to_vec();
         let n = a.calls().len();
         a.fail_next(0);
-        let unplug = RamUpdate {
-            start: DIMM,
-            len: 2 * MIB,
-            before: &after,
-            after: &before,
-        };
+        let unplug = dimm(&after, &before);
         assert!(matches!(
             v.remove_ram(&unplug),
             Err(MemoryMapError::Backend { .. })
@@ -459,20 +444,9 @@ mod tests {
         let v = viommu(&a, &b);
         let before = boot_memory();
         let after = with_dimm(&before);
-        v.add_ram(&RamUpdate {
-            start: DIMM,
-            len: 2 * MIB,
-            before: &before,
-            after: &after,
-        })
-        .unwrap();
+        v.add_ram(&dimm(&before, &after)).unwrap();
         b.fail_next(0);
-        let unplug = RamUpdate {
-            start: DIMM,
-            len: 2 * MIB,
-            before: &after,
-            after: &before,
-        };
+        let unplug = dimm(&after, &before);
         assert!(v.remove_ram(&unplug).is_err());
         let r = (DIMM, DIMM + 2 * MIB - 1);
         assert_eq!(
