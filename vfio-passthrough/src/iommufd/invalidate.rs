@@ -37,16 +37,18 @@ impl IommufdBackend {
         Ok(())
     }
 
-    /// One `IOMMU_HWPT_INVALIDATE` of `entries` on `id`. If the kernel
+    /// One `IOMMU_HWPT_INVALIDATE` of `entries` on `id`, the part of a
+    /// guest batch that starts at entry `first` of it. If the kernel
     /// handles fewer than sent (`entry_num` written back), the rest is sent
-    /// once more; if that also falls short, PARTIAL with the index of the
-    /// first entry not handled.
+    /// once more; if that also falls short, PARTIAL with the batch index of
+    /// the first entry not handled.
     pub(super) fn send_invalidate(
         &self,
         id: u32,
         data_type: u32,
         entry_len: usize,
         entries: &[u8],
+        first: usize,
     ) -> Result<(), BackendError> {
         let total = entries.len() / entry_len;
         let mut done = 0usize;
@@ -79,7 +81,7 @@ impl IommufdBackend {
         }
         Err(BackendError::Partial {
             op: "IOMMU_HWPT_INVALIDATE",
-            index: done,
+            index: first + done,
             source: last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EIO)),
         })
     }

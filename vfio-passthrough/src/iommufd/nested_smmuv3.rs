@@ -131,20 +131,13 @@ impl IommufdBackend {
             if cmds.is_empty() {
                 continue;
             }
-            let r = self.send_invalidate(
+            self.send_invalidate(
                 viommu,
                 iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
                 std::mem::size_of::<Cmd>(),
                 slice_bytes(&cmds),
-            );
-            if let Err(BackendError::Partial { op, index, source }) = r {
-                return Err(BackendError::Partial {
-                    op,
-                    index: sent + index,
-                    source,
-                });
-            }
-            r?;
+                sent,
+            )?;
             sent += cmds.len();
         }
         Ok(())

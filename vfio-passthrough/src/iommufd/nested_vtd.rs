@@ -177,20 +177,13 @@ impl IommufdBackend {
         for (id, which) in per_hwpt {
             let list: Vec<iommu_hwpt_vtd_s1_invalidate> =
                 which.into_iter().map(|i| entries[i].1).collect();
-            let r = self.send_invalidate(
+            self.send_invalidate(
                 id,
                 iommu_hwpt_invalidate_data_type_IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
                 std::mem::size_of::<iommu_hwpt_vtd_s1_invalidate>(),
                 slice_bytes(&list),
-            );
-            if let Err(BackendError::Partial { op, index, source }) = r {
-                return Err(BackendError::Partial {
-                    op,
-                    index: sent + index,
-                    source,
-                });
-            }
-            r?;
+                sent,
+            )?;
             sent += list.len();
         }
         Ok(())
