@@ -149,6 +149,16 @@ impl Chunk {
     fn vacate(&mut self, r: std::ops::Range<usize>) {
         self.entries[r].fill(VACANT);
     }
+
+    /// Moves the entries `lo..hi` of the first `len` to `removed`; returns
+    /// how many are left.
+    fn drain(&mut self, len: usize, lo: usize, hi: usize, removed: &mut Vec<Mapping>) -> usize {
+        removed.extend((lo..hi).map(|i| self.entry(i).mapping()));
+        self.copy_within(hi..len, lo);
+        let left = len - (hi - lo);
+        self.vacate(left..len);
+        left
+    }
 }
 
 /// The entries in use of one chunk, read-only.
@@ -175,6 +185,31 @@ impl<'a> View<'a> {
     /// for a prefix of them (they are sorted).
     fn partition_point(&self, mut pred: impl FnMut(&u64) -> bool) -> usize {
         self.chunk.entries[..self.len].partition_point(|e| pred(&e.start))
+    }
+
+    /// The entries `[lo, hi)` that `[start, end]` covers, when every
+    /// mapping it affects lies in this view: the mapping that would be
+    /// cut in two otherwise. `lo - 1` holds the last start below `start`,
+    /// `hi - 1` the last start within the range.
+    fn covered(&self, start: u64, end: u64) -> Result<(usize, usize), SplitError> {
+        let lo = self.partition_point(|&s| s < start);
+        let hi = self.partition_point(|&s| s <= end);
+        let cut = |e: Entry| {
+            Err(SplitError {
+                mapping: e.mapping(),
+            })
+        };
+        if let Some(e) = lo.checked_sub(1).and_then(|i| self.get(i)) {
+            if e.end >= start {
+                return cut(e);
+            }
+        }
+        if let Some(e) = hi.checked_sub(1).and_then(|i| self.get(i)) {
+            if hi > lo && e.end > end {
+                return cut(e);
+            }
+        }
+        Ok((lo, hi))
     }
 
     fn iter(self) -> impl Iterator<Item = Entry> + 'a {
@@ -490,12 +525,7 @@ impl MappingTable {
     /// Moves the entries `lo..hi` of `slot` to `removed`.
     fn drain(&mut self, slot: u32, lo: usize, hi: usize, removed: &mut Vec<Mapping>) {
         let (c, n) = self.parts(slot);
-        let len = usize::from(*n);
-        removed.extend((lo..hi).map(|i| c.entry(i).mapping()));
-        c.copy_within(hi..len, lo);
-        let left = len - (hi - lo);
-        c.vacate(left..len);
-        *n = left as u8;
+        *n = c.drain(usize::from(*n), lo, hi, removed) as u8;
     }
 
     /// A free slot (a reused one, or a new one at the end of the slab).
@@ -712,32 +742,9 @@ impl MappingTable {
         end: u64,
         removed: &mut Vec<Mapping>,
     ) -> Result<(), SplitError> {
-        let entries = self.small_entries();
-        let lo = entries.partition_point(|&s| s < start);
-        let hi = entries.partition_point(|&s| s <= end);
-        // `lo - 1` holds the last start below `start`; `hi - 1` the last
-        // start within the range.
-        if let Some(e) = lo.checked_sub(1).and_then(|i| entries.get(i)) {
-            if e.end >= start {
-                return Err(SplitError {
-                    mapping: e.mapping(),
-                });
-            }
-        }
-        if let Some(e) = hi.checked_sub(1).and_then(|i| entries.get(i)) {
-            if hi > lo && e.end > end {
-                return Err(SplitError {
-                    mapping: e.mapping(),
-                });
-            }
-        }
+        let (lo, hi) = self.small_entries().covered(start, end)?;
         if lo < hi {
-            let n = self.len;
-            removed.extend((lo..hi).map(|i| self.small.entry(i).mapping()));
-            self.small.copy_within(hi..n, lo);
-            let left = n - (hi - lo);
-            self.small.vacate(left..n);
-            self.len = left;
+            self.len = self.small.drain(self.len, lo, hi, removed);
         }
         Ok(())
     }
@@ -791,35 +798,17 @@ impl MappingTable {
         // `start` and the range ends before that chunk does. One descent.
         if let Some((&key, &slot)) = self.index.range(..=start).next_back() {
             let chunk = self.entries(slot);
-            let lo = chunk.partition_point(|&s| s < start);
-            let hi = chunk.partition_point(|&s| s <= end);
             // The range ends in this chunk when an entry of it starts past
             // `end`, or when no later chunk starts at or before `end` (the
-            // usual UNMAP of the chunk's last mapping, and the only chunk
-            // of a small table).
-            let ends_here = hi < chunk.len()
+            // usual UNMAP of the chunk's last mapping).
+            let ends_here = chunk.partition_point(|&s| s <= end) < chunk.len()
                 || self
                     .index
                     .range((Bound::Excluded(key), Bound::Included(end)))
                     .next()
                     .is_none();
             if ends_here {
-                // `lo - 1` holds the last start below `start`; `hi - 1` the
-                // last start within the range.
-                if let Some(e) = lo.checked_sub(1).and_then(|i| chunk.get(i)) {
-                    if e.end >= start {
-                        return Err(SplitError {
-                            mapping: e.mapping(),
-                        });
-                    }
-                }
-                if let Some(e) = hi.checked_sub(1).and_then(|i| chunk.get(i)) {
-                    if hi > lo && e.end > end {
-                        return Err(SplitError {
-                            mapping: e.mapping(),
-                        });
-                    }
-                }
+                let (lo, hi) = chunk.covered(start, end)?;
                 if lo < hi {
                     self.drain(slot, lo, hi, removed);
                     self.len -= hi - lo;
