@@ -14,6 +14,7 @@ mod eventq;
 mod invalidate;
 mod lifecycle;
 mod probe;
+mod warm;
 
 use invalidate::DeferredInvalidate;
 
@@ -512,6 +513,7 @@ impl VirtioIommu {
         let mut done = 0;
         loop {
             q.disable_notification(mem).map_err(qerr)?;
+            warm::warm_pending(mem, q);
             while let Some(chain) = q.iter(mem).map_err(qerr)?.next() {
                 let head = chain.head_index();
                 if let Some(len) = self.handle_chain(mem, q, chain)? {
