@@ -153,10 +153,20 @@ impl Chunk {
     /// Moves the entries `lo..hi` of the first `len` to `removed`; returns
     /// how many are left.
     fn drain(&mut self, len: usize, lo: usize, hi: usize, removed: &mut Vec<Mapping>) -> usize {
-        removed.extend((lo..hi).map(|i| self.entry(i).mapping()));
-        self.copy_within(hi..len, lo);
+        let len = len.min(CHUNK_CAPACITY);
+        let hi = hi.min(len);
+        let lo = lo.min(hi);
+        removed.extend(self.entries[lo..hi].iter().map(Entry::mapping));
+        // Entry by entry rather than `copy_within` and `fill`: a chunk is
+        // at most 16 entries, and the `memmove` call those make was most of
+        // an UNMAP on a small table.
         let left = len - (hi - lo);
-        self.vacate(left..len);
+        for i in lo..left {
+            self.entries[i] = self.entries[i + (hi - lo)];
+        }
+        for e in &mut self.entries[left..len] {
+            *e = VACANT;
+        }
         left
     }
 }
