@@ -527,12 +527,18 @@ impl<'a, M: GuestMemoryBackend> DmaSlices<'a, M> {
 impl<'a, M: GuestMemoryBackend> Iterator for DmaSlices<'a, M> {
     type Item = GuestMemoryResult<VolatileSlice<'a, MS<'a, M>>>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.state == State::Done {
             return None;
         }
         if self.window == 0 {
+            // The end of the usual one-window access, decided here rather
+            // than in the out-of-line `next_window`.
+            if self.left == 0 && self.state == State::Going {
+                self.state = State::Done;
+                return None;
+            }
             if let Some(end) = self.next_window() {
                 return end;
             }
