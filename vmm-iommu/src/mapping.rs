@@ -19,6 +19,11 @@
 //!   chunk: two dependent reads from memory (the bottom group, the chunk),
 //!   where a B-tree of mappings takes about seven.
 //!
+//! Each slot also records the key of the chunk after it. A directory answer
+//! is then checked in place (the slot's key at or below the address, the
+//! next key above it), so MAP and UNMAP find their chunk without a B-tree
+//! descent wherever the directory is right, and ask the B-tree elsewhere.
+//!
 //! The directory is rebuilt lazily: chunks appended at the top are added as
 //! they come, other changes (splits, merges, keys that move) leave it stale
 //! until enough of them pile up. A stale directory can only lead a lookup to
@@ -37,7 +42,7 @@
 //! the two, so a table at the edge does not move at every change).
 //!
 //! Memory: a full chunk is 384 bytes for 16 mappings (24 bytes each), and
-//! the B-tree and directory add about two bytes per mapping; a plain
+//! the B-tree, directory and next keys add about three bytes per mapping; a plain
 //! `BTreeMap<u64, Mapping>` costs about 48. Chunks stay at least a quarter
 //! full except between two full ones (see `CHUNK_MIN`).
 
@@ -398,6 +403,13 @@ pub struct MappingTable {
     lens: Vec<u8>,
     /// Slots no chunk uses.
     free: Vec<u32>,
+    /// Per slot, the key of the next chunk in the B-tree's order
+    /// (`u64::MAX` past the last one, and for a free slot). With it a
+    /// directory answer is checked in place: the slot holds the greatest
+    /// key at or below `addr` exactly when its key is at or below `addr`
+    /// and the next key above it. MAP and UNMAP then find their chunk
+    /// without a B-tree descent wherever the directory is right.
+    next_key: Vec<u64>,
     dir: Directory,
     len: usize,
 }
@@ -467,11 +479,68 @@ impl MappingTable {
         )
     }
 
-    /// The entry with the greatest start at or below `addr`, through the
-    /// B-tree.
+    /// The chunk whose key is the greatest at or below `addr`, as `(key,
+    /// slot)`: the directory's answer where the next key confirms it,
+    /// else the B-tree's.
+    #[inline]
+    fn chunk_at(&self, addr: u64) -> Option<(u64, u32)> {
+        if let Some(slot) = self.dir.search(addr) {
+            let s = slot as usize;
+            // A free slot (the directory may be stale) holds no entries.
+            // `u64::MAX` as the next key also stands for "none", so
+            // `addr == u64::MAX` is left to the B-tree.
+            if let (Some(&n), Some(&next), Some(c)) =
+                (self.lens.get(s), self.next_key.get(s), self.chunk(slot))
+            {
+                let key = c.entries[0].start;
+                if n > 0 && key <= addr && addr < next {
+                    return Some((key, slot));
+                }
+            }
+        }
+        self.index.range(..=addr).next_back().map(|(&k, &s)| (k, s))
+    }
+
+    /// The next key of `slot` (`u64::MAX` for none).
+    fn next_key_of(&self, slot: u32) -> u64 {
+        self.next_key
+            .get(slot as usize)
+            .copied()
+            .unwrap_or(u64::MAX)
+    }
+
+    fn set_next_key(&mut self, slot: u32, key: u64) {
+        if let Some(k) = self.next_key.get_mut(slot as usize) {
+            *k = key;
+        }
+    }
+
+    /// Tells the chunk before `key` in the order that the next key is now
+    /// `next` (after the chunk at `key` moved, came or went).
+    fn relink_before(&mut self, key: u64, next: u64) {
+        if let Some((_, &p)) = self.index.range(..key).next_back() {
+            self.set_next_key(p, next);
+        }
+    }
+
+    /// Rebuilds every next key from the B-tree (after slots were
+    /// renumbered).
+    fn relink_all(&mut self) {
+        self.next_key.clear();
+        self.next_key.resize(self.lens.len(), u64::MAX);
+        let mut prev: Option<u32> = None;
+        for (&k, &s) in &self.index {
+            if let Some(p) = prev {
+                self.next_key[p as usize] = k;
+            }
+            prev = Some(s);
+        }
+    }
+
+    /// The entry with the greatest start at or below `addr`.
     fn last_at_or_below(&self, addr: u64) -> Option<Entry> {
         let entries = if self.chunked {
-            let (_, &slot) = self.index.range(..=addr).next_back()?;
+            let (_, slot) = self.chunk_at(addr)?;
             self.entries(slot)
         } else {
             self.small_entries()
@@ -546,21 +615,29 @@ impl MappingTable {
         let s = self.lens.len();
         if s % BLOCK_SLOTS == 0 {
             self.blocks.push(Vec::new());
+            if s > 0 {
+                // A block at a time, as the slab grows.
+                self.next_key.reserve_exact(BLOCK_SLOTS);
+            }
         }
         if let Some(b) = self.blocks.last_mut() {
             // Grows 4, 8, .. 64 slots: one block at most.
             b.push(EMPTY_CHUNK);
         }
         self.lens.push(0);
+        self.next_key.push(u64::MAX);
         s as u32
     }
 
     /// Returns `slot` to the free list, vacant, so that a stale directory
     /// entry pointing at it finds nothing.
+    /// The caller has taken it out of the B-tree and relinked its
+    /// predecessor.
     fn free_slot(&mut self, slot: u32) {
         let (c, n) = self.parts(slot);
         *c = EMPTY_CHUNK;
         *n = 0;
+        self.set_next_key(slot, u64::MAX);
         self.free.push(slot);
     }
 
@@ -569,6 +646,13 @@ impl MappingTable {
         let s = self.alloc_slot();
         self.insert_at(s, 0, e);
         self.index.insert(e.start, s);
+        let next = self
+            .index
+            .range((Bound::Excluded(e.start), Bound::Unbounded))
+            .next()
+            .map_or(u64::MAX, |(&k, _)| k);
+        self.set_next_key(s, next);
+        self.relink_before(e.start, e.start);
         // Appended above every other chunk (ascending MAPs): the directory
         // takes it as it comes. Anywhere else it is stale until rebuilt.
         let last = self
@@ -588,6 +672,7 @@ impl MappingTable {
         self.insert_at(slot, 0, e);
         self.index.remove(&key);
         self.index.insert(e.start, slot);
+        self.relink_before(e.start, e.start);
         self.dir.stale += 1;
     }
 
@@ -644,7 +729,7 @@ impl MappingTable {
         // The chunk holding the last start <= m.end. If its key lies above
         // m.start, its first mapping starts inside [start, end]: overlap.
         // Otherwise it is also the chunk m belongs in.
-        let Some((&key, &slot)) = self.index.range(..=m.end).next_back() else {
+        let Some((key, slot)) = self.chunk_at(m.end) else {
             // Below every chunk (or empty): first in the first chunk, whose
             // key moves down, or a new chunk.
             match self.index.first_key_value().map(|(&k, &s)| (k, s)) {
@@ -711,6 +796,8 @@ impl MappingTable {
         }
         let right_key = self.entries(right).first_start().unwrap_or(m.start);
         self.index.insert(right_key, right);
+        self.set_next_key(right, self.next_key_of(slot));
+        self.set_next_key(slot, right_key);
         self.dir.stale += 1;
         self.maybe_rebuild();
         true
@@ -806,12 +893,14 @@ impl MappingTable {
     ) -> Result<(), SplitError> {
         // Fast path: every affected mapping lies in the chunk that holds
         // `start` and the range ends before that chunk does. One descent.
-        if let Some((&key, &slot)) = self.index.range(..=start).next_back() {
+        if let Some((key, slot)) = self.chunk_at(start) {
             let chunk = self.entries(slot);
             // The range ends in this chunk when an entry of it starts past
             // `end`, or when no later chunk starts at or before `end` (the
-            // usual UNMAP of the chunk's last mapping).
+            // usual UNMAP of the chunk's last mapping; the B-tree is asked
+            // only when the next key does not say so).
             let ends_here = chunk.partition_point(|&s| s <= end) < chunk.len()
+                || self.next_key_of(slot) > end
                 || self
                     .index
                     .range((Bound::Excluded(key), Bound::Included(end)))
@@ -890,6 +979,8 @@ impl MappingTable {
             return;
         };
         let Some(first) = self.entries(slot).first_start() else {
+            let next = self.next_key_of(slot);
+            self.relink_before(key, next);
             self.free_slot(slot);
             if self.index.is_empty() {
                 // The table is empty: so is the directory, with no rebuild
@@ -905,6 +996,7 @@ impl MappingTable {
         };
         self.index.insert(first, slot);
         if first != key {
+            self.relink_before(first, first);
             self.dir.stale += 1;
         }
         self.merge_small_at(first);
@@ -919,6 +1011,8 @@ impl MappingTable {
         let at = usize::from(*len);
         c.entries[at..at + n].copy_from_slice(&moved.entries[..n]);
         *len += n as u8;
+        // `dst` comes right before `src` (both callers merge neighbours).
+        self.set_next_key(dst, self.next_key_of(src));
         self.free_slot(src);
         self.dir.stale += 1;
     }
@@ -998,6 +1092,8 @@ impl MappingTable {
         self.blocks.shrink_to_fit();
         self.free = Vec::new();
         // Every moved chunk changed slot.
+        self.relink_all();
+        self.next_key.shrink_to_fit();
         self.dir.rebuild(self.index.iter().map(|(&k, &s)| (k, s)));
     }
 
@@ -1025,6 +1121,7 @@ impl MappingTable {
             .sum::<usize>()
             + self.blocks.capacity() * size_of::<Vec<Chunk>>()
             + self.lens.capacity()
+            + self.next_key.capacity() * size_of::<u64>()
             + self.free.capacity() * size_of::<u32>()
             + self.dir.bytes()
     }
@@ -1041,6 +1138,32 @@ impl MappingTable {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    impl MappingTable {
+        /// Panics unless every chunk is keyed by its first start and knows
+        /// the next key in the B-tree's order, and free slots are empty.
+        fn check_links(&self) {
+            let order: Vec<(u64, u32)> = self.index.iter().map(|(&k, &s)| (k, s)).collect();
+            assert_eq!(self.next_key.len(), self.lens.len(), "a next key per slot");
+            for (i, &(k, s)) in order.iter().enumerate() {
+                assert_eq!(
+                    self.entries(s).first_start(),
+                    Some(k),
+                    "slot {s} keyed by its first start"
+                );
+                let next = order.get(i + 1).map_or(u64::MAX, |&(nk, _)| nk);
+                assert_eq!(self.next_key[s as usize], next, "next key of slot {s}");
+            }
+            for &f in &self.free {
+                assert_eq!(self.slot_len(f), 0, "free slot {f} is empty");
+                assert_eq!(
+                    self.next_key[f as usize],
+                    u64::MAX,
+                    "free slot {f} has no next"
+                );
+            }
+        }
+    }
 
     fn m(start: u64, end: u64) -> Mapping {
         Mapping {
@@ -1102,6 +1225,7 @@ mod tests {
         }
         assert_eq!(t.len(), 128);
         assert!(t.index.len() <= 128 / 2 + 1, "{} chunks", t.index.len());
+        t.check_links();
     }
 
     /// Every address of `[0, pages * 0x1000)` (at a few offsets per page)
@@ -1170,6 +1294,7 @@ mod tests {
                 .unwrap();
             model.remove(&(i * 0x2000));
         }
+        t.check_links();
         check_find(&t, &model, 2 * n + 2);
         assert_eq!(
             t.iter().collect::<Vec<_>>(),
@@ -1189,6 +1314,7 @@ mod tests {
         // Keep the first 100 mappings.
         t.remove_range(100 * 0x1000, n * 0x1000, &mut out).unwrap();
         assert_eq!(t.len(), 100);
+        t.check_links();
         assert!(
             t.chunk_bytes() * 8 < full,
             "{} of {full} bytes",
@@ -1247,6 +1373,7 @@ mod tests {
                 prop_assert_eq!(t.try_insert(x), fresh);
                 model.insert(x.start, x);
             }
+            t.check_links();
             let mut out = vec![];
             for (p, pages) in removes {
                 let (s, e) = (p * 0x1000, (p + pages) * 0x1000 - 1);
@@ -1259,6 +1386,7 @@ mod tests {
                 }
             }
             prop_assert_eq!(t.len(), model.len());
+            t.check_links();
             check_find(&t, &model, 4100);
         }
     }
@@ -1359,48 +1487,79 @@ mod tests {
                 // Chunked only above SMALL_BACK, inline only up to a chunk.
                 prop_assert!(!t.chunked || t.len() > SMALL_BACK);
                 prop_assert!(t.chunked || t.len() <= CHUNK_CAPACITY);
+                t.check_links();
                 prop_assert_eq!(t.iter().collect::<Vec<_>>(), model.values().copied().collect::<Vec<_>>());
             }
             check_find(&t, &model, 52);
         }
     }
 
+    /// Random inserts and removals of `[page * unit, (page + pages) * unit
+    /// - 1]` against a naive list, the links checked after every step.
+    fn check_against_naive_model(
+        ops: Vec<(bool, u64, u64)>,
+        unit: u64,
+        mk: fn(u64, u64) -> Mapping,
+    ) -> Result<(), TestCaseError> {
+        let mut t = MappingTable::new();
+        let mut model: Vec<Mapping> = vec![];
+        for (ins, page, pages) in ops {
+            let start = page * unit;
+            let end = start + pages * unit - 1;
+            let overl = model.iter().any(|x| x.start <= end && x.end >= start);
+            prop_assert_eq!(t.overlaps(start, end), overl);
+            if ins {
+                if !overl {
+                    t.insert(mk(start, end));
+                    model.push(mk(start, end));
+                }
+            } else {
+                let split = model.iter().any(|x| {
+                    (x.start < start && x.end >= start) || (x.end > end && x.start <= end)
+                });
+                let mut out = vec![];
+                let r = t.remove_range(start, end, &mut out);
+                prop_assert_eq!(r.is_err(), split);
+                if !split {
+                    let mut expect: Vec<Mapping> = model
+                        .iter()
+                        .copied()
+                        .filter(|x| x.start >= start && x.end <= end)
+                        .collect();
+                    expect.sort_by_key(|x| x.start);
+                    prop_assert_eq!(&out, &expect);
+                    model.retain(|x| !(x.start >= start && x.end <= end));
+                }
+            }
+            prop_assert_eq!(t.len(), model.len());
+            t.check_links();
+        }
+        model.sort_by_key(|x| x.start);
+        prop_assert_eq!(t.iter().collect::<Vec<_>>(), model.clone());
+        let top = model.last().map_or(0, |x| x.end) + 2 * unit;
+        for a in (0..top).step_by((unit / 2).max(1) as usize) {
+            let expect = model.iter().copied().find(|x| x.start <= a && a <= x.end);
+            prop_assert_eq!(t.find(a), expect);
+        }
+        Ok(())
+    }
+
     proptest! {
         // The table agrees with a naive list under random inserts/removes.
         #[test]
         fn matches_naive_model(ops in proptest::collection::vec((any::<bool>(), 0u64..300, 1u64..6), 1..400)) {
-            let mut t = MappingTable::new();
-            let mut model: Vec<Mapping> = vec![];
-            for (ins, page, pages) in ops {
-                let start = page * 0x1000;
-                let end = start + pages * 0x1000 - 1;
-                let overl = model.iter().any(|x| x.start <= end && x.end >= start);
-                prop_assert_eq!(t.overlaps(start, end), overl);
-                if ins {
-                    if !overl {
-                        t.insert(m(start, end));
-                        model.push(m(start, end));
-                    }
-                } else {
-                    let split = model.iter().any(|x| (x.start < start && x.end >= start) || (x.end > end && x.start <= end));
-                    let mut out = vec![];
-                    let r = t.remove_range(start, end, &mut out);
-                    prop_assert_eq!(r.is_err(), split);
-                    if !split {
-                        let mut expect: Vec<Mapping> = model.iter().copied().filter(|x| x.start >= start && x.end <= end).collect();
-                        expect.sort_by_key(|x| x.start);
-                        prop_assert_eq!(&out, &expect);
-                        model.retain(|x| !(x.start >= start && x.end <= end));
-                    }
-                }
-                prop_assert_eq!(t.len(), model.len());
+            check_against_naive_model(ops, 0x1000, m)?;
+        }
+
+        // The same a byte at a time: a range may end exactly where the
+        // next chunk's first mapping starts (one byte long), which the
+        // next-key shortcut of UNMAP must not take for "ends here".
+        #[test]
+        fn matches_naive_model_at_byte_granularity(ops in proptest::collection::vec((any::<bool>(), 0u64..200, 1u64..4), 1..500)) {
+            fn mb(start: u64, end: u64) -> Mapping {
+                Mapping { start, end, phys: 0x1000_0000 + start * 8, flags: 1 }
             }
-            model.sort_by_key(|x| x.start);
-            prop_assert_eq!(t.iter().collect::<Vec<_>>(), model.clone());
-            for a in (0..310u64 * 0x1000).step_by(0x800) {
-                let expect = model.iter().copied().find(|x| x.start <= a && a <= x.end);
-                prop_assert_eq!(t.find(a), expect);
-            }
+            check_against_naive_model(ops, 1, mb)?;
         }
     }
 }
