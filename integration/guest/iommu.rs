@@ -650,7 +650,9 @@ impl Iommu {
     pub fn send_segs(&mut self, segs: &[Seg]) -> Reply {
         let head = self.req.set_chain(segs);
         self.req.push(head);
-        self.t.notify(0);
+        if self.req.wants_notification() {
+            self.t.notify(0);
+        }
         let Some((id, used_len)) = self.req.wait_used(WAIT_CYCLES) else {
             println!("FAIL: no used entry for a request");
             rt::exit(line!());
@@ -811,7 +813,9 @@ impl Iommu {
                 .set_desc(d + 1, tail, TAIL_SIZE, virtio::DESC_F_WRITE, 0);
             self.req.push(d);
         }
-        self.t.notify(0);
+        if self.req.wants_notification() {
+            self.t.notify(0);
+        }
         for _ in 0..batch.len() {
             let Some((id, used_len)) = self.req.wait_used(WAIT_CYCLES) else {
                 println!("FAIL: no used entry for a batched INVALIDATE");
@@ -847,7 +851,9 @@ impl Iommu {
                 .set_desc(d + 1, tail, TAIL_SIZE, virtio::DESC_F_WRITE, 0);
             self.req.push(d);
         }
-        self.t.notify(0);
+        if self.req.wants_notification() {
+            self.t.notify(0);
+        }
     }
 
     /// Waits for the `n` requests [`Iommu::post_batch`] offered and writes

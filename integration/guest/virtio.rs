@@ -21,6 +21,8 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const DESC_F_NEXT: u16 = 1;
 /// Descriptor flag: device-writable.
 pub const DESC_F_WRITE: u16 = 2;
+/// The used ring's flag by which the device asks for no notification.
+pub const USED_F_NO_NOTIFY: u16 = 1;
 
 /// A virtio-mmio device window.
 #[derive(Clone, Copy)]
@@ -269,6 +271,15 @@ impl Virtqueue {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         fence(Ordering::SeqCst);
         rt::poke16(self.avail + 2, self.avail_idx);
+    }
+
+    /// Whether the device wants to be notified of what was just pushed:
+    /// it does not while its `VIRTQ_USED_F_NO_NOTIFY` flag is set (a
+    /// worker polling the queue). As Linux's `virtqueue_kick_prepare`: a
+    /// full barrier after the avail index, then the flag.
+    pub fn wants_notification(&self) -> bool {
+        fence(Ordering::SeqCst);
+        rt::peek16(self.used) & USED_F_NO_NOTIFY == 0
     }
 
     /// Sets the avail index to any value (hostile use).

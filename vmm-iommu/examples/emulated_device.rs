@@ -177,13 +177,26 @@ fn spawn_worker(
                     TOKEN_REQUESTQ => {
                         // Non-blocking: several kicks may make one read.
                         let _ = kicks[usize::from(REQUEST_QUEUE)].read();
-                        requests += guard.process_requestq(&mem)?;
+                        // Polling passes: the driver need not notify
+                        // while the thread watches the queue.
+                        requests += guard.process_requestq_polling(&mem)?;
                         drop(guard);
                         // Look at the queue a little longer before the
                         // next sleep: a driver that sends its next request
                         // soon finds the thread awake (see AdaptivePoll).
-                        while poll.poll(|| dev_lock(&dev).is_ok_and(|d| d.requestq_pending(&mem))) {
-                            requests += dev_lock(&dev)?.process_requestq(&mem)?;
+                        // Then let it notify again, serving whatever it
+                        // published unannounced in between.
+                        loop {
+                            while poll
+                                .poll(|| dev_lock(&dev).is_ok_and(|d| d.requestq_pending(&mem)))
+                            {
+                                requests += dev_lock(&dev)?.process_requestq_polling(&mem)?;
+                            }
+                            let mut d = dev_lock(&dev)?;
+                            if !d.resume_requestq_notifications(&mem)? {
+                                break;
+                            }
+                            requests += d.process_requestq_polling(&mem)?;
                         }
                     }
                     TOKEN_EVENTQ => {

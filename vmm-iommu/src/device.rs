@@ -478,8 +478,51 @@ impl VirtioIommu {
     /// Serves every available request (call on a request-queue
     /// notification). Returns the number of chains completed.
     pub fn process_requestq<M: GuestMemory>(&mut self, mem: &M) -> Result<usize, DeviceError> {
+        self.serve_requestq(mem, false)
+    }
+
+    /// Serves every available request as [`Self::process_requestq`] does,
+    /// but leaves the driver's notifications suppressed afterwards
+    /// (`VIRTQ_USED_F_NO_NOTIFY`, or with `VIRTIO_F_EVENT_IDX` an avail
+    /// event left behind): for a worker that polls the queue next, so that
+    /// a driver publishing while it is watched need not notify (a VM exit
+    /// saved per request; QEMU's IOThread polling does the same). When
+    /// the worker stops polling it must call
+    /// [`Self::resume_requestq_notifications`], and serve again if that
+    /// returns true; [`Self::process_requestq`] also lets the driver notify
+    /// again.
+    pub fn process_requestq_polling<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+    ) -> Result<usize, DeviceError> {
+        self.serve_requestq(mem, true)
+    }
+
+    /// Lets the driver notify the request queue again after
+    /// [`Self::process_requestq_polling`]. Returns whether requests were
+    /// published that no notification will announce (the driver saw them
+    /// suppressed): the caller serves them. Ok(false) before activation.
+    pub fn resume_requestq_notifications<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+    ) -> Result<bool, DeviceError> {
+        let Some(q) = self.requestq.as_mut() else {
+            return Ok(false);
+        };
+        q.enable_notification(mem)
+            .map_err(|source| DeviceError::Queue {
+                queue: REQUEST_QUEUE,
+                source,
+            })
+    }
+
+    fn serve_requestq<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        polling: bool,
+    ) -> Result<usize, DeviceError> {
         let mut q = self.requestq.take().ok_or(DeviceError::NotActivated)?;
-        let res = self.drain_requestq(mem, &mut q);
+        let res = self.drain_requestq(mem, &mut q, polling);
         self.requestq = Some(q);
         let (done, notify) = res?;
         if notify {
@@ -500,10 +543,13 @@ impl VirtioIommu {
         })
     }
 
+    /// Serves the request queue until it is empty; with `polling`, leaves
+    /// the driver's notifications off at the end.
     fn drain_requestq<M: GuestMemory>(
         &mut self,
         mem: &M,
         q: &mut Queue,
+        polling: bool,
     ) -> Result<(usize, bool), DeviceError> {
         let qerr = |source| DeviceError::Queue {
             queue: REQUEST_QUEUE,
@@ -522,7 +568,9 @@ impl VirtioIommu {
                 }
             }
             done += self.flush_invalidations(mem, q)?;
-            if !q.enable_notification(mem).map_err(qerr)? {
+            // Polling: the worker looks at the queue next, and lets the
+            // driver notify again when it stops.
+            if polling || !q.enable_notification(mem).map_err(qerr)? {
                 break;
             }
         }

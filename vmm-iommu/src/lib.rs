@@ -9,7 +9,7 @@
 //! | you want to | use |
 //! |---|---|
 //! | put a virtio-iommu in a VM | [`VirtioIommu`]: the device model your virtio-mmio or virtio-pci transport forwards to |
-//! | serve its request queue from a worker thread | [`VirtioIommu::process_requestq`] on each kick, then [`AdaptivePoll`] over [`VirtioIommu::requestq_pending`] before the thread sleeps again |
+//! | serve its request queue from a worker thread | [`VirtioIommu::process_requestq`] on each kick; or [`VirtioIommu::process_requestq_polling`] with [`AdaptivePoll`] over [`VirtioIommu::requestq_pending`] (the driver need not notify while the thread watches), then [`VirtioIommu::resume_requestq_notifications`] before the thread sleeps again |
 //! | configure it | [`IommuConfig`]: the `iommu` section of the VM config, from JSON (`docs/config.md`); a VMM's own config file embeds it with [`config::parse_json`] and [`config::IommuConfig::validate_at`] |
 //! | give an emulated device DMA by IOVA | [`Viommu::dma_memory`] (a `vm_memory::GuestMemory` with its own IOTLB), vm-memory's `IommuMemory` over [`Viommu::endpoint_iommu`], or a [`Translator`] for address-by-address use |
 //! | put an assigned device behind it | an [`IommuBackend`] (the `vfio-passthrough` crate has VFIO type1 and iommufd ones) in a [`Router`], then [`Viommu::with_router`] |

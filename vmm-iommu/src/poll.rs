@@ -227,4 +227,75 @@ mod device_tests {
         assert_eq!(h.dev.process_requestq(&h.mem).unwrap(), 1);
         assert!(!h.dev.requestq_pending(&h.mem), "every chain taken");
     }
+
+    fn attach(domain: u32) -> Vec<u8> {
+        Request::Attach(AttachReq {
+            domain,
+            endpoint: 1,
+            ..Default::default()
+        })
+        .encode()
+    }
+
+    /// Publishes one ATTACH; returns whether the device asked to be
+    /// notified of it.
+    fn publish(h: &mut Harness, domain: u32, event_idx: bool) -> bool {
+        let old = h.requestq.avail_idx();
+        h.queue_raw(&[&attach(domain)], &[4]);
+        h.requestq.kick(&h.mem);
+        h.requestq.device_wants_notification(&h.mem, old, event_idx)
+    }
+
+    /// Spec 2.7.10 (virtio 1.3): the device MAY suppress notifications
+    /// (VIRTQ_USED_F_NO_NOTIFY, or the avail event with EVENT_IDX). A
+    /// polling worker's pass leaves them off, so requests published while
+    /// it polls come without a notification; resuming turns them on again
+    /// and reports what was published unannounced, so none is stranded.
+    fn polling_suppresses_notifications_until_resumed(event_idx: bool) {
+        let mut h = if event_idx {
+            Harness::with_features(&IommuConfig::default(), &[1], 16, |d| d.avail_features())
+        } else {
+            Harness::new(&IommuConfig::default(), &[1])
+        };
+        assert!(
+            publish(&mut h, 1, event_idx),
+            "notifications are on at first"
+        );
+        assert_eq!(h.dev.process_requestq_polling(&h.mem).unwrap(), 1);
+        assert!(
+            !publish(&mut h, 2, event_idx),
+            "the device polls: no notification wanted"
+        );
+        assert_eq!(h.dev.process_requestq_polling(&h.mem).unwrap(), 1);
+        assert!(!publish(&mut h, 3, event_idx), "still polling");
+        // The worker stops polling: the request it did not see is reported,
+        // and from now on the driver notifies.
+        assert!(h.dev.resume_requestq_notifications(&h.mem).unwrap());
+        assert_eq!(h.dev.process_requestq(&h.mem).unwrap(), 1);
+        assert!(!h.dev.resume_requestq_notifications(&h.mem).unwrap());
+        assert!(publish(&mut h, 4, event_idx), "notifications are on again");
+        // A plain pass after a polling one leaves them on too.
+        assert_eq!(h.dev.process_requestq_polling(&h.mem).unwrap(), 1);
+        assert!(!publish(&mut h, 5, event_idx));
+        assert_eq!(h.dev.process_requestq(&h.mem).unwrap(), 1);
+        assert!(publish(&mut h, 6, event_idx));
+        assert_eq!(h.dev.process_requestq(&h.mem).unwrap(), 1);
+    }
+
+    #[test]
+    fn polling_suppresses_notifications_until_resumed_with_no_notify() {
+        polling_suppresses_notifications_until_resumed(false);
+    }
+
+    #[test]
+    fn polling_suppresses_notifications_until_resumed_with_event_idx() {
+        polling_suppresses_notifications_until_resumed(true);
+    }
+
+    #[test]
+    fn resuming_before_activation_is_a_no_op() {
+        let mut h = Harness::new(&IommuConfig::default(), &[1]);
+        h.dev.reset();
+        assert!(!h.dev.resume_requestq_notifications(&h.mem).unwrap());
+    }
 }

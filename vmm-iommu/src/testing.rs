@@ -177,6 +177,33 @@ impl DriverQueue {
             .unwrap();
     }
 
+    /// Whether the device asks for a notification of the chains published
+    /// since avail index `old` (up to the current one), as a driver decides
+    /// after publishing: with `event_idx`, whether the avail event the
+    /// device wrote lies among them (virtio 1.3, 2.7.10); without, whether
+    /// the used ring's flags lack `VIRTQ_USED_F_NO_NOTIFY`.
+    pub fn device_wants_notification<M: GuestMemory>(
+        &self,
+        mem: &M,
+        old: u16,
+        event_idx: bool,
+    ) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if event_idx {
+            let at = self.used.unchecked_add(4 + 8 * u64::from(self.size));
+            let event: u16 = mem.read_obj(at).unwrap();
+            self.avail_idx.wrapping_sub(event).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
+        } else {
+            let flags: u16 = mem.read_obj(self.used).unwrap();
+            flags & 1 == 0
+        }
+    }
+
+    /// The avail index the driver has reached (published or not).
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
     /// Takes the next used element: `(head, used length)`.
     pub fn pop_used<M: GuestMemory>(&mut self, mem: &M) -> Option<(u16, u32)> {
         let used_idx: u16 = mem.read_obj(self.used.unchecked_add(2)).unwrap();

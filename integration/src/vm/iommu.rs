@@ -106,6 +106,24 @@ impl VirtioDevice for VirtioIommu {
         queue == REQUEST_QUEUE && self.requestq_pending(mem)
     }
 
+    fn queue_poll_pass(&mut self, mem: &GuestMemoryMmap, queue: u16) -> Result<(), DeviceError> {
+        match queue {
+            REQUEST_QUEUE => self.process_requestq_polling(mem).map(|_| ()),
+            _ => self.queue_notify(mem, queue),
+        }
+    }
+
+    fn resume_notifications(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: u16,
+    ) -> Result<bool, DeviceError> {
+        match queue {
+            REQUEST_QUEUE => self.resume_requestq_notifications(mem),
+            _ => Ok(false),
+        }
+    }
+
     fn process_pending(&mut self, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
         if self.viommu().faults().is_empty() {
             return Ok(());

@@ -83,6 +83,21 @@ pub trait VirtioDevice: Send {
     fn queue_pending(&self, _mem: &GuestMemoryMmap, _queue: u16) -> bool {
         false
     }
+    /// Serves `queue` for a worker that polls it next: as a notification
+    /// would, but a device that can leaves the driver's notifications of
+    /// it off while it is watched.
+    fn queue_poll_pass(&mut self, mem: &GuestMemoryMmap, queue: u16) -> Result<(), DeviceError> {
+        self.queue_notify(mem, queue)
+    }
+    /// Lets the driver notify `queue` again when the worker stops polling
+    /// it; true if buffers came meanwhile that no notification announced.
+    fn resume_notifications(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        _queue: u16,
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
     /// Does work that waits on something other than a notification (for
     /// the IOMMU: fault records waiting for event buffers).
     fn process_pending(&mut self, mem: &GuestMemoryMmap) -> Result<(), DeviceError>;
@@ -635,8 +650,25 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             return;
         }
         self.stats.polled_passes += 1;
-        if let Err(e) = self.dev.queue_notify(mem, queue) {
+        if let Err(e) = self.dev.queue_poll_pass(mem, queue) {
             self.fail(&e);
+        }
+    }
+
+    /// The worker stops polling `queue`: the driver notifies it again.
+    /// Returns whether buffers came meanwhile that no notification
+    /// announced (the worker serves them); false while the device is not
+    /// running.
+    pub fn end_polling(&mut self, mem: &GuestMemoryMmap, queue: u16) -> bool {
+        if !self.running() || usize::from(queue) >= self.queues.len() {
+            return false;
+        }
+        match self.dev.resume_notifications(mem, queue) {
+            Ok(pending) => pending,
+            Err(e) => {
+                self.fail(&e);
+                false
+            }
         }
     }
 
@@ -925,6 +957,7 @@ mod tests {
         // Before DRIVER_OK nothing is served or counted.
         t.serve_polled(&mem, 0);
         assert_eq!(t.stats().polled_passes, 0);
+        assert!(!t.end_polling(&mem, 0));
         negotiate(&mut t, &mem, F_VERSION_1);
         ready_queues(&mut t, &mem);
         // The request queue where a driver's rings lie.
@@ -966,6 +999,24 @@ mod tests {
             (st.polled_passes, st.notifications, st.ignored),
             (1, [0, 0], 0)
         );
+        // The polled pass left the driver's notifications off; a request
+        // published now comes unannounced, and ending the polling turns
+        // them back on and reports it.
+        let old = dq.avail_idx();
+        dq.add_chain(
+            &mem,
+            &[
+                (GuestAddress(0x9000), req.len() as u32, false),
+                (GuestAddress(0x9100), 4, true),
+            ],
+        );
+        dq.kick(&mem);
+        assert!(!dq.device_wants_notification(&mem, old, false));
+        assert!(t.end_polling(&mem, 0), "a request came unannounced");
+        t.serve_polled(&mem, 0);
+        assert_eq!(dq.pop_used(&mem).map(|(_, len)| len), Some(4));
+        assert!(!t.end_polling(&mem, 0), "nothing came since");
+        assert!(dq.device_wants_notification(&mem, old, false));
     }
 
     #[test]

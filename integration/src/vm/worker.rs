@@ -22,7 +22,10 @@
 //! ([`vmm_iommu::AdaptivePoll`], QEMU's IOThread polling): a driver that
 //! sends its next request soon (an UNMAP right after a MAP) finds the
 //! worker awake instead of paying its wake-up. Each look takes the lock
-//! for one load of the avail index.
+//! for one load of the avail index. While it polls, the device asks the
+//! driver for no notifications (`VIRTQ_USED_F_NO_NOTIFY`, or the avail
+//! event with EVENT_IDX), so such a driver does not even exit to notify;
+//! they go back on before the worker sleeps.
 //!
 //! Ordering: the guest polls its used rings, and the device writes a
 //! request's status (and applies it, PAGE_RESP and invalidations
@@ -326,18 +329,29 @@ impl WorkerState {
     }
 
     /// Serves the request queue for as long as polling finds requests.
-    /// A kick the driver sent meanwhile stays in its eventfd: the next
-    /// `epoll_wait` returns at once and its pass finds nothing, so none
-    /// is lost.
+    /// Polled passes leave the driver's notifications off, so a guest
+    /// publishing while the worker watches does not exit to notify; when
+    /// polling ends they go back on, and requests published unannounced
+    /// in between are served before the worker sleeps. A kick the driver
+    /// sent meanwhile stays in its eventfd: the next `epoll_wait` returns
+    /// at once and its pass finds nothing, so none is lost.
     fn poll_requests(&mut self) {
         let (dev, mem) = (&self.dev, &self.mem);
-        while self
-            .poll
-            .poll(|| dev.lock().queue_pending(mem, REQUEST_QUEUE))
-        {
-            let mut t = self.dev.lock();
-            t.serve_polled(&self.mem, REQUEST_QUEUE);
-            self.dev.sample_mappings(&t);
+        loop {
+            while self
+                .poll
+                .poll(|| dev.lock().queue_pending(mem, REQUEST_QUEUE))
+            {
+                let mut t = dev.lock();
+                t.serve_polled(mem, REQUEST_QUEUE);
+                dev.sample_mappings(&t);
+            }
+            let mut t = dev.lock();
+            if !t.end_polling(mem, REQUEST_QUEUE) {
+                return;
+            }
+            t.serve_polled(mem, REQUEST_QUEUE);
+            dev.sample_mappings(&t);
         }
     }
 
