@@ -51,7 +51,9 @@ impl VirtioIommu {
     /// in the snapshot are checked against `mem` and served from now on,
     /// raising `interrupt`. On success the device behaves as the one
     /// snapshotted; the VMM then processes both queues once, in case a
-    /// notification was lost in the pause. On error the device is as
+    /// notification was lost in the pause (that request-queue pass also
+    /// lets the driver notify again, should the snapshot have been taken
+    /// while a worker polled with notifications off). On error the device is as
     /// before the call.
     pub fn restore<M: GuestMemory>(
         &mut self,
