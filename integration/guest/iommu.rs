@@ -645,14 +645,20 @@ impl Iommu {
         ])
     }
 
+    /// Notifies the request queue of what was pushed, unless the device
+    /// asked for no notification (its worker is polling the queue).
+    fn notify_requests(&self) {
+        if self.req.wants_notification() {
+            self.t.notify(0);
+        }
+    }
+
     /// Sends one chain made of `segs` and waits for it; the status is read
     /// from the last four bytes of the last writable segment.
     pub fn send_segs(&mut self, segs: &[Seg]) -> Reply {
         let head = self.req.set_chain(segs);
         self.req.push(head);
-        if self.req.wants_notification() {
-            self.t.notify(0);
-        }
+        self.notify_requests();
         let Some((id, used_len)) = self.req.wait_used(WAIT_CYCLES) else {
             println!("FAIL: no used entry for a request");
             rt::exit(line!());
@@ -813,9 +819,7 @@ impl Iommu {
                 .set_desc(d + 1, tail, TAIL_SIZE, virtio::DESC_F_WRITE, 0);
             self.req.push(d);
         }
-        if self.req.wants_notification() {
-            self.t.notify(0);
-        }
+        self.notify_requests();
         for _ in 0..batch.len() {
             let Some((id, used_len)) = self.req.wait_used(WAIT_CYCLES) else {
                 println!("FAIL: no used entry for a batched INVALIDATE");
@@ -851,9 +855,7 @@ impl Iommu {
                 .set_desc(d + 1, tail, TAIL_SIZE, virtio::DESC_F_WRITE, 0);
             self.req.push(d);
         }
-        if self.req.wants_notification() {
-            self.t.notify(0);
-        }
+        self.notify_requests();
     }
 
     /// Waits for the `n` requests [`Iommu::post_batch`] offered and writes
