@@ -420,6 +420,14 @@ impl EndpointIommu {
         self.endpoint
     }
 
+    /// A [`crate::DmaMemory`] for the same endpoint over `mem`: the fast
+    /// path beside this vm-memory view, for a device model that keeps
+    /// `IommuMemory` for its rings but copies its buffers directly (both
+    /// translate alike and report the same faults).
+    pub fn dma_memory<M: vm_memory::GuestMemoryBackend>(&self, mem: M) -> crate::DmaMemory<M> {
+        self.viommu.dma_memory(self.endpoint, mem)
+    }
+
     /// The shard of `iova`'s page: a multiplicative hash, so that strided
     /// layouts use every shard.
     #[inline(always)]
@@ -693,6 +701,32 @@ mod tests {
     fn ranges(ep: &EndpointIommu, iova: u64, len: usize) -> Option<Vec<(u64, usize)>> {
         let it = Iommu::translate(ep, GuestAddress(iova), len, Permissions::Read).ok()?;
         Some(it.map(|r| (r.base.0, r.length)).collect())
+    }
+
+    /// The `DmaMemory` an `EndpointIommu` hands out serves the same
+    /// endpoint: it reads what the vm-memory view reads, and an UNMAP
+    /// revokes both.
+    #[test]
+    fn endpoint_dma_memory_translates_as_the_iommu_view() {
+        let (v, mem) = rig();
+        map(&v, 0x10_0000, 0x1000, 0x3000);
+        let ep = v.endpoint_iommu(EP);
+        let dma = ep.dma_memory(mem.clone());
+        assert_eq!(dma.endpoint(), EP);
+        let view = IommuMemory::new(mem, v.endpoint_iommu(EP), true, ());
+        let a = GuestAddress(0x10_0010);
+        let fast: u64 = dma.read_obj(a).unwrap();
+        let slow: u64 = view.read_obj(a).unwrap();
+        assert_eq!(
+            (fast, slow),
+            (
+                u64::from_le_bytes([0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17]),
+                fast
+            )
+        );
+        unmap(&v, 0x10_0000, 0x1000);
+        assert!(dma.read_obj::<u64>(a).is_err());
+        assert!(view.read_obj::<u64>(a).is_err());
     }
 
     /// An UNMAP drops from a translator's IOTLB the pages it removed and

@@ -295,7 +295,7 @@ impl VirtioBlk {
             return Err(DeviceError::NotActivated);
         };
         let qerr = |source| DeviceError::Queue { queue: 0, source };
-        let mem = active.mem.clone();
+        let mem = &active.mem;
         let gm = mem.memory();
         let max_descs = usize::from(active.queue.size());
         let refusals_before = mem.refusals();
@@ -313,7 +313,7 @@ impl VirtioBlk {
             }
             let before = mem.refusals();
             let len = match chain_buffers(chain, max_descs) {
-                Ok(bufs) => serve(&mut self.disk, &mut self.stats, &mem, &bufs),
+                Ok(bufs) => serve(&mut self.disk, &mut self.stats, mem, &bufs),
                 Err(e) => {
                     warn!("virtio-blk: {e}");
                     self.stats.errors += 1;

@@ -6,6 +6,11 @@
 //! `VIRTIO_F_ACCESS_PLATFORM`), and then holds for every access — the
 //! descriptor table, both rings and the buffers.
 //!
+//! The buffers' bytes (a block request's data, the entropy) are copied
+//! through the endpoint's `vmm_iommu::DmaMemory` instead, when translated:
+//! the same translation and faults with an IOTLB of its own and no lock,
+//! so vm-memory's interface carries the rings and the fast path the bulk.
+//!
 //! This module owns that choice, the walk from a queue's available ring to
 //! each chain's buffers ([`available_chains`], [`chain_buffers`]) and the
 //! byte-stream view of those buffers ([`Segment`]); it never decides what a
@@ -20,7 +25,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Iotlb, Permissions};
 use vmm_iommu::wire::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
-use vmm_iommu::EndpointIommu;
+use vmm_iommu::{DmaMemory as FastDma, EndpointIommu};
 
 /// `VIRTIO_F_VERSION_1` as a feature mask.
 pub const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
@@ -180,8 +185,13 @@ impl DmaPath {
         // access to memory addresses supplied to it as the driver has",
         // i.e. the addresses are guest-physical.
         let translate = self.iommu.endpoint.is_some() && acked & F_ACCESS_PLATFORM != 0;
+        let fast = match &self.iommu.endpoint {
+            Some(ep) if translate => Some(ep.dma_memory(mem.clone())),
+            _ => None,
+        };
         DmaMemory {
             mem: IommuMemory::new(mem.clone(), self.iommu.clone(), translate, ()),
+            fast,
         }
     }
 
@@ -211,6 +221,10 @@ pub fn total_len(segs: &[Segment]) -> u64 {
 #[derive(Clone, Debug)]
 pub struct DmaMemory {
     mem: DmaGuestMemory,
+    /// The buffers' path when translated (see the module documentation).
+    /// Its IOTLB is built once per activation: a clone starts empty, so
+    /// device models borrow this memory rather than clone it per pass.
+    fast: Option<FastDma<GuestMemoryMmap>>,
 }
 
 impl DmaMemory {
@@ -228,6 +242,15 @@ impl DmaMemory {
     /// every activation of the device).
     pub fn refusals(&self) -> u64 {
         self.mem.iommu().refused.load(Ordering::Relaxed)
+    }
+
+    /// Counts a refusal on the buffers' path, as `DeviceIommu` counts
+    /// those of the rings' (an address that translates but is not RAM is
+    /// no refusal).
+    fn count_refusal(&self, e: &vm_memory::GuestMemoryError) {
+        if matches!(e, vm_memory::GuestMemoryError::IommuError(_)) {
+            self.mem.iommu().refused.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Test hook: reads 4 bytes at `iova` through the endpoint's
@@ -261,15 +284,19 @@ impl DmaMemory {
         let mut done = 0;
         for (addr, range) in Self::pieces(segs, offset, buf.len(), "read")? {
             let part = &mut buf[range];
-            self.mem
-                .read_slice(part, GuestAddress(addr))
-                .map_err(|source| DmaError::Access {
-                    op: "read",
-                    addr,
-                    len: part.len(),
-                    done,
-                    source,
-                })?;
+            let res = match &self.fast {
+                Some(f) => f
+                    .read_slice(part, GuestAddress(addr))
+                    .inspect_err(|e| self.count_refusal(e)),
+                None => self.mem.read_slice(part, GuestAddress(addr)),
+            };
+            res.map_err(|source| DmaError::Access {
+                op: "read",
+                addr,
+                len: part.len(),
+                done,
+                source,
+            })?;
             done += part.len();
         }
         Ok(())
@@ -281,15 +308,19 @@ impl DmaMemory {
         let mut done = 0;
         for (addr, range) in Self::pieces(segs, offset, data.len(), "write")? {
             let part = &data[range];
-            self.mem
-                .write_slice(part, GuestAddress(addr))
-                .map_err(|source| DmaError::Access {
-                    op: "write",
-                    addr,
-                    len: part.len(),
-                    done,
-                    source,
-                })?;
+            let res = match &self.fast {
+                Some(f) => f
+                    .write_slice(part, GuestAddress(addr))
+                    .inspect_err(|e| self.count_refusal(e)),
+                None => self.mem.write_slice(part, GuestAddress(addr)),
+            };
+            res.map_err(|source| DmaError::Access {
+                op: "write",
+                addr,
+                len: part.len(),
+                done,
+                source,
+            })?;
             done += part.len();
         }
         Ok(())

@@ -133,7 +133,7 @@ impl VirtioRng {
             return Err(DeviceError::NotActivated);
         };
         let qerr = |source| DeviceError::Queue { queue: 0, source };
-        let mem = active.mem.clone();
+        let mem = &active.mem;
         let gm = mem.memory();
         let max_descs = usize::from(active.queue.size());
         let refusals_before = mem.refusals();
@@ -153,7 +153,7 @@ impl VirtioRng {
                 Ok(bufs) => fill(
                     &mut *self.source,
                     &mut self.buf,
-                    &mem,
+                    mem,
                     &bufs.writable,
                     &mut self.stats,
                 ),
