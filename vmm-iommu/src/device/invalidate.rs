@@ -3,12 +3,11 @@
 //! any later request of the queue is applied (the nested extension).
 
 use log::debug;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
-use super::{DeviceError, VirtioIommu};
+use super::VirtioIommu;
 use crate::invalidation::Invalidation;
-use crate::wire::{Status, REQUEST_QUEUE, TAIL_SIZE};
+use crate::wire::{Status, TAIL_SIZE};
 
 /// An INVALIDATE whose status waits for the batch.
 #[derive(Clone, Copy, Debug)]
@@ -24,15 +23,12 @@ pub(super) struct DeferredInvalidate {
 
 impl VirtioIommu {
     /// Answers the deferred INVALIDATEs: one generic batch per domain goes
-    /// to the router, then every request gets its domain's status. Returns
-    /// the number of chains completed.
-    pub(super) fn flush_invalidations<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        q: &mut Queue,
-    ) -> Result<usize, DeviceError> {
+    /// to the router, then every request gets its domain's status and
+    /// joins the served chains the pass publishes next, after those served
+    /// before it.
+    pub(super) fn flush_invalidations<M: GuestMemory>(&mut self, mem: &M) {
         if self.pending.is_empty() {
-            return Ok(0);
+            return;
         }
         let pending = std::mem::take(&mut self.pending);
         let mut domains: Vec<(u32, Status)> = Vec::new();
@@ -76,16 +72,10 @@ impl VirtioIommu {
             } else {
                 0
             };
-            q.add_used(mem, d.head, len)
-                .map_err(|source| DeviceError::Queue {
-                    queue: REQUEST_QUEUE,
-                    source,
-                })?;
+            self.completed.push((d.head, len));
         }
         self.pending = pending;
-        let n = self.pending.len();
         self.pending.clear();
-        Ok(n)
     }
 
     /// The guest addresses of the four tail bytes of the current chain.
