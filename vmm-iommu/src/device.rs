@@ -456,6 +456,7 @@ impl VirtioIommu {
         self.interrupt = None;
         self.acked_features = 0;
         self.pending.clear();
+        self.completed.clear();
         for b in self.viommu.router().all() {
             b.set_page_requests(false);
         }
@@ -569,7 +570,18 @@ impl VirtioIommu {
         loop {
             q.disable_notification(mem).map_err(qerr)?;
             warm::warm_pending(mem, q);
-            while let Some(chain) = q.iter(mem).map_err(qerr)?.next() {
+            loop {
+                let chain = match q.iter(mem) {
+                    Ok(mut it) => it.next(),
+                    Err(e) => {
+                        // What was served before stays served.
+                        self.publish_used(mem, q)?;
+                        return Err(qerr(e));
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
                 let head = chain.head_index();
                 if let Some(len) = self.handle_chain(mem, chain) {
                     self.completed.push((head, len));
