@@ -201,6 +201,10 @@ pub struct VirtioIommu {
     /// Chains a pass has served but not yet put in the used ring:
     /// `(head, used length)`, published together (see `publish_used`).
     completed: Vec<(u16, u32)>,
+    /// The (domain, IOVA) of the MAPs and UNMAPs a pass is about to serve,
+    /// read ahead to warm their mapping-table lookups (kept to reuse its
+    /// buffer; at most a queue's worth).
+    table_hints: Vec<(u32, u64)>,
     /// INVALIDATEs of the current notification, answered together once
     /// every backend applied them.
     pending: Vec<DeferredInvalidate>,
@@ -313,6 +317,7 @@ impl VirtioIommu {
             stats: DeviceStats::default(),
             writable: Vec::new(),
             completed: Vec::new(),
+            table_hints: Vec::new(),
             probe_buf: Vec::new(),
             pending: Vec::new(),
         };
@@ -569,7 +574,14 @@ impl VirtioIommu {
         let mut done = 0;
         loop {
             q.disable_notification(mem).map_err(qerr)?;
-            warm::warm_pending(mem, q);
+            self.table_hints.clear();
+            let state = self.viommu.state();
+            let hints = state.warming_pays().then_some(&mut self.table_hints);
+            warm::warm_pending(mem, q, hints);
+            if !self.table_hints.is_empty() {
+                state.warm_mappings(&self.table_hints);
+            }
+            drop(state);
             loop {
                 let chain = match q.iter(mem) {
                     Ok(mut it) => it.next(),

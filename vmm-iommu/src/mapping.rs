@@ -49,6 +49,8 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use crate::prefetch::prefetch;
+
 /// Most entries one chunk holds; a full chunk splits in two.
 pub const CHUNK_CAPACITY: usize = 16;
 /// A chunk that falls below this many entries merges with a neighbour
@@ -67,6 +69,13 @@ const LEAF: usize = 16;
 /// A chunked table that shrinks to this many mappings or fewer moves back
 /// inline.
 const SMALL_BACK: usize = CHUNK_CAPACITY / 2;
+/// Chunks a table holds before lookups are worth warming ahead
+/// ([`MappingTable::warm_directory`]): below it (about 4 MiB of chunks) the
+/// table stays in this machine kind's caches and warming only costs.
+const WARM_MIN_CHUNKS: usize = 10_000;
+/// Fewest mappings a table of [`WARM_MIN_CHUNKS`] holds (chunks stay a
+/// quarter full): below it no table is worth warming.
+pub(crate) const WARM_MIN_MAPPINGS: usize = WARM_MIN_CHUNKS * CHUNK_MIN;
 /// Flag bits packed into the low bits of the stored physical address.
 const FLAG_BITS: u64 = 0x7;
 
@@ -290,14 +299,21 @@ impl Directory {
     /// as the directory last saw the table.
     #[inline(always)]
     fn search(&self, addr: u64) -> Option<u32> {
+        let (_, leaf) = self.leaf_of(addr)?;
+        let c = count_le(&leaf.keys, addr);
+        leaf.slots.get(c.checked_sub(1)?).copied()
+    }
+
+    /// The bottom group [`Directory::search`] reads for `addr`, and its
+    /// number, found through the levels above it only.
+    #[inline(always)]
+    fn leaf_of(&self, addr: u64) -> Option<(usize, &Leaf)> {
         let mut g = 0usize;
         for level in self.upper.iter().rev() {
             let c = count_le(level.get(g)?, addr);
             g = (g * GROUP + c).checked_sub(1)?;
         }
-        let leaf = self.leaves.get(g)?;
-        let c = count_le(&leaf.keys, addr);
-        leaf.slots.get(c.checked_sub(1)?).copied()
+        self.leaves.get(g).map(|l| (g, l))
     }
 
     /// The last key, if any.
@@ -410,6 +426,9 @@ pub struct MappingTable {
     /// and the next key above it. MAP and UNMAP then find their chunk
     /// without a B-tree descent wherever the directory is right.
     next_key: Vec<u64>,
+    /// The slot the last MAP or UNMAP found its chunk in (a hint, checked
+    /// before use: see `chunk_at_recent`).
+    recent: u32,
     dir: Directory,
     len: usize,
 }
@@ -485,20 +504,42 @@ impl MappingTable {
     #[inline]
     fn chunk_at(&self, addr: u64) -> Option<(u64, u32)> {
         if let Some(slot) = self.dir.search(addr) {
-            let s = slot as usize;
-            // A free slot (the directory may be stale) holds no entries.
-            // `u64::MAX` as the next key also stands for "none", so
-            // `addr == u64::MAX` is left to the B-tree.
-            if let (Some(&n), Some(&next), Some(c)) =
-                (self.lens.get(s), self.next_key.get(s), self.chunk(slot))
-            {
-                let key = c.entries[0].start;
-                if n > 0 && key <= addr && addr < next {
-                    return Some((key, slot));
-                }
+            if let Some(key) = self.confirm(slot, addr) {
+                return Some((key, slot));
             }
         }
         self.index.range(..=addr).next_back().map(|(&k, &s)| (k, s))
+    }
+
+    /// [`Self::chunk_at`] for a change, trying first the slot the last
+    /// change worked in: an UNMAP of what was just mapped, or a driver's
+    /// IOVA allocator handing out neighbouring addresses, then needs no
+    /// directory search.
+    #[inline]
+    fn chunk_at_recent(&mut self, addr: u64) -> Option<(u64, u32)> {
+        let recent = self.recent;
+        if let Some(key) = self.confirm(recent, addr) {
+            return Some((key, recent));
+        }
+        let found = self.chunk_at(addr);
+        if let Some((_, slot)) = found {
+            self.recent = slot;
+        }
+        found
+    }
+
+    /// The key of the chunk in `slot` if it is the chunk [`Self::chunk_at`]
+    /// looks for: its key at or below `addr` and the next key above it.
+    /// Exact for any slot number, so a stale directory answer or a stale
+    /// recent slot is only a miss: a free slot holds no entries, and
+    /// `u64::MAX` as the next key also stands for "none", so `addr ==
+    /// u64::MAX` is left to the B-tree.
+    #[inline(always)]
+    fn confirm(&self, slot: u32, addr: u64) -> Option<u64> {
+        let s = slot as usize;
+        let (&n, &next, c) = (self.lens.get(s)?, self.next_key.get(s)?, self.chunk(slot)?);
+        let key = c.entries[0].start;
+        (n > 0 && key <= addr && addr < next).then_some(key)
     }
 
     /// The next key of `slot` (`u64::MAX` for none).
@@ -534,6 +575,54 @@ impl MappingTable {
                 self.next_key[p as usize] = k;
             }
             prev = Some(s);
+        }
+    }
+
+    /// The first of two rounds that warm lookups of many addresses at once
+    /// (see [`MappingTable::warm_chunk`]): starts loading the bottom
+    /// directory group a lookup of `addr` reads, and returns its number for
+    /// round two. `None` for a table small enough to stay in cache.
+    ///
+    /// A lookup in a large table waits for two or three misses in turn
+    /// (directory group, then slot and chunk), and a pass of requests
+    /// served one after another waits for each request's in turn. Round
+    /// one for every address of the pass, then round two, lets the memory
+    /// system serve all of one round's misses together.
+    pub fn warm_directory(&self, addr: u64) -> Option<u32> {
+        if !self.chunked || self.index.len() < WARM_MIN_CHUNKS {
+            return None;
+        }
+        let (g, l) = self.dir.leaf_of(addr)?;
+        prefetch(&l.keys[0]);
+        prefetch(&l.keys[LEAF / 2]);
+        prefetch(&l.slots[0]);
+        u32::try_from(g).ok()
+    }
+
+    /// The second round, once [`MappingTable::warm_directory`] has
+    /// returned `leaf` for `addr` (with no change to the table in
+    /// between): starts loading the chunk a lookup of `addr` reads, every
+    /// line of it, and its slot's length and next key.
+    pub fn warm_chunk(&self, addr: u64, leaf: u32) {
+        let Some(l) = self.dir.leaves.get(leaf as usize) else {
+            return;
+        };
+        let Some(&slot) = count_le(&l.keys, addr)
+            .checked_sub(1)
+            .and_then(|i| l.slots.get(i))
+        else {
+            return;
+        };
+        let s = slot as usize;
+        if let (Some(n), Some(l)) = (self.next_key.get(s), self.lens.get(s)) {
+            prefetch(n);
+            prefetch(l);
+        }
+        if let Some(c) = self.chunk(slot) {
+            // One entry on each of the chunk's six lines.
+            for i in [0, 3, 6, 8, 11, 14] {
+                prefetch(&c.entries[i]);
+            }
         }
     }
 
@@ -729,7 +818,7 @@ impl MappingTable {
         // The chunk holding the last start <= m.end. If its key lies above
         // m.start, its first mapping starts inside [start, end]: overlap.
         // Otherwise it is also the chunk m belongs in.
-        let Some((key, slot)) = self.chunk_at(m.end) else {
+        let Some((key, slot)) = self.chunk_at_recent(m.end) else {
             // Below every chunk (or empty): first in the first chunk, whose
             // key moves down, or a new chunk.
             match self.index.first_key_value().map(|(&k, &s)| (k, s)) {
@@ -893,7 +982,7 @@ impl MappingTable {
     ) -> Result<(), SplitError> {
         // Fast path: every affected mapping lies in the chunk that holds
         // `start` and the range ends before that chunk does. One descent.
-        if let Some((key, slot)) = self.chunk_at(start) {
+        if let Some((key, slot)) = self.chunk_at_recent(start) {
             let chunk = self.entries(slot);
             // The range ends in this chunk when an entry of it starts past
             // `end`, or when no later chunk starts at or before `end` (the
@@ -1296,6 +1385,106 @@ mod tests {
         }
         t.check_links();
         check_find(&t, &model, 2 * n + 2);
+        assert_eq!(
+            t.iter().collect::<Vec<_>>(),
+            model.values().copied().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn warming_skips_a_table_that_stays_in_cache_and_names_the_leaf_a_lookup_reads() {
+        let mut t = MappingTable::new();
+        for i in 0..1_000u64 {
+            t.insert(m(i * 0x2000, i * 0x2000 + 0xfff));
+        }
+        assert_eq!(
+            t.warm_directory(0x2000),
+            None,
+            "a small table is not warmed"
+        );
+        // Ascending inserts: full chunks and a fresh directory.
+        let n = (WARM_MIN_CHUNKS * CHUNK_CAPACITY) as u64;
+        for i in 1_000..n {
+            t.insert(m(i * 0x2000, i * 0x2000 + 0xfff));
+        }
+        assert!(t.index.len() >= WARM_MIN_CHUNKS);
+        let before: Vec<Mapping> = t.iter().collect();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut addrs = vec![0, 0xfff, 0x1000, u64::MAX, (n - 1) * 0x2000, n * 0x2000];
+        for _ in 0..2_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            addrs.push(x % (n * 0x2000 + 0x10_0000));
+        }
+        for a in addrs {
+            let Some(leaf) = t.warm_directory(a) else {
+                // Unused directory positions hold u64::MAX: the top address
+                // is left to the B-tree, warmed or not.
+                assert_eq!(a, u64::MAX, "a large table is warmed at {a:#x}");
+                continue;
+            };
+            // Round one names the leaf holding the slot of the chunk a
+            // lookup finds.
+            let (_, slot) = t.chunk_at(a).expect("every address is above the first key");
+            assert!(
+                t.dir.leaves[leaf as usize].slots.contains(&slot),
+                "leaf {leaf} for {a:#x} holds slot {slot}"
+            );
+            t.warm_chunk(a, leaf);
+            // A wrong or out-of-range leaf is only a useless hint.
+            t.warm_chunk(a, 0);
+            t.warm_chunk(a, u32::MAX);
+        }
+        assert_eq!(
+            t.iter().collect::<Vec<_>>(),
+            before,
+            "warming changes nothing"
+        );
+        t.check_links();
+    }
+
+    #[test]
+    fn a_recent_slot_is_used_only_for_addresses_its_chunk_holds() {
+        // Two full chunks: [0, 16) and [16, 32) in units of 0x2000.
+        let mut t = MappingTable::new();
+        let mut model = BTreeMap::new();
+        for i in 0..(2 * CHUNK_CAPACITY as u64) {
+            let x = m(i * 0x2000, i * 0x2000 + 0xfff);
+            t.insert(x);
+            model.insert(x.start, x);
+        }
+        let mut out = vec![];
+        // The low chunk becomes the recent one; then a MAP and an UNMAP
+        // above its next key must go to the high chunk, not to it.
+        t.remove_range(0x2000, 0x2fff, &mut out).unwrap();
+        model.remove(&0x2000);
+        let high = m(20 * 0x2000 + 0x1000, 20 * 0x2000 + 0x1fff);
+        assert!(t.try_insert(high));
+        model.insert(high.start, high);
+        t.remove_range(24 * 0x2000, 24 * 0x2000 + 0xfff, &mut out)
+            .unwrap();
+        model.remove(&(24 * 0x2000));
+        // Below the recent chunk's key (after it moved up): the B-tree or
+        // the directory, not the recent slot.
+        t.remove_range(0, 0xfff, &mut out).unwrap();
+        model.remove(&0);
+        let low = m(0, 0xfff);
+        assert!(t.try_insert(low));
+        model.insert(low.start, low);
+        // Free the recent slot and let a new chunk take it.
+        for i in 16..32u64 {
+            let _ = t.remove_range(i * 0x2000, i * 0x2000 + 0x1fff, &mut out);
+            model.remove(&(i * 0x2000));
+            model.remove(&(i * 0x2000 + 0x1000));
+        }
+        for i in 40..(40 + 2 * CHUNK_CAPACITY as u64) {
+            let x = m(i * 0x2000, i * 0x2000 + 0xfff);
+            assert!(t.try_insert(x));
+            model.insert(x.start, x);
+        }
+        t.check_links();
+        check_find(&t, &model, 0x200);
         assert_eq!(
             t.iter().collect::<Vec<_>>(),
             model.values().copied().collect::<Vec<_>>()

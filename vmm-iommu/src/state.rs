@@ -24,7 +24,7 @@ use crate::backend::MmioWindow;
 use crate::config::{IommuConfig, Limits, ReservedKind, ReservedRegion};
 use crate::idhash::IdMap;
 use crate::invalidation::InvalidateError;
-use crate::mapping::{Mapping, MappingTable};
+use crate::mapping::{Mapping, MappingTable, WARM_MIN_MAPPINGS};
 use crate::wire::{
     AttachReq, DetachReq, MapReq, ProbeReq, Status, TableDesc, UnmapReq,
     VIRTIO_IOMMU_ATTACH_F_BYPASS, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_MAP_UNMAP,
@@ -685,6 +685,45 @@ impl IommuState {
         }
     }
 
+    /// Whether some domain may hold enough mappings that warming their
+    /// lookups ahead of a pass ([`IommuState::warm_mappings`]) pays.
+    pub(crate) fn warming_pays(&self) -> bool {
+        self.total_mappings >= WARM_MIN_MAPPINGS as u64
+    }
+
+    /// Warms the mapping-table lookups that MAPs and UNMAPs at `hints`
+    /// (domain, IOVA) will make, in two rounds over each group of them
+    /// (see [`MappingTable::warm_directory`]). Hints are only hints: a
+    /// domain that does not exist or has no mapping table is skipped, and
+    /// nothing changes.
+    pub(crate) fn warm_mappings(&self, hints: &[(u32, u64)]) {
+        const GROUP: usize = 64;
+        // Requests of one pass mostly name one domain.
+        let mut last: Option<(u32, Option<&MappingTable>)> = None;
+        let mut table = |d: u32| match last {
+            Some((id, t)) if id == d => t,
+            _ => {
+                let t = match self.domains.get(&d).map(|d| &d.kind) {
+                    Some(DomainKind::Mapped(t)) => Some(&**t),
+                    _ => None,
+                };
+                last = Some((d, t));
+                t
+            }
+        };
+        for group in hints.chunks(GROUP) {
+            let mut leaves = [None; GROUP];
+            for (leaf, &(d, addr)) in leaves.iter_mut().zip(group) {
+                *leaf = table(d).and_then(|t| t.warm_directory(addr));
+            }
+            for (leaf, &(d, addr)) in leaves.iter().zip(group) {
+                if let (Some(leaf), Some(t)) = (*leaf, table(d)) {
+                    t.warm_chunk(addr, leaf);
+                }
+            }
+        }
+    }
+
     /// The mappings the last successful UNMAP removed (for backends).
     pub fn last_removed(&self) -> &[Mapping] {
         &self.scratch
@@ -1325,5 +1364,52 @@ impl IommuState {
             },
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod warm_tests {
+    use super::*;
+
+    #[test]
+    fn warming_pays_past_its_bound_and_any_hint_is_harmless() {
+        let mut st = IommuState::new(&IommuConfig::default(), &[1, 2], &[(0, 1 << 40)]);
+        st.set_acked_features(1 << VIRTIO_IOMMU_F_MAP_UNMAP | 1 << VIRTIO_IOMMU_F_BYPASS_CONFIG);
+        let attach = |domain, endpoint, flags| AttachReq {
+            domain,
+            endpoint,
+            flags,
+            reserved: [0; 4],
+        };
+        st.attach(&attach(1, 1, 0)).unwrap();
+        st.attach(&attach(2, 2, VIRTIO_IOMMU_ATTACH_F_BYPASS))
+            .unwrap();
+        let map = |i: u64| MapReq {
+            domain: 1,
+            virt_start: 0x1_0000_0000 + 2 * i * 0x1000,
+            virt_end: 0x1_0000_0000 + 2 * i * 0x1000 + 0xfff,
+            phys_start: i * 0x1000,
+            flags: VIRTIO_IOMMU_MAP_F_READ,
+        };
+        let n = WARM_MIN_MAPPINGS as u64;
+        for i in 0..n - 1 {
+            st.map(&map(i)).unwrap();
+        }
+        assert!(!st.warming_pays());
+        st.map(&map(n - 1)).unwrap();
+        assert!(st.warming_pays());
+        let before = st.mappings(1);
+        // Mapped, bypass and unknown domains; addresses anywhere; more
+        // hints than one group.
+        let hints: Vec<(u32, u64)> = (0..200u64)
+            .map(|i| match i % 4 {
+                0 => (1, 0x1_0000_0000 + i * 0x3000),
+                1 => (2, i),
+                2 => (7, u64::MAX - i),
+                _ => (1, u64::MAX - i),
+            })
+            .collect();
+        st.warm_mappings(&hints);
+        assert_eq!(st.mappings(1), before, "warming changes no mapping");
     }
 }

@@ -14,6 +14,8 @@
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
+
+use crate::wire::{VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_UNMAP};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
@@ -23,7 +25,16 @@ use vm_memory::{
 /// returns how many it loaded. Skips whatever is not guest RAM: rings or
 /// buffers outside it (the pass reports those), heads out of range, and
 /// memory behind a translation.
-pub(super) fn warm_pending<M: GuestMemory>(mem: &M, q: &Queue) -> usize {
+///
+/// With `hints`, the domain and first IOVA of every MAP and UNMAP among
+/// them go there, for the pass to warm the mapping-table lookups those will make
+/// ([`crate::IommuState::warm_mappings`]). Read once here and never
+/// trusted: the pass decodes and checks each request again.
+pub(super) fn warm_pending<M: GuestMemory>(
+    mem: &M,
+    q: &Queue,
+    mut hints: Option<&mut Vec<(u32, u64)>>,
+) -> usize {
     let Some(ram) = mem.physical_memory() else {
         return 0;
     };
@@ -72,14 +83,36 @@ pub(super) fn warm_pending<M: GuestMemory>(mem: &M, q: &Queue) -> usize {
             });
         }
         if let Some((start, _, s)) = region.as_ref().filter(|r| inside(r)) {
-            if let Ok(b) = s.load::<u8>((addr - start) as usize, Ordering::Relaxed) {
-                sink ^= b;
-                warmed += 1;
+            let off = (addr - start) as usize;
+            let Ok(b) = s.load::<u8>(off, Ordering::Relaxed) else {
+                continue;
+            };
+            sink ^= b;
+            warmed += 1;
+            if let Some(hints) = hints.as_deref_mut() {
+                let words = (
+                    s.load::<u64>(off, Ordering::Relaxed),
+                    s.load::<u64>(off.wrapping_add(8), Ordering::Relaxed),
+                );
+                // An UNMAP of what the MAP before it mapped (a driver
+                // unmapping a buffer at once) needs no second warming.
+                if let Some(h) = table_hint(words).filter(|h| hints.last() != Some(h)) {
+                    hints.push(h);
+                }
             }
         }
     }
     std::hint::black_box(sink);
     warmed
+}
+
+/// The (domain, first IOVA) of a MAP or UNMAP whose first 16 bytes,
+/// as two little-endian words, are `words`: the request head (its type
+/// in the first byte) and `domain`, then `virt_start`, in both.
+fn table_hint<E>(words: (Result<u64, E>, Result<u64, E>)) -> Option<(u32, u64)> {
+    let (w0, w1) = (u64::from_le(words.0.ok()?), u64::from_le(words.1.ok()?));
+    let t = w0 as u8;
+    (t == VIRTIO_IOMMU_T_MAP || t == VIRTIO_IOMMU_T_UNMAP).then_some(((w0 >> 32) as u32, w1))
 }
 
 #[cfg(test)]
@@ -114,9 +147,45 @@ mod tests {
         dq.add_chain(&mem, &buf(0x9000));
         let avail_idx = GuestAddress(q.avail_ring()).unchecked_add(2);
         mem.write_obj(3u16, avail_idx).unwrap();
-        assert_eq!(warm_pending(&mem, &q), 2);
+        assert_eq!(warm_pending(&mem, &q, None), 2);
         dq.kick(&mem);
-        assert_eq!(warm_pending(&mem, &q), 3);
+        assert_eq!(warm_pending(&mem, &q, None), 3);
+    }
+
+    #[test]
+    fn hints_name_the_domain_and_iova_of_each_map_and_unmap() {
+        use crate::wire::VIRTIO_IOMMU_T_ATTACH;
+        let mem = ram();
+        let mut dq = DriverQueue::new(&mem, GuestAddress(0x1000), 16);
+        let q = dq.device_queue();
+        let mut req = |at: u64, t: u8, domain: u32, start: u64| {
+            let mut b = [0u8; 24];
+            b[0] = t;
+            b[4..8].copy_from_slice(&domain.to_le_bytes());
+            b[8..16].copy_from_slice(&start.to_le_bytes());
+            mem.write_slice(&b, GuestAddress(at)).unwrap();
+            dq.add_chain(
+                &mem,
+                &[
+                    (GuestAddress(at), 24, false),
+                    (GuestAddress(at + 0x80), 4, true),
+                ],
+            );
+        };
+        req(0x8000, VIRTIO_IOMMU_T_MAP, 1, 0x10_0000);
+        // The UNMAP of what the MAP before it mapped: no second hint.
+        req(0x8100, VIRTIO_IOMMU_T_UNMAP, 1, 0x10_0000);
+        req(0x8200, VIRTIO_IOMMU_T_UNMAP, 0xffff_fffe, u64::MAX);
+        // Not a MAP or an UNMAP.
+        req(0x8300, VIRTIO_IOMMU_T_ATTACH, 1, 0x30_0000);
+        // A request the words cannot be loaded from whole: warmed only.
+        req(0x8403, VIRTIO_IOMMU_T_MAP, 1, 0x40_0000);
+        dq.kick(&mem);
+        let mut hints = vec![];
+        assert_eq!(warm_pending(&mem, &q, Some(&mut hints)), 5);
+        assert_eq!(hints, [(1, 0x10_0000), (0xffff_fffe, u64::MAX)]);
+        // Without a buffer for hints, the same loads and none kept.
+        assert_eq!(warm_pending(&mem, &q, None), 5);
     }
 
     #[test]
@@ -141,11 +210,11 @@ mod tests {
             .unwrap();
         mem.write_obj(u64::MAX, desc.unchecked_add(16 * 5)).unwrap();
         mem.write_obj(60_000u16, avail.unchecked_add(2)).unwrap();
-        assert_eq!(warm_pending(&mem, &q), 4);
+        assert_eq!(warm_pending(&mem, &q, None), 4);
         // Rings outside RAM: nothing.
         let mut far = Queue::new(16).unwrap();
         far.set_avail_ring_address(Some(0), Some(1));
         far.set_desc_table_address(Some(0), Some(1));
-        assert_eq!(warm_pending(&mem, &far), 0);
+        assert_eq!(warm_pending(&mem, &far, None), 0);
     }
 }

@@ -1,0 +1,30 @@
+//! Software prefetch: asks the core to start loading a cache line and goes
+//! on at once.
+//!
+//! Why not an ordinary load: a load that misses holds its place in the
+//! core's reorder buffer until the line arrives, so a loop of loads with a
+//! few dozen instructions of work each keeps only a handful of misses in
+//! flight. A prefetch retires at once, and a loop of them keeps as many in
+//! flight as the memory system takes. Warming a pass of requests
+//! (`IommuState::warm_mappings`) measured 1.29 → 0.86 µs per MAP+UNMAP pair
+//! over 1,000,000 mappings with prefetches, and slower than no warming at
+//! all with loads.
+
+/// Starts loading the cache line holding `*p` into every cache level.
+/// Only a hint: on targets without the instruction it does nothing.
+#[inline(always)]
+#[allow(unsafe_code)]
+pub(crate) fn prefetch<T>(p: &T) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
+    // SAFETY: `_mm_prefetch` (PREFETCHT0) reads no memory the program can
+    // observe and never faults, whatever the address (Intel SDM vol. 2,
+    // PREFETCHh); the address here is a live reference's anyway. The
+    // intrinsic's one requirement, SSE, holds for this build (the cfg
+    // above).
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((p as *const T).cast::<i8>());
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
+    let _ = p;
+}
