@@ -582,24 +582,34 @@ impl VirtioIommu {
                 state.warm_mappings(&self.table_hints);
             }
             drop(state);
+            // One look at the avail index serves up to a used batch: the
+            // index is the driver's hot line, read again only between
+            // batches (and chains published meanwhile are found then).
             loop {
-                let chain = match q.iter(mem) {
-                    Ok(mut it) => it.next(),
+                let mut chains = match q.iter(mem) {
+                    Ok(it) => it,
                     Err(e) => {
                         // What was served before stays served.
                         self.publish_used(mem, q)?;
                         return Err(qerr(e));
                     }
                 };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                if let Some(len) = self.handle_chain(mem, chain) {
-                    self.completed.push((head, len));
-                    if self.completed.len() >= USED_BATCH {
-                        done += self.publish_used(mem, q)?;
+                let mut took = false;
+                for chain in chains.by_ref() {
+                    took = true;
+                    let head = chain.head_index();
+                    if let Some(len) = self.handle_chain(mem, chain) {
+                        self.completed.push((head, len));
+                        if self.completed.len() >= USED_BATCH {
+                            break;
+                        }
                     }
+                }
+                if self.completed.len() >= USED_BATCH {
+                    done += self.publish_used(mem, q)?;
+                }
+                if !took {
+                    break;
                 }
             }
             self.flush_invalidations(mem);

@@ -156,12 +156,27 @@ fn no_translation_returns_a_mapping_after_its_unmap_status() {
     // Pair k uses a page no other pair uses, so a value never comes back.
     let last = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
+    // The pairs start once both readers hold their translator: a writer
+    // that takes the write lock back to back can otherwise finish before
+    // a reader gets the read lock it builds one under.
+    let ready = Arc::new(AtomicU64::new(0));
+    // Checks made, over both readers: every 1,024 pairs the writer leaves
+    // the last UNMAP's IOVA in place until a reader has checked it, so the
+    // check runs however the three threads share two cores.
+    let seen = Arc::new(AtomicU64::new(0));
     let readers: Vec<_> = (0..2)
         .map(|t| {
-            let (v, last, done) = (Arc::clone(&v), Arc::clone(&last), Arc::clone(&done));
+            let (v, last, done, ready, seen) = (
+                Arc::clone(&v),
+                Arc::clone(&last),
+                Arc::clone(&done),
+                Arc::clone(&ready),
+                Arc::clone(&seen),
+            );
             std::thread::spawn(move || {
                 let mut tr = v.translator(EP);
                 assert!(tr.is_lock_free());
+                ready.fetch_add(1, Ordering::AcqRel);
                 let (mut checked, mut x) = (0u64, 0x9E37_79B9_7F4A_7C15u64 ^ t);
                 while !done.load(Ordering::Acquire) {
                     let gone = last.load(Ordering::Acquire);
@@ -174,6 +189,7 @@ fn no_translation_returns_a_mapping_after_its_unmap_status() {
                             "{gone:#x} translated after its UNMAP: {r:?}"
                         );
                         checked += 1;
+                        seen.fetch_add(1, Ordering::AcqRel);
                     }
                     // And the resident mappings keep translating right.
                     x ^= x << 13;
@@ -187,6 +203,9 @@ fn no_translation_returns_a_mapping_after_its_unmap_status() {
             })
         })
         .collect();
+    while ready.load(Ordering::Acquire) < 2 {
+        std::thread::yield_now();
+    }
     for k in 0..PAIRS {
         let iova = 0x1_0000_0000 + (2 * (k % RESIDENT) + 1) * 4096 + (k / RESIDENT) * (1 << 32);
         last.store(0, Ordering::Release);
@@ -196,10 +215,16 @@ fn no_translation_returns_a_mapping_after_its_unmap_status() {
         );
         assert_eq!(v.apply(&unmap(iova, iova + 4095)), Ok(Applied::Unmapped(1)));
         last.store(iova, Ordering::Release);
+        if k % 1024 == 1023 {
+            let before = seen.load(Ordering::Acquire);
+            while seen.load(Ordering::Acquire) == before {
+                std::thread::yield_now();
+            }
+        }
     }
     done.store(true, Ordering::Release);
     let checked: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
-    assert!(checked > 0);
+    assert!(checked >= PAIRS / 1024, "{checked} checks");
 }
 
 #[test]
