@@ -571,7 +571,45 @@ impl<'a, M: GuestMemoryBackend> Iterator for DmaSlices<'a, M> {
 /// Once it has returned `None` or an error, it returns `None`.
 impl<M: GuestMemoryBackend> FusedIterator for DmaSlices<'_, M> {}
 
-impl<'a, M: GuestMemoryBackend> GuestMemorySliceIterator<'a, MS<'a, M>> for DmaSlices<'a, M> {}
+impl<'a, M: GuestMemoryBackend> GuestMemorySliceIterator<'a, MS<'a, M>> for DmaSlices<'a, M> {
+    /// vm-memory's `Bytes` methods (what virtio-queue reads rings and
+    /// descriptors with) take every access through here. The default
+    /// wraps the iterator in a `Peekable` of `Result`s, whose large items
+    /// were copied on the stack at every step: an IOTLB hit through `Bytes`
+    /// cost 22 ns where `DmaMemory`'s own `read_obj` takes 8.5. This one
+    /// does the same (an error at the first slice is the access's, one
+    /// after it ends the iteration) with no wrapper around the slices.
+    fn stop_on_error(
+        mut self,
+    ) -> GuestMemoryResult<impl Iterator<Item = VolatileSlice<'a, MS<'a, M>>>> {
+        let first = match self.next() {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => return Err(e),
+            None => None,
+        };
+        Ok(SlicesUntilError { first, rest: self })
+    }
+}
+
+/// [`DmaSlices`] after its first slice was looked at, ending at the first
+/// error (see `stop_on_error`).
+struct SlicesUntilError<'a, M: GuestMemoryBackend> {
+    first: Option<VolatileSlice<'a, MS<'a, M>>>,
+    rest: DmaSlices<'a, M>,
+}
+
+impl<'a, M: GuestMemoryBackend> Iterator for SlicesUntilError<'a, M> {
+    type Item = VolatileSlice<'a, MS<'a, M>>;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(s) = self.first.take() {
+            return Some(s);
+        }
+        // `DmaSlices` returns nothing after an error.
+        self.rest.next()?.ok()
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -889,6 +927,49 @@ mod tests {
         assert!(dma
             .get_slices(GuestAddress(0x20_1010), 8, Permissions::Read)
             .is_err());
+    }
+
+    #[test]
+    fn bytes_trait_serves_up_to_the_first_refusal_and_fails_on_a_refused_start() {
+        let (v, dma) = setup();
+        map(&v, 0x10_0000, 1, 0x4000, RW);
+        // Mapped, but onto guest-physical addresses with no RAM.
+        map(&v, 0x40_0000, 1, RAM, RW);
+        let mut buf = [0u8; 16];
+        let read = |buf: &mut [u8], a: u64| {
+            <DmaMemory<_> as Bytes<GuestAddress>>::read(&dma, buf, GuestAddress(a))
+        };
+        // The mapped half, then the refusal ends the access.
+        assert_eq!(read(&mut buf, 0x10_0ff8).unwrap(), 8);
+        assert!(matches!(
+            <DmaMemory<_> as Bytes<GuestAddress>>::read_slice(
+                &dma,
+                &mut buf,
+                GuestAddress(0x10_0ff8)
+            ),
+            Err(GuestMemoryError::PartialBuffer {
+                expected: 16,
+                completed: 8
+            })
+        ));
+        // A refusal at the first byte, by the IOMMU or by the memory, is
+        // the access's error, not an empty read.
+        assert!(read(&mut buf, 0x30_0000).is_err());
+        assert!(matches!(
+            read(&mut buf, 0x40_0000),
+            Err(GuestMemoryError::InvalidGuestAddress(_))
+        ));
+        // Across two mappings: both slices, in order.
+        map(&v, 0x10_1000, 1, 0x8000, RW);
+        dma.physical()
+            .write_obj(0x1111_1111u32, GuestAddress(0x4ffc))
+            .unwrap();
+        dma.physical()
+            .write_obj(0x2222_2222u32, GuestAddress(0x8000))
+            .unwrap();
+        let mut two = [0u8; 8];
+        assert_eq!(read(&mut two, 0x10_0ffc).unwrap(), 8);
+        assert_eq!(two, [0x11, 0x11, 0x11, 0x11, 0x22, 0x22, 0x22, 0x22]);
     }
 
     #[test]
