@@ -211,8 +211,16 @@ impl<'a> View<'a> {
     /// mapping it affects lies in this view: the mapping that would be
     /// cut in two otherwise. `lo - 1` holds the last start below `start`,
     /// `hi - 1` the last start within the range.
+    #[inline(always)]
     fn covered(&self, start: u64, end: u64) -> Result<(usize, usize), SplitError> {
         let lo = self.partition_point(|&s| s < start);
+        // The usual UNMAP names one mapping exactly: it is then the only
+        // one affected (mappings are disjoint), and none is split.
+        if let Some(e) = self.get(lo) {
+            if e.start == start && e.end == end {
+                return Ok((lo, lo + 1));
+            }
+        }
         let hi = self.partition_point(|&s| s <= end);
         let cut = |e: Entry| {
             Err(SplitError {
