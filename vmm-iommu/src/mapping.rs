@@ -76,6 +76,12 @@ const WARM_MIN_CHUNKS: usize = 10_000;
 /// Fewest mappings a table of [`WARM_MIN_CHUNKS`] holds (chunks stay a
 /// quarter full): below it no table is worth warming.
 pub(crate) const WARM_MIN_MAPPINGS: usize = WARM_MIN_CHUNKS * CHUNK_MIN;
+/// Leaves a directory holds before it keeps a jump table (below, its
+/// levels are few and in cache).
+const JUMP_MIN_LEAVES: usize = 64;
+/// First keys a jump-table guess may be short of the answer by before the
+/// levels are searched instead.
+const JUMP_STEPS: usize = 4;
 /// Flag bits packed into the low bits of the stored physical address.
 const FLAG_BITS: u64 = 0x7;
 
@@ -296,6 +302,15 @@ struct Directory {
     len: usize,
     /// Changes since the last rebuild that the directory does not show.
     stale: usize,
+    /// A jump table into the leaves for random lookups: `jump[b]` is the
+    /// last leaf whose first key is at or below `jump_lo + (b <<
+    /// jump_shift)`, as the leaves were when it was built. Only a guess:
+    /// each answer is checked against the leaves' first keys (`upper[0]`)
+    /// and the levels are searched where it is wrong or far off. Empty
+    /// below [`JUMP_MIN_LEAVES`] leaves.
+    jump: Vec<u32>,
+    jump_lo: u64,
+    jump_shift: u32,
 }
 
 impl Directory {
@@ -309,15 +324,86 @@ impl Directory {
     }
 
     /// The bottom group [`Directory::search`] reads for `addr`, and its
-    /// number, found through the levels above it only.
+    /// number, found through the jump table or the levels above it.
     #[inline(always)]
     fn leaf_of(&self, addr: u64) -> Option<(usize, &Leaf)> {
+        let g = match self.jump_to(addr) {
+            Some(g) => g,
+            None => self.leaf_by_levels(addr)?,
+        };
+        self.leaves.get(g).map(|l| (g, l))
+    }
+
+    /// The number of the leaf [`Directory::leaf_of`] answers, through the
+    /// levels alone.
+    #[inline(always)]
+    fn leaf_by_levels(&self, addr: u64) -> Option<usize> {
         let mut g = 0usize;
         for level in self.upper.iter().rev() {
             let c = count_le(level.get(g)?, addr);
             g = (g * GROUP + c).checked_sub(1)?;
         }
-        self.leaves.get(g).map(|l| (g, l))
+        Some(g)
+    }
+
+    /// The leaf whose first key is the greatest at or below `addr`, from
+    /// the jump table and at most [`JUMP_STEPS`] first keys after its
+    /// guess; `None` to search the levels instead. Exact whatever the jump
+    /// table holds: the answer is checked against the first keys.
+    #[inline(always)]
+    fn jump_to(&self, addr: u64) -> Option<usize> {
+        // Unused key positions hold u64::MAX and would count at the top
+        // address: it is left to the levels, which leave it to the B-tree.
+        if addr == u64::MAX {
+            return None;
+        }
+        let firsts = self.upper.first()?;
+        let n = self.leaves.len();
+        let first = |i: usize| firsts.get(i / GROUP).map(|g| g[i % GROUP]);
+        let last_bucket = self.jump.len().checked_sub(1)?;
+        let b = addr.checked_sub(self.jump_lo)? >> self.jump_shift;
+        let guess = *self
+            .jump
+            .get(usize::try_from(b).unwrap_or(usize::MAX).min(last_bucket))?
+            as usize;
+        if guess >= n || first(guess)? > addr {
+            return None;
+        }
+        // The guess's first key is at or below `addr`: the answer is the
+        // last of the next few leaves whose first key still is.
+        (guess..(guess + JUMP_STEPS).min(n))
+            .find(|&g| g + 1 >= n || first(g + 1).is_none_or(|k| k > addr))
+    }
+
+    /// Builds the jump table over the leaves as they are (see `jump`):
+    /// as many buckets as leaves, rounded up to a power of two, spread
+    /// evenly from the first leaf's first key to the last's.
+    fn build_jump(&mut self) {
+        self.jump.clear();
+        let n = self.leaves.len();
+        if n < JUMP_MIN_LEAVES {
+            return;
+        }
+        let first = |i: usize| self.leaves[i].keys[0];
+        let (lo, hi) = (first(0), first(n - 1));
+        let buckets = n.next_power_of_two();
+        let span = hi.saturating_sub(lo);
+        let mut shift = 0u32;
+        while shift < 63 && (span >> shift) >= buckets as u64 {
+            shift += 1;
+        }
+        let mut g = 0usize;
+        let mut jump = std::mem::take(&mut self.jump);
+        for b in 0..buckets {
+            let start = u128::from(lo) + ((b as u128) << shift);
+            while g + 1 < n && u128::from(first(g + 1)) <= start {
+                g += 1;
+            }
+            jump.push(g as u32);
+        }
+        self.jump = jump;
+        self.jump_lo = lo;
+        self.jump_shift = shift;
     }
 
     /// The last key, if any.
@@ -342,6 +428,11 @@ impl Directory {
             // sixteenth of the size; rebuilding them keeps this simple and
             // costs O(1) amortized.
             self.rebuild_upper();
+            // The jump table at every doubling: O(1) amortized too, and
+            // keys above its range meanwhile take the levels.
+            if self.leaves.len().is_power_of_two() {
+                self.build_jump();
+            }
         }
     }
 
@@ -360,6 +451,7 @@ impl Directory {
             self.len = i + 1;
         }
         self.rebuild_upper();
+        self.build_jump();
         self.stale = 0;
     }
 
@@ -402,6 +494,7 @@ impl Directory {
                 .iter()
                 .map(|l| l.capacity() * size_of::<[u64; GROUP]>())
                 .sum::<usize>()
+            + self.jump.capacity() * size_of::<u32>()
     }
 }
 
@@ -1471,6 +1564,69 @@ mod tests {
             "warming changes nothing"
         );
         t.check_links();
+    }
+
+    #[test]
+    fn the_jump_table_answers_as_the_levels_do_for_any_key_layout() {
+        let layouts: Vec<(&str, Vec<u64>)> = vec![
+            (
+                "even",
+                (0..5_000u64)
+                    .map(|i| 0x1_0000_0000 + i * 0x20_000)
+                    .collect(),
+            ),
+            (
+                // Most keys packed at the bottom, a few spread to the top:
+                // most buckets hold nothing, one holds nearly everything.
+                "clustered",
+                (0..4_000u64)
+                    .map(|i| i * 0x1000)
+                    .chain((1..64u64).map(|i| i << 57))
+                    .collect(),
+            ),
+            (
+                "top of the space",
+                (0..3_000u64)
+                    .map(|i| u64::MAX - (3_000 - i) * 0x1000)
+                    .collect(),
+            ),
+        ];
+        for (name, keys) in layouts {
+            let mut d = Directory::default();
+            d.rebuild(keys.iter().enumerate().map(|(i, &k)| (k, i as u32)));
+            assert!(!d.jump.is_empty(), "{name}: a jump table");
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            let mut probes: Vec<u64> = vec![0, 1, u64::MAX, u64::MAX - 1];
+            for &k in keys.iter().step_by(7) {
+                probes.extend([k.wrapping_sub(1), k, k.saturating_add(1)]);
+            }
+            for _ in 0..20_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                probes.push(x);
+                let span = (keys[keys.len() - 1] - keys[0]).saturating_add(0x10_0000);
+                probes.push(keys[0].saturating_add(x % span));
+            }
+            let mut jumped = 0;
+            for a in probes {
+                if let Some(g) = d.jump_to(a) {
+                    jumped += 1;
+                    assert_eq!(Some(g), d.leaf_by_levels(a), "{name}: leaf for {a:#x}");
+                }
+                // Whichever way, the search finds the greatest key at or
+                // below the address.
+                let want = keys.partition_point(|&k| k <= a).checked_sub(1);
+                if a != u64::MAX {
+                    assert_eq!(
+                        d.search(a),
+                        want.map(|i| i as u32),
+                        "{name}: search({a:#x})"
+                    );
+                }
+            }
+            assert!(jumped > 0, "{name}: the jump table answered some lookups");
+        }
     }
 
     #[test]
