@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 mod eventq;
+mod guest_bytes;
 mod invalidate;
 mod lifecycle;
 mod probe;
@@ -20,7 +21,7 @@ use invalidate::DeferredInvalidate;
 
 use log::debug;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, GuestAddress, GuestMemory};
 
 use crate::config::IommuConfig;
 use crate::viommu::{Applied, Viommu};
@@ -663,7 +664,7 @@ impl VirtioIommu {
             }
             let n = (len - skip).min(rest.len() as u64) as usize;
             let at = addr.checked_add(skip).ok_or(())?;
-            mem.write_slice(&rest[..n], at).map_err(|_| ())?;
+            guest_bytes::write(mem, at, &rest[..n])?;
             rest = &rest[n..];
             skip = 0;
         }
@@ -719,10 +720,7 @@ impl VirtioIommu {
             } else {
                 let want = (desc.len() as usize).min(MAX_READABLE_SIZE - rlen);
                 if want > 0 {
-                    if mem
-                        .read_slice(&mut rbuf[rlen..rlen + want], desc.addr())
-                        .is_err()
-                    {
+                    if guest_bytes::read(mem, desc.addr(), &mut rbuf[rlen..rlen + want]).is_err() {
                         malformed = true;
                     }
                     rlen += want;

@@ -3,7 +3,7 @@
 //! any later request of the queue is applied (the nested extension).
 
 use log::debug;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, GuestAddress, GuestMemory};
 
 use super::VirtioIommu;
 use crate::invalidation::Invalidation;
@@ -63,7 +63,7 @@ impl VirtioIommu {
             let mut ok = true;
             for &(addr, n) in &d.tail[..usize::from(d.tail_pieces)] {
                 let n = usize::from(n);
-                ok &= mem.write_slice(&tail[at..at + n], addr).is_ok();
+                ok &= super::guest_bytes::write(mem, addr, &tail[at..at + n]).is_ok();
                 at += n;
             }
             let len = if ok {
