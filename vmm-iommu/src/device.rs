@@ -15,6 +15,7 @@ mod guest_bytes;
 mod invalidate;
 mod lifecycle;
 mod probe;
+mod ram;
 mod warm;
 
 use invalidate::DeferredInvalidate;
@@ -538,7 +539,12 @@ impl VirtioIommu {
         polling: bool,
     ) -> Result<usize, DeviceError> {
         let mut q = self.requestq.take().ok_or(DeviceError::NotActivated)?;
-        let res = self.drain_requestq(mem, &mut q, polling);
+        // Plain memory underneath (the usual case: this device's own
+        // accesses are not translated): through `Ram`'s lean slices.
+        let res = match mem.physical_memory() {
+            Some(ram) => self.drain_requestq(&ram::Ram::new(ram), &mut q, polling),
+            None => self.drain_requestq(mem, &mut q, polling),
+        };
         self.requestq = Some(q);
         let (done, notify) = res?;
         if notify {

@@ -43,6 +43,7 @@ use vm_memory::{
     GuestMemoryRegion, GuestMemoryResult, Permissions, VolatileSlice,
 };
 
+use crate::slices::until_error;
 use crate::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
 use crate::translate::index::{Lookup, PageIndex};
 use crate::translate::TranslateError;
@@ -572,42 +573,13 @@ impl<'a, M: GuestMemoryBackend> Iterator for DmaSlices<'a, M> {
 impl<M: GuestMemoryBackend> FusedIterator for DmaSlices<'_, M> {}
 
 impl<'a, M: GuestMemoryBackend> GuestMemorySliceIterator<'a, MS<'a, M>> for DmaSlices<'a, M> {
-    /// vm-memory's `Bytes` methods (what virtio-queue reads rings and
-    /// descriptors with) take every access through here. The default
-    /// wraps the iterator in a `Peekable` of `Result`s, whose large items
-    /// were copied on the stack at every step: an IOTLB hit through `Bytes`
-    /// cost 22 ns where `DmaMemory`'s own `read_obj` takes 8.5. This one
-    /// does the same (an error at the first slice is the access's, one
-    /// after it ends the iteration) with no wrapper around the slices.
+    /// vm-memory's `Bytes` methods take every access through here; see
+    /// [`crate::slices`] for why this one is overridden. An IOTLB hit
+    /// through `Bytes` cost 22 ns with the default, 13 ns with this.
     fn stop_on_error(
-        mut self,
+        self,
     ) -> GuestMemoryResult<impl Iterator<Item = VolatileSlice<'a, MS<'a, M>>>> {
-        let first = match self.next() {
-            Some(Ok(s)) => Some(s),
-            Some(Err(e)) => return Err(e),
-            None => None,
-        };
-        Ok(SlicesUntilError { first, rest: self })
-    }
-}
-
-/// [`DmaSlices`] after its first slice was looked at, ending at the first
-/// error (see `stop_on_error`).
-struct SlicesUntilError<'a, M: GuestMemoryBackend> {
-    first: Option<VolatileSlice<'a, MS<'a, M>>>,
-    rest: DmaSlices<'a, M>,
-}
-
-impl<'a, M: GuestMemoryBackend> Iterator for SlicesUntilError<'a, M> {
-    type Item = VolatileSlice<'a, MS<'a, M>>;
-
-    #[inline(always)]
-    fn next(&mut self) -> Option<Self::Item> {
-        if let Some(s) = self.first.take() {
-            return Some(s);
-        }
-        // `DmaSlices` returns nothing after an error.
-        self.rest.next()?.ok()
+        until_error(self)
     }
 }
 

@@ -144,6 +144,7 @@ mod padded;
 mod poll;
 mod prefetch;
 mod router;
+mod slices;
 pub mod snapshot;
 mod state;
 #[cfg(any(test, feature = "test-utils"))]
