@@ -8,17 +8,21 @@
 //! overlap them: a pass of 128 requests waits for 128 misses in turn.
 //! Loading a byte of every published request first, in a short loop whose
 //! loads do not depend on each other, lets the core wait for them
-//! together. Only a hint: nothing read here is used, and the pass itself
-//! reads everything again through `virtio-queue`.
+//! together. Only a hint: nothing read here decides anything, and the
+//! pass itself reads everything again through `virtio-queue`.
+//!
+//! Where a domain's mapping table outgrows the caches, the same loop also
+//! notes each MAP's and UNMAP's domain and IOVA, for the pass to warm
+//! their table lookups the same way (`IommuState::warm_mappings`).
 
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
-
-use crate::wire::{VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_UNMAP};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
+
+use crate::wire::{VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_UNMAP};
 
 /// Loads one byte of the first buffer of every chain the driver has
 /// published and the device has not taken (at most a queue's worth);
@@ -27,8 +31,8 @@ use vm_memory::{
 /// memory behind a translation.
 ///
 /// With `hints`, the domain and first IOVA of every MAP and UNMAP among
-/// them go there, for the pass to warm the mapping-table lookups those will make
-/// ([`crate::IommuState::warm_mappings`]). Read once here and never
+/// them go there, for the pass to warm the mapping-table lookups those
+/// will make (`IommuState::warm_mappings`). Read once here and never
 /// trusted: the pass decodes and checks each request again.
 pub(super) fn warm_pending<M: GuestMemory>(
     mem: &M,
