@@ -23,6 +23,10 @@
 //! is then checked in place (the slot's key at or below the address, the
 //! next key above it), so MAP and UNMAP find their chunk without a B-tree
 //! descent wherever the directory is right, and ask the B-tree elsewhere.
+//! The same check lets MAP and UNMAP try the slot the last change used
+//! before any search, and lets a jump table over the leaves (one bucket
+//! per leaf, its guess checked against the leaves' first keys) stand in
+//! for the levels above them on most random lookups.
 //!
 //! The directory is rebuilt lazily: chunks appended at the top are added as
 //! they come, other changes (splits, merges, keys that move) leave it stale
