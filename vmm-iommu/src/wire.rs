@@ -338,7 +338,14 @@ impl ProbeReq {
 }
 
 /// A decoded request: the head's type and its body.
+//
+// `repr(C, u32)` puts every body at offset 8. With Rust's own layout the
+// bodies of four-byte alignment start at 4 and MAP's at 8, and the code
+// that builds a `Request` handled the overlapping fields as 64-bit pieces
+// straddling both, going through the stack with a load that spans two
+// stores (a store-forwarding stall on every MAP and UNMAP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, u32)]
 pub enum Request {
     /// ATTACH.
     Attach(AttachReq),
@@ -379,6 +386,7 @@ pub enum DecodeError {
 impl Request {
     /// Decodes a request from the device-readable bytes (head first).
     /// The reserved bytes of the head are ignored, as the spec requires.
+    #[inline]
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         if b.len() < HEAD_SIZE {
             return Err(DecodeError::NoHead);
