@@ -25,7 +25,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, GuestAddress, GuestMemory};
 
 use crate::config::IommuConfig;
-use crate::viommu::{Applied, Viommu};
+use crate::viommu::{Applied, RequestRun, Viommu};
 use crate::wire::{
     self, ConfigSpace, DecodeError, Request, Status, CONFIG_BYPASS_OFFSET, EVENT_QUEUE,
     MAX_READABLE_SIZE, REQUEST_QUEUE, TAIL_SIZE, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
@@ -592,6 +592,7 @@ impl VirtioIommu {
             // One look at the avail index serves up to a used batch: the
             // index is the driver's hot line, read again only between
             // batches (and chains published meanwhile are found then).
+            let viommu = Arc::clone(&self.viommu);
             loop {
                 let mut chains = match q.iter(mem) {
                     Ok(it) => it,
@@ -602,16 +603,20 @@ impl VirtioIommu {
                     }
                 };
                 let mut took = false;
+                // The batch's requests apply under one hold of the state's
+                // lock, released before they are published.
+                let mut run = viommu.run();
                 for chain in chains.by_ref() {
                     took = true;
                     let head = chain.head_index();
-                    if let Some(len) = self.handle_chain(mem, chain) {
+                    if let Some(len) = self.handle_chain(mem, chain, &mut run) {
                         self.completed.push((head, len));
                         if self.completed.len() >= USED_BATCH {
                             break;
                         }
                     }
                 }
+                drop(run);
                 if self.completed.len() >= USED_BATCH {
                     done += self.publish_used(mem, q)?;
                 }
@@ -699,6 +704,7 @@ impl VirtioIommu {
         &mut self,
         mem: &M,
         chain: virtio_queue::DescriptorChain<T>,
+        run: &mut RequestRun<'_>,
     ) -> Option<u32>
     where
         M: GuestMemory,
@@ -775,6 +781,7 @@ impl VirtioIommu {
             Ok(req) => {
                 self.stats.requests[usize::from(req.req_type())] += 1;
                 if let Request::Invalidate(r) = &req {
+                    run.pause();
                     let checked = self.viommu.state().invalidation(r);
                     match checked {
                         Ok(inv) => {
@@ -799,10 +806,16 @@ impl VirtioIommu {
                 }
                 // Requests take effect in order: the INVALIDATEs before this
                 // one are applied first.
-                self.flush_invalidations(mem);
+                if !self.pending.is_empty() {
+                    run.pause();
+                    self.flush_invalidations(mem);
+                }
                 match req {
-                    Request::Probe(p) => self.probe(mem, &p, tail_at),
-                    _ => match self.viommu.apply(&req) {
+                    Request::Probe(p) => {
+                        run.pause();
+                        self.probe(mem, &p, tail_at)
+                    }
+                    _ => match run.apply(&req) {
                         Ok(applied) => {
                             if let Applied::Unmapped(n) = applied {
                                 self.stats.unmapped += n as u64;
