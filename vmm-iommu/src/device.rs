@@ -16,6 +16,7 @@ mod invalidate;
 mod lifecycle;
 mod probe;
 mod ram;
+mod used;
 mod warm;
 
 use invalidate::DeferredInvalidate;
@@ -203,6 +204,8 @@ pub struct VirtioIommu {
     /// Chains a pass has served but not yet put in the used ring:
     /// `(head, used length)`, published together (see `publish_used`).
     completed: Vec<(u16, u32)>,
+    /// The request queue's used ring beyond the `Queue` (reset with it).
+    used: used::UsedRing,
     /// The (domain, IOVA) of the MAPs and UNMAPs a pass is about to serve,
     /// read ahead to warm their mapping-table lookups (kept to reuse its
     /// buffer; at most a queue's worth).
@@ -319,6 +322,7 @@ impl VirtioIommu {
             stats: DeviceStats::default(),
             writable: Vec::new(),
             completed: Vec::new(),
+            used: used::UsedRing::default(),
             table_hints: Vec::new(),
             probe_buf: Vec::new(),
             pending: Vec::new(),
@@ -444,6 +448,7 @@ impl VirtioIommu {
         requestq.set_event_idx(event_idx);
         eventq.set_event_idx(event_idx);
         self.requestq = Some(requestq);
+        self.used = used::UsedRing::default();
         self.eventq = Some(eventq);
         self.interrupt = Some(interrupt);
         Ok(())
@@ -464,6 +469,7 @@ impl VirtioIommu {
         self.acked_features = 0;
         self.pending.clear();
         self.completed.clear();
+        self.used = used::UsedRing::default();
         for b in self.viommu.router().all() {
             b.set_page_requests(false);
         }
@@ -632,7 +638,7 @@ impl VirtioIommu {
                 break;
             }
         }
-        let notify = done > 0 && q.needs_notification(mem).map_err(qerr)?;
+        let notify = done > 0 && self.used.needs_notification(mem, q).map_err(qerr)?;
         Ok((done, notify))
     }
 
@@ -650,13 +656,12 @@ impl VirtioIommu {
         q: &mut Queue,
     ) -> Result<usize, DeviceError> {
         let n = self.completed.len();
-        for (head, len) in self.completed.drain(..) {
-            q.add_used(mem, head, len)
-                .map_err(|source| DeviceError::Queue {
-                    queue: REQUEST_QUEUE,
-                    source,
-                })?;
-        }
+        let res = self.used.publish(mem, q, &self.completed);
+        self.completed.clear();
+        res.map_err(|source| DeviceError::Queue {
+            queue: REQUEST_QUEUE,
+            source,
+        })?;
         Ok(n)
     }
 

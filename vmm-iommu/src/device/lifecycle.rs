@@ -105,6 +105,7 @@ impl VirtioIommu {
         self.config.bypass = snap.config.bypass;
         if let Some((r, e)) = queues {
             self.requestq = Some(r);
+            self.used = super::used::UsedRing::default();
             self.eventq = Some(e);
             self.interrupt = Some(interrupt);
         }
