@@ -610,8 +610,12 @@ impl VirtioIommu {
                 };
                 let mut took = false;
                 // The batch's requests apply under one hold of the state's
-                // lock, released before they are published.
+                // lock, released before they are published. Not over
+                // memory that translates: its misses may take the lock.
                 let mut run = viommu.run();
+                if mem.physical_memory().is_none() {
+                    run = run.one_at_a_time();
+                }
                 for chain in chains.by_ref() {
                     took = true;
                     let head = chain.head_index();
@@ -922,5 +926,76 @@ mod used_batch_tests {
         }
         // Every pair undone; the odd last MAP stays.
         assert_eq!(h.dev.viommu().state().mapping_count(1), 1);
+    }
+
+    /// A request queue the device reads through a translating memory of
+    /// its own vIOMMU (an endpoint in an identity-mapped domain): the
+    /// memory's misses take the state's read lock, so the pass must not
+    /// hold the write lock between requests. An ATTACH moves the topology,
+    /// and the status write after it misses: with the lock still held
+    /// this pass would never return.
+    #[test]
+    fn a_pass_over_memory_its_own_viommu_translates_releases_the_lock_between_requests() {
+        use crate::wire::{Status, VIRTIO_IOMMU_MAP_F_WRITE};
+        use crate::DmaMemory;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mut h = Harness::new(&IommuConfig::default(), &[1, 9]);
+        let ram = h.mem.iter().map(|r| r.len()).sum::<u64>();
+        let setup = [
+            Request::Attach(AttachReq {
+                domain: 2,
+                endpoint: 9,
+                ..Default::default()
+            }),
+            Request::Map(MapReq {
+                domain: 2,
+                virt_start: 0,
+                virt_end: ram - 1,
+                phys_start: 0,
+                flags: VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE,
+            }),
+        ];
+        assert_eq!(h.send_batch(&setup), [Status::Ok, Status::Ok]);
+        let dma = DmaMemory::new(h.dev.viommu().clone(), 9, h.mem.clone());
+        let map = |domain| {
+            Request::Map(MapReq {
+                domain,
+                virt_start: 0x10_0000,
+                virt_end: 0x10_0fff,
+                phys_start: 0x20_0000,
+                flags: VIRTIO_IOMMU_MAP_F_READ,
+            })
+        };
+        let attach = |domain| {
+            Request::Attach(AttachReq {
+                domain,
+                endpoint: 1,
+                ..Default::default()
+            })
+        };
+        let reqs = [
+            attach(1),
+            map(1),
+            Request::Unmap(UnmapReq {
+                domain: 1,
+                virt_start: 0x10_0000,
+                virt_end: 0x10_0fff,
+                ..Default::default()
+            }),
+            attach(3),
+            map(3),
+        ];
+        let mut tails = Vec::new();
+        for r in &reqs {
+            let (_, w) = h.queue_raw(&[&r.encode()], &[TAIL_SIZE as u32]);
+            tails.push(w[0]);
+        }
+        h.requestq.kick(&h.mem);
+        assert_eq!(h.dev.process_requestq(&dma).unwrap(), reqs.len());
+        for a in tails {
+            let s: u8 = h.mem.read_obj(a).unwrap();
+            assert_eq!(Status::from_u8(s), Some(Status::Ok));
+        }
+        assert_eq!(h.dev.viommu().state().mapping_count(3), 1);
     }
 }

@@ -416,6 +416,7 @@ impl Viommu {
         RequestRun {
             viommu: self,
             st: None,
+            hold: true,
         }
     }
 
@@ -957,11 +958,32 @@ impl Viommu {
 pub struct RequestRun<'a> {
     viommu: &'a Viommu,
     st: Option<RwLockWriteGuard<'a, IommuState>>,
+    /// Whether the lock stays held from one request to the next.
+    hold: bool,
 }
 
-impl RequestRun<'_> {
+impl<'a> RequestRun<'a> {
+    /// The same run, releasing the lock at the end of every request, for a
+    /// caller that may take it between requests (a request queue read
+    /// through a translating memory of this vIOMMU: its misses take the
+    /// read lock).
+    pub fn one_at_a_time(self) -> Self {
+        RequestRun {
+            hold: false,
+            ..self
+        }
+    }
+
     /// Applies `req` as [`Viommu::apply`] does.
     pub fn apply(&mut self, req: &Request) -> Result<Applied, RequestError> {
+        let res = self.apply_held(req);
+        if !self.hold {
+            self.pause();
+        }
+        res
+    }
+
+    fn apply_held(&mut self, req: &Request) -> Result<Applied, RequestError> {
         let v = self.viommu;
         match req {
             Request::Attach(r) => v.attach(self.lock(), r),
@@ -1058,6 +1080,25 @@ mod run_tests {
         drop(run);
         assert!(v.state.try_write().is_ok(), "dropping releases");
         assert!(v.translate(8, 0x2000_0000, ACCESS_READ).is_ok());
+    }
+
+    /// A run for a caller that takes the lock between requests holds it
+    /// only inside each `apply`.
+    #[test]
+    fn a_one_at_a_time_run_releases_the_lock_after_every_request() {
+        let v = viommu();
+        let mut run = v.run().one_at_a_time();
+        let attach = Request::Attach(AttachReq {
+            domain: 1,
+            endpoint: 8,
+            ..Default::default()
+        });
+        assert_eq!(run.apply(&attach), Ok(Applied::Done));
+        assert!(v.state.try_write().is_ok());
+        assert_eq!(run.apply(&map(0x1000_0000)), Ok(Applied::Done));
+        assert!(v.translate(8, 0x1000_0000, ACCESS_READ).is_ok());
+        assert!(run.apply(&map(0x1000_0001)).is_err());
+        assert!(v.state.try_write().is_ok(), "released after a refusal too");
     }
 
     /// INVALIDATE and PAGE_RESP take the lock their own way: inside a run
