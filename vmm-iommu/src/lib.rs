@@ -162,7 +162,9 @@ pub use device::{
 };
 pub use fault::FaultQueue;
 pub use poll::AdaptivePoll;
-pub use viommu::{host_ranges, Applied, HotplugError, MemoryMapError, RamUpdate, Viommu};
+pub use viommu::{
+    host_ranges, Applied, HotplugError, MemoryMapError, RamUpdate, RequestRun, Viommu,
+};
 
 // The spec's state model: what a request is refused for, what a fault
 // says, what a translation is; `IommuState` is also the state alone,
