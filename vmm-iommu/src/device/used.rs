@@ -94,11 +94,13 @@ impl UsedRing {
     ) -> Result<bool, QueueError> {
         let used_idx = Wrapping(q.next_used());
         let added = std::mem::take(&mut self.unchecked);
-        // The index stores before the driver's `used_event` is read.
-        fence(Ordering::SeqCst);
         if !q.event_idx_enabled() {
             return Ok(true);
         }
+        // The index stored before the driver's `used_event` is read (the
+        // driver stores `used_event`, then reads the index: without the
+        // fence both sides could miss the other's store).
+        fence(Ordering::SeqCst);
         let at = q
             .avail_ring()
             .checked_add(AVAIL_HEADER + 2 * u64::from(q.size()))
