@@ -666,11 +666,12 @@ impl Opts {
                 // profiler (`valgrind --tool=callgrind`): `profile N R`, N
                 // resident mappings, then R rounds (64) of 64 pairs served
                 // inline; the pairs' share is a run's count minus that of
-                // the same N with R = 0.
-                "profile" => {
+                // the same N with R = 0. `profile-state N R`: R batches of
+                // 4,096 pairs on the bare state model, as `state` does.
+                kind @ ("profile" | "profile-state") => {
                     let n: u64 = args.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                     let rounds: u64 = args.next().and_then(|v| v.parse().ok()).unwrap_or(64);
-                    o.sections.push(format!("profile {n} {rounds}"));
+                    o.sections.push(format!("{kind} {n} {rounds}"));
                 }
                 _ => {
                     eprintln!(
@@ -1965,6 +1966,29 @@ fn main() {
         index_section(&o);
     }
     for p in &o.sections {
+        if let Some(args) = p.strip_prefix("profile-state ") {
+            // The state level alone, as the `state` section drives it.
+            let mut it = args.split(' ').filter_map(|a| a.parse::<u64>().ok());
+            let (n, rounds) = (it.next().unwrap_or(0), it.next().unwrap_or(64));
+            let mut st = bare_state(n);
+            let (mut s, mut ks) = (PairStream::new(n), Vec::with_capacity(STATE_BATCH));
+            let mut t = Duration::ZERO;
+            for _ in 0..rounds {
+                draw(&mut s, &mut ks);
+                let t0 = Instant::now();
+                for &k in &ks {
+                    let (m, u) = pair(k);
+                    assert_eq!(st.map(&m), Ok(()));
+                    assert_eq!(st.unmap(&u), Ok(1));
+                }
+                t += t0.elapsed();
+            }
+            println!(
+                "profile-state: N={n}, {} pairs in {t:?}",
+                rounds * STATE_BATCH as u64
+            );
+            continue;
+        }
         let Some(args) = p.strip_prefix("profile ") else {
             continue;
         };
