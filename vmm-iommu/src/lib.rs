@@ -124,8 +124,9 @@
 //! benchmarks and examples; a VMM does not need it.
 
 #![deny(missing_docs)]
-// One `unsafe` block in the crate: the prefetch hint in `prefetch`, which
-// never touches memory. Everything else is safe Rust.
+// The crate's only `unsafe` blocks are the prefetch hints in `prefetch`
+// (for reading and for writing), which never touch memory. Everything else
+// is safe Rust.
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
