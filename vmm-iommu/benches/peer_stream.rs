@@ -667,8 +667,16 @@ impl Opts {
                 // resident mappings, then R rounds (64) of 64 pairs served
                 // inline; the pairs' share is a run's count minus that of
                 // the same N with R = 0. `profile-state N R`: R batches of
-                // 4,096 pairs on the bare state model, as `state` does.
-                kind @ ("profile" | "profile-state") => {
+                // 4,096 pairs on the bare state model, as `state` does;
+                // `profile-apply N R` the same through `Viommu::apply`.
+                // `profile-copy plain|dma R`: R rounds of the `dma`
+                // section's 4 KiB copies of 64 hot pages.
+                "profile-copy" => {
+                    let how = args.next().unwrap_or_default();
+                    let rounds = args.next().unwrap_or_default();
+                    o.sections.push(format!("profile-copy {how} {rounds}"));
+                }
+                kind @ ("profile" | "profile-state" | "profile-apply") => {
                     let n: u64 = args.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                     let rounds: u64 = args.next().and_then(|v| v.parse().ok()).unwrap_or(64);
                     o.sections.push(format!("{kind} {n} {rounds}"));
@@ -1813,6 +1821,37 @@ fn dma_section(o: &Opts) {
     }
 }
 
+/// `profile-copy plain|dma R`: the `dma` section's hot 4 KiB copies,
+/// plain or through `DmaMemory::read_slice`, R rounds of 64 pages, for a
+/// profiler.
+fn profile_copy(args: &str) {
+    use vmm_iommu::DmaMemory;
+    const N: u64 = 10_000;
+    let mut it = args.split(' ');
+    let how = it.next().unwrap_or("dma");
+    let rounds: usize = it.next().and_then(|r| r.parse().ok()).unwrap_or(1000);
+    let v = state_viommu(N);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(PHYS_BASE), (N * PAGE) as usize)])
+        .expect("guest memory");
+    for a in (PHYS_BASE..PHYS_BASE + N * PAGE).step_by(64) {
+        mem.write_obj(a, GuestAddress(a)).unwrap();
+    }
+    let dma: DmaMemory<GuestMemoryMmap> = v.dma_memory(EP, mem.clone());
+    let page = |x: &(u64, u64)| (x.0 & !(PAGE - 1), x.1 & !(PAGE - 1));
+    let lk = lookups(N);
+    let (t, bytes) = if how == "plain" {
+        let pp: Vec<(u64, u64)> = lk[..64].iter().map(|l| page(&(l.gpa, l.gpa))).collect();
+        copy_pages(|b, a| mem.read_slice(b, a), &pp, rounds)
+    } else {
+        let vp: Vec<(u64, u64)> = lk[..64].iter().map(|l| page(&(l.iova, l.gpa))).collect();
+        copy_pages(|b, a| dma.read_slice(b, a), &vp, rounds)
+    };
+    println!(
+        "profile-copy {how}: {:.2} GB/s over {rounds} rounds of 64 hot pages",
+        bytes as f64 / t.as_secs_f64() / 1e9
+    );
+}
+
 /// Random translation over 1,000,000 mappings (issue 14, part 2) beside
 /// a plain `BTreeMap<u64, _>` lookup over the same mappings, runs
 /// alternating: the `Translator` (every lookup misses its IOTLB and takes
@@ -1966,27 +2005,53 @@ fn main() {
         index_section(&o);
     }
     for p in &o.sections {
-        if let Some(args) = p.strip_prefix("profile-state ") {
-            // The state level alone, as the `state` section drives it.
+        if let Some((kind, args)) = p
+            .strip_prefix("profile-state ")
+            .map(|a| ("profile-state", a))
+            .or_else(|| {
+                p.strip_prefix("profile-apply ")
+                    .map(|a| ("profile-apply", a))
+            })
+        {
+            // The state level alone, as the `state` section drives it:
+            // the bare model, or `Viommu::apply` (lock, index, generation).
             let mut it = args.split(' ').filter_map(|a| a.parse::<u64>().ok());
             let (n, rounds) = (it.next().unwrap_or(0), it.next().unwrap_or(64));
-            let mut st = bare_state(n);
             let (mut s, mut ks) = (PairStream::new(n), Vec::with_capacity(STATE_BATCH));
-            let mut t = Duration::ZERO;
-            for _ in 0..rounds {
-                draw(&mut s, &mut ks);
-                let t0 = Instant::now();
-                for &k in &ks {
-                    let (m, u) = pair(k);
+            let mut batches = |mut apply: Box<dyn FnMut(MapReq, UnmapReq)>| {
+                let mut t = Duration::ZERO;
+                for _ in 0..rounds {
+                    draw(&mut s, &mut ks);
+                    let t0 = Instant::now();
+                    for &k in &ks {
+                        let (m, u) = pair(k);
+                        apply(m, u);
+                    }
+                    t += t0.elapsed();
+                }
+                t
+            };
+            let t = if kind == "profile-state" {
+                let mut st = bare_state(n);
+                batches(Box::new(move |m, u| {
                     assert_eq!(st.map(&m), Ok(()));
                     assert_eq!(st.unmap(&u), Ok(1));
-                }
-                t += t0.elapsed();
-            }
+                }))
+            } else {
+                let v = state_viommu(n);
+                batches(Box::new(move |m, u| {
+                    assert_eq!(v.apply(&Request::Map(m)), Ok(Applied::Done));
+                    assert_eq!(v.apply(&Request::Unmap(u)), Ok(Applied::Unmapped(1)));
+                }))
+            };
             println!(
-                "profile-state: N={n}, {} pairs in {t:?}",
+                "{kind}: N={n}, {} pairs in {t:?}",
                 rounds * STATE_BATCH as u64
             );
+            continue;
+        }
+        if let Some(args) = p.strip_prefix("profile-copy ") {
+            profile_copy(args);
             continue;
         }
         let Some(args) = p.strip_prefix("profile ") else {

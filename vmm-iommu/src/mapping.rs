@@ -172,6 +172,7 @@ impl Chunk {
 
     /// Moves the entries `lo..hi` of the first `len` to `removed`; returns
     /// how many are left.
+    #[inline(always)]
     fn drain(&mut self, len: usize, lo: usize, hi: usize, removed: &mut Vec<Mapping>) -> usize {
         let len = len.min(CHUNK_CAPACITY);
         let hi = hi.min(len);

@@ -1092,7 +1092,9 @@ impl IommuState {
         // spec 5.13.6.5.2: "If a mapping already exists in the requested
         // range, the device SHOULD reject the request and set status to
         // VIRTIO_IOMMU_S_INVAL." Overlap is reported before a full table.
-        let overlap = RequestError::OverlapsMapping {
+        // Built only when refused: a value built up front is dropped on
+        // every successful MAP, an out-of-line `drop_in_place` call.
+        let overlap = || RequestError::OverlapsMapping {
             start: r.virt_start,
             end: r.virt_end,
         };
@@ -1105,7 +1107,7 @@ impl IommuState {
         };
         if let Some(limit) = full {
             if table.overlaps(r.virt_start, r.virt_end) {
-                return Err(overlap);
+                return Err(overlap());
             }
             return Err(RequestError::Limit(limit));
         }
@@ -1115,7 +1117,7 @@ impl IommuState {
             phys: r.phys_start,
             flags: r.flags,
         }) {
-            return Err(overlap);
+            return Err(overlap());
         }
         *total_mappings += 1;
         Ok(())
