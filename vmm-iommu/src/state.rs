@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+mod domains;
 mod lifecycle;
 mod memory_map;
 mod nested;
@@ -31,6 +32,7 @@ use crate::wire::{
     VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_MAP_F_MMIO, VIRTIO_IOMMU_MAP_F_READ,
     VIRTIO_IOMMU_MAP_F_WRITE,
 };
+use domains::DomainMap;
 
 /// Read access, as in `VIRTIO_IOMMU_MAP_F_READ`.
 pub const ACCESS_READ: u32 = VIRTIO_IOMMU_MAP_F_READ;
@@ -416,7 +418,8 @@ pub struct IommuState {
     replaying: bool,
     // Looked up on every translation miss: a fast seeded hasher.
     endpoints: IdMap<u32, Option<u32>>,
-    domains: IdMap<u32, Domain>,
+    /// Looked up on every MAP and UNMAP: remembers the last one.
+    domains: DomainMap<Domain>,
     total_mappings: u64,
     acked: u64,
     unattached_bypass: bool,
@@ -502,6 +505,7 @@ pub enum ReservedRegionError {
 
 /// The first region of the sorted, disjoint `regions` that overlaps
 /// `[start, end]`.
+#[inline]
 fn first_overlap(regions: &[ReservedRegion], start: u64, end: u64) -> Option<&ReservedRegion> {
     let idx = regions.partition_point(|x| x.end < start);
     regions.get(idx).filter(|r| r.start <= end)
@@ -564,6 +568,26 @@ fn phys_in_ram(ram: &[(u64, u64)], phys: u64, last: u64) -> bool {
     idx > 0 && ram[idx - 1].1 >= last
 }
 
+/// The refusal of a MAP whose `virt_start`, `phys_start` or
+/// `virt_end + 1` is not aligned on `granule`, naming the first such field.
+#[cold]
+fn misaligned(r: &MapReq, granule: u64) -> RequestError {
+    let mask = granule - 1;
+    let (field, value) = [
+        ("virt_start", r.virt_start),
+        ("phys_start", r.phys_start),
+        ("virt_end + 1", r.virt_end.wrapping_add(1)),
+    ]
+    .into_iter()
+    .find(|&(_, v)| v & mask != 0)
+    .unwrap_or(("virt_start", r.virt_start));
+    RequestError::Misaligned {
+        field,
+        value,
+        granule,
+    }
+}
+
 fn feature(acked: u64, bit: u32) -> bool {
     acked & (1u64 << bit) != 0
 }
@@ -599,7 +623,7 @@ impl IommuState {
             mmio_windows: Vec::new(),
             replaying: false,
             endpoints: endpoints.iter().map(|&e| (e, None)).collect(),
-            domains: IdMap::default(),
+            domains: DomainMap::default(),
             total_mappings: 0,
             acked: 0,
             unattached_bypass: false,
@@ -869,7 +893,7 @@ impl IommuState {
         if let Some(old) = current {
             self.detach_endpoint(ep, old);
         }
-        let dom = self.domains.entry(domain).or_insert_with(|| Domain {
+        let dom = self.domains.get_or_insert_with(domain, || Domain {
             kind: kind(),
             endpoints: Vec::new(),
         });
@@ -1000,23 +1024,12 @@ impl IommuState {
         // aligned on the page granularity, the device SHOULD reject the
         // request and set status to VIRTIO_IOMMU_S_RANGE."
         let mask = *granule - 1;
-        for (field, value) in [("virt_start", r.virt_start), ("phys_start", r.phys_start)] {
-            if value & mask != 0 {
-                return Err(RequestError::Misaligned {
-                    field,
-                    value,
-                    granule: *granule,
-                });
-            }
-        }
         // `virt_end + 1` wraps to 0 at u64::MAX, which is aligned.
         let end_plus_one = r.virt_end.wrapping_add(1);
-        if end_plus_one & mask != 0 {
-            return Err(RequestError::Misaligned {
-                field: "virt_end + 1",
-                value: end_plus_one,
-                granule: *granule,
-            });
+        // One test for the three; which one failed is worked out only on
+        // the way to the refusal.
+        if (r.virt_start | r.phys_start | end_plus_one) & mask != 0 {
+            return Err(misaligned(r, *granule));
         }
         // spec 5.13.6.5: "Any mapping request to virtual addresses outside of
         // this range fails."
@@ -1133,10 +1146,17 @@ impl IommuState {
             return Err(RequestError::ReservedNotZero { request: "UNMAP" });
         }
         self.check_domain_range(r.domain)?;
+        // Disjoint borrows: the removed mappings go straight into the
+        // scratch list while the domain is borrowed.
+        let IommuState {
+            domains,
+            scratch,
+            total_mappings,
+            ..
+        } = self;
         // spec 5.13.6.6.2: "If domain does not exist, the device SHOULD set
         // the request status to VIRTIO_IOMMU_S_NOENT."
-        let dom = self
-            .domains
+        let dom = domains
             .get_mut(&r.domain)
             .ok_or(RequestError::UnknownDomain(r.domain))?;
         let table = match &mut dom.kind {
@@ -1167,14 +1187,12 @@ impl IommuState {
         // in its entirety by the range (the UNMAP request would split the
         // mapping), then the device SHOULD set the request status to
         // VIRTIO_IOMMU_S_RANGE, and SHOULD NOT remove any mapping."
-        let mut removed = std::mem::take(&mut self.scratch);
-        removed.clear();
-        let res = table.remove_range(r.virt_start, r.virt_end, &mut removed);
-        let n = removed.len();
-        self.scratch = removed;
+        scratch.clear();
+        let res = table.remove_range(r.virt_start, r.virt_end, scratch);
+        let n = scratch.len();
         match res {
             Ok(()) => {
-                self.total_mappings -= n as u64;
+                *total_mappings -= n as u64;
                 Ok(n)
             }
             Err(e) => Err(RequestError::WouldSplit {
