@@ -1433,3 +1433,94 @@ mod warm_tests {
         assert_eq!(st.mappings(1), before, "warming changes no mapping");
     }
 }
+
+#[cfg(test)]
+mod request_path_tests {
+    use super::*;
+
+    fn state() -> IommuState {
+        let mut st = IommuState::new(&IommuConfig::default(), &[1, 2], &[(0, 1 << 40)]);
+        st.set_acked_features(1 << VIRTIO_IOMMU_F_MAP_UNMAP);
+        st
+    }
+
+    fn attach(domain: u32, endpoint: u32) -> AttachReq {
+        AttachReq {
+            domain,
+            endpoint,
+            flags: 0,
+            reserved: [0; 4],
+        }
+    }
+
+    fn map(domain: u32, virt_start: u64, virt_end: u64, phys_start: u64) -> MapReq {
+        MapReq {
+            domain,
+            virt_start,
+            virt_end,
+            phys_start,
+            flags: VIRTIO_IOMMU_MAP_F_READ,
+        }
+    }
+
+    #[test]
+    fn a_misaligned_map_names_the_first_misaligned_address() {
+        // spec 5.13.6.5.2: "If virt_start, phys_start or (virt_end + 1) is
+        // not aligned on the page granularity, the device SHOULD reject the
+        // request and set status to VIRTIO_IOMMU_S_RANGE."
+        let mut st = state();
+        st.attach(&attach(1, 1)).unwrap();
+        let mut field = |r: MapReq| match st.map(&r) {
+            Err(e @ RequestError::Misaligned { field, .. }) => {
+                assert_eq!(e.status(), Status::Range);
+                Some(field)
+            }
+            _ => None,
+        };
+        assert_eq!(field(map(1, 0x1800, 0x2fff, 0x5000)), Some("virt_start"));
+        assert_eq!(field(map(1, 0x1800, 0x27ff, 0x5800)), Some("virt_start"));
+        assert_eq!(field(map(1, 0x1000, 0x1fff, 0x5008)), Some("phys_start"));
+        assert_eq!(field(map(1, 0x1000, 0x1ffe, 0x5000)), Some("virt_end + 1"));
+        // virt_end + 1 wraps to 0 at the top of the address space, which
+        // is aligned: that MAP is refused for its range, not its alignment.
+        assert_eq!(field(map(1, u64::MAX - 0xfff, u64::MAX, 0x5000)), None);
+        assert!(matches!(
+            st.map(&map(1, u64::MAX - 0xfff, u64::MAX, 0x5000)),
+            Err(RequestError::OutsideInputRange { .. })
+        ));
+        assert_eq!(st.mapping_count(1), 0);
+    }
+
+    #[test]
+    fn map_and_unmap_reach_the_domain_they_name_after_domains_come_and_go() {
+        // The request path remembers the last domain it used: a freed
+        // domain must not answer for its ID, nor its slot for another ID.
+        let mut st = state();
+        st.attach(&attach(1, 1)).unwrap();
+        st.map(&map(1, 0x1000, 0x1fff, 0x5000)).unwrap();
+        st.attach(&attach(2, 2)).unwrap();
+        st.map(&map(2, 0x1000, 0x1fff, 0x6000)).unwrap();
+        // Endpoint 1 leaves domain 1, which goes with its mapping.
+        st.attach(&attach(3, 1)).unwrap();
+        let unmap = |domain| UnmapReq {
+            domain,
+            virt_start: 0x1000,
+            virt_end: 0x1fff,
+            reserved: [0; 4],
+        };
+        assert_eq!(st.unmap(&unmap(1)), Err(RequestError::UnknownDomain(1)));
+        assert_eq!(
+            st.map(&map(1, 0x1000, 0x1fff, 0x5000)),
+            Err(RequestError::UnknownDomain(1))
+        );
+        // Domain 3 took the freed slot; it starts empty.
+        assert_eq!(st.mapping_count(3), 0);
+        assert_eq!(st.unmap(&unmap(3)), Ok(0));
+        st.map(&map(3, 0x1000, 0x1fff, 0x7000)).unwrap();
+        assert_eq!(st.unmap(&unmap(2)), Ok(1));
+        assert_eq!(st.last_removed()[0].phys, 0x6000);
+        assert_eq!(st.unmap(&unmap(3)), Ok(1));
+        assert_eq!(st.last_removed()[0].phys, 0x7000);
+        assert_eq!(st.total_mappings(), 0);
+    }
+}
