@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+mod chain;
 mod eventq;
 mod guest_bytes;
 mod invalidate;
@@ -22,8 +23,11 @@ mod warm;
 use invalidate::DeferredInvalidate;
 
 use log::debug;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, GuestAddress, GuestMemory};
+use vm_memory::{
+    Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::config::IommuConfig;
 use crate::viommu::{Applied, RequestRun, Viommu};
@@ -599,6 +603,16 @@ impl VirtioIommu {
             // index is the driver's hot line, read again only between
             // batches (and chains published meanwhile are found then).
             let viommu = Arc::clone(&self.viommu);
+            // The descriptor table as one slice of RAM, for the chains'
+            // walks (`chain::Descriptors`); the driver cannot move it while
+            // the queue is ready.
+            let (desc_table, queue_size) = (q.desc_table(), q.size());
+            let table = mem.physical_memory().and_then(|ram| {
+                let r = ram.find_region(GuestAddress(desc_table))?;
+                let off = desc_table.checked_sub(r.start_addr().0)?;
+                r.get_slice(MemoryRegionAddress(off), 16 * usize::from(queue_size))
+                    .ok()
+            });
             loop {
                 let mut chains = match q.iter(mem) {
                     Ok(it) => it,
@@ -619,7 +633,14 @@ impl VirtioIommu {
                 for chain in chains.by_ref() {
                     took = true;
                     let head = chain.head_index();
-                    if let Some(len) = self.handle_chain(mem, chain, &mut run) {
+                    let descs = chain::Descriptors::new(
+                        mem,
+                        table.as_ref(),
+                        GuestAddress(desc_table),
+                        queue_size,
+                        head,
+                    );
+                    if let Some(len) = self.handle_chain(mem, head, descs, &mut run) {
                         self.completed.push((head, len));
                         if self.completed.len() >= USED_BATCH {
                             break;
@@ -709,18 +730,13 @@ impl VirtioIommu {
 
     /// Gathers, decodes, applies and answers one request chain; returns the
     /// used length, or `None` for an INVALIDATE answered with its batch.
-    fn handle_chain<M, T>(
+    fn handle_chain<M: GuestMemory>(
         &mut self,
         mem: &M,
-        chain: virtio_queue::DescriptorChain<T>,
+        head: u16,
+        chain: impl Iterator<Item = Descriptor>,
         run: &mut RequestRun<'_>,
-    ) -> Option<u32>
-    where
-        M: GuestMemory,
-        T: std::ops::Deref,
-        T::Target: GuestMemory,
-    {
-        let head = chain.head_index();
+    ) -> Option<u32> {
         let mut rbuf = [0u8; MAX_READABLE_SIZE];
         let mut rlen = 0usize;
         let mut malformed = false;
