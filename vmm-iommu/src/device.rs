@@ -716,6 +716,26 @@ impl VirtioIommu {
         }
     }
 
+    /// Writes `status` as the request's tail at `offset` of the writable
+    /// buffers: in one store when the tail lies in one buffer.
+    fn write_tail<M: GuestMemory>(&self, mem: &M, offset: u64, status: Status) -> Result<(), ()> {
+        let mut skip = offset;
+        for &(addr, len) in &self.writable {
+            let len = u64::from(len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            if len - skip >= TAIL_SIZE as u64 {
+                let at = addr.checked_add(skip).ok_or(())?;
+                // As a word in a register: its bytes in memory order.
+                return guest_bytes::store(mem, at, u32::from_ne_bytes(status.to_tail()));
+            }
+            break;
+        }
+        self.write_at(mem, offset, &status.to_tail())
+    }
+
     /// Whether request type `t` belongs to a feature the driver did not
     /// accept: such a request is as unknown as any other type.
     fn type_negotiated(&self, t: u8) -> bool {
@@ -879,7 +899,7 @@ impl VirtioIommu {
         wtotal: u64,
         status: Status,
     ) -> u32 {
-        if self.write_at(mem, tail_at, &status.to_tail()).is_err() {
+        if self.write_tail(mem, tail_at, status).is_err() {
             return 0;
         }
         self.stats.statuses[status as usize] += 1;

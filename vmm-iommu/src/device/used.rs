@@ -18,7 +18,7 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
 use virtio_queue::{Error as QueueError, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 /// Bytes before the first used element: `flags` and `idx` (virtio 1.3,
 /// 2.7.8).
@@ -65,8 +65,10 @@ impl UsedRing {
             };
             // `struct virtq_used_elem { le32 id; le32 len; }`.
             let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
-            if let Err(e) = mem.write_obj(elem, GuestAddress(at)) {
-                res = Err(QueueError::GuestMemory(e));
+            if super::guest_bytes::store(mem, GuestAddress(at), elem).is_err() {
+                res = Err(QueueError::GuestMemory(
+                    GuestMemoryError::InvalidGuestAddress(GuestAddress(at)),
+                ));
                 break;
             }
             next += 1;
