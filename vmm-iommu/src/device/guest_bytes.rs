@@ -93,6 +93,24 @@ mod tests {
     }
 
     #[test]
+    fn reads_every_length_at_every_offset_near_a_boundary_as_bytes_does() {
+        let mem = ram();
+        let data: Vec<u8> = (0..0x2000u32).map(|i| (i * 7 + 3) as u8).collect();
+        mem.write_slice(&data, GuestAddress(0)).unwrap();
+        for at in 0xfe0..0x1000u64 {
+            for len in 0..70 {
+                let mut ours = vec![0u8; len];
+                read(&mem, GuestAddress(at), &mut ours).unwrap();
+                assert_eq!(
+                    &ours[..],
+                    &data[at as usize..at as usize + len],
+                    "{at:#x}+{len}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_word_lands_as_its_bytes_would_within_and_across_regions() {
         let mem = ram();
         for at in [0x10u64, 0x13, 0xffc, 0xffd, 0xfff, 0x1ffc] {
