@@ -2,8 +2,8 @@
 //!
 //! virtio-queue's `DescriptorChain` reads every descriptor through
 //! vm-memory's `Bytes::read_obj`: a slice iterator, a `memcpy` call for
-//! the 16 bytes and error values built and dropped on the way, about a
-//! tenth of a MAP+UNMAP pair's time at N = 0 (four descriptors a pair).
+//! the 16 bytes and error values built and dropped on the way: a sixth of
+//! a MAP+UNMAP pair's time at N = 0 (four descriptors a pair).
 //! This walk follows the same rules (below) and reads a descriptor with
 //! one bounds-checked 16-byte load: from the queue's descriptor table
 //! taken once per pass as one slice of guest RAM where it lies in one
