@@ -1683,6 +1683,23 @@ fn copy_rows<E1, E2>(
     print_ratio(&format!("{how} / plain bandwidth, {label}"), r, 0.9, false);
 }
 
+/// Mappings of the `dma` section (and `profile-copy`).
+const DMA_MAPPINGS: u64 = 10_000;
+
+/// The `dma` section's vIOMMU with [`DMA_MAPPINGS`] mappings, and real
+/// memory at the mapped guest-physical pages, every 64-byte slot holding
+/// its own guest-physical address.
+fn dma_setup() -> (Arc<Viommu>, GuestMemoryMmap) {
+    let n = DMA_MAPPINGS;
+    let v = state_viommu(n);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(PHYS_BASE), (n * PAGE) as usize)])
+        .expect("guest memory");
+    for a in (PHYS_BASE..PHYS_BASE + n * PAGE).step_by(64) {
+        mem.write_obj(a, GuestAddress(a)).unwrap();
+    }
+    (v, mem)
+}
+
 /// The emulated device's memory access through the vIOMMU (issue 14,
 /// part 1), each figure beside its same-run baseline: plain
 /// `GuestMemoryMmap` at the guest-physical address, the `Translator`
@@ -1690,15 +1707,8 @@ fn copy_rows<E1, E2>(
 /// `IommuMemory` over `EndpointIommu`.
 fn dma_section(o: &Opts) {
     use vmm_iommu::DmaMemory;
-    const N: u64 = 10_000;
-    let v = state_viommu(N);
-    // Real memory at the mapped guest-physical pages, every 64-byte slot
-    // holding its own guest-physical address.
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(PHYS_BASE), (N * PAGE) as usize)])
-        .expect("guest memory");
-    for a in (PHYS_BASE..PHYS_BASE + N * PAGE).step_by(64) {
-        mem.write_obj(a, GuestAddress(a)).unwrap();
-    }
+    const N: u64 = DMA_MAPPINGS;
+    let (v, mem) = dma_setup();
     let dma: DmaMemory<GuestMemoryMmap> = v.dma_memory(EP, mem.clone());
     let im = IommuMemory::new(mem.clone(), v.endpoint_iommu(EP), true, ());
     let lk = lookups(N);
@@ -1859,19 +1869,13 @@ fn dma_section(o: &Opts) {
 /// profiler.
 fn profile_copy(args: &str) {
     use vmm_iommu::DmaMemory;
-    const N: u64 = 10_000;
     let mut it = args.split(' ');
     let how = it.next().unwrap_or("dma");
     let rounds: usize = it.next().and_then(|r| r.parse().ok()).unwrap_or(1000);
-    let v = state_viommu(N);
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(PHYS_BASE), (N * PAGE) as usize)])
-        .expect("guest memory");
-    for a in (PHYS_BASE..PHYS_BASE + N * PAGE).step_by(64) {
-        mem.write_obj(a, GuestAddress(a)).unwrap();
-    }
+    let (v, mem) = dma_setup();
     let dma: DmaMemory<GuestMemoryMmap> = v.dma_memory(EP, mem.clone());
     let page = |x: &(u64, u64)| (x.0 & !(PAGE - 1), x.1 & !(PAGE - 1));
-    let lk = lookups(N);
+    let lk = lookups(DMA_MAPPINGS);
     let (t, bytes) = if how == "plain" {
         let pp: Vec<(u64, u64)> = lk[..64].iter().map(|l| page(&(l.gpa, l.gpa))).collect();
         copy_pages(|b, a| mem.read_slice(b, a), &pp, rounds)
