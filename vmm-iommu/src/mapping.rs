@@ -30,7 +30,8 @@
 //!
 //! The directory is rebuilt lazily: chunks appended at the top are added as
 //! they come, other changes (splits, merges, keys that move) leave it stale
-//! until enough of them pile up. A stale directory can only lead a lookup to
+//! until enough of them pile up, counting the MAPs and UNMAPs it sent
+//! to the wrong chunk. A stale directory can only lead a lookup to
 //! the wrong chunk, never to a wrong answer: every entry of every live slot
 //! is a current mapping, and a mapping that contains the address is the
 //! answer wherever it was found (mappings are disjoint). A lookup that finds
@@ -626,7 +627,22 @@ impl MappingTable {
         if let Some(key) = self.confirm(recent, addr) {
             return Some((key, recent));
         }
-        let found = self.chunk_at(addr);
+        let direct = self
+            .dir
+            .search(addr)
+            .and_then(|slot| Some((self.confirm(slot, addr)?, slot)));
+        let found = direct.or_else(|| {
+            // The directory did not know (or the address lies below every
+            // chunk). A directory left stale by changes that then stopped
+            // coming would send every such change to the B-tree for good:
+            // each of them counts as a change it does not show, so that
+            // once they have cost about as much as a rebuild, it is
+            // rebuilt (which moves no slot).
+            self.dir.stale += 1;
+            let found = self.index.range(..=addr).next_back().map(|(&k, &s)| (k, s));
+            self.maybe_rebuild();
+            found
+        });
         if let Some((_, slot)) = found {
             self.recent = slot;
         }
@@ -1593,6 +1609,53 @@ mod tests {
             t.iter().collect::<Vec<_>>(),
             model.values().copied().collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn a_directory_left_stale_is_rebuilt_once_changes_pay_for_its_misses() {
+        let page = |i: u64| m(i * 0x2000, i * 0x2000 + 0xfff);
+        let between = |i: u64| m(i * 0x2000 + 0x1000, i * 0x2000 + 0x1fff);
+        let mut t = MappingTable::new();
+        let n = 20_000u64;
+        for i in 0..n {
+            t.insert(page(i));
+        }
+        let (chunks, stale) = t.chunk_stats();
+        assert_eq!((chunks, stale), (1250, 0));
+        // Twenty splits: too few for a rebuild, so the directory does not
+        // know the twenty right halves.
+        let cap = CHUNK_CAPACITY as u64;
+        for c in 0..20 {
+            assert!(t.try_insert(between(c * 10 * cap)));
+        }
+        assert_eq!(t.chunk_stats(), (chunks + 20, 20));
+        // MAP+UNMAP pairs in those right halves: each MAP asks the B-tree
+        // and counts, until a rebuild; after it the directory is right.
+        let mut out = vec![];
+        let mut rebuilt_after = None;
+        for round in 0..100u64 {
+            let c = round % 20;
+            let i = c * 10 * cap + cap - 2;
+            assert!(t.try_insert(between(i)));
+            t.remove_range(i * 0x2000 + 0x1000, i * 0x2000 + 0x1fff, &mut out)
+                .unwrap();
+            if t.chunk_stats().1 == 0 && rebuilt_after.is_none() {
+                rebuilt_after = Some(round + 1);
+            }
+        }
+        // 4 + 1,270 / 16 changes the directory does not show: 20 splits,
+        // then one a pair.
+        assert_eq!(rebuilt_after, Some(4 + 1270 / 16 - 20 + 1));
+        assert_eq!(t.chunk_stats(), (chunks + 20, 0), "no miss once rebuilt");
+        for c in 0..20 {
+            let i = c * 10 * cap + cap - 2;
+            assert_eq!(
+                t.find_direct(i * 0x2000 + 8).map(|e| e.mapping()),
+                Some(page(i))
+            );
+        }
+        t.check_links();
+        assert_eq!(t.len(), n as usize + 20);
     }
 
     #[test]
