@@ -7,7 +7,7 @@
 //! are dropped and counted.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -19,6 +19,10 @@ use crate::wire::ExtFaultRecord as FaultRecord;
 #[derive(Debug)]
 pub struct FaultQueue {
     records: Mutex<VecDeque<FaultRecord>>,
+    /// `records.len()`, stored under the lock at every change, so that a
+    /// push to a full queue is refused without taking the lock (see
+    /// [`FaultQueue::is_full`]).
+    waiting: AtomicUsize,
     capacity: usize,
     dropped: AtomicU64,
     evt: EventFd,
@@ -29,6 +33,7 @@ impl FaultQueue {
     pub fn new(capacity: usize) -> std::io::Result<Self> {
         Ok(FaultQueue {
             records: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            waiting: AtomicUsize::new(0),
             capacity,
             dropped: AtomicU64::new(0),
             evt: EventFd::new(EFD_NONBLOCK)?,
@@ -40,15 +45,46 @@ impl FaultQueue {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` on the records under the lock and notes how many wait
+    /// after it.
+    fn with_records<R>(&self, f: impl FnOnce(&mut VecDeque<FaultRecord>) -> R) -> R {
+        let mut q = self.lock();
+        let r = f(&mut q);
+        self.waiting.store(q.len(), Ordering::Relaxed);
+        r
+    }
+
+    /// Whether the queue was full when last changed: read without the
+    /// lock, so a fault storm against a full queue (a guest that makes a
+    /// device fault and supplies no event buffer) costs each faulting
+    /// thread a load and the drop count, and no lock the others wait on.
+    /// A record popped meanwhile is seen at the next push.
+    pub fn is_full(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) >= self.capacity
+    }
+
+    /// Counts one record dropped for a full queue (see [`Self::is_full`]).
+    pub fn count_drop(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Queues a record; returns `false` (and counts a drop) when full.
     pub fn push(&self, rec: FaultRecord) -> bool {
-        let mut q = self.lock();
-        if q.len() >= self.capacity {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.is_full() {
+            self.count_drop();
             return false;
         }
-        q.push_back(rec);
-        drop(q);
+        let queued = self.with_records(|q| {
+            if q.len() >= self.capacity {
+                return false;
+            }
+            q.push_back(rec);
+            true
+        });
+        if !queued {
+            self.count_drop();
+            return false;
+        }
         // The counter saturates rather than fails; a failed write only
         // delays delivery to the next notification.
         let _ = self.evt.write(1);
@@ -57,12 +93,12 @@ impl FaultQueue {
 
     /// Takes the oldest record.
     pub fn pop(&self) -> Option<FaultRecord> {
-        self.lock().pop_front()
+        self.with_records(VecDeque::pop_front)
     }
 
     /// Puts a record back at the head (a buffer turned out unusable).
     pub fn unpop(&self, rec: FaultRecord) {
-        self.lock().push_front(rec);
+        self.with_records(|q| q.push_front(rec));
     }
 
     /// Records waiting.
@@ -82,7 +118,7 @@ impl FaultQueue {
 
     /// Drops every waiting record (device reset).
     pub fn clear(&self) {
-        self.lock().clear();
+        self.with_records(VecDeque::clear);
     }
 
     /// The most records the queue holds.
@@ -97,7 +133,7 @@ impl FaultQueue {
 
     /// Drops the waiting records `keep` refuses (an unplugged endpoint's).
     pub fn retain(&self, keep: impl FnMut(&FaultRecord) -> bool) {
-        self.lock().retain(keep);
+        self.with_records(|q| q.retain(keep));
     }
 
     /// Sets the drop counter (restore of a snapshot).
@@ -126,5 +162,30 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert_eq!(q.dropped(), 1);
         assert_eq!(q.eventfd().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn fullness_is_known_without_the_lock_and_follows_every_change() {
+        let q = FaultQueue::new(2).unwrap();
+        let r = FaultRecord::default();
+        let full = |q: &FaultQueue| (q.is_full(), q.len());
+        assert_eq!(full(&q), (false, 0));
+        q.push(r);
+        q.push(r);
+        assert_eq!(full(&q), (true, 2));
+        assert!(!q.push(r));
+        assert_eq!(q.dropped(), 1);
+        q.pop();
+        assert_eq!(full(&q), (false, 1));
+        assert!(q.push(r));
+        q.retain(|_| false);
+        assert_eq!(full(&q), (false, 0));
+        q.push(r);
+        q.unpop(r);
+        assert_eq!(full(&q), (true, 2));
+        q.clear();
+        assert_eq!(full(&q), (false, 0));
+        q.count_drop();
+        assert_eq!(q.dropped(), 2);
     }
 }

@@ -818,6 +818,31 @@ mod tests {
     }
 
     #[test]
+    fn faults_past_a_full_queue_are_counted_and_queued_again_once_there_is_room() {
+        let (v, _) = rig();
+        let mut t = v.translator(EP);
+        let cap = v.faults().capacity();
+        for i in 0..cap as u64 {
+            assert!(t.translate(0x10_0000 + i * 0x1000, ACCESS_READ).is_err());
+        }
+        assert!(v.faults().is_full());
+        // Full: counted, whoever the endpoint, nothing queued.
+        assert!(t.translate(0x10_0000, ACCESS_READ).is_err());
+        v.report_fault(EP, 0x1234_0000, ACCESS_WRITE, FaultReason::Mapping);
+        v.report_fault(EP + 1, 0, ACCESS_READ, FaultReason::Mapping);
+        assert_eq!((v.faults().len(), v.faults().dropped()), (cap, 3));
+        // The driver takes one: room for one again, and an endpoint the
+        // vIOMMU does not manage still gets none of it (5.13.6.8.2).
+        assert!(v.faults().pop().is_some());
+        v.report_fault(EP + 1, 0, ACCESS_READ, FaultReason::Mapping);
+        assert_eq!(v.faults().len(), cap - 1);
+        v.report_fault(EP, 0x1234_0000, ACCESS_WRITE, FaultReason::Mapping);
+        assert_eq!((v.faults().len(), v.faults().dropped()), (cap, 3));
+        let last = v.faults().records().pop().unwrap();
+        assert_eq!((last.endpoint, last.address), (EP, 0x1234_0000));
+    }
+
+    #[test]
     fn unmapped_last_byte_is_refused_with_a_fault() {
         let (v, _) = rig();
         map(&v, TOP_PAGE - 0x1000, 0x1000, 0x5000);

@@ -879,8 +879,18 @@ impl Viommu {
 
     /// Queues a fault record for the driver. Faults of an endpoint this
     /// vIOMMU does not manage are not queued: spec 5.13.6.8.2 "The device
-    /// SHOULD write a valid endpoint ID in endpoint".
+    /// SHOULD write a valid endpoint ID in endpoint". While the queue is
+    /// full every fault is counted as dropped ([`FaultQueue::dropped`]),
+    /// without a look at its endpoint.
     pub fn report_fault(&self, ep: u32, iova: u64, access: u32, reason: FaultReason) {
+        // A full queue drops the record whatever it says: counted without
+        // the state's lock, which the request path and the locked
+        // translations wait on, so that a storm of faults does not slow
+        // them.
+        if self.faults.is_full() {
+            self.faults.count_drop();
+            return;
+        }
         if self.state().endpoint(ep).is_none() {
             log::debug!("virtio-iommu: fault of unmanaged endpoint {ep} at {iova:#x} not reported");
             return;
