@@ -329,7 +329,13 @@ impl Shard {
 /// mapping is answered from the shard its first page hashes to, after a
 /// check of the window under the shard's read lock (a miss never builds
 /// vm-memory's list of failed ranges). Nothing is ever flushed for being
-/// full, and threads share no lock unless their pages share a shard.
+/// full, and threads share no lock unless their pages share a shard. A
+/// miss that one entry of the domain's lock-free index holds whole (a
+/// 4 KiB page, or the 2 MiB or 1 GiB block a mapping covers) is answered
+/// from it, as [`Translator`]'s and [`crate::DmaMemory`]'s misses are,
+/// without the state's lock, which the request path holds while it
+/// applies a batch; other misses take that lock and file the whole
+/// mapping.
 /// Accesses across mappings go to a spill `Iotlb`; accesses that end at
 /// 2^64, which vm-memory's end-exclusive ranges cannot hold, to one whose
 /// ranges are keyed one byte lower (so the last byte of the space
@@ -376,6 +382,18 @@ pub struct EndpointIommu {
     spill: Shard,
     /// Accesses ending at 2^64, keyed one byte lower.
     top: Shard,
+    /// Where misses look first: the lock-free index of the endpoint's
+    /// MAP-mode domain, resolved once per topology generation.
+    route: RwLock<IndexRoute>,
+}
+
+/// An [`EndpointIommu`]'s way to the lock-free index.
+#[derive(Debug, Default)]
+struct IndexRoute {
+    /// The topology generation `index` was resolved under; `None`: never.
+    topology: Option<u64>,
+    /// `None`: no index (bypass, nested, or one refused as too big).
+    index: Option<Arc<PageIndex>>,
 }
 
 fn access_bits(p: Permissions) -> u32 {
@@ -412,6 +430,7 @@ impl EndpointIommu {
                 .collect(),
             spill: Shard::default(),
             top: Shard::default(),
+            route: RwLock::new(IndexRoute::default()),
         }
     }
 
@@ -444,6 +463,53 @@ impl EndpointIommu {
     /// access that starts after the UNMAP's status is written.
     fn generation(&self) -> u64 {
         self.viommu.generation().wrapping_add(1)
+    }
+
+    /// The window of `iova`'s entry in the domain's lock-free index, read
+    /// without the state's lock: `Some(Ok)` where the index answers and
+    /// neither the topology nor the generation (`generation`, loaded
+    /// before) moved meanwhile, `Some(Err)` for a refusal, `None` to ask
+    /// the state. The same rule as [`crate::DmaMemory`]'s misses: an UNMAP
+    /// takes its mappings out of the index before it moves the
+    /// generation, so an answer that survives is one no revocation has
+    /// overtaken.
+    fn index_window(
+        &self,
+        iova: u64,
+        access: u32,
+        generation: u64,
+    ) -> Option<Result<Translation, FaultReason>> {
+        let topology = self.viommu.topology();
+        let found = {
+            let route = self.route.read().unwrap_or_else(|p| p.into_inner());
+            if route.topology == Some(topology) {
+                route.index.as_ref().map(|ix| ix.lookup(iova))
+            } else {
+                drop(route);
+                let index = self.viommu.translation_index(self.endpoint);
+                let found = index.as_ref().map(|ix| ix.lookup(iova));
+                *self.route.write().unwrap_or_else(|p| p.into_inner()) = IndexRoute {
+                    topology: Some(topology),
+                    index,
+                };
+                found
+            }
+        }?;
+        let unmoved = self.viommu.topology() == topology && self.generation() == generation;
+        match found {
+            Lookup::Page { phys, perm, last } if access & !perm == 0 => unmoved.then(|| {
+                let off = iova & PAGE_MASK;
+                Ok(Translation {
+                    iova_start: iova - off,
+                    iova_last: last,
+                    phys_start: phys - off,
+                    perm,
+                })
+            }),
+            // The state says the same for these: a mapping fault.
+            Lookup::Page { .. } | Lookup::Unmapped => unmoved.then_some(Err(FaultReason::Mapping)),
+            Lookup::Busy => None,
+        }
     }
 
     /// Puts the window `t` alone in `shard`.
@@ -582,10 +648,21 @@ impl EndpointIommu {
         };
         for _ in 0..FILL_ATTEMPTS {
             let generation = self.generation();
-            let t = self
-                .viommu
-                .translate(self.endpoint, iova.0, bits)
-                .map_err(|r| refused(iova.0, r))?;
+            // The index where its entry holds the whole access (no lock),
+            // else the state (the whole mapping's window).
+            let from_index = if last == u64::MAX {
+                None
+            } else {
+                self.index_window(iova.0, bits, generation)
+            };
+            let t = match from_index {
+                Some(Ok(t)) if t.iova_last >= last => t,
+                Some(Err(r)) => return Err(refused(iova.0, r)),
+                _ => self
+                    .viommu
+                    .translate(self.endpoint, iova.0, bits)
+                    .map_err(|r| refused(iova.0, r))?,
+            };
             if last != u64::MAX && t.iova_last >= last {
                 // One window: into the page's shard, then read back (another
                 // thread may have replaced it meanwhile: try again).
@@ -840,6 +917,41 @@ mod tests {
         assert_eq!((v.faults().len(), v.faults().dropped()), (cap, 3));
         let last = v.faults().records().pop().unwrap();
         assert_eq!((last.endpoint, last.address), (EP, 0x1234_0000));
+    }
+
+    #[test]
+    fn endpoint_misses_in_one_index_entry_are_answered_while_the_state_is_locked() {
+        let (v, _) = rig();
+        map(&v, 0x10_0000, 0x2000, 0x3000);
+        map(&v, 0x40_0000, 0x1000, 0x8000);
+        let ep = v.endpoint_iommu(EP);
+        // The first miss finds the domain's index (under the read lock).
+        assert_eq!(ranges(&ep, 0x10_0010, 8), Some(vec![(0x3010, 8)]));
+        // The request path holds the write lock (a batch being applied):
+        // misses that one index entry holds are still answered.
+        let held = v.state_mut();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let r = (ranges(&ep, 0x10_1ff8, 8), ranges(&ep, 0x40_0100, 16));
+                let _ = tx.send(r);
+            });
+            // Not a time limit on the answer: a miss that waited for the
+            // lock would wait for ever, and this releases it after a minute.
+            let got = rx.recv_timeout(std::time::Duration::from_secs(60));
+            drop(held);
+            assert_eq!(
+                got.expect("answered without the state's lock"),
+                (Some(vec![(0x4ff8, 8)]), Some(vec![(0x8100, 16)]))
+            );
+        });
+        // An access across two pages of a mapping, and a refusal, go to
+        // the state; an UNMAP ends what the index gave.
+        assert_eq!(ranges(&ep, 0x10_0ff8, 16), Some(vec![(0x3ff8, 16)]));
+        assert_eq!(ranges(&ep, 0x10_2000, 8), None);
+        unmap(&v, 0x40_0000, 0x1000);
+        assert_eq!(ranges(&ep, 0x40_0100, 16), None);
+        assert_eq!(v.faults().len(), 2);
     }
 
     #[test]
