@@ -497,15 +497,19 @@ impl EndpointIommu {
         }?;
         let unmoved = self.viommu.topology() == topology && self.generation() == generation;
         match found {
-            Lookup::Page { phys, perm, last } if access & !perm == 0 => unmoved.then(|| {
+            Lookup::Page { phys, perm, last } if access & !perm == 0 => {
+                // Mappings are granule-aligned (at least 4 KiB), so the
+                // page's offset is the same on both sides; otherwise the
+                // state answers.
                 let off = iova & PAGE_MASK;
-                Ok(Translation {
+                let window = Translation {
                     iova_start: iova - off,
                     iova_last: last,
-                    phys_start: phys - off,
+                    phys_start: phys.checked_sub(off)?,
                     perm,
-                })
-            }),
+                };
+                (unmoved && phys & PAGE_MASK == off).then_some(Ok(window))
+            }
             // The state says the same for these: a mapping fault.
             Lookup::Page { .. } | Lookup::Unmapped => unmoved.then_some(Err(FaultReason::Mapping)),
             Lookup::Busy => None,
