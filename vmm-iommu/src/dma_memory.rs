@@ -44,8 +44,8 @@ use vm_memory::{
 };
 
 use crate::slices::until_error;
-use crate::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
-use crate::translate::index::{Lookup, PageIndex};
+use crate::state::{ACCESS_READ, ACCESS_WRITE};
+use crate::translate::index::PageIndex;
 use crate::translate::TranslateError;
 use crate::viommu::Viommu;
 
@@ -247,15 +247,17 @@ impl<M: GuestMemoryBackend> DmaMemory<M> {
                 route.index = self.viommu.translation_index(self.endpoint);
                 route.topology = Some(topology);
             }
-            match route.index.as_ref().map(|ix| ix.lookup(iova)) {
-                Some(Lookup::Page { phys, perm, last }) if access & !perm == 0 => {
+            match route
+                .index
+                .as_ref()
+                .and_then(|ix| ix.lookup(iova).for_access(access))
+            {
+                Some(answer) => answer.map(|(phys, perm, last)| {
                     let unmoved = self.viommu.topology() == topology
                         && self.viommu.generation().wrapping_add(1) == generation;
-                    Ok((phys, perm, last, unmoved))
-                }
-                // The state says the same for these: a mapping fault.
-                Some(Lookup::Page { .. } | Lookup::Unmapped) => Err(FaultReason::Mapping),
-                None | Some(Lookup::Busy) => self
+                    (phys, perm, last, unmoved)
+                }),
+                None => self
                     .viommu
                     .translate(self.endpoint, iova, access)
                     .map(|t| (t.gpa(iova), t.perm, t.iova_last, page_start >= t.iova_start)),

@@ -24,7 +24,7 @@ use crate::state::{FaultReason, Translation, ACCESS_READ, ACCESS_WRITE};
 use crate::viommu::Viommu;
 
 pub(crate) mod index;
-use index::{Lookup, PageIndex};
+use index::PageIndex;
 
 /// Entries in a [`Translator`]'s IOTLB (a power of two).
 pub const TLB_ENTRIES: usize = 256;
@@ -236,13 +236,13 @@ impl Translator {
     fn miss(&mut self, iova: u64, access: u32) -> Result<(u64, u64), TranslateError> {
         self.misses += 1;
         let page = iova >> PAGE_SHIFT;
-        let found = match self.index.as_ref().map(|ix| ix.lookup(iova)) {
-            Some(Lookup::Page { phys, perm, .. }) if access & !perm == 0 => {
-                Ok((phys & !PAGE_MASK, perm))
-            }
-            // The state says the same for these: a mapping fault.
-            Some(Lookup::Page { .. } | Lookup::Unmapped) => Err(FaultReason::Mapping),
-            None | Some(Lookup::Busy) => self
+        let found = match self
+            .index
+            .as_ref()
+            .and_then(|ix| ix.lookup(iova).for_access(access))
+        {
+            Some(answer) => answer.map(|(phys, perm, _)| (phys & !PAGE_MASK, perm)),
+            None => self
                 .viommu
                 .translate(self.endpoint, iova, access)
                 .map(|t| (t.gpa(iova & !PAGE_MASK), t.perm)),
@@ -496,24 +496,20 @@ impl EndpointIommu {
             }
         }?;
         let unmoved = self.viommu.topology() == topology && self.generation() == generation;
-        match found {
-            Lookup::Page { phys, perm, last } if access & !perm == 0 => {
-                // Mappings are granule-aligned (at least 4 KiB), so the
-                // page's offset is the same on both sides; otherwise the
-                // state answers.
-                let off = iova & PAGE_MASK;
-                let window = Translation {
-                    iova_start: iova - off,
-                    iova_last: last,
-                    phys_start: phys.checked_sub(off)?,
-                    perm,
-                };
-                (unmoved && phys & PAGE_MASK == off).then_some(Ok(window))
-            }
-            // The state says the same for these: a mapping fault.
-            Lookup::Page { .. } | Lookup::Unmapped => unmoved.then_some(Err(FaultReason::Mapping)),
-            Lookup::Busy => None,
-        }
+        let (phys, perm, last) = match found.for_access(access).filter(|_| unmoved)? {
+            Ok(page) => page,
+            Err(reason) => return Some(Err(reason)),
+        };
+        // Mappings are granule-aligned (at least 4 KiB), so the page's
+        // offset is the same on both sides; otherwise the state answers.
+        let off = iova & PAGE_MASK;
+        let phys_start = phys.checked_sub(off).filter(|_| phys & PAGE_MASK == off)?;
+        Some(Ok(Translation {
+            iova_start: iova - off,
+            iova_last: last,
+            phys_start,
+            perm,
+        }))
     }
 
     /// Puts the window `t` alone in `shard`.

@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 
 use crate::mapping::Mapping;
 use crate::padded::Padded;
-use crate::state::{ACCESS_READ, ACCESS_WRITE};
+use crate::state::{FaultReason, ACCESS_READ, ACCESS_WRITE};
 
 /// Bits of IOVA each level resolves.
 const BITS: u32 = 9;
@@ -67,6 +67,24 @@ pub(crate) enum Lookup {
     Unmapped,
     /// The writer kept changing the tree: ask the state.
     Busy,
+}
+
+impl Lookup {
+    /// What the answer says of an access of `access` bits: the `Page`'s
+    /// address, permissions and last IOVA where it permits the access; a
+    /// mapping fault where nothing is mapped or it does not (the state
+    /// says the same for both); `None` to ask the state (`Busy`). One rule
+    /// for every reader of the index.
+    #[inline]
+    pub(crate) fn for_access(self, access: u32) -> Option<Result<(u64, u32, u64), FaultReason>> {
+        match self {
+            Lookup::Page { phys, perm, last } if access & !perm == 0 => {
+                Some(Ok((phys, perm, last)))
+            }
+            Lookup::Page { .. } | Lookup::Unmapped => Some(Err(FaultReason::Mapping)),
+            Lookup::Busy => None,
+        }
+    }
 }
 
 /// Why an index could not be built or kept.
