@@ -24,28 +24,15 @@ use crate::state::{FaultReason, Translation, ACCESS_READ, ACCESS_WRITE};
 use crate::viommu::Viommu;
 
 pub(crate) mod index;
+mod iotlb;
 use index::PageIndex;
+use iotlb::PageTlb;
 
-/// Entries in a [`Translator`]'s IOTLB (a power of two).
-pub const TLB_ENTRIES: usize = 256;
+/// Entries in a [`Translator`]'s IOTLB (256 direct-mapped, 256 more for the
+/// pages they push out).
+pub const TLB_ENTRIES: usize = iotlb::ENTRIES;
 const PAGE_SHIFT: u32 = 12;
 const PAGE_MASK: u64 = (1 << PAGE_SHIFT) - 1;
-const INVALID_TAG: u64 = u64::MAX;
-
-#[derive(Clone, Copy, Debug)]
-struct TlbEntry {
-    /// IOVA page number, `INVALID_TAG` when empty.
-    tag: u64,
-    /// Guest-physical address of the page.
-    phys: u64,
-    perm: u32,
-}
-
-const EMPTY: TlbEntry = TlbEntry {
-    tag: INVALID_TAG,
-    phys: 0,
-    perm: 0,
-};
 
 /// A failed translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -111,7 +98,7 @@ pub struct Translator {
     /// The generation the IOTLB was filled under: the index's, or without
     /// one the vIOMMU's.
     generation: u64,
-    tlb: Box<[TlbEntry; TLB_ENTRIES]>,
+    tlb: PageTlb,
     /// Scratch for the ranges the index's UNMAP log gives.
     unmapped: Vec<(u64, u64)>,
     hits: u64,
@@ -126,7 +113,7 @@ impl Translator {
             topology: 0,
             index: None,
             generation: 0,
-            tlb: Box::new([EMPTY; TLB_ENTRIES]),
+            tlb: PageTlb::new(),
             unmapped: Vec::new(),
             hits: 0,
             misses: 0,
@@ -184,18 +171,17 @@ impl Translator {
             self.catch_up(generation);
         }
         let page = iova >> PAGE_SHIFT;
-        let e = &self.tlb[(page as usize) & (TLB_ENTRIES - 1)];
-        if e.tag == page && access & !e.perm == 0 {
+        if let Some(phys) = self.tlb.lookup_way0(page, access) {
             self.hits += 1;
             let off = iova & PAGE_MASK;
-            return Ok((e.phys | off, (PAGE_MASK + 1) - off));
+            return Ok((phys | off, (PAGE_MASK + 1) - off));
         }
         self.miss(iova, access)
     }
 
     #[cold]
     fn flush(&mut self, generation: u64) {
-        self.tlb.fill(EMPTY);
+        self.tlb.clear();
         self.generation = generation;
     }
 
@@ -214,28 +200,20 @@ impl Translator {
             return;
         }
         for &(first, last) in &self.unmapped {
-            if last - first < TLB_ENTRIES as u64 {
-                for page in first..=last {
-                    let e = &mut self.tlb[(page as usize) & (TLB_ENTRIES - 1)];
-                    if e.tag == page {
-                        *e = EMPTY;
-                    }
-                }
-            } else {
-                for e in self.tlb.iter_mut() {
-                    if first <= e.tag && e.tag <= last {
-                        *e = EMPTY;
-                    }
-                }
-            }
+            self.tlb.invalidate(first, last);
         }
         self.generation = generation;
     }
 
     #[inline(never)]
     fn miss(&mut self, iova: u64, access: u32) -> Result<(u64, u64), TranslateError> {
-        self.misses += 1;
         let page = iova >> PAGE_SHIFT;
+        if let Some(phys) = self.tlb.lookup_way1(page, access) {
+            self.hits += 1;
+            let off = iova & PAGE_MASK;
+            return Ok((phys | off, (PAGE_MASK + 1) - off));
+        }
+        self.misses += 1;
         let found = match self
             .index
             .as_ref()
@@ -249,11 +227,7 @@ impl Translator {
         };
         match found {
             Ok((phys, perm)) => {
-                self.tlb[(page as usize) & (TLB_ENTRIES - 1)] = TlbEntry {
-                    tag: page,
-                    phys,
-                    perm,
-                };
+                self.tlb.insert(page, phys, perm);
                 let off = iova & PAGE_MASK;
                 Ok((phys | off, (PAGE_MASK + 1) - off))
             }
