@@ -93,6 +93,8 @@ pub struct DmaMemory<M: GuestMemoryBackend> {
     tlb_shift: u32,
     /// Where misses go, resolved once per topology generation.
     route: RefCell<Route>,
+    /// The fault queue's drop counter this memory counts on.
+    drop_shard: usize,
     hits: Cell<u64>,
     misses: Cell<u64>,
 }
@@ -152,7 +154,9 @@ impl<M: GuestMemoryBackend> DmaMemory<M> {
     pub fn with_tlb_entries(viommu: Arc<Viommu>, endpoint: u32, mem: M, entries: usize) -> Self {
         // At least two, so that the index shift stays below 64.
         let entries = entries.max(2).next_power_of_two();
+        let drop_shard = viommu.faults().drop_shard();
         DmaMemory {
+            drop_shard,
             mem,
             viommu,
             endpoint,
@@ -281,7 +285,7 @@ impl<M: GuestMemoryBackend> DmaMemory<M> {
             }
             Err(reason) => {
                 self.viommu
-                    .report_fault(self.endpoint, iova, access, reason);
+                    .report_fault_in(self.drop_shard, self.endpoint, iova, access, reason);
                 Err(TranslateError {
                     endpoint: self.endpoint,
                     iova,

@@ -12,7 +12,15 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::padded::Padded;
 use crate::wire::ExtFaultRecord as FaultRecord;
+
+/// Drop counters of a queue. Each reporter (a `Translator`, a
+/// `DmaMemory`) counts on one of them, alone on its lines: device threads
+/// faulting at once against a full queue would otherwise take turns on
+/// one line, and a storm on two threads cost each a cross-core miss per
+/// fault.
+const DROP_SHARDS: usize = 8;
 
 /// A bounded FIFO of fault records with a drop counter and an eventfd the
 /// VMM polls to learn that records wait.
@@ -24,7 +32,9 @@ pub struct FaultQueue {
     /// [`FaultQueue::is_full`]).
     waiting: AtomicUsize,
     capacity: usize,
-    dropped: AtomicU64,
+    dropped: [Padded<AtomicU64>; DROP_SHARDS],
+    /// The next reporter's drop counter (see [`FaultQueue::drop_shard`]).
+    next_shard: AtomicUsize,
     evt: EventFd,
 }
 
@@ -35,7 +45,8 @@ impl FaultQueue {
             records: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
             waiting: AtomicUsize::new(0),
             capacity,
-            dropped: AtomicU64::new(0),
+            dropped: std::array::from_fn(|_| Padded(AtomicU64::new(0))),
+            next_shard: AtomicUsize::new(0),
             evt: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -63,15 +74,28 @@ impl FaultQueue {
         self.waiting.load(Ordering::Relaxed) >= self.capacity
     }
 
-    /// Counts one record dropped for a full queue (see [`Self::is_full`]).
-    pub fn count_drop(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
+    /// The drop counter for a new reporter: handed out in turn, so that
+    /// the first reporters each count on their own.
+    pub fn drop_shard(&self) -> usize {
+        self.next_shard.fetch_add(1, Ordering::Relaxed) % DROP_SHARDS
+    }
+
+    /// Counts one record dropped for a full queue (see [`Self::is_full`])
+    /// on the reporter's counter `shard` (from [`Self::drop_shard`]; any
+    /// value is accepted).
+    pub fn count_drop(&self, shard: usize) {
+        self.dropped[shard % DROP_SHARDS].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Queues a record; returns `false` (and counts a drop) when full.
     pub fn push(&self, rec: FaultRecord) -> bool {
+        self.push_in(0, rec)
+    }
+
+    /// [`Self::push`], counting a drop on `shard`.
+    pub(crate) fn push_in(&self, shard: usize, rec: FaultRecord) -> bool {
         if self.is_full() {
-            self.count_drop();
+            self.count_drop(shard);
             return false;
         }
         let queued = self.with_records(|q| {
@@ -82,7 +106,7 @@ impl FaultQueue {
             true
         });
         if !queued {
-            self.count_drop();
+            self.count_drop(shard);
             return false;
         }
         // The counter saturates rather than fails; a failed write only
@@ -113,7 +137,9 @@ impl FaultQueue {
 
     /// Records dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped
+            .iter()
+            .fold(0u64, |n, d| n.wrapping_add(d.load(Ordering::Relaxed)))
     }
 
     /// Drops every waiting record (device reset).
@@ -138,7 +164,9 @@ impl FaultQueue {
 
     /// Sets the drop counter (restore of a snapshot).
     pub fn set_dropped(&self, dropped: u64) {
-        self.dropped.store(dropped, Ordering::Relaxed);
+        for (i, d) in self.dropped.iter().enumerate() {
+            d.store(if i == 0 { dropped } else { 0 }, Ordering::Relaxed);
+        }
     }
 
     /// Readable when records were queued; the VMM then calls
@@ -185,7 +213,35 @@ mod tests {
         assert_eq!(full(&q), (true, 2));
         q.clear();
         assert_eq!(full(&q), (false, 0));
-        q.count_drop();
+        q.count_drop(0);
         assert_eq!(q.dropped(), 2);
+    }
+
+    #[test]
+    fn drops_counted_by_many_reporters_add_up_and_a_restore_sets_the_total() {
+        let q = FaultQueue::new(0).unwrap();
+        let shards: Vec<usize> = (0..DROP_SHARDS).map(|_| q.drop_shard()).collect();
+        let mut distinct = shards.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(
+            distinct.len(),
+            DROP_SHARDS,
+            "the first reporters count apart"
+        );
+        for (n, &s) in shards.iter().enumerate() {
+            for _ in 0..=n {
+                q.count_drop(s);
+            }
+        }
+        // Any shard value is accepted, wrapped onto a counter.
+        q.count_drop(usize::MAX);
+        assert!(!q.push(FaultRecord::default()));
+        let counted = (DROP_SHARDS * (DROP_SHARDS + 1) / 2 + 2) as u64;
+        assert_eq!(q.dropped(), counted);
+        q.set_dropped(5);
+        assert_eq!(q.dropped(), 5);
+        q.count_drop(shards[3]);
+        assert_eq!(q.dropped(), 6);
     }
 }

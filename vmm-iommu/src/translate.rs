@@ -99,6 +99,8 @@ pub struct Translator {
     /// one the vIOMMU's.
     generation: u64,
     tlb: PageTlb,
+    /// The fault queue's drop counter this translator counts on.
+    drop_shard: usize,
     /// Scratch for the ranges the index's UNMAP log gives.
     unmapped: Vec<(u64, u64)>,
     hits: u64,
@@ -107,6 +109,7 @@ pub struct Translator {
 
 impl Translator {
     pub(crate) fn new(viommu: Arc<Viommu>, endpoint: u32) -> Self {
+        let drop_shard = viommu.faults().drop_shard();
         let mut t = Translator {
             viommu,
             endpoint,
@@ -114,6 +117,7 @@ impl Translator {
             index: None,
             generation: 0,
             tlb: PageTlb::new(),
+            drop_shard,
             unmapped: Vec::new(),
             hits: 0,
             misses: 0,
@@ -233,7 +237,7 @@ impl Translator {
             }
             Err(reason) => {
                 self.viommu
-                    .report_fault(self.endpoint, iova, access, reason);
+                    .report_fault_in(self.drop_shard, self.endpoint, iova, access, reason);
                 Err(TranslateError {
                     endpoint: self.endpoint,
                     iova,
@@ -359,6 +363,8 @@ pub struct EndpointIommu {
     /// Where misses look first: the lock-free index of the endpoint's
     /// MAP-mode domain, resolved once per topology generation.
     route: RwLock<IndexRoute>,
+    /// The fault queue's drop counter this view counts on.
+    drop_shard: usize,
 }
 
 /// An [`EndpointIommu`]'s way to the lock-free index.
@@ -396,7 +402,9 @@ enum FillError {
 
 impl EndpointIommu {
     pub(crate) fn new(viommu: Arc<Viommu>, endpoint: u32) -> Self {
+        let drop_shard = viommu.faults().drop_shard();
         EndpointIommu {
+            drop_shard,
             viommu,
             endpoint,
             shards: (0..ENDPOINT_IOTLB_SHARDS)
@@ -617,7 +625,8 @@ impl EndpointIommu {
     ) -> Result<IotlbIterator<RwLockReadGuard<'_, Iotlb>>, IommuError> {
         let bits = access_bits(access);
         let refused = |addr: u64, reason: FaultReason| {
-            self.viommu.report_fault(self.endpoint, addr, bits, reason);
+            self.viommu
+                .report_fault_in(self.drop_shard, self.endpoint, addr, bits, reason);
             cannot(iova, length, &format!("{reason:?} fault at {addr:#x}"))
         };
         for _ in 0..FILL_ATTEMPTS {
@@ -891,6 +900,34 @@ mod tests {
         assert_eq!((v.faults().len(), v.faults().dropped()), (cap, 3));
         let last = v.faults().records().pop().unwrap();
         assert_eq!((last.endpoint, last.address), (EP, 0x1234_0000));
+    }
+
+    #[test]
+    fn translators_count_drops_apart_and_every_drop_is_counted() {
+        let (v, _) = rig();
+        let cap = v.faults().capacity();
+        for i in 0..cap as u64 {
+            v.report_fault(
+                EP,
+                0x10_0000 + i * 0x1000,
+                ACCESS_READ,
+                FaultReason::Mapping,
+            );
+        }
+        let mut ts: Vec<Translator> = (0..3).map(|_| v.translator(EP)).collect();
+        assert_ne!(ts[0].drop_shard, ts[1].drop_shard, "two threads, two lines");
+        let before = v.faults().dropped();
+        std::thread::scope(|sc| {
+            for t in &mut ts {
+                sc.spawn(move || {
+                    for i in 0..1000u64 {
+                        assert!(t.translate(0x900_0000 + i * 0x1000, ACCESS_READ).is_err());
+                    }
+                });
+            }
+        });
+        assert_eq!(v.faults().dropped(), before + 3000);
+        assert_eq!(v.faults().len(), cap);
     }
 
     #[test]

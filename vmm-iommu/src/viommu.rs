@@ -883,12 +883,26 @@ impl Viommu {
     /// full every fault is counted as dropped ([`FaultQueue::dropped`]),
     /// without a look at its endpoint.
     pub fn report_fault(&self, ep: u32, iova: u64, access: u32, reason: FaultReason) {
+        self.report_fault_in(0, ep, iova, access, reason);
+    }
+
+    /// [`Self::report_fault`] for a reporter that counts its drops on
+    /// `shard` (from [`FaultQueue::drop_shard`]).
+    pub(crate) fn report_fault_in(
+        &self,
+        shard: usize,
+        ep: u32,
+        iova: u64,
+        access: u32,
+        reason: FaultReason,
+    ) {
         // A full queue drops the record whatever it says: counted without
         // the state's lock, which the request path and the locked
         // translations wait on, so that a storm of faults does not slow
-        // them.
+        // them, and on the reporter's own counter, so that two threads'
+        // storms do not slow each other.
         if self.faults.is_full() {
-            self.faults.count_drop();
+            self.faults.count_drop(shard);
             return;
         }
         if self.state().endpoint(ep).is_none() {
@@ -907,14 +921,17 @@ impl Viommu {
             FaultReason::Domain => VIRTIO_IOMMU_FAULT_R_DOMAIN,
             FaultReason::Mapping => VIRTIO_IOMMU_FAULT_R_MAPPING,
         };
-        self.faults.push(ExtFaultRecord {
-            reason,
-            flt_type: VIRTIO_IOMMU_FLT_DMA_UNRECOV,
-            flags,
-            endpoint: ep,
-            address: iova,
-            ..Default::default()
-        });
+        self.faults.push_in(
+            shard,
+            ExtFaultRecord {
+                reason,
+                flt_type: VIRTIO_IOMMU_FLT_DMA_UNRECOV,
+                flags,
+                endpoint: ep,
+                address: iova,
+                ..Default::default()
+            },
+        );
     }
 
     /// Queues a fault or page request a backend reported.
