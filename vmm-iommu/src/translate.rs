@@ -34,6 +34,14 @@ pub const TLB_ENTRIES: usize = iotlb::ENTRIES;
 const PAGE_SHIFT: u32 = 12;
 const PAGE_MASK: u64 = (1 << PAGE_SHIFT) - 1;
 
+/// `iova`'s guest-physical address in the page at `phys`, and the bytes
+/// from it to the end of that page: a `Translator`'s answer.
+#[inline(always)]
+fn in_page(phys: u64, iova: u64) -> (u64, u64) {
+    let off = iova & PAGE_MASK;
+    (phys | off, (PAGE_MASK + 1) - off)
+}
+
 /// A failed translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("endpoint {endpoint}: access {access:#x} at IOVA {iova:#x} refused ({reason:?})")]
@@ -177,8 +185,7 @@ impl Translator {
         let page = iova >> PAGE_SHIFT;
         if let Some(phys) = self.tlb.lookup_way0(page, access) {
             self.hits += 1;
-            let off = iova & PAGE_MASK;
-            return Ok((phys | off, (PAGE_MASK + 1) - off));
+            return Ok(in_page(phys, iova));
         }
         self.miss(iova, access)
     }
@@ -214,8 +221,7 @@ impl Translator {
         let page = iova >> PAGE_SHIFT;
         if let Some(phys) = self.tlb.lookup_way1(page, access) {
             self.hits += 1;
-            let off = iova & PAGE_MASK;
-            return Ok((phys | off, (PAGE_MASK + 1) - off));
+            return Ok(in_page(phys, iova));
         }
         self.misses += 1;
         let found = match self
@@ -232,8 +238,7 @@ impl Translator {
         match found {
             Ok((phys, perm)) => {
                 self.tlb.insert(page, phys, perm);
-                let off = iova & PAGE_MASK;
-                Ok((phys | off, (PAGE_MASK + 1) - off))
+                Ok(in_page(phys, iova))
             }
             Err(reason) => {
                 self.viommu
