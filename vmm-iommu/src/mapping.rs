@@ -47,8 +47,9 @@
 //! shrinks to [`SMALL_BACK`] mappings or fewer moves back (a gap between
 //! the two, so a table at the edge does not move at every change).
 //!
-//! Memory: a full chunk is 384 bytes for 16 mappings (24 bytes each), and
-//! the B-tree, directory and next keys add about four bytes per mapping; a plain
+//! Memory: a full chunk is 320 bytes (five cache lines) for 13 mappings
+//! (24 bytes each, and the next chunk's key), and the B-tree and directory
+//! add about three bytes per mapping; a plain
 //! `BTreeMap<u64, Mapping>` costs about 48. Chunks stay at least a quarter
 //! full except between two full ones (see `CHUNK_MIN`). A run of MAPs in
 //! IOVA order fills each chunk it makes, except in a table past the
@@ -58,15 +59,19 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use crate::prefetch::prefetch;
+use crate::prefetch::{prefetch, prefetch_lines};
 
-/// Most entries one chunk holds; a full chunk splits in two.
-pub const CHUNK_CAPACITY: usize = 16;
+/// Most entries one chunk holds; a full chunk splits in two. Thirteen
+/// entries and the next key fill five cache lines: a MAP+UNMAP pair in a
+/// table past the caches waits for the lines of one chunk, and five
+/// measured faster than the six of sixteen entries (with the next key in
+/// an array of its own, a seventh).
+pub const CHUNK_CAPACITY: usize = 13;
 /// A chunk that falls below this many entries merges with a neighbour
 /// when they fit together, so that hostile unmap patterns cannot leave one
-/// 384-byte slot per mapping.
+/// 320-byte slot per mapping.
 const CHUNK_MIN: usize = CHUNK_CAPACITY / 4;
-/// Chunk slots per slab block: a block is one allocation of 24 KiB once
+/// Chunk slots per slab block: a block is one allocation of 20 KiB once
 /// full (the first grows from a few slots, so a small table stays small).
 const BLOCK_SLOTS: usize = 64;
 /// Keys per directory group above the bottom level: two cache lines of
@@ -145,17 +150,28 @@ impl Entry {
     }
 }
 
-/// One chunk slot: its entries in order, then [`VACANT`] ones. Entries
+/// One chunk slot: the next chunk's key, its entries in order, then
+/// [`VACANT`] ones. Entries
 /// whole (not starts apart from the rest): a lookup then loads all of the
 /// slot's lines at once and needs nothing after its count, one dependent
 /// memory access fewer, which measured faster than reading fewer lines.
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(64))]
 struct Chunk {
+    /// The key of the next chunk in the B-tree's order (`u64::MAX` past
+    /// the last one, for a free slot, and inline). With it a directory
+    /// answer is checked in place: the slot holds the greatest key at or
+    /// below `addr` exactly when its key is at or below `addr` and the
+    /// next key above it. MAP and UNMAP then find their chunk without a
+    /// B-tree descent wherever the directory is right. In the chunk's own
+    /// first line, where the check reads its key too (kept in an array of
+    /// its own, it was one more cache miss per lookup in a large table).
+    next_key: u64,
     entries: [Entry; CHUNK_CAPACITY],
 }
 
 const EMPTY_CHUNK: Chunk = Chunk {
+    next_key: u64::MAX,
     entries: [VACANT; CHUNK_CAPACITY],
 };
 
@@ -187,7 +203,7 @@ impl Chunk {
         let lo = lo.min(hi);
         removed.extend(self.entries[lo..hi].iter().map(Entry::mapping));
         // Entry by entry rather than `copy_within` and `fill`: a chunk is
-        // at most 16 entries, and the `memmove` call those make was most of
+        // at most 13 entries, and the `memmove` call those make was most of
         // an UNMAP on a small table.
         let left = len - (hi - lo);
         for i in lo..left {
@@ -390,6 +406,14 @@ impl Directory {
         Some(guess as usize)
     }
 
+    /// The leaf for `addr` from a guess: settled from it, else searched
+    /// for through the levels.
+    #[inline(always)]
+    fn settle_or_search(&self, guess: usize, addr: u64) -> Option<usize> {
+        self.settle(guess, addr)
+            .or_else(|| self.leaf_by_levels(addr))
+    }
+
     /// From leaf `guess` on, the leaf that covers `addr`, if it is one of
     /// the next [`JUMP_STEPS`] leaves and `guess` starts at or below it.
     #[inline(always)]
@@ -550,13 +574,6 @@ pub struct MappingTable {
     lens: Vec<u8>,
     /// Slots no chunk uses.
     free: Vec<u32>,
-    /// Per slot, the key of the next chunk in the B-tree's order
-    /// (`u64::MAX` past the last one, and for a free slot). With it a
-    /// directory answer is checked in place: the slot holds the greatest
-    /// key at or below `addr` exactly when its key is at or below `addr`
-    /// and the next key above it. MAP and UNMAP then find their chunk
-    /// without a B-tree descent wherever the directory is right.
-    next_key: Vec<u64>,
     /// The slot the last MAP or UNMAP found its chunk in (a hint, checked
     /// before use: see `chunk_at_recent`).
     recent: u32,
@@ -683,22 +700,24 @@ impl MappingTable {
     #[inline(always)]
     fn confirm(&self, slot: u32, addr: u64) -> Option<u64> {
         let s = slot as usize;
-        let (&n, &next, c) = (self.lens.get(s)?, self.next_key.get(s)?, self.chunk(slot)?);
+        let (&n, c) = (self.lens.get(s)?, self.chunk(slot)?);
         let key = c.entries[0].start;
-        (n > 0 && key <= addr && addr < next).then_some(key)
+        (n > 0 && key <= addr && addr < c.next_key).then_some(key)
     }
 
     /// The next key of `slot` (`u64::MAX` for none).
     fn next_key_of(&self, slot: u32) -> u64 {
-        self.next_key
-            .get(slot as usize)
-            .copied()
-            .unwrap_or(u64::MAX)
+        self.chunk(slot).map_or(u64::MAX, |c| c.next_key)
     }
 
     fn set_next_key(&mut self, slot: u32, key: u64) {
-        if let Some(k) = self.next_key.get_mut(slot as usize) {
-            *k = key;
+        let s = slot as usize;
+        if let Some(c) = self
+            .blocks
+            .get_mut(s / BLOCK_SLOTS)
+            .and_then(|b| b.get_mut(s % BLOCK_SLOTS))
+        {
+            c.next_key = key;
         }
     }
 
@@ -713,12 +732,19 @@ impl MappingTable {
     /// Rebuilds every next key from the B-tree (after slots were
     /// renumbered).
     fn relink_all(&mut self) {
-        self.next_key.clear();
-        self.next_key.resize(self.lens.len(), u64::MAX);
+        let (index, blocks) = (&self.index, &mut self.blocks);
+        for c in blocks.iter_mut().flatten() {
+            c.next_key = u64::MAX;
+        }
         let mut prev: Option<u32> = None;
-        for (&k, &s) in &self.index {
-            if let Some(p) = prev {
-                self.next_key[p as usize] = k;
+        for (&k, &s) in index {
+            if let Some(p) = prev.map(|p| p as usize) {
+                if let Some(c) = blocks
+                    .get_mut(p / BLOCK_SLOTS)
+                    .and_then(|b| b.get_mut(p % BLOCK_SLOTS))
+                {
+                    c.next_key = k;
+                }
             }
             prev = Some(s);
         }
@@ -757,8 +783,7 @@ impl MappingTable {
         // or one of the next few, is the one.
         let Some(l) = self
             .dir
-            .settle(leaf as usize, addr)
-            .or_else(|| self.dir.leaf_by_levels(addr))
+            .settle_or_search(leaf as usize, addr)
             .and_then(|g| self.dir.leaves.get(g))
         else {
             return;
@@ -769,16 +794,11 @@ impl MappingTable {
         else {
             return;
         };
-        let s = slot as usize;
-        if let (Some(n), Some(l)) = (self.next_key.get(s), self.lens.get(s)) {
-            prefetch(n);
+        if let Some(l) = self.lens.get(slot as usize) {
             prefetch(l);
         }
         if let Some(c) = self.chunk(slot) {
-            // One entry on each of the chunk's six lines.
-            for i in [0, 3, 6, 8, 11, 14] {
-                prefetch(&c.entries[i]);
-            }
+            prefetch_lines(c);
         }
     }
 
@@ -867,7 +887,7 @@ impl MappingTable {
             self.blocks.push(Vec::new());
             if s > 0 {
                 // A block at a time, as the slab grows.
-                self.next_key.reserve_exact(BLOCK_SLOTS);
+                self.lens.reserve_exact(BLOCK_SLOTS);
             }
         }
         if let Some(b) = self.blocks.last_mut() {
@@ -875,7 +895,6 @@ impl MappingTable {
             b.push(EMPTY_CHUNK);
         }
         self.lens.push(0);
-        self.next_key.push(u64::MAX);
         s as u32
     }
 
@@ -887,7 +906,6 @@ impl MappingTable {
         let (c, n) = self.parts(slot);
         *c = EMPTY_CHUNK;
         *n = 0;
-        self.set_next_key(slot, u64::MAX);
         self.free.push(slot);
     }
 
@@ -1386,7 +1404,6 @@ impl MappingTable {
         self.free = Vec::new();
         // Every moved chunk changed slot.
         self.relink_all();
-        self.next_key.shrink_to_fit();
         self.dir.rebuild(self.index.iter().map(|(&k, &s)| (k, s)));
     }
 
@@ -1414,7 +1431,6 @@ impl MappingTable {
             .sum::<usize>()
             + self.blocks.capacity() * size_of::<Vec<Chunk>>()
             + self.lens.capacity()
-            + self.next_key.capacity() * size_of::<u64>()
             + self.free.capacity() * size_of::<u32>()
             + self.dir.bytes()
     }
@@ -1437,7 +1453,6 @@ mod tests {
         /// the next key in the B-tree's order, and free slots are empty.
         fn check_links(&self) {
             let order: Vec<(u64, u32)> = self.index.iter().map(|(&k, &s)| (k, s)).collect();
-            assert_eq!(self.next_key.len(), self.lens.len(), "a next key per slot");
             for (i, &(k, s)) in order.iter().enumerate() {
                 assert_eq!(
                     self.entries(s).first_start(),
@@ -1445,7 +1460,7 @@ mod tests {
                     "slot {s} keyed by its first start"
                 );
                 let next = order.get(i + 1).map_or(u64::MAX, |&(nk, _)| nk);
-                assert_eq!(self.next_key[s as usize], next, "next key of slot {s}");
+                assert_eq!(self.next_key_of(s), next, "next key of slot {s}");
             }
             // Stale or not, the directory's leaves are fenced by the
             // next leaf's first key, the last by u64::MAX.
@@ -1456,11 +1471,7 @@ mod tests {
             }
             for &f in &self.free {
                 assert_eq!(self.slot_len(f), 0, "free slot {f} is empty");
-                assert_eq!(
-                    self.next_key[f as usize],
-                    u64::MAX,
-                    "free slot {f} has no next"
-                );
+                assert_eq!(self.next_key_of(f), u64::MAX, "free slot {f} has no next");
             }
         }
     }
@@ -1663,7 +1674,7 @@ mod tests {
             t.insert(page(i));
         }
         let (chunks, stale) = t.chunk_stats();
-        assert_eq!((chunks, stale), (1250, 0));
+        assert_eq!((chunks, stale), ((n as usize).div_ceil(CHUNK_CAPACITY), 0));
         // Twenty splits: too few for a rebuild, so the directory does not
         // know the twenty right halves.
         let cap = CHUNK_CAPACITY as u64;
@@ -1685,9 +1696,10 @@ mod tests {
                 rebuilt_after = Some(round + 1);
             }
         }
-        // 4 + 1,270 / 16 changes the directory does not show: 20 splits,
-        // then one a pair.
-        assert_eq!(rebuilt_after, Some(4 + 1270 / 16 - 20 + 1));
+        // A rebuild past 4 + chunks / 16 changes the directory does not
+        // show: 20 splits, then one a pair.
+        let due = 4 + (chunks as u64 + 20) / 16 + 1;
+        assert_eq!(rebuilt_after, Some(due - 20));
         assert_eq!(t.chunk_stats(), (chunks + 20, 0), "no miss once rebuilt");
         for c in 0..20 {
             let i = c * 10 * cap + cap - 2;
@@ -1739,8 +1751,8 @@ mod tests {
             let (_, slot) = t.chunk_at(a).expect("every address is above the first key");
             let settled = t
                 .dir
-                .settle(leaf as usize, a)
-                .expect("round one's leaf settles");
+                .settle_or_search(leaf as usize, a)
+                .expect("round two finds the leaf");
             assert!(
                 t.dir.leaves[settled].slots.contains(&slot),
                 "leaf {settled} (guess {leaf}) for {a:#x} holds slot {slot}"

@@ -32,6 +32,33 @@ pub(crate) fn prefetch<T>(p: &T) {
     let _ = p;
 }
 
+/// Starts loading every cache line `*p` lies on, as [`prefetch`] does
+/// for one.
+#[inline(always)]
+#[allow(unsafe_code)]
+pub(crate) fn prefetch_lines<T>(p: &T) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
+    {
+        let base = (p as *const T).cast::<i8>();
+        // From the start of the line holding the first byte.
+        let lead = base as usize & 63;
+        let first = base.wrapping_sub(lead);
+        for off in (0..lead + size_of::<T>().max(1)).step_by(64) {
+            // SAFETY: as in `prefetch`: PREFETCHT0 never faults and reads
+            // nothing the program can observe; each address lies on a line
+            // of the live object `*p` (from the line holding its first
+            // byte to the one holding its last), and SSE holds for this
+            // build (the cfg above).
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(off));
+            }
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
+    let _ = p;
+}
+
 /// Starts loading the cache line holding the byte at `p` for writing
 /// (PREFETCHW): the line arrives owned, so a store to it later needs no
 /// second trip to the core that wrote it last. Only a hint: `p` may be
