@@ -479,10 +479,8 @@ impl Directory {
         }
         self.len += 1;
         if i == 0 {
-            // A new leaf: its key goes into the levels above, which are a
-            // sixteenth of the size; rebuilding them keeps this simple and
-            // costs O(1) amortized.
-            self.rebuild_upper();
+            // A new leaf: its key goes into the levels above.
+            self.push_upper(key);
             // The jump table at every doubling: O(1) amortized too, and
             // keys above its range meanwhile take the levels.
             if self.leaves.len().is_power_of_two() {
@@ -513,8 +511,47 @@ impl Directory {
         self.stale = 0;
     }
 
+    /// Files the first key of the leaf just appended in the levels above:
+    /// at the end of each level, a level at a time while it starts a new
+    /// group there, so O(levels) (a rebuild of the levels for every new
+    /// leaf made filling a large table in IOVA order quadratic).
+    fn push_upper(&mut self, key: u64) {
+        let n = self.leaves.len();
+        if self.upper.is_empty() {
+            // No levels while there was one leaf: the first two keys.
+            self.rebuild_upper();
+            return;
+        }
+        // The new key's index in the level it goes into.
+        let mut i = n - 1;
+        let mut level = 0;
+        while let Some(groups) = self.upper.get_mut(level) {
+            if i % GROUP != 0 {
+                if let Some(g) = groups.get_mut(i / GROUP) {
+                    g[i % GROUP] = key;
+                }
+                return;
+            }
+            let mut g = [u64::MAX; GROUP];
+            g[0] = key;
+            groups.push(g);
+            i = groups.len() - 1;
+            let first = groups[0][0];
+            if level + 1 == self.upper.len() {
+                // The top level had one group and has two: a level above
+                // them, of their first keys.
+                let mut top = [u64::MAX; GROUP];
+                top[0] = first;
+                top[1] = key;
+                self.upper.push(vec![top]);
+                return;
+            }
+            level += 1;
+        }
+    }
+
     /// Rebuilds the levels above the leaves in place: called for every
-    /// new leaf and every rebuild, so it reuses the levels' buffers and
+    /// rebuild and a table's second leaf, so it reuses the levels' buffers and
     /// allocates nothing once they are grown (a table that keeps emptying
     /// and refilling one chunk, as MAP+UNMAP pairs on an empty domain do,
     /// must not pay an allocation per pair).
@@ -1662,6 +1699,19 @@ mod tests {
             t.iter().collect::<Vec<_>>(),
             model.values().copied().collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn appended_leaves_file_their_keys_in_the_levels_as_a_rebuild_does() {
+        let mut d = Directory::default();
+        // Past 16 * 16 leaves: three levels, each grown at its end.
+        for k in 0..(LEAF * GROUP * GROUP * 2 + 3) as u64 {
+            d.push(k * 0x1000, k as u32);
+            let mut fresh = d.clone();
+            fresh.rebuild_upper();
+            assert_eq!(d.upper, fresh.upper, "after {} keys", k + 1);
+        }
+        assert_eq!(d.upper.len(), 3);
     }
 
     #[test]
