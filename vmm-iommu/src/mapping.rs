@@ -795,12 +795,13 @@ impl MappingTable {
     }
 
     /// The first of two rounds that warm lookups of many addresses at once
-    /// (see [`MappingTable::warm_chunk`]): starts loading the bottom
-    /// directory group a lookup of `addr` reads, and returns its number for
-    /// round two. `None` for a table small enough to stay in cache.
+    /// (see [`MappingTable::warm_chunk`]): starts loading the directory
+    /// leaf a lookup of `addr` likely reads (the jump table's guess, or the
+    /// levels' answer), and returns its number for round two, which
+    /// settles it. `None` for a table small enough to stay in cache.
     ///
-    /// A lookup in a large table waits for two or three misses in turn
-    /// (directory group, then slot and chunk), and a pass of requests
+    /// A lookup in a large table waits for two misses in turn (the leaf,
+    /// then the slot's length and chunk), and a pass of requests
     /// served one after another waits for each request's in turn. Round
     /// one for every address of the pass, then round two, lets the memory
     /// system serve all of one round's misses together.
@@ -821,7 +822,8 @@ impl MappingTable {
     /// The second round, once [`MappingTable::warm_directory`] has
     /// returned `leaf` for `addr` (with no change to the table in
     /// between): starts loading the chunk a lookup of `addr` reads, every
-    /// line of it, and its slot's length and next key.
+    /// line of it (its next key in the first), and its slot's length. A
+    /// `leaf` from elsewhere is only a useless hint.
     pub fn warm_chunk(&self, addr: u64, leaf: u32) {
         // Round one's leaf was a guess; the leaf's fence says whether it,
         // or one of the next few, is the one.
