@@ -213,7 +213,7 @@ pub struct VirtioIommu {
     /// The (domain, IOVA) of the MAPs and UNMAPs a pass is about to serve,
     /// read ahead to warm their mapping-table lookups (kept to reuse its
     /// buffer; at most a queue's worth).
-    table_hints: Vec<(u32, u64)>,
+    table_hints: warm::TableHints,
     /// INVALIDATEs of the current notification, answered together once
     /// every backend applied them.
     pending: Vec<DeferredInvalidate>,
@@ -327,7 +327,7 @@ impl VirtioIommu {
             writable: Vec::new(),
             completed: Vec::new(),
             used: used::UsedRing::default(),
-            table_hints: Vec::new(),
+            table_hints: warm::TableHints::default(),
             probe_buf: Vec::new(),
             pending: Vec::new(),
         };
@@ -595,10 +595,13 @@ impl VirtioIommu {
             let state = self.viommu.state();
             let hints = state.warming_pays().then_some(&mut self.table_hints);
             warm::warm_pending(mem, q, hints);
-            if !self.table_hints.is_empty() {
-                state.warm_mappings(&self.table_hints);
+            if !self.table_hints.hints.is_empty() {
+                let h = &mut self.table_hints;
+                state.warm_mappings(&h.hints, &mut h.slots);
             }
             drop(state);
+            // The pass position of the next chain taken, for the hints.
+            let mut pos = 0u32;
             // One look at the avail index serves up to a used batch: the
             // index is the driver's hot line, read again only between
             // batches (and chains published meanwhile are found then).
@@ -632,6 +635,12 @@ impl VirtioIommu {
                 }
                 for chain in chains.by_ref() {
                     took = true;
+                    if self.table_hints.pending() {
+                        if let Some((domain, slot)) = self.table_hints.slot_at(pos) {
+                            run.state_mut().hint_slot(domain, slot);
+                        }
+                    }
+                    pos = pos.wrapping_add(1);
                     let head = chain.head_index();
                     let descs = chain::Descriptors::new(
                         mem,

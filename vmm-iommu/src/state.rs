@@ -720,7 +720,10 @@ impl IommuState {
     /// (see [`MappingTable::warm_directory`]). Hints are only hints: a
     /// domain that does not exist or has no mapping table is skipped, and
     /// nothing changes.
-    pub(crate) fn warm_mappings(&self, hints: &[(u32, u64)]) {
+    ///
+    /// Each hint's slot goes into `slots` (same length), for
+    /// [`IommuState::hint_slot`] just before its request.
+    pub(crate) fn warm_mappings(&self, hints: &[(u32, u64)], slots: &mut [Option<u32>]) {
         const GROUP: usize = 64;
         // Requests of one pass mostly name one domain.
         let mut last: Option<(u32, Option<&MappingTable>)> = None;
@@ -735,16 +738,26 @@ impl IommuState {
                 t
             }
         };
-        for group in hints.chunks(GROUP) {
+        for (group, slots) in hints.chunks(GROUP).zip(slots.chunks_mut(GROUP)) {
             let mut leaves = [None; GROUP];
             for (leaf, &(d, addr)) in leaves.iter_mut().zip(group) {
                 *leaf = table(d).and_then(|t| t.warm_directory(addr));
             }
-            for (leaf, &(d, addr)) in leaves.iter().zip(group) {
-                if let (Some(leaf), Some(t)) = (*leaf, table(d)) {
-                    t.warm_chunk(addr, leaf);
-                }
+            for ((leaf, &(d, addr)), slot) in leaves.iter().zip(group).zip(slots) {
+                *slot = match (*leaf, table(d)) {
+                    (Some(leaf), Some(t)) => t.warm_chunk(addr, leaf),
+                    _ => None,
+                };
             }
+        }
+    }
+
+    /// Tells `domain`'s mapping table that its next MAP or UNMAP is at
+    /// `slot` (found by [`IommuState::warm_mappings`]): the change then
+    /// checks that slot before it searches the directory. Only a hint.
+    pub(crate) fn hint_slot(&mut self, domain: u32, slot: u32) {
+        if let Some(DomainKind::Mapped(t)) = self.domains.get_mut(&domain).map(|d| &mut d.kind) {
+            t.hint_slot(slot);
         }
     }
 
@@ -1429,7 +1442,11 @@ mod warm_tests {
                 _ => (1, u64::MAX - i),
             })
             .collect();
-        st.warm_mappings(&hints);
+        let mut slots = vec![None; hints.len()];
+        st.warm_mappings(&hints, &mut slots);
+        for (&(d, _), &slot) in hints.iter().zip(&slots) {
+            st.hint_slot(d, slot.unwrap_or(u32::MAX));
+        }
         assert_eq!(st.mappings(1), before, "warming changes no mapping");
     }
 }

@@ -1060,6 +1060,12 @@ impl<'a> RequestRun<'a> {
         self.st = None;
     }
 
+    /// The state, for hints ahead of the next request (the lock is the
+    /// run's, taken here if it is not held yet).
+    pub(crate) fn state_mut(&mut self) -> &mut IommuState {
+        self.lock()
+    }
+
     fn lock(&mut self) -> &mut IommuState {
         let v = self.viommu;
         self.st.get_or_insert_with(|| v.state_mut())

@@ -31,6 +31,65 @@ use vm_memory::{
 
 use crate::wire::{VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_UNMAP};
 
+/// The mapping-table lookups of one pass's MAPs and UNMAPs: noted by
+/// [`warm_pending`], warmed by `IommuState::warm_mappings`, and each
+/// one's slot handed to its request's table just before it is served
+/// (`IommuState::hint_slot`), so that the MAP starts at its chunk.
+#[derive(Debug, Default)]
+pub(super) struct TableHints {
+    /// (domain, first IOVA) of each MAP and UNMAP, in pass order.
+    pub(super) hints: Vec<(u32, u64)>,
+    /// The position in the pass (0: the first chain it takes) of each
+    /// hint's request.
+    at: Vec<u32>,
+    /// The slot warming found for each hint.
+    pub(super) slots: Vec<Option<u32>>,
+    /// The first hint whose request the pass has not reached.
+    next: usize,
+}
+
+impl TableHints {
+    /// Forgets the last pass.
+    pub(super) fn clear(&mut self) {
+        self.hints.clear();
+        self.at.clear();
+        self.slots.clear();
+        self.next = 0;
+    }
+
+    /// Notes the lookup of the request at pass position `at`, unless it
+    /// repeats the last one (an UNMAP of what the MAP before it mapped, a
+    /// driver unmapping a buffer at once, needs no second warming: it
+    /// finds the MAP's slot as the last one changed).
+    fn push(&mut self, hint: (u32, u64), at: u32) {
+        if self.hints.last() != Some(&hint) {
+            self.hints.push(hint);
+            self.at.push(at);
+            self.slots.push(None);
+        }
+    }
+
+    /// Whether some noted request is still ahead of the pass.
+    #[inline]
+    pub(super) fn pending(&self) -> bool {
+        self.next < self.at.len()
+    }
+
+    /// The (domain, slot) warmed for the request at pass position `pos`,
+    /// if it is the next one noted; positions come in order.
+    pub(super) fn slot_at(&mut self, pos: u32) -> Option<(u32, u32)> {
+        while self.at.get(self.next).is_some_and(|&a| a < pos) {
+            self.next += 1;
+        }
+        if self.at.get(self.next) != Some(&pos) {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        Some((self.hints.get(i)?.0, (*self.slots.get(i)?)?))
+    }
+}
+
 /// Asks for the first line of the first buffer of every chain the driver
 /// has published and the device has not taken (at most a queue's worth),
 /// and for the used elements they will take; returns how many buffers it
@@ -45,7 +104,7 @@ use crate::wire::{VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_UNMAP};
 pub(super) fn warm_pending<M: GuestMemory>(
     mem: &M,
     q: &Queue,
-    mut hints: Option<&mut Vec<(u32, u64)>>,
+    mut hints: Option<&mut TableHints>,
 ) -> usize {
     let Some(ram) = mem.physical_memory() else {
         return 0;
@@ -83,7 +142,7 @@ pub(super) fn warm_pending<M: GuestMemory>(
     // The region the last buffer was in: requests come from one pool.
     let mut region: Option<(u64, u64, _)> = None;
     let mut warmed = 0;
-    for _ in 0..pending {
+    for pos in 0..pending as u32 {
         let at = 4 + 2 * (usize::from(next) % size);
         next = next.wrapping_add(1);
         let Ok(head) = avail.load::<u16>(at, Ordering::Relaxed) else {
@@ -115,10 +174,8 @@ pub(super) fn warm_pending<M: GuestMemory>(
                     s.load::<u64>(off, Ordering::Relaxed),
                     s.load::<u64>(off.wrapping_add(8), Ordering::Relaxed),
                 );
-                // An UNMAP of what the MAP before it mapped (a driver
-                // unmapping a buffer at once) needs no second warming.
-                if let Some(h) = table_hint(words).filter(|h| hints.last() != Some(h)) {
-                    hints.push(h);
+                if let Some(h) = table_hint(words) {
+                    hints.push(h, pos);
                 }
             }
         }
@@ -201,11 +258,35 @@ mod tests {
         // A request the words cannot be loaded from whole: warmed only.
         req(0x8403, VIRTIO_IOMMU_T_MAP, 1, 0x40_0000);
         dq.kick(&mem);
-        let mut hints = vec![];
+        let mut hints = TableHints::default();
         assert_eq!(warm_pending(&mem, &q, Some(&mut hints)), 5);
-        assert_eq!(hints, [(1, 0x10_0000), (0xffff_fffe, u64::MAX)]);
+        assert_eq!(hints.hints, [(1, 0x10_0000), (0xffff_fffe, u64::MAX)]);
+        assert_eq!(hints.at, [0, 2], "each hint's position in the pass");
         // Without a buffer for hints, the same loads and none kept.
         assert_eq!(warm_pending(&mem, &q, None), 5);
+    }
+
+    #[test]
+    fn each_request_gets_the_slot_warmed_for_it_and_no_other() {
+        let mut h = TableHints::default();
+        h.push((1, 0x1000), 0);
+        // The UNMAP of the same IOVA right after: no hint of its own.
+        h.push((1, 0x1000), 1);
+        h.push((2, 0x5000), 3);
+        h.push((1, 0x9000), 6);
+        h.slots.copy_from_slice(&[Some(7), None, Some(9)]);
+        assert_eq!(h.slot_at(0), Some((1, 7)));
+        assert_eq!(h.slot_at(1), None);
+        assert_eq!(h.slot_at(2), None);
+        // Warming found no slot for position 3's lookup.
+        assert_eq!(h.slot_at(3), None);
+        // Position 6 reached without asking at 4 and 5.
+        assert_eq!(h.slot_at(6), Some((1, 9)));
+        assert_eq!(h.slot_at(7), None);
+        assert_eq!(h.slot_at(u32::MAX), None);
+        assert!(!h.pending(), "every noted request reached");
+        h.clear();
+        assert_eq!(h.slot_at(0), None);
     }
 
     #[test]
