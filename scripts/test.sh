@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every check and test of the workspace: formatting, clippy (warnings
+# Runs every check and test of the workspace: formatting, clippy and rustdoc (warnings
 # are errors), the whole test suite, then the suites that need more than
 # cargo: the examples and an outside crate (scripts/embedder-check.sh), the
 # stock Linux guest driving the vIOMMU (scripts/linux-guest.sh) and the VFIO
@@ -27,6 +27,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The libraries as an embedder builds them: without the features the
 # workspace's tests switch on (test-utils), where dead code would hide.
 cargo clippy -p vmm-iommu -p vfio-passthrough --lib --locked -- -D warnings
+echo "== cargo doc (every intra-doc link resolves)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --locked -q
 mkdir -p target
 echo "== cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt

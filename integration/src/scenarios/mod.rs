@@ -3,7 +3,7 @@
 //! (device counters, DMA outcomes, mappings, faults delivered) beside the
 //! guest's own verdict on serial and the done port.
 //!
-//! [`plan`] says what a config can run; [`run_scenario`], [`run_snapshot`]
+//! [`plan()`] says what a config can run; [`run_scenario`], [`run_snapshot`]
 //! and [`run_hotplug`] boot the VMs; the module of each scenario holds the
 //! VMM's view of it, and `checks` what every run is checked for.
 

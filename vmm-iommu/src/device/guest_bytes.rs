@@ -42,9 +42,9 @@ pub(super) fn write<M: GuestMemory>(mem: &M, addr: GuestAddress, data: &[u8]) ->
 
 /// Writes `value` (already in guest byte order) at `addr`: one store
 /// where it lies in one slice (a request's tail, a used element: nearly
-/// always), else byte by byte as [`write`] does.
+/// always), else byte by byte as [`write()`] does.
 ///
-/// Apart from [`write`] because a value built as bytes on the stack and
+/// Apart from [`write()`] because a value built as bytes on the stack and
 /// copied from there is a load over smaller stores, which the core cannot
 /// forward (a stall on every request's tail), and because `Bytes::write_obj`
 /// builds and drops error values on the way.
