@@ -216,6 +216,12 @@ impl Chunk {
     }
 }
 
+/// The chunk in `slot` of a slab's `blocks`, if the slot exists.
+fn slot_mut(blocks: &mut [Vec<Chunk>], slot: u32) -> Option<&mut Chunk> {
+    let s = slot as usize;
+    blocks.get_mut(s / BLOCK_SLOTS)?.get_mut(s % BLOCK_SLOTS)
+}
+
 /// The entries in use of one chunk, read-only.
 #[derive(Clone, Copy)]
 struct View<'a> {
@@ -755,12 +761,7 @@ impl MappingTable {
     }
 
     fn set_next_key(&mut self, slot: u32, key: u64) {
-        let s = slot as usize;
-        if let Some(c) = self
-            .blocks
-            .get_mut(s / BLOCK_SLOTS)
-            .and_then(|b| b.get_mut(s % BLOCK_SLOTS))
-        {
+        if let Some(c) = slot_mut(&mut self.blocks, slot) {
             c.next_key = key;
         }
     }
@@ -780,17 +781,10 @@ impl MappingTable {
         for c in blocks.iter_mut().flatten() {
             c.next_key = u64::MAX;
         }
-        let mut prev: Option<u32> = None;
-        for (&k, &s) in index {
-            if let Some(p) = prev.map(|p| p as usize) {
-                if let Some(c) = blocks
-                    .get_mut(p / BLOCK_SLOTS)
-                    .and_then(|b| b.get_mut(p % BLOCK_SLOTS))
-                {
-                    c.next_key = k;
-                }
+        for ((_, &s), (&next, _)) in index.iter().zip(index.iter().skip(1)) {
+            if let Some(c) = slot_mut(blocks, s) {
+                c.next_key = next;
             }
-            prev = Some(s);
         }
     }
 
