@@ -20,8 +20,9 @@
 #           UNMAP returned
 # dma:      an emulated device's memory access through the vIOMMU (issue 14
 #           part 1): read_obj hot and random over 10,000 mappings, 4 KiB
-#           copies; DmaMemory and IommuMemory beside plain GuestMemoryMmap and
-#           the Translator alone, as same-run ratios
+#           copies (also with each next page prefetched, as a device that has
+#           read its descriptor chain can); DmaMemory and IommuMemory beside
+#           plain GuestMemoryMmap and the Translator alone, as same-run ratios
 # index:    random translation over 1,000,000 mappings beside a plain
 #           BTreeMap<u64, _> lookup over the same mappings (issue 14 part 2)
 # walk:     stage-1 walk latency per format, from the root and from the

@@ -669,8 +669,9 @@ impl Opts {
                 // the same N with R = 0. `profile-state N R`: R batches of
                 // 4,096 pairs on the bare state model, as `state` does;
                 // `profile-apply N R` the same through `Viommu::apply`.
-                // `profile-copy plain|dma R`: R rounds of the `dma`
-                // section's 4 KiB copies of 64 hot pages.
+                // `profile-copy plain|dma|dma-ahead R`: R rounds of the
+                // `dma` section's 4 KiB copies of 64 hot pages (`dma-ahead`:
+                // each next page prefetched).
                 "profile-copy" => {
                     let how = args.next().unwrap_or_default();
                     let rounds = args.next().unwrap_or_default();
@@ -1625,6 +1626,7 @@ fn read_u64s<E>(
 /// buffer; the first `u64` of each copy is checked. Counts bytes.
 fn copy_pages<E>(
     copy: impl Fn(&mut [u8], GuestAddress) -> Result<(), E>,
+    hint: impl Fn(GuestAddress),
     at: &[(u64, u64)],
     reps: usize,
 ) -> (Duration, u64) {
@@ -1632,7 +1634,10 @@ fn copy_pages<E>(
     let mut bad = 0u64;
     let t0 = Instant::now();
     for _ in 0..reps {
-        for &(a, expect) in at {
+        for (i, &(a, expect)) in at.iter().enumerate() {
+            // The next page, as a device that has read its descriptor
+            // chain knows it (the round's first page after its last).
+            hint(GuestAddress(at[(i + 1) % at.len()].0));
             match copy(&mut buf, GuestAddress(black_box(a))) {
                 Ok(()) => {
                     let first = u64::from_le_bytes(buf[..8].try_into().unwrap());
@@ -1659,12 +1664,13 @@ fn copy_rows<E1, E2>(
     reps: usize,
     plain: impl Fn(&mut [u8], GuestAddress) -> Result<(), E1> + Copy,
     ours: impl Fn(&mut [u8], GuestAddress) -> Result<(), E2> + Copy,
+    hint: impl Fn(GuestAddress) + Copy,
 ) {
     let gbps = |s: &Stats| format!("{:.2} GB/s", s.median / 1e9);
     let (b, d, r) = measure_vs(
         o,
-        || copy_pages(plain, pp, reps),
-        || copy_pages(ours, vp, reps),
+        || copy_pages(plain, |_| (), pp, reps),
+        || copy_pages(ours, hint, vp, reps),
     );
     println!(
         "{:<54} {:>24} {:>5.0}%",
@@ -1848,6 +1854,7 @@ fn dma_section(o: &Opts) {
             reps,
             plain_copy,
             own_copy,
+            |_| (),
         );
         copy_rows(
             o,
@@ -1858,13 +1865,27 @@ fn dma_section(o: &Opts) {
             reps,
             plain_copy,
             generic_copy,
+            |_| (),
+        );
+        // A device that has read its descriptor chain knows its next
+        // buffer and says so (`DmaMemory::prefetch`).
+        copy_rows(
+            o,
+            label,
+            "DmaMemory + prefetch(next)",
+            &pp,
+            &vp,
+            reps,
+            plain_copy,
+            own_copy,
+            |a| dma.prefetch(a),
         );
     }
 }
 
-/// `profile-copy plain|dma R`: the `dma` section's hot 4 KiB copies,
-/// plain or through `DmaMemory::read_slice`, R rounds of 64 pages, for a
-/// profiler.
+/// `profile-copy plain|dma|dma-ahead R`: the `dma` section's hot 4 KiB
+/// copies, plain or through `DmaMemory::read_slice` (`dma-ahead`: with
+/// each next page prefetched), R rounds of 64 pages, for a profiler.
 fn profile_copy(args: &str) {
     use vmm_iommu::DmaMemory;
     let mut it = args.split(' ');
@@ -1876,10 +1897,19 @@ fn profile_copy(args: &str) {
     let lk = lookups(DMA_MAPPINGS);
     let (t, bytes) = if how == "plain" {
         let pp: Vec<(u64, u64)> = lk[..64].iter().map(|l| page(&(l.gpa, l.gpa))).collect();
-        copy_pages(|b, a| mem.read_slice(b, a), &pp, rounds)
+        copy_pages(|b, a| mem.read_slice(b, a), |_| (), &pp, rounds)
     } else {
         let vp: Vec<(u64, u64)> = lk[..64].iter().map(|l| page(&(l.iova, l.gpa))).collect();
-        copy_pages(|b, a| dma.read_slice(b, a), &vp, rounds)
+        if how == "dma-ahead" {
+            copy_pages(
+                |b, a| dma.read_slice(b, a),
+                |a| dma.prefetch(a),
+                &vp,
+                rounds,
+            )
+        } else {
+            copy_pages(|b, a| dma.read_slice(b, a), |_| (), &vp, rounds)
+        }
     };
     println!(
         "profile-copy {how}: {:.2} GB/s over {rounds} rounds of 64 hot pages",

@@ -282,7 +282,9 @@ impl DmaMemory {
     /// chain's buffers, concatenated): a header may span descriptors.
     pub fn read_from(&self, segs: &[Segment], offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let mut done = 0;
-        for (addr, range) in Self::pieces(segs, offset, buf.len(), "read")? {
+        let pieces = Self::pieces(segs, offset, buf.len(), "read")?;
+        self.prefetch(&pieces);
+        for (addr, range) in pieces {
             let part = &mut buf[range];
             let res = match &self.fast {
                 Some(f) => f
@@ -306,7 +308,9 @@ impl DmaMemory {
     /// error says how many bytes were written before it ([`DmaError::done`]).
     pub fn write_to(&self, segs: &[Segment], offset: u64, data: &[u8]) -> Result<(), DmaError> {
         let mut done = 0;
-        for (addr, range) in Self::pieces(segs, offset, data.len(), "write")? {
+        let pieces = Self::pieces(segs, offset, data.len(), "write")?;
+        self.prefetch(&pieces);
+        for (addr, range) in pieces {
             let part = &data[range];
             let res = match &self.fast {
                 Some(f) => f
@@ -324,6 +328,17 @@ impl DmaMemory {
             done += part.len();
         }
         Ok(())
+    }
+
+    /// Tells the buffers' path every address a copy is about to reach, so
+    /// that their translations load while the first piece is copied
+    /// ([`FastDma::prefetch`]: a hint, it checks and changes nothing).
+    fn prefetch(&self, pieces: &[(u64, std::ops::Range<usize>)]) {
+        if let Some(f) = &self.fast {
+            for (addr, _) in pieces {
+                f.prefetch(GuestAddress(*addr));
+            }
+        }
     }
 
     /// Splits `[offset, offset + len)` of the stream into (address, range
