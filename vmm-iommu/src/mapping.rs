@@ -98,15 +98,38 @@ impl Recent {
     /// Narrows the gap after `m`, which does not intersect this mapping,
     /// went into the ordered part.
     fn exclude(&mut self, m: &Mapping) {
-        if !m.intersects(self.lo, self.hi) {
-            return;
-        }
-        if m.end < self.mapping.start {
-            self.lo = m.end + 1;
-        } else {
-            self.hi = m.start - 1;
-        }
+        (self.lo, self.hi) = narrowed((self.lo, self.hi), self.mapping.start, m);
     }
+}
+
+/// The gap `(lo, hi)` of the mapping starting at `start`, once `m` (which
+/// does not intersect that mapping) is in the ordered part.
+fn narrowed((lo, hi): (u64, u64), start: u64, m: &Mapping) -> (u64, u64) {
+    if !m.intersects(lo, hi) {
+        (lo, hi)
+    } else if m.end < start {
+        (m.end + 1, hi)
+    } else {
+        (lo, m.start - 1)
+    }
+}
+
+/// The free IOVA around `[start, end]` in `ordered`, as its
+/// `free_around`; but where the occupancy bits show that no ordered
+/// mapping touches the pages of `[start, end]`, those pages: a gap as good
+/// as a search's, for one line of bits. Apart, so that a MAP on a table
+/// without bits stays small.
+#[inline(never)]
+fn gap_by_bits(
+    o: &Occupancy,
+    ordered: &mut OrderedTable,
+    start: u64,
+    end: u64,
+) -> Option<(u64, u64)> {
+    if o.is_clear(start, end) == Some(true) {
+        return Some((start & !PAGE_MASK, end | PAGE_MASK));
+    }
+    ordered.free_around(start, end)
 }
 
 /// The sorted, non-overlapping mappings of one domain.
@@ -192,44 +215,54 @@ impl MappingTable {
     pub fn try_insert(&mut self, m: Mapping) -> bool {
         debug_assert!(m.start <= m.end);
         debug_assert_eq!(m.phys & FLAG_BITS, 0);
-        let m = Mapping {
-            flags: m.flags & FLAG_BITS as u32,
-            ..m
-        };
+        let (start, end) = (m.start, m.end);
         if self
             .recent()
             .iter()
-            .any(|r| r.mapping.intersects(m.start, m.end))
+            .any(|r| r.mapping.intersects(start, end))
         {
             return false;
         }
-        // Pages no ordered mapping touches are a gap as good as the one a
-        // search finds, and cost one line of bits to learn.
-        let clear = self
-            .occupancy
-            .as_ref()
-            .and_then(|o| o.is_clear(m.start, m.end));
-        let gap = match clear {
-            Some(true) => Some((m.start & !PAGE_MASK, m.end | PAGE_MASK)),
-            _ => self.ordered.free_around(m.start, m.end),
+        let gap = match &self.occupancy {
+            None => self.ordered.free_around(start, end),
+            Some(o) => gap_by_bits(o, &mut self.ordered, start, end),
         };
-        let Some((lo, hi)) = gap else {
+        let Some(mut gap) = gap else {
             return false;
         };
-        let mut new = Recent { mapping: m, lo, hi };
         if self.len_recent == RECENT {
-            let oldest = self.recent[0].mapping;
-            self.recent.copy_within(1.., 0);
-            self.len_recent -= 1;
-            self.file(oldest);
-            for r in &mut self.recent[..self.len_recent] {
-                r.exclude(&oldest);
-            }
-            new.exclude(&oldest);
+            let oldest = self.file_oldest();
+            gap = narrowed(gap, start, &oldest);
         }
-        self.recent[self.len_recent] = new;
+        // Field by field: a whole `Recent` built on the stack and copied
+        // in 16-byte moves was read back across the narrower stores that
+        // built it, which stalls store forwarding (a MAP+UNMAP pair on
+        // the state alone took a fifth longer).
+        let r = &mut self.recent[self.len_recent];
+        r.mapping.start = start;
+        r.mapping.end = end;
+        r.mapping.phys = m.phys;
+        r.mapping.flags = m.flags & FLAG_BITS as u32;
+        r.lo = gap.0;
+        r.hi = gap.1;
         self.len_recent += 1;
         true
+    }
+
+    /// Files the oldest recent mapping into the ordered part, to make room
+    /// for a new one, and narrows the gaps it lay in; returns it. Apart, so
+    /// that a MAP with room does not set up the stack frame of all this.
+    #[cold]
+    #[inline(never)]
+    fn file_oldest(&mut self) -> Mapping {
+        let oldest = self.recent[0].mapping;
+        self.recent.copy_within(1.., 0);
+        self.len_recent -= 1;
+        self.file(oldest);
+        for r in &mut self.recent[..self.len_recent] {
+            r.exclude(&oldest);
+        }
+        oldest
     }
 
     /// Moves a recent mapping into the ordered part.
@@ -325,6 +358,23 @@ impl MappingTable {
         end: u64,
         removed: &mut Vec<Mapping>,
     ) -> Result<(), SplitError> {
+        // The usual UNMAP names the last MAP's mapping exactly: mappings
+        // are disjoint, so no other one meets the range, and its gap holds
+        // no ordered mapping.
+        if let Some(last) = self.len_recent.checked_sub(1) {
+            let r = &self.recent[last];
+            if r.mapping.start == start && r.mapping.end == end {
+                let (phys, flags) = (r.mapping.phys, r.mapping.flags);
+                removed.push(Mapping {
+                    start,
+                    end,
+                    phys,
+                    flags,
+                });
+                self.len_recent = last;
+                return Ok(());
+            }
+        }
         // The recent mappings the range takes (a bit each), whether it
         // would split one, and whether some gap shows that the ordered
         // part holds nothing in it.
@@ -356,9 +406,12 @@ impl MappingTable {
             // The usual UNMAP: one mapping, most often the newest.
             let i = taken.trailing_zeros() as usize;
             removed.push(self.recent[i].mapping);
-            self.recent.copy_within(i + 1..self.len_recent, i);
+            // Entry by entry: at most seven move, and a `memmove` call
+            // costs more than the rest of such an UNMAP.
+            for j in i + 1..self.len_recent {
+                self.recent[j - 1] = self.recent[j];
+            }
             self.len_recent -= 1;
-            self.recent[self.len_recent] = Recent::NONE;
             if from_ordered {
                 removed[before..].sort_unstable_by_key(|m| m.start);
             }
@@ -374,7 +427,7 @@ impl MappingTable {
                 kept += 1;
             }
         }
-        self.recent[kept..self.len_recent].fill(Recent::NONE);
+
         self.len_recent = kept;
         if from_ordered || taken.count_ones() > 1 {
             removed[before..].sort_unstable_by_key(|m| m.start);

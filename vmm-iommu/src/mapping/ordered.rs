@@ -882,21 +882,36 @@ impl OrderedTable {
     /// `None` if a mapping intersects `[start, end]`. Requires `start <=
     /// end`. One search, as [`Self::try_insert`]'s, which it spares a
     /// MAP whose mapping waits in front of the table.
+    #[inline]
     pub fn free_around(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
-        let (entries, next_after) = if !self.chunked {
-            (self.small_entries(), u64::MAX)
-        } else {
-            match self.chunk_at_recent(end) {
-                // Below every chunk: the first one bounds it.
-                None => {
-                    let next = self.index.first_key_value().map_or(u64::MAX, |(&k, _)| k);
-                    return Some((0, next.wrapping_sub(1).max(end)));
-                }
-                // The chunk's first mapping starts inside the range.
-                Some((key, _)) if key > start => return None,
-                Some((_, slot)) => (self.entries(slot), self.next_key_of(slot)),
+        if self.chunked {
+            return self.free_around_chunked(start, end);
+        }
+        Self::free_in(self.small_entries(), u64::MAX, start, end)
+    }
+
+    /// [`Self::free_around`] on the chunked form (apart for the same
+    /// reason as [`Self::remove_range_chunked`]).
+    #[inline(never)]
+    fn free_around_chunked(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
+        match self.chunk_at_recent(end) {
+            // Below every chunk: the first one bounds it.
+            None => {
+                let next = self.index.first_key_value().map_or(u64::MAX, |(&k, _)| k);
+                Some((0, next.wrapping_sub(1).max(end)))
             }
-        };
+            // The chunk's first mapping starts inside the range.
+            Some((key, _)) if key > start => None,
+            Some((_, slot)) => {
+                Self::free_in(self.entries(slot), self.next_key_of(slot), start, end)
+            }
+        }
+    }
+
+    /// [`Self::free_around`] within `entries`, whose last mapping the one
+    /// starting at `next_after` follows.
+    #[inline(always)]
+    fn free_in(entries: View<'_>, next_after: u64, start: u64, end: u64) -> Option<(u64, u64)> {
         let pos = entries.partition_point(|&s| s <= end);
         let lo = match pos.checked_sub(1).and_then(|i| entries.get(i)) {
             Some(e) if e.end >= start => return None,
