@@ -593,11 +593,12 @@ impl VirtioIommu {
             q.disable_notification(mem).map_err(qerr)?;
             self.table_hints.clear();
             let state = self.viommu.state();
-            let hints = state.warming_pays().then_some(&mut self.table_hints);
-            warm::warm_pending(mem, q, hints);
+            let wanted = state.warming_pays() && self.table_hints.wanted();
+            warm::warm_pending(mem, q, wanted.then_some(&mut self.table_hints));
             if !self.table_hints.hints.is_empty() {
                 let h = &mut self.table_hints;
                 state.warm_mappings(&h.hints, &mut h.slots);
+                h.warmed();
             }
             drop(state);
             // The pass position of the next chain taken, for the hints.

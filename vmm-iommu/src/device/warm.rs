@@ -46,9 +46,35 @@ pub(super) struct TableHints {
     pub(super) slots: Vec<Option<u32>>,
     /// The first hint whose request the pass has not reached.
     next: usize,
+    /// Passes left that note no hints (see [`TableHints::wanted`]).
+    rest: u32,
 }
 
+/// Passes that skip warming after one whose warming found nothing to warm.
+const REST_PASSES: u32 = 8;
+
 impl TableHints {
+    /// Whether this pass should note hints: not for [`REST_PASSES`] passes
+    /// after one whose every hint warmed nothing (MAPs into IOVA the
+    /// table's occupancy bits show free, UNMAPs of what a MAP of the same
+    /// pass mapped), where the noting and the lookups would only cost.
+    /// The pass after those tries again.
+    pub(super) fn wanted(&mut self) -> bool {
+        if self.rest == 0 {
+            return true;
+        }
+        self.rest -= 1;
+        false
+    }
+
+    /// Called after a pass's warming: rests when none of its hints found
+    /// a slot to warm.
+    pub(super) fn warmed(&mut self) {
+        if self.slots.iter().all(Option::is_none) {
+            self.rest = REST_PASSES;
+        }
+    }
+
     /// Forgets the last pass.
     pub(super) fn clear(&mut self) {
         self.hints.clear();
@@ -287,6 +313,24 @@ mod tests {
         assert!(!h.pending(), "every noted request reached");
         h.clear();
         assert_eq!(h.slot_at(0), None);
+    }
+
+    #[test]
+    fn a_pass_that_warms_nothing_rests_warming_for_a_few_passes() {
+        let mut h = TableHints::default();
+        assert!(h.wanted());
+        h.push((1, 0x1000), 0);
+        h.push((1, 0x3000), 1);
+        h.slots[1] = Some(7);
+        h.warmed();
+        assert!(h.wanted(), "a pass that warmed a slot keeps warming");
+        h.clear();
+        h.push((1, 0x5000), 0);
+        h.warmed();
+        for _ in 0..REST_PASSES {
+            assert!(!h.wanted());
+        }
+        assert!(h.wanted(), "then it tries again");
     }
 
     #[test]
