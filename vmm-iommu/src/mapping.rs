@@ -53,7 +53,8 @@ pub const RECENT: usize = 8;
 /// ([`Occupancy`]): below it, searching the ordered part costs a few cache
 /// hits. It lets the bits go again at half of this.
 const OCCUPANCY_MIN: usize = 1024;
-const PAGE_MASK: u64 = 0xfff;
+const PAGE_SHIFT: u32 = 12;
+const PAGE_MASK: u64 = (1 << PAGE_SHIFT) - 1;
 
 /// One mapping: `[start, end]` (inclusive) of IOVA onto guest-physical
 /// memory from `phys`, with `VIRTIO_IOMMU_MAP_F_*` flags.
@@ -332,10 +333,10 @@ impl MappingTable {
         let Some(o) = &mut self.occupancy else {
             return;
         };
-        let (mut first, mut last) = (m.start >> 12, m.end >> 12);
+        let (mut first, mut last) = (m.start >> PAGE_SHIFT, m.end >> PAGE_SHIFT);
         // A page `m` covers only in part may hold another mapping too.
         let ordered = &self.ordered;
-        let shared = |p: u64| ordered.overlaps(p << 12, (p << 12) | PAGE_MASK);
+        let shared = |p: u64| ordered.overlaps(p << PAGE_SHIFT, (p << PAGE_SHIFT) | PAGE_MASK);
         if m.start & PAGE_MASK != 0 && shared(first) {
             first += 1;
         }
