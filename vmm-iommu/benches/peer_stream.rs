@@ -669,9 +669,10 @@ impl Opts {
                 // the same N with R = 0. `profile-state N R`: R batches of
                 // 4,096 pairs on the bare state model, as `state` does;
                 // `profile-apply N R` the same through `Viommu::apply`.
-                // `profile-copy plain|dma|dma-ahead R`: R rounds of the
-                // `dma` section's 4 KiB copies of 64 hot pages (`dma-ahead`:
-                // each next page prefetched).
+                // `profile-copy plain|dma|dma-ahead|dma-bytes R`: R rounds
+                // of the `dma` section's 4 KiB copies of 64 hot pages
+                // (`dma-ahead`: each next page prefetched; `dma-bytes`:
+                // through the `Bytes` trait).
                 "profile-copy" => {
                     let how = args.next().unwrap_or_default();
                     let rounds = args.next().unwrap_or_default();
@@ -1974,6 +1975,13 @@ fn profile_copy(args: &str) {
             copy_pages(
                 |b, a| dma.read_slice(b, a),
                 |a| dma.prefetch(a),
+                &vp,
+                rounds,
+            )
+        } else if how == "dma-bytes" {
+            copy_pages(
+                |b, a| <DmaMemory<_> as Bytes<GuestAddress>>::read_slice(&dma, b, a),
+                |_| (),
                 &vp,
                 rounds,
             )

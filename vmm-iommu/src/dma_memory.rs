@@ -478,17 +478,19 @@ impl<M: GuestMemoryBackend> GuestMemory for DmaMemory<M> {
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, Self::Bitmap>>> {
         let mut it = DmaSlices {
             dma: self,
-            iova: addr.0,
-            left: count,
-            gpa: 0,
-            window: 0,
-            access: access_bits(access),
-            state: State::Going,
+            at: Cursor {
+                iova: addr.0,
+                left: count,
+                gpa: 0,
+                window: 0,
+                access: access_bits(access),
+                state: State::Going,
+            },
         };
         // Translate the first window now, so that an access refused at its
         // first byte fails here, as `IommuMemory` does.
         if count > 0 {
-            it.advance()?;
+            it.at.advance(self)?;
         }
         Ok(it)
     }
@@ -513,6 +515,16 @@ enum State {
 /// every access of a device model, often for 8 bytes.
 pub struct DmaSlices<'a, M: GuestMemoryBackend> {
     dma: &'a DmaMemory<M>,
+    at: Cursor,
+}
+
+/// Where a [`DmaSlices`] is. A plain value that no out-of-line function
+/// takes by reference, so the compiler keeps it in registers. An iterator
+/// that lives in memory is copied whole (16 bytes at a time) right after
+/// its fields were written one by one, and that copy waits for those
+/// stores to reach the cache: store forwarding fails on it.
+#[derive(Clone, Copy, Debug)]
+struct Cursor {
     /// Next IOVA to translate.
     iova: u64,
     /// Bytes not yet translated.
@@ -528,54 +540,68 @@ pub struct DmaSlices<'a, M: GuestMemoryBackend> {
 impl<M: GuestMemoryBackend> fmt::Debug for DmaSlices<'_, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DmaSlices")
-            .field("iova", &self.iova)
-            .field("left", &self.left)
-            .field("gpa", &self.gpa)
-            .field("window", &self.window)
-            .field("state", &self.state)
+            .field("iova", &self.at.iova)
+            .field("left", &self.at.left)
+            .field("gpa", &self.at.gpa)
+            .field("window", &self.at.window)
+            .field("state", &self.at.state)
             .finish_non_exhaustive()
     }
 }
 
-impl<'a, M: GuestMemoryBackend> DmaSlices<'a, M> {
-    /// Ends the iteration with a refused translation, or (`None`) with an
-    /// access that runs past the end of the address space after the part
-    /// that fits was served.
+/// What [`DmaSlices`] yields.
+type SliceResult<'a, M> = GuestMemoryResult<VolatileSlice<'a, MS<'a, M>>>;
+
+impl Cursor {
+    /// The error that ends the iteration: a refused translation, or
+    /// (`None`) an access that runs past the end of the address space
+    /// after the part that fits was served.
     #[cold]
     #[inline(never)]
-    fn fail(&mut self, refused: Option<TranslateError>) -> GuestMemoryError {
-        self.state = State::Done;
+    fn fail<M: GuestMemoryBackend>(
+        dma: &DmaMemory<M>,
+        refused: Option<TranslateError>,
+        left: usize,
+    ) -> GuestMemoryError {
         match refused {
-            Some(e) => self.dma.refused(&e, self.left),
+            Some(e) => dma.refused(&e, left),
             None => GuestMemoryError::GuestAddressOverflow,
         }
     }
 
     /// Moves to the next window once the current one is used up; returns
-    /// what `next()` returns if there is none. Kept out of line: the first
-    /// window is translated in `get_slices`, so most accesses never get
-    /// here, and a small `next()` lets vm-memory's `Bytes` inline it.
+    /// the cursor moved and, if there is no next window, what `next()`
+    /// returns. Kept out of line: the first window is translated in
+    /// `get_slices`, so most accesses never get here, and a small `next()`
+    /// lets vm-memory's `Bytes` inline it.
     #[inline(never)]
-    fn next_window(&mut self) -> Option<Option<GuestMemoryResult<VolatileSlice<'a, MS<'a, M>>>>> {
+    fn next_window<'a, M: GuestMemoryBackend>(
+        mut self,
+        dma: &'a DmaMemory<M>,
+    ) -> (Self, Option<Option<SliceResult<'a, M>>>) {
         if self.left == 0 && self.state == State::Going {
             self.state = State::Done;
-            return Some(None);
+            return (self, Some(None));
         }
-        match self.advance() {
-            Ok(()) => None,
-            Err(e) => Some(Some(Err(e))),
+        match self.advance(dma) {
+            Ok(()) => (self, None),
+            Err(e) => (self, Some(Some(Err(e)))),
         }
     }
 
     /// Translates the next window and makes it current.
     #[inline(always)]
-    fn advance(&mut self) -> GuestMemoryResult<()> {
+    fn advance<M: GuestMemoryBackend>(&mut self, dma: &DmaMemory<M>) -> GuestMemoryResult<()> {
         if self.state == State::Wrapped {
-            return Err(self.fail(None));
+            self.state = State::Done;
+            return Err(Self::fail(dma, None, self.left));
         }
-        let (gpa, span) = match self.dma.translate(self.iova, self.access) {
+        let (gpa, span) = match dma.translate(self.iova, self.access) {
             Ok(t) => t,
-            Err(e) => return Err(self.fail(Some(e))),
+            Err(e) => {
+                self.state = State::Done;
+                return Err(Self::fail(dma, Some(e), self.left));
+            }
         };
         // `n <= left`, a usize.
         let n = span.min(self.left as u64) as usize;
@@ -588,7 +614,7 @@ impl<'a, M: GuestMemoryBackend> DmaSlices<'a, M> {
                 // The next window's translation loads while this one's
                 // bytes are copied.
                 if self.left > 0 {
-                    self.dma.prefetch(GuestAddress(next));
+                    dma.prefetch(GuestAddress(next));
                 }
             }
             None if self.left > 0 => self.state = State::Wrapped,
@@ -599,43 +625,46 @@ impl<'a, M: GuestMemoryBackend> DmaSlices<'a, M> {
 }
 
 impl<'a, M: GuestMemoryBackend> Iterator for DmaSlices<'a, M> {
-    type Item = GuestMemoryResult<VolatileSlice<'a, MS<'a, M>>>;
+    type Item = SliceResult<'a, M>;
 
     #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
-        if self.state == State::Done {
+        let dma: &'a DmaMemory<M> = self.dma;
+        let at = &mut self.at;
+        if at.state == State::Done {
             return None;
         }
-        if self.window == 0 {
+        if at.window == 0 {
             // The end of the usual one-window access, decided here rather
             // than in the out-of-line `next_window`.
-            if self.left == 0 && self.state == State::Going {
-                self.state = State::Done;
+            if at.left == 0 && at.state == State::Going {
+                at.state = State::Done;
                 return None;
             }
-            if let Some(end) = self.next_window() {
+            let (moved, end) = at.next_window(dma);
+            *at = moved;
+            if let Some(end) = end {
                 return end;
             }
         }
-        let dma: &'a DmaMemory<M> = self.dma;
-        let addr = GuestAddress(self.gpa);
+        let addr = GuestAddress(at.gpa);
         let Some((region, start)) = dma.mem.to_region_addr(addr) else {
-            self.state = State::Done;
+            at.state = State::Done;
             return Some(Err(GuestMemoryError::InvalidGuestAddress(addr)));
         };
         // A window may span guest-memory regions: one slice per region.
         let cap = region.len() - start.0;
-        let len = cap.min(self.window as u64) as usize;
+        let len = cap.min(at.window as u64) as usize;
         match region.get_slice(start, len) {
             Ok(s) => {
-                self.window -= len;
+                at.window -= len;
                 // Wraps only when the window ends exactly at 2^64, and
                 // then the window is finished.
-                self.gpa = self.gpa.wrapping_add(len as u64);
+                at.gpa = at.gpa.wrapping_add(len as u64);
                 Some(Ok(s))
             }
             Err(e) => {
-                self.state = State::Done;
+                at.state = State::Done;
                 Some(Err(e))
             }
         }
